@@ -1,0 +1,52 @@
+# lorafleet — the two set-up commands are `make demo` and `make test`; both install everything first.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+# Without an NVIDIA GPU, install the CPU build of torch (a plain `pip install torch` pulls
+# several GB of CUDA packages). pip finds torch 2.13.0+cpu in its find-links on these
+# machines; elsewhere set TORCH_INDEX=https://download.pytorch.org/whl/cpu.
+TORCH_CPU ?= torch==2.13.0+cpu
+TORCH_GPU ?= torch>=2.4,<=2.14.1
+TORCH_INDEX ?=
+HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
+
+.PHONY: install demo test lint format toy-world quality dataset clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) "$(if $(HAS_GPU),$(TORCH_GPU),$(TORCH_CPU))"
+	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/python -c "import torch; print('torch', torch.__version__, 'cuda' if torch.cuda.is_available() else 'cpu')"
+	touch $(STAMP)
+
+# The main job on the embedded default: seeded samples from the shipped toy model.
+demo: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m training.toy_world sample --model models/toy-sd --out runs/demo --n 12
+	@test -d data/toy-sks || $(BIN)/python -m training.toy_world dataset data/toy-sks
+	@echo "samples: runs/demo/grid.png   fine-tuning dataset: data/toy-sks"
+
+test: $(STAMP) lint
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+# Rebuild models/toy-sd and models/toy-clip from scratch (~25 min on 2 CPU cores).
+toy-world: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m training.toy_world build --config configs/toy_world.yaml
+
+# Measure the toy world's quality bar; refreshes the README's sample grid.
+quality: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m evaluation.toy_quality --grid docs/toy_sd_samples.png
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache *.egg-info

@@ -1,0 +1,63 @@
+"""The ``lorafleet`` command line.
+
+    lorafleet dataset toy data/toy-sks --trigger sks --concept dotted
+    lorafleet toy-world build --config configs/toy_world.yaml
+    lorafleet toy-world sample --n 12 --out runs/samples
+    lorafleet quality --grid docs/toy_sd_samples.png
+
+Each sub-command hands its arguments to the module that owns the job, so
+``lorafleet X ...`` and ``python -m <module> ...`` behave the same.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _toy_world(args: list[str]) -> int:
+    from training.toy_world.__main__ import main
+
+    return main(args)
+
+
+def _dataset(args: list[str]) -> int:
+    if not args or args[0] != "toy":
+        print("usage: lorafleet dataset toy OUT_DIR [--trigger sks] [--concept dotted]", file=sys.stderr)
+        return 2
+    from training.toy_world.__main__ import main
+
+    return main(["dataset", *args[1:]])
+
+
+def _quality(args: list[str]) -> int:
+    from evaluation.toy_quality import main
+
+    return main(args)
+
+
+COMMANDS = {
+    "toy-world": (_toy_world, "build the toy models, or sample from a model (python -m training.toy_world)"),
+    "dataset": (_dataset, "write a fine-tuning dataset: `dataset toy OUT_DIR`"),
+    "quality": (_quality, "measure the toy world's quality bar (python -m evaluation.toy_quality)"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(
+        prog="lorafleet",
+        description="Turn a folder of images into a served LoRA adapter on a Ray cluster.",
+        epilog="\n".join(f"  {name:10s} {help_}" for name, (_, help_) in COMMANDS.items()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("command", choices=sorted(COMMANDS), help="what to do; `lorafleet COMMAND --help` for more")
+    if not argv or argv[0] in {"-h", "--help"}:
+        parser.print_help()
+        return 0 if argv else 2
+    args, rest = parser.parse_known_args(argv[:1])
+    return COMMANDS[args.command][0](argv[1:] + rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""YAML + dotted command-line overrides -> a validated pydantic config, every problem at once.
+
+cfg = load_config(TrainConfig, "configs/train.yaml", ["train.lr=1e-4", "data.max_images=8"])
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class ConfigError(ValueError):
+    """Every problem of one config, each naming its key and what to do."""
+
+    def __init__(self, problems: list[str], source: str):
+        self.problems = problems
+        super().__init__(f"invalid config ({source}):\n  - " + "\n  - ".join(problems))
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    node = tree
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise KeyError(part)
+        node = child
+    node[leaf] = value
+
+
+def apply_overrides(values: dict[str, Any], overrides: list[str]) -> tuple[dict[str, Any], list[str]]:
+    """Apply ``key.sub=value`` strings (values parsed as YAML scalars/lists); return values + problems."""
+    problems = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            problems.append(f"override {item!r}: write it as key.sub=value, e.g. unet.steps=100")
+            continue
+        try:
+            _set_dotted(values, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+        except KeyError as exc:
+            problems.append(f"override {item!r}: {exc.args[0]!r} is a value, not a section")
+        except yaml.YAMLError:
+            problems.append(f"override {item!r}: the value is not valid YAML; quote it")
+    return values, problems
+
+
+def load_config(model: type[M], path: str | Path | None = None, overrides: list[str] | None = None) -> M:
+    """Read ``path`` (optional), apply ``overrides``, validate against ``model``.
+
+    Raises:
+        ConfigError: listing every problem (missing file, bad YAML, bad override, invalid field).
+    """
+    source = str(path) if path else "defaults"
+    values: dict[str, Any] = {}
+    problems: list[str] = []
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError([f"config file {p} does not exist; pass --config with an existing YAML file"], source)
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError([f"{p} is not valid YAML: {exc}"], source) from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError([f"{p} must hold a mapping of keys to values at the top level"], source)
+        values = loaded
+    values, problems = apply_overrides(values, overrides or [])
+    try:
+        cfg = model.model_validate(values)
+    except ValidationError as exc:
+        for err in exc.errors():
+            key = ".".join(str(x) for x in err["loc"]) or "<root>"
+            fix = "remove it or check its spelling" if err["type"] == "extra_forbidden" else err["msg"]
+            problems.append(f"{key}: {fix}")
+        cfg = None
+    if problems:
+        raise ConfigError(problems, source)
+    return cfg
