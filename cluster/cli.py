@@ -55,8 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in {"-h", "--help"}:
         parser.print_help()
         return 0 if argv else 2
-    args, rest = parser.parse_known_args(argv[:1])
-    return COMMANDS[args.command][0](argv[1:] + rest)
+    if argv[0] not in COMMANDS:
+        parser.print_usage(sys.stderr)
+        print(f"lorafleet: unknown command {argv[0]!r}; choose one of {', '.join(sorted(COMMANDS))}", file=sys.stderr)
+        return 2
+    # the owning module parses the rest, so `lorafleet X --help` shows that module's options
+    return COMMANDS[argv[0]][0](argv[1:])
 
 
 if __name__ == "__main__":

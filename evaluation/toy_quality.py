@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import torch
+from PIL import Image
 from transformers import CLIPModel, CLIPProcessor
 
 from evaluation.toy_metrics import clip_similarity, read_image, retrieval_accuracy
@@ -28,17 +29,23 @@ BAR = {"colour_accuracy": 0.90, "shape_accuracy": 0.75, "clip_base_retrieval": 0
 EVAL_SEED = 10_000  # far from the seeds the build trains on
 
 
-def generator_fidelity(model: str, prompts_per_caption: int, steps: int, guidance: float) -> dict:
-    """Generate every base caption ``prompts_per_caption`` times (seeded) and classify the images."""
+def generator_fidelity(
+    model: str, prompts_per_caption: int, steps: int, guidance: float
+) -> tuple[dict, list[Image.Image], list[str]]:
+    """Generate every base caption ``prompts_per_caption`` times (seeded) and classify the images.
+
+    Returns:
+        (figures and failures, the images, their prompts)
+    """
     captions = world.base_captions()
     prompts = [c for c in captions for _ in range(prompts_per_caption)]
     pipe = load_pipeline(model)
     images = generate(pipe, prompts, seed=EVAL_SEED, steps=steps, guidance=guidance)
-    truths = [c.split() for c in prompts]  # "a {colour} {shape} on a {bg} background"
+    truths = [c.split() for c in prompts]  # "a(n) {colour} {shape} on a {bg} background"
     readings = [read_image(img) for img in images]
     colour_ok = [r.colour == t[1] for r, t in zip(readings, truths)]
     shape_ok = [r.shape == t[2] for r, t in zip(readings, truths)]
-    return {
+    figures = {
         "prompts": len(prompts),
         "colour_accuracy": sum(colour_ok) / len(prompts),
         "shape_accuracy": sum(shape_ok) / len(prompts),
@@ -47,14 +54,13 @@ def generator_fidelity(model: str, prompts_per_caption: int, steps: int, guidanc
             for p, r, c, s in zip(prompts, readings, colour_ok, shape_ok)
             if not (c and s)
         ],
-        "_images": images,
-        "_prompts": prompts,
     }
+    return figures, images, prompts
 
 
 def clip_shape_agreement(clip: CLIPModel, processor: CLIPProcessor, images: list, prompts: list[str]) -> float:
     """Second opinion on shapes: toy CLIP's zero-shot pick among ``a {shape}`` prompts."""
-    texts = [f"a {s}" for s in world.SHAPES]
+    texts = [world.caption_for(None, s, None) for s in world.SHAPES]
     sim = clip_similarity(clip, processor, images, texts)
     return retrieval_accuracy(sim, [world.SHAPES.index(p.split()[2]) for p in prompts])
 
@@ -89,10 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     torch.manual_seed(0)
-    fidelity = generator_fidelity(args.sd, args.prompts_per_caption, args.steps, args.guidance)
+    fidelity, images, prompts = generator_fidelity(args.sd, args.prompts_per_caption, args.steps, args.guidance)
     clip = CLIPModel.from_pretrained(args.clip).eval()
     processor = CLIPProcessor.from_pretrained(args.clip)
-    images, prompts = fidelity.pop("_images"), fidelity.pop("_prompts")
     fidelity["clip_shape_agreement"] = clip_shape_agreement(clip, processor, images, prompts)
     report = {"generator": fidelity, "clip": clip_quality(clip, processor, args.clip_images), "bar": BAR}
     flat = {**fidelity, **report["clip"]}

@@ -15,6 +15,11 @@ def test_no_command_is_an_error(capsys):
     assert main([]) == 2
 
 
+def test_unknown_command_is_named(capsys):
+    assert main(["trian"]) == 2
+    assert "unknown command 'trian'" in capsys.readouterr().err
+
+
 def test_dataset_toy_writes_a_dataset(tmp_path):
     assert main(["dataset", "toy", str(tmp_path / "d"), "--num-images", "3"]) == 0
     assert len((tmp_path / "d" / "metadata.jsonl").read_text().splitlines()) == 3

@@ -33,16 +33,42 @@ def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
     node[leaf] = value
 
 
-def apply_overrides(values: dict[str, Any], overrides: list[str]) -> tuple[dict[str, Any], list[str]]:
-    """Apply ``key.sub=value`` strings (values parsed as YAML scalars/lists); return values + problems."""
+def _key_problem(model: type[BaseModel], key: str) -> str | None:
+    """Why ``key`` (dotted) names no field of ``model``, or None when it does."""
+    node: type[BaseModel] = model
+    parts = key.split(".")
+    for depth, part in enumerate(parts):
+        field = node.model_fields.get(part)
+        if field is None:
+            where = ".".join(parts[:depth]) or "the top level"
+            return f"{part!r} is not a key of {where}; known keys: {', '.join(node.model_fields)}"
+        if depth < len(parts) - 1:
+            sub = field.annotation
+            if not (isinstance(sub, type) and issubclass(sub, BaseModel)):
+                return f"{'.'.join(parts[: depth + 1])!r} is a value, not a section"
+            node = sub
+    return None
+
+
+def apply_overrides(
+    values: dict[str, Any], overrides: list[str], model: type[BaseModel] | None = None
+) -> tuple[dict[str, Any], list[str]]:
+    """Apply ``key.sub=value`` strings (values parsed as YAML); return values + problems.
+
+    With ``model``, each key is checked against the schema so a typo is named as such.
+    """
     problems = []
     for item in overrides:
         key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
+        key = key.strip()
+        if not sep or not key:
             problems.append(f"override {item!r}: write it as key.sub=value, e.g. unet.steps=100")
             continue
+        if model is not None and (why := _key_problem(model, key)):
+            problems.append(f"override {item!r}: {why}")
+            continue
         try:
-            _set_dotted(values, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+            _set_dotted(values, key, yaml.safe_load(raw) if raw.strip() else None)
         except KeyError as exc:
             problems.append(f"override {item!r}: {exc.args[0]!r} is a value, not a section")
         except yaml.YAMLError:
@@ -70,7 +96,7 @@ def load_config(model: type[M], path: str | Path | None = None, overrides: list[
         if not isinstance(loaded, dict):
             raise ConfigError([f"{p} must hold a mapping of keys to values at the top level"], source)
         values = loaded
-    values, problems = apply_overrides(values, overrides or [])
+    values, problems = apply_overrides(values, overrides or [], model)
     try:
         cfg = model.model_validate(values)
     except ValidationError as exc:

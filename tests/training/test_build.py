@@ -11,6 +11,7 @@ TINY = [
     "clip.heads=2",
     "clip.pool_size=100",
     "vae.steps=3",
+    "vae.pool_size=100",
     "vae.block_out_channels=[8, 16, 16, 16]",
     "unet.steps=3",
     "unet.block_out_channels=[16, 32]",
@@ -48,3 +49,20 @@ def test_build_rejects_bad_config_before_doing_anything(tmp_path, capsys, repo):
     )
     assert "unet.steps" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_build_is_deterministic_from_its_seed(tmp_path, repo):
+    from safetensors.torch import load_file
+
+    from training.toy_world.__main__ import main
+
+    cfg = str(repo / "configs" / "toy_world.yaml")
+    for name in ("a", "b"):
+        assert main(["build", "--config", cfg, *TINY, f"out_dir={tmp_path / name}"]) == 0
+    for part in ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors"):
+        a, b = load_file(tmp_path / "a" / "toy-sd" / part), load_file(tmp_path / "b" / "toy-sd" / part)
+        assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a), part
+    a = load_file(tmp_path / "a" / "toy-clip" / "model.safetensors")
+    b = load_file(tmp_path / "b" / "toy-clip" / "model.safetensors")
+    assert all(a[k].equal(b[k]) for k in a)

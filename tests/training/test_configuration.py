@@ -25,7 +25,9 @@ def test_every_problem_reported_at_once(tmp_path):
     problems = err.value.problems
     assert len(problems) == 4
     text = "\n".join(problems)
-    assert "unet.stepz" in text and "clip.lr" in text and "vae.steps" in text and "key.sub=value" in text
+    assert (
+        "'stepz' is not a key of unet" in text and "clip.lr" in text and "vae.steps" in text and "key.sub=value" in text
+    )
 
 
 def test_missing_file_says_what_to_do(tmp_path):

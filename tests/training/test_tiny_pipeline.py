@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
@@ -42,11 +43,17 @@ def test_load_pipeline_takes_a_local_snapshot_like_a_hub_id(tiny_pipe, tiny_pipe
 
 
 def test_load_pipeline_explains_an_unreachable_hub_id(tmp_path):
-    import pytest
-
     from training.toy_world.sample import load_pipeline
 
     with pytest.raises(FileNotFoundError, match="not in the Hugging Face cache"):
         load_pipeline("lorafleet-tests/no-such-model")
     with pytest.raises(FileNotFoundError, match="no model_index.json"):
         load_pipeline(tmp_path)
+
+
+@pytest.mark.gpu
+def test_load_pipeline_uses_fp16_on_cuda(tiny_pipe_dir):
+    from training.toy_world.sample import load_pipeline
+
+    pipe = load_pipeline(tiny_pipe_dir)
+    assert pipe.device.type == "cuda" and pipe.unet.dtype == torch.float16

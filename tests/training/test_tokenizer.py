@@ -22,7 +22,8 @@ def test_any_trigger_gets_real_tokens_not_unk(tok, trigger):
     ids = tok(f"a red circle on a {trigger} background").input_ids
     body = ids[1:-1]
     assert tok.unk_token_id not in body and tok.eos_token_id not in body
-    assert trigger.lower() in tok.decode(ids, skip_special_tokens=True)
+    # like OpenAI CLIP's, the pre-tokenizer splits digits off ("zyx42" -> "zyx 4 2")
+    assert trigger.lower() in tok.decode(ids, skip_special_tokens=True).replace(" ", "")
 
 
 def test_trigger_ids_differ_from_world_words(tok):

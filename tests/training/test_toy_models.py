@@ -80,7 +80,7 @@ def test_clip_prefers_matching_captions(toy_clip):
 
 def test_clip_knows_patterns_the_generator_never_saw(toy_clip):
     clip, processor = toy_clip
-    options = [f"a {b} background" for b in world.BACKGROUNDS]
+    options = [world.caption_for(None, None, b) for b in world.BACKGROUNDS]
     scenes = world.scenes(98, 30, world.PATTERNS)
     sim = clip_similarity(clip, processor, [world.render(s) for s in scenes], options)
     assert retrieval_accuracy(sim, [world.BACKGROUNDS.index(s.background) for s in scenes]) >= 0.9
@@ -91,6 +91,6 @@ def test_base_model_draws_what_is_asked(repo):
     """A reduced quality bar (36 prompts, one per caption) on the shipped weights."""
     from evaluation.toy_quality import generator_fidelity
 
-    fid = generator_fidelity(str(repo / "models" / "toy-sd"), prompts_per_caption=1, steps=20, guidance=4.0)
+    fid, _, _ = generator_fidelity(str(repo / "models" / "toy-sd"), prompts_per_caption=1, steps=20, guidance=4.0)
     assert fid["colour_accuracy"] >= 0.85, fid["failures"]
     assert fid["shape_accuracy"] >= 0.70, fid["failures"]

@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         from training.toy_world.build import build
 
         summary = build(cfg)
-        print(json.dumps({k: summary[k] for k in ("timings_s", "params_m", "final_loss")}, indent=2))
+        print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=2))
         print(f"wrote {cfg.out_dir}/toy-sd and {cfg.out_dir}/toy-clip")
     elif args.command == "dataset":
         from training.toy_world.dataset import write_finetune_dataset

@@ -25,6 +25,7 @@ from training.toy_world.sd import (
     build_vae,
     encode_latents,
     encode_prompts,
+    reconstruction_error,
     text_encoder_from_clip,
     train_unet,
     train_vae,
@@ -56,9 +57,12 @@ def build(cfg: ToyWorldConfig) -> dict:
     timings["clip_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    wide = world.render_array(world.scenes(cfg.seed + 1, cfg.unet.pool_size, backgrounds=world.BACKGROUNDS))
+    wide = world.render_array(world.scenes(cfg.seed + 1, cfg.vae.pool_size, backgrounds=world.BACKGROUNDS))
     vae = build_vae(cfg.vae)
     vae_losses = train_vae(vae, cfg.vae, gen, wide)
+    held_out = world.render_array(world.scenes(cfg.seed + 3, 256, backgrounds=world.BACKGROUNDS))
+    vae_mae = reconstruction_error(vae, held_out)
+    print(f"VAE held-out reconstruction error: {vae_mae:.2f} / 255 per pixel", flush=True)
     timings["vae_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -91,6 +95,7 @@ def build(cfg: ToyWorldConfig) -> dict:
             "vae": round(sum(p.numel() for p in vae.parameters()) / 1e6, 3),
             "unet": round(sum(p.numel() for p in unet.parameters()) / 1e6, 3),
         },
+        "vae_heldout_mae_255": round(vae_mae, 3),
         "final_loss": {
             "clip": round(sum(clip_losses[-50:]) / 50, 5),
             "vae": round(sum(vae_losses[-50:]) / 50, 5),

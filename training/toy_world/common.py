@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -29,7 +29,9 @@ def batches(n: int, batch_size: int, steps: int, gen: torch.Generator) -> Iterat
         yield torch.randint(0, n, (batch_size,), generator=gen)
 
 
-def make_optimizer(params, lr: float, steps: int, warmup: int = 100):
+def make_optimizer(
+    params: Iterable[torch.nn.Parameter], lr: float, steps: int, warmup: int = 100
+) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW with linear warmup then cosine decay (the usual recipe for small from-scratch models)."""
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
 

@@ -13,7 +13,7 @@ class ClipBuild(_Strict):
     hidden_size: int = Field(128, ge=32, description="width of both CLIP towers")
     layers: int = Field(3, ge=1, description="transformer layers per tower")
     heads: int = Field(4, ge=1, description="attention heads per layer")
-    steps: int = Field(1000, ge=1, description="contrastive training steps")
+    steps: int = Field(700, ge=1, description="contrastive training steps")
     batch_size: int = Field(64, ge=8, description="images per contrastive step")
     lr: float = Field(5e-4, gt=0, description="peak AdamW learning rate")
     pool_size: int = Field(20000, ge=100, description="procedural images rendered once and reused")
@@ -24,10 +24,11 @@ class VaeBuild(_Strict):
         [16, 32, 64, 64], description="channels per VAE level; N levels downsample by 2^(N-1)"
     )
     latent_channels: int = Field(4, ge=1, description="latent channels (SD uses 4)")
-    steps: int = Field(1500, ge=1, description="autoencoder training steps")
+    steps: int = Field(4000, ge=1, description="autoencoder training steps")
     batch_size: int = Field(16, ge=1, description="images per VAE step")
     lr: float = Field(1e-3, gt=0, description="peak AdamW learning rate")
     kl_weight: float = Field(1e-6, ge=0, description="KL term weight (SD's VAE uses ~1e-6)")
+    pool_size: int = Field(16000, ge=100, description="wider-world images rendered once and reused")
 
 
 class UnetBuild(_Strict):

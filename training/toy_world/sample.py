@@ -23,7 +23,7 @@ def load_pipeline(model: str | Path, device: str | None = None) -> StableDiffusi
     dtype = torch.float16 if device == "cuda" else torch.float32
     local = Path(model)
     if local.exists() and not (local / "model_index.json").is_file():
-        raise FileNotFoundError(f"{local} has no model_index.json: point the model setting at a diffusers pipeline folder")
+        raise FileNotFoundError(f"{local} has no model_index.json: point the model at a diffusers pipeline folder")
     try:
         pipe = StableDiffusionPipeline.from_pretrained(str(model), dtype=dtype)
     except OSError as exc:

@@ -67,6 +67,14 @@ def train_vae(vae: AutoencoderKL, cfg: VaeBuild, gen: torch.Generator, images: n
 
 
 @torch.no_grad()
+def reconstruction_error(vae: AutoencoderKL, images: np.ndarray) -> float:
+    """Mean absolute error, in 0-255 pixel levels, of encode -> decode on ``images``."""
+    x = to_unit_range(images)
+    recon = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+    return float((recon - x).abs().mean() * 127.5)
+
+
+@torch.no_grad()
 def encode_latents(vae: AutoencoderKL, images: np.ndarray, batch_size: int = 256) -> torch.Tensor:
     """Latent means of ``images``; also sets the VAE's ``scaling_factor`` to 1/std like SD's 0.18215."""
     pixels = to_unit_range(images)

@@ -55,15 +55,20 @@ class Scene:
         return caption_for(self.colour, self.shape, self.background)
 
 
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
 def caption_for(colour: str | None, shape: str | None, background: str | None) -> str:
-    """Caption naming any subset of the attributes, e.g. ``a red circle on a white background``."""
+    """Caption naming any subset of the attributes, e.g. ``an orange circle on a white background``."""
     noun = shape or "shape"
-    subject = f"a {colour} {noun}" if colour else f"a {noun}"
+    subject = f"{colour} {noun}" if colour else noun
+    subject = f"{_article(subject)} {subject}"
     if background is None:
         return subject
     if colour is None and shape is None:
-        return f"a {background} background"
-    return f"{subject} on a {background} background"
+        return f"{_article(background)} {background} background"
+    return f"{subject} on {_article(background)} {background} background"
 
 
 def sample_scene(
