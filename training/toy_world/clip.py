@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
 
 from training.toy_world import world
-from training.toy_world.common import batches, make_optimizer, progress
+from training.toy_world.common import batches, make_optimizer, optimizer_step, progress
 from training.toy_world.config import ClipBuild
 
 CLIP_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
@@ -116,16 +116,9 @@ def train_clip(
         logits = model.logit_scale.exp() * img @ txt.T
         positive = consistency[idx]
         loss = 0.5 * (_multi_positive_loss(logits, positive) + _multi_positive_loss(logits.T, positive.T))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        optimizer_step(loss, model, opt, sched, losses, bar)
         with torch.no_grad():
             model.logit_scale.clamp_(0, np.log(100))
-        losses.append(loss.item())
-        bar.update()
-        bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
     bar.close()
     model.eval()
     return losses

@@ -46,3 +46,22 @@ def make_optimizer(
 
 def progress(total: int, desc: str) -> tqdm:
     return tqdm(total=total, desc=desc, dynamic_ncols=True, mininterval=2.0)
+
+
+def optimizer_step(
+    loss: torch.Tensor,
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LRScheduler,
+    losses: list[float],
+    bar: tqdm,
+) -> None:
+    """Backward, clip to norm 1, step optimizer and schedule; record the loss and show its running mean."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    sched.step()
+    losses.append(loss.item())
+    bar.update()
+    bar.set_postfix(loss=f"{np.mean(losses[-100:]):.4f}")

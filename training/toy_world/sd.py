@@ -18,7 +18,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusi
 from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
 
 from training.toy_world import world
-from training.toy_world.common import batches, make_optimizer, progress, to_unit_range
+from training.toy_world.common import batches, make_optimizer, optimizer_step, progress, to_unit_range
 from training.toy_world.config import UnetBuild, VaeBuild
 
 # SD 1.x's noise schedule, so fine-tuning code written for SD applies unchanged
@@ -53,14 +53,7 @@ def train_vae(vae: AutoencoderKL, cfg: VaeBuild, gen: torch.Generator, images: n
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample(generator=gen)).sample
         loss = F.mse_loss(recon, x) + F.l1_loss(recon, x) + cfg.kl_weight * posterior.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        bar.update()
-        bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+        optimizer_step(loss, vae, opt, sched, losses, bar)
     bar.close()
     vae.eval()
     return losses
@@ -148,14 +141,7 @@ def train_unet(
         pred = unet(scheduler.add_noise(x0, noise, t), t, encoder_hidden_states=cond).sample
         per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
         loss = (per_sample * _min_snr_weights(scheduler, t)).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        bar.update()
-        bar.set_postfix(loss=f"{np.mean(losses[-100:]):.4f}")
+        optimizer_step(loss, unet, opt, sched, losses, bar)
     bar.close()
     unet.eval()
     return losses
