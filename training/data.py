@@ -1,0 +1,219 @@
+"""Read and validate a fine-tuning dataset folder before anything is trained or written.
+
+Three layouts, as users bring them:
+
+- ``metadata.jsonl`` with one ``{"file_name": ..., "text": ...}`` per image (🤗 imagefolder,
+  diffusers' ``train_text_to_image_lora.py``);
+- ``.txt`` caption sidecars (``0001.png`` + ``0001.txt``, kohya-style);
+- DreamBooth: images only, one ``instance_prompt`` containing the trigger word.
+
+``validate_dataset`` opens every file once and returns a report listing every problem by
+file; errors stop the job (``DatasetError``), warnings are logged. It only reads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from PIL import Image
+
+from training.config import IMAGE_EXTENSIONS, DataConfig
+
+log = logging.getLogger(__name__)
+Severity = Literal["error", "warning"]
+_SKIP = {"metadata.jsonl", "validation_prompts.txt", "toy_dataset.json"}
+
+
+@dataclass(frozen=True)
+class Problem:
+    file: str  # path relative to the dataset root ("." for the folder itself)
+    severity: Severity
+    message: str
+
+
+@dataclass(frozen=True)
+class Example:
+    path: Path
+    caption: str
+
+
+@dataclass
+class DatasetReport:
+    root: Path
+    format: str
+    examples: list[Example] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def errors(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == "error"]
+
+    @property
+    def warnings(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == "warning"]
+
+    def summary(self) -> str:
+        lines = [f"dataset {self.root} ({self.format}): {len(self.examples)} usable images"]
+        lines += [f"  {p.severity:7s} {p.file}: {p.message}" for p in self.problems]
+        return "\n".join(lines)
+
+    def raise_if_errors(self) -> None:
+        """Log warnings; raise ``DatasetError`` listing every error (nothing has been written)."""
+        for p in self.warnings:
+            log.warning("%s: %s", p.file, p.message)
+        if self.errors:
+            raise DatasetError(self)
+
+
+class DatasetError(ValueError):
+    def __init__(self, report: DatasetReport):
+        self.report = report
+        n = len(report.errors)
+        super().__init__(f"{n} problem{'s' * (n != 1)} in the dataset; fix them and rerun:\n{report.summary()}")
+
+
+def _check_image(path: Path, cfg: DataConfig) -> str | None:
+    """Why ``path`` cannot be trained on, or None. Decodes the whole image (catches truncation)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                width, height = img.size
+                if width * height > cfg.max_pixels:
+                    return (
+                        f"{width}x{height} exceeds data.max_pixels={cfg.max_pixels} "
+                        "(possible decompression bomb); downscale it or raise data.max_pixels"
+                    )
+                img.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        return "refused as a decompression bomb (too many pixels); downscale it"
+    except Image.UnidentifiedImageError:
+        return "cannot be read as an image (corrupt, or not an image despite its extension); re-export or remove it"
+    except OSError as exc:  # truncated or corrupt data
+        return f"corrupt or truncated image ({exc}); re-export it"
+    if min(width, height) < cfg.resolution:
+        return f"{width}x{height} is smaller than data.resolution={cfg.resolution}; use a larger image"
+    return None
+
+
+def _read_text(path: Path) -> tuple[str | None, str | None]:
+    try:
+        return path.read_text(encoding="utf-8").strip(), None
+    except UnicodeDecodeError:
+        return None, "caption file is not UTF-8 text; re-save it as UTF-8"
+
+
+def _metadata_captions(root: Path, report: DatasetReport) -> dict[str, str]:
+    captions: dict[str, str] = {}
+    for n, line in enumerate((root / "metadata.jsonl").read_bytes().splitlines(), start=1):
+        where = f"metadata.jsonl:{n}"
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            report.problems.append(Problem(where, "error", 'not a JSON object; write {"file_name": ..., "text": ...}'))
+            continue
+        if not isinstance(row, dict) or not isinstance(row.get("file_name"), str):
+            report.problems.append(Problem(where, "error", "needs a string 'file_name' naming an image"))
+            continue
+        text = row.get("text")
+        captions[row["file_name"]] = text.strip() if isinstance(text, str) else ""
+    return captions
+
+
+def _detect_format(root: Path, cfg: DataConfig) -> str:
+    if cfg.format != "auto":
+        return cfg.format
+    if (root / "metadata.jsonl").is_file():
+        return "metadata"
+    if any(p.suffix == ".txt" and p.name not in _SKIP for p in root.iterdir()):
+        return "sidecar"
+    return "dreambooth"
+
+
+def _inside(root: Path, path: Path) -> bool:
+    try:
+        path.resolve().relative_to(root.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def validate_dataset(cfg: DataConfig) -> DatasetReport:
+    """Check every file of the dataset folder; see the module docstring."""
+    root = Path(cfg.path).expanduser()
+    if not root.is_dir():
+        report = DatasetReport(root, cfg.format)
+        report.problems.append(Problem(".", "error", f"data.path {root} is not a folder; point it at your images"))
+        return report
+    fmt = _detect_format(root, cfg)
+    report = DatasetReport(root, fmt)
+    if fmt == "metadata" and not (root / "metadata.jsonl").is_file():
+        report.problems.append(Problem(".", "error", "data.format=metadata but there is no metadata.jsonl"))
+        return report
+    if fmt == "dreambooth":
+        if not cfg.instance_prompt:
+            msg = "no captions found: add metadata.jsonl or .txt sidecars, or set data.instance_prompt (DreamBooth)"
+            report.problems.append(Problem(".", "error", msg))
+            return report
+        if cfg.trigger and cfg.trigger not in cfg.instance_prompt.split():
+            msg = f"data.instance_prompt {cfg.instance_prompt!r} lacks the trigger {cfg.trigger!r}; add it"
+            report.problems.append(Problem(".", "error", msg))
+    captions = _metadata_captions(root, report) if fmt == "metadata" else {}
+
+    seen: dict[str, str] = {}
+    images = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    for path in images[: cfg.max_images] if cfg.max_images else images:
+        name = path.name
+        row_caption = captions.pop(name, None)  # claimed even if the image is rejected below
+        if path.is_symlink() and not _inside(root, path):
+            report.problems.append(
+                Problem(name, "error", "symlink pointing outside the dataset folder; copy the file in")
+            )
+            continue
+        if (why := _check_image(path, cfg)) is not None:
+            report.problems.append(Problem(name, "error", why))
+            continue
+        if fmt == "metadata":
+            caption = row_caption
+            if caption is None:
+                report.problems.append(Problem(name, "error", "no row in metadata.jsonl; add one or remove the image"))
+                continue
+        elif fmt == "sidecar":
+            sidecar = path.with_suffix(".txt")
+            if not sidecar.is_file():
+                report.problems.append(Problem(name, "error", f"missing caption file {sidecar.name}"))
+                continue
+            caption, why = _read_text(sidecar)
+            if why:
+                report.problems.append(Problem(sidecar.name, "error", why))
+                continue
+        else:
+            caption = cfg.instance_prompt or ""
+        if not caption:
+            report.problems.append(Problem(name, "error", "empty caption; describe the image"))
+            continue
+        if cfg.trigger and fmt != "dreambooth" and cfg.trigger not in caption.split():
+            report.problems.append(Problem(name, "warning", f"caption lacks the trigger {cfg.trigger!r}"))
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        if digest in seen:
+            report.problems.append(Problem(name, "warning", f"exact duplicate of {seen[digest]}; it counts twice"))
+        seen.setdefault(digest, name)
+        report.examples.append(Example(path, caption))
+
+    for orphan in captions:
+        report.problems.append(Problem(orphan, "error", "listed in metadata.jsonl but the file is missing"))
+    for path in sorted(root.iterdir()):
+        if path.is_file() and path.suffix.lower() not in (*IMAGE_EXTENSIONS, ".txt") and path.name not in _SKIP:
+            report.problems.append(Problem(path.name, "warning", "not an image or caption; ignored"))
+    if len(report.examples) < cfg.min_images:
+        msg = f"only {len(report.examples)} usable images; data.min_images={cfg.min_images} — add images or lower it"
+        report.problems.append(Problem(".", "error", msg))
+    return report
