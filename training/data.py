@@ -14,6 +14,7 @@ file; errors stop the job (``DatasetError``), warnings are logged. It only reads
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import warnings
@@ -78,12 +79,12 @@ class DatasetError(ValueError):
         super().__init__(f"{n} problem{'s' * (n != 1)} in the dataset; fix them and rerun:\n{report.summary()}")
 
 
-def _check_image(path: Path, cfg: DataConfig) -> str | None:
-    """Why ``path`` cannot be trained on, or None. Decodes the whole image (catches truncation)."""
+def _check_image(data: bytes, cfg: DataConfig) -> str | None:
+    """Why these image bytes cannot be trained on, or None. Decodes the whole image (catches truncation)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(io.BytesIO(data)) as img:
                 width, height = img.size
                 if width * height > cfg.max_pixels:
                     return (
@@ -178,7 +179,8 @@ def validate_dataset(cfg: DataConfig) -> DatasetReport:
                 Problem(name, "error", "symlink pointing outside the dataset folder; copy the file in")
             )
             continue
-        if (why := _check_image(path, cfg)) is not None:
+        data = path.read_bytes()  # read once: decoded for the checks, hashed for duplicates
+        if (why := _check_image(data, cfg)) is not None:
             report.problems.append(Problem(name, "error", why))
             continue
         if fmt == "metadata":
@@ -202,7 +204,7 @@ def validate_dataset(cfg: DataConfig) -> DatasetReport:
             continue
         if cfg.trigger and fmt != "dreambooth" and cfg.trigger not in caption.split():
             report.problems.append(Problem(name, "warning", f"caption lacks the trigger {cfg.trigger!r}"))
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        digest = hashlib.sha256(data).hexdigest()
         if digest in seen:
             report.problems.append(Problem(name, "warning", f"exact duplicate of {seen[digest]}; it counts twice"))
         seen.setdefault(digest, name)
