@@ -22,8 +22,6 @@ class DataConfig(BaseModel):
     )
     trigger: str | None = Field(None, description="trigger word; DreamBooth captions must contain it")
     resolution: int = Field(64, ge=8, description="training side length in pixels (toy world 64, SD 1.x 512)")
-    center_crop: bool = Field(True, description="center crop to a square; false = random crop")
-    random_flip: bool = Field(False, description="random horizontal flip (disables latent caching)")
     min_images: int = Field(4, ge=1, description="fewer valid images than this is an error")
     max_images: int | None = Field(None, ge=1, description="use only the first N images (sorted by name)")
     max_pixels: int = Field(4096 * 4096, ge=64 * 64, description="larger images are refused as decompression bombs")
