@@ -4,14 +4,22 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "sgd")
+SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
 
-class DataConfig(BaseModel):
+class PreflightError(ValueError):
+    """A config that validates but cannot run here (e.g. a GPU-only option on CPU); raised before any work."""
+
+
+class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+
+class DataConfig(_Section):
     path: str = Field(..., description="dataset folder: images + metadata.jsonl, or images + .txt captions")
     format: Literal["auto", "metadata", "sidecar", "dreambooth"] = Field(
         "auto",
@@ -22,6 +30,104 @@ class DataConfig(BaseModel):
     )
     trigger: str | None = Field(None, description="trigger word; DreamBooth captions must contain it")
     resolution: int = Field(64, ge=8, description="training side length in pixels (toy world 64, SD 1.x 512)")
+    crop: Literal["center", "random"] = Field(
+        "center", description="crop to a square after resizing the short side; 'random' disables the latent cache"
+    )
+    random_flip: bool = Field(False, description="flip images horizontally at random (both flips are cached)")
     min_images: int = Field(4, ge=1, description="fewer valid images than this is an error")
     max_images: int | None = Field(None, ge=1, description="use only the first N images (sorted by name)")
     max_pixels: int = Field(4096 * 4096, ge=64 * 64, description="larger images are refused as decompression bombs")
+
+
+class LoraArgs(_Section):
+    rank: int = Field(8, ge=1, le=256, description="LoRA rank r; each adapted projection gains r·(d_in+d_out) params")
+    alpha: float | None = Field(None, gt=0, description="scale numerator (scale = alpha / rank); defaults to rank")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the LoRA branch input")
+    target_modules: list[str] = Field(
+        ["to_q", "to_k", "to_v", "to_out.0"], min_length=1, description="UNet attention projections to adapt"
+    )
+    text_encoder: bool = Field(False, description="also train a LoRA on the text encoder (disables the text cache)")
+    text_encoder_target_modules: list[str] = Field(
+        ["q_proj", "k_proj", "v_proj", "out_proj"], description="text-encoder projections adapted when enabled"
+    )
+
+
+class OptimArgs(_Section):
+    optimizer: Literal["adamw", "adamw8bit", "prodigy", "sgd"] = Field(
+        "adamw", description="adamw | adamw8bit (bitsandbytes, CUDA only) | prodigy (lr ~1.0) | sgd (momentum 0.9)"
+    )
+    lr: float = Field(1e-3, gt=0, description="peak learning rate (use ~1.0 with prodigy)")
+    weight_decay: float = Field(1e-2, ge=0, description="decoupled weight decay")
+    d_coef: float = Field(1.0, gt=0, description="prodigy only: scales its adaptive step size estimate")
+    lr_scheduler: Literal[
+        "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
+    ] = Field("constant_with_warmup", description="diffusers.optimization.get_scheduler name")
+    warmup_steps: int = Field(10, ge=0, description="optimizer steps of linear warmup")
+    epochs: int = Field(10, ge=1, description="passes over the dataset")
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps (overrides epochs)")
+    batch_size: int = Field(4, ge=1, description="images per worker per micro-batch")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="clip the LoRA gradient norm; null disables")
+    gradient_checkpointing: bool = Field(False, description="recompute UNet activations in backward (saves memory)")
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field(
+        "auto", description="auto: bf16 (or fp16) on CUDA, fp32 on CPU; fp16/bf16 need a CUDA GPU"
+    )
+    snr_gamma: float | None = Field(5.0, gt=0, description="min-SNR loss weighting gamma; null = plain MSE")
+    noise_offset: float = Field(0.0, ge=0, description="add this much per-channel offset noise (0 disables)")
+    cache_latents: bool | None = Field(
+        None, description="encode images/captions once before training; null = on unless data.crop=random"
+    )
+    seed: int = Field(0, description="seeds shuffling, noise and timesteps; one worker is reproducible")
+
+
+class ValidationArgs(_Section):
+    prompts: list[str] = Field(default_factory=list, description="prompts for the validation grid; empty disables")
+    every_n_epochs: int = Field(5, ge=1, description="render the grid every N epochs (and after the last)")
+    steps: int = Field(20, ge=1, description="denoising steps per validation image")
+    guidance: float = Field(4.0, ge=1.0, description="classifier-free guidance scale")
+    seed: int = Field(0, description="image i uses seed + i, so grids compare across epochs")
+
+
+class RayArgs(_Section):
+    num_workers: int = Field(1, ge=1, description="data-parallel Ray Train workers (DDP)")
+    use_gpu: bool = Field(False, description="one GPU per worker (nccl); false = CPU workers (gloo)")
+    cpus_per_worker: float = Field(1, gt=0, description="CPUs reserved per worker")
+    max_failures: int = Field(0, ge=-1, description="worker-group restarts from the last checkpoint (-1 = forever)")
+    num_to_keep: int | None = Field(2, ge=1, description="checkpoints kept in storage (null = all)")
+    checkpoint_every_n_epochs: int = Field(1, ge=1, description="checkpoint cadence (the last epoch always is)")
+    storage_path: str | None = Field(None, description="Ray Train storage (shared FS or s3://); default output_dir")
+
+
+class MlflowArgs(_Section):
+    enabled: bool = Field(True, description="log params, metrics, grids and the adapter to MLflow")
+    tracking_uri: str | None = Field(None, description="tracking server URL; null = $MLFLOW_TRACKING_URI")
+    experiment: str = Field("lorafleet-train", description="experiment name (created if missing)")
+    run_id: str | None = Field(None, description="log into this existing run (set by tuning/pipeline drivers)")
+    parent_run_id: str | None = Field(None, description="make the new run a child of this run")
+    system_metrics: bool = Field(True, description="sample CPU/memory/GPU into the run while training")
+
+
+class TrainConfig(_Section):
+    base_model: str = Field("models/toy-sd", description="diffusers SD-1.x folder or hub id (frozen)")
+    output_dir: str = Field("runs/train", description="where the final adapter and run files go")
+    run_name: str = Field("lora", description="Ray Train / MLflow run name (no timestamps: names must be stable)")
+    data: DataConfig
+    lora: LoraArgs = Field(default_factory=LoraArgs)
+    train: OptimArgs = Field(default_factory=OptimArgs)
+    validation: ValidationArgs = Field(default_factory=ValidationArgs)
+    ray: RayArgs = Field(default_factory=RayArgs)
+    mlflow: MlflowArgs = Field(default_factory=MlflowArgs)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainConfig:
+        if self.train.cache_latents and self.data.crop == "random":
+            raise ValueError(
+                "train.cache_latents=true cannot be combined with data.crop=random (each step needs a new crop); "
+                "set train.cache_latents=null/false or data.crop=center"
+            )
+        return self
+
+    @property
+    def use_cache(self) -> bool:
+        """Whether latents are encoded once (text embeddings are cached unless the text encoder trains)."""
+        return self.train.cache_latents if self.train.cache_latents is not None else self.data.crop != "random"

@@ -42,6 +42,7 @@ class Problem:
 class Example:
     path: Path
     caption: str
+    sha256: str = ""  # of the image file's bytes
 
 
 @dataclass
@@ -63,6 +64,13 @@ class DatasetReport:
         lines = [f"dataset {self.root} ({self.format}): {len(self.examples)} usable images"]
         lines += [f"  {p.severity:7s} {p.file}: {p.message}" for p in self.problems]
         return "\n".join(lines)
+
+    def fingerprint(self) -> str:
+        """sha256 over every usable (file name, image digest, caption): names this exact training set."""
+        h = hashlib.sha256()
+        for ex in self.examples:
+            h.update(f"{ex.path.name}\0{ex.sha256}\0{ex.caption}\n".encode())
+        return h.hexdigest()
 
     def raise_if_errors(self) -> None:
         """Log warnings; raise ``DatasetError`` listing every error (nothing has been written)."""
@@ -208,7 +216,7 @@ def validate_dataset(cfg: DataConfig) -> DatasetReport:
         if digest in seen:
             report.problems.append(Problem(name, "warning", f"exact duplicate of {seen[digest]}; it counts twice"))
         seen.setdefault(digest, name)
-        report.examples.append(Example(path, caption))
+        report.examples.append(Example(path, caption, digest))
 
     for orphan in captions:
         report.problems.append(Problem(orphan, "error", "listed in metadata.jsonl but the file is missing"))

@@ -13,14 +13,16 @@ from PIL import Image
 from training.toy_world import world
 
 
-def load_pipeline(model: str | Path, device: str | None = None) -> StableDiffusionPipeline:
-    """``StableDiffusionPipeline.from_pretrained`` on a local folder or hub id; fp16 on CUDA, fp32 on CPU.
+def load_pipeline(
+    model: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+) -> StableDiffusionPipeline:
+    """``StableDiffusionPipeline.from_pretrained`` on a local folder or hub id; fp16 on CUDA, fp32 on CPU by default.
 
     Raises:
         FileNotFoundError: ``model`` is neither a diffusers folder nor loadable from the hub/cache.
     """
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.float16 if device == "cuda" else torch.float32
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
     local = Path(model)
     if local.exists() and not (local / "model_index.json").is_file():
         raise FileNotFoundError(f"{local} has no model_index.json: point the model at a diffusers pipeline folder")

@@ -1,0 +1,195 @@
+"""The plain-PyTorch LoRA training loop: no Ray, no MLflow; side effects come in as ``report``.
+
+state = make_state(cfg, parts, steps_per_epoch)
+train_loop(cfg, parts, source, state, report=lambda metrics, state: print(metrics))
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from diffusers.training_utils import compute_snr
+
+from training.config import OptimArgs, TrainConfig
+from training.dataset import Batch, EncodedSource, PixelSource, batches_per_epoch, epoch_batches
+from training.model import Parts
+from training.optim import build_optimizer, build_scheduler
+
+Report = Callable[[dict[str, float], "TrainState"], None]
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint must hold besides the adapter to continue exactly where training stopped."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    total_steps: int
+    step: int = 0  # optimizer steps taken
+    epoch: int = 0  # epochs completed
+    noise_gen: torch.Generator = field(default_factory=torch.Generator)
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "step": self.step,
+            "epoch": self.epoch,
+            "total_steps": self.total_steps,
+            "noise_gen": self.noise_gen.get_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.epoch = int(state["step"]), int(state["epoch"])
+        self.noise_gen.set_state(state["noise_gen"])
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.total_steps
+
+
+def optimizer_steps(args: OptimArgs, micro_batches_per_epoch: int) -> int:
+    """Total optimizer steps of the run: ``train.max_steps`` if set, else epochs × steps per epoch."""
+    per_epoch = math.ceil(micro_batches_per_epoch / args.grad_accum)
+    return args.max_steps or args.epochs * per_epoch
+
+
+def make_state(cfg: TrainConfig, parts: Parts, micro_batches_per_epoch: int, rank: int = 0) -> TrainState:
+    """Optimizer, LR schedule and a noise generator seeded per rank (one worker is reproducible)."""
+    total = optimizer_steps(cfg.train, micro_batches_per_epoch)
+    opt = build_optimizer(parts.trainable, cfg.train, parts.device)
+    sched = build_scheduler(opt, cfg.train, total)
+    gen = torch.Generator().manual_seed(cfg.train.seed * 7919 + rank)
+    return TrainState(opt, sched, total, noise_gen=gen)
+
+
+def _latents(parts: Parts, batch: Batch, gen: torch.Generator) -> torch.Tensor:
+    if batch.latent_mean is not None:
+        mean, std = batch.latent_mean, batch.latent_std
+    else:
+        with torch.no_grad():
+            dist_ = parts.vae.encode(batch.pixels.to(parts.device, parts.vae.dtype)).latent_dist
+        mean, std = dist_.mean.float().cpu(), dist_.std.float().cpu()
+    sample = mean + std * torch.randn(mean.shape, generator=gen)
+    return (sample * parts.vae.config.scaling_factor).to(parts.device)
+
+
+def denoising_loss(parts: Parts, batch: Batch, args: OptimArgs, gen: torch.Generator) -> torch.Tensor:
+    """SD's epsilon/v-prediction loss on one batch, min-SNR weighted; all randomness drawn from ``gen``."""
+    latents = _latents(parts, batch, gen)
+    b = len(batch)
+    noise = torch.randn(latents.shape, generator=gen)
+    if args.noise_offset:
+        noise += args.noise_offset * torch.randn((b, latents.shape[1], 1, 1), generator=gen)
+    noise = noise.to(parts.device)
+    timesteps = torch.randint(0, parts.noise_scheduler.config.num_train_timesteps, (b,), generator=gen)
+    timesteps = timesteps.to(parts.device)
+    noisy = parts.noise_scheduler.add_noise(latents, noise, timesteps)
+    if batch.prompt_embeds is not None:
+        embeds = batch.prompt_embeds.to(parts.device)
+    else:
+        embeds = parts.text_encoder(batch.input_ids.to(parts.device))[0]
+    prediction = parts.noise_scheduler.config.prediction_type
+    target = noise if prediction == "epsilon" else parts.noise_scheduler.get_velocity(latents, noise, timesteps)
+    autocast = (
+        torch.autocast(parts.device.type, dtype=parts.autocast_dtype)
+        if parts.autocast_dtype
+        else contextlib.nullcontext()
+    )
+    with autocast:
+        pred = parts.unet(noisy, timesteps, encoder_hidden_states=embeds).sample
+    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    if args.snr_gamma is None:
+        return per_sample.mean()
+    snr = compute_snr(parts.noise_scheduler, timesteps)
+    weights = torch.clamp(snr, max=args.snr_gamma) / (snr if prediction == "epsilon" else snr + 1)
+    return (per_sample * weights).mean()
+
+
+def _global_mean(value: float, count: int) -> float:
+    """Mean over all DDP ranks (plain value without torch.distributed)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    t = torch.tensor([value * count, count], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t[0] / t[1])
+
+
+def _no_sync(models: list[torch.nn.Module], syncing: bool) -> contextlib.ExitStack:
+    """Skip DDP's gradient all-reduce on accumulation micro-batches."""
+    stack = contextlib.ExitStack()
+    if not syncing:
+        for m in models:
+            if hasattr(m, "no_sync"):
+                stack.enter_context(m.no_sync())
+    return stack
+
+
+def _current_lr(state: TrainState) -> float:
+    group = state.optimizer.param_groups[0]
+    return float(group["lr"]) * float(group.get("d", 1.0))  # prodigy: effective lr = d · lr
+
+
+def train_loop(
+    cfg: TrainConfig,
+    parts: Parts,
+    source: PixelSource | EncodedSource,
+    state: TrainState,
+    *,
+    report: Report,
+    rank: int = 0,
+    world_size: int = 1,
+) -> TrainState:
+    """Train from ``state`` (fresh or resumed) to the end; ``report(metrics, state)`` after every epoch."""
+    args = cfg.train
+    models = [parts.unet] + ([parts.text_encoder] if parts.trains_text_encoder else [])
+    for m in models:
+        m.train()
+    epochs = args.epochs if args.max_steps is None else math.inf
+    epoch = state.epoch
+    while epoch < epochs and not state.done:
+        start, seen, loss_sum = time.perf_counter(), 0, 0.0
+        n_batches = batches_per_epoch(len(source), args.batch_size)
+        for i, batch in enumerate(epoch_batches(source, args.batch_size, args.seed, epoch, rank)):
+            syncing = (i + 1) % args.grad_accum == 0 or i + 1 == n_batches
+            with _no_sync(models, syncing):
+                loss = denoising_loss(parts, batch, args, state.noise_gen)
+                (loss / args.grad_accum).backward()
+            loss_sum += loss.item() * len(batch)
+            seen += len(batch)
+            if syncing:
+                if args.max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(parts.trainable, args.max_grad_norm)
+                state.optimizer.step()
+                state.scheduler.step()
+                state.optimizer.zero_grad(set_to_none=True)
+                state.step += 1
+                if state.done:
+                    break
+        elapsed = time.perf_counter() - start
+        epoch += 1
+        state.epoch = epoch
+        metrics = {
+            "epoch": epoch,
+            "step": state.step,
+            "loss": _global_mean(loss_sum / max(seen, 1), seen),
+            "lr": _current_lr(state),
+            "images_per_s": seen * world_size / elapsed,
+            "epoch_time_s": elapsed,
+        }
+        state.history.append(metrics)
+        report(metrics, state)
+    for m in models:
+        m.eval()
+    return state

@@ -1,0 +1,110 @@
+"""The thin Ray Train V2 wrapper around ``training.worker.run_worker`` (the only Ray in training/)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from pathlib import Path
+
+import ray
+import ray.train
+import ray.train.torch
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from training.config import PreflightError, TrainConfig
+from training.tracking import tracker_for
+from training.worker import WorkerSpec, run_worker
+
+log = logging.getLogger(__name__)
+
+
+def init_ray() -> None:
+    """Join the cluster ``ray job submit`` points at (RAY_ADDRESS), or start a local one on loopback."""
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+    else:
+        ray.init(_node_ip_address="127.0.0.1", dashboard_host="127.0.0.1")
+
+
+def _report(metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
+    checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+    name = f"epoch_{int(metrics['epoch']):04d}" if checkpoint_dir else None
+    ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)  # [3] a barrier on all ranks
+
+
+def train_fn_per_worker(config: dict) -> None:
+    """Runs on every Train worker; resumes from Ray's latest checkpoint after a failure or a driver restart."""
+    spec = WorkerSpec.from_dict(config["spec"])
+    ctx = ray.train.get_context()
+    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
+    tracker = tracker_for(config.get("tracking_uri"), config.get("run_id"), rank)
+    if spec.cfg.mlflow.system_metrics:
+        tracker.start_system_metrics()
+    checkpoint = ray.train.get_checkpoint()  # [1] None on a fresh start
+    try:
+        with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as resume_dir:
+            run_worker(
+                spec,
+                device=ray.train.torch.get_device(),  # [2] this worker's GPU, or CPU
+                rank=rank,
+                world_size=world_size,
+                prepare=ray.train.torch.prepare_model,  # DDP (gloo on CPU, nccl on GPU)
+                resume_from=Path(resume_dir) if resume_dir else None,
+                sink=_report,
+                tracker=tracker,
+            )
+    finally:
+        tracker.close()
+
+
+def build_trainer(cfg: TrainConfig, spec: WorkerSpec, *, tracking_uri: str | None, run_id: str | None) -> TorchTrainer:
+    """A ``TorchTrainer`` whose scaling, failure and checkpoint policy come from ``cfg.ray``."""
+    r = cfg.ray
+    return TorchTrainer(
+        train_fn_per_worker,
+        train_loop_config={"spec": spec.to_dict(), "tracking_uri": tracking_uri, "run_id": run_id},
+        scaling_config=ScalingConfig(
+            num_workers=r.num_workers, use_gpu=r.use_gpu, resources_per_worker={"CPU": r.cpus_per_worker}
+        ),
+        torch_config=TorchConfig(backend="nccl" if r.use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=cfg.run_name,
+            storage_path=storage_path(cfg),
+            failure_config=FailureConfig(max_failures=r.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=r.num_to_keep),
+            worker_runtime_env={"env_vars": _forwarded_env()},
+        ),
+    )
+
+
+def storage_path(cfg: TrainConfig) -> str:
+    """Where Ray Train keeps checkpoints: ``ray.storage_path`` (shared FS / s3://) or ``<output_dir>/ray``."""
+    if cfg.ray.storage_path:
+        return cfg.ray.storage_path
+    return str((Path(cfg.output_dir).expanduser() / "ray").resolve())
+
+
+def _forwarded_env() -> dict[str, str]:
+    keys = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "MLFLOW_TRACKING_URI")
+    return {k: os.environ[k] for k in keys if k in os.environ}
+
+
+def check_resources(cfg: TrainConfig) -> None:
+    """Fail fast, with the fix, when the cluster can never place the workers (Ray would wait forever)."""
+    total = ray.cluster_resources()
+    r = cfg.ray
+    if r.use_gpu and total.get("GPU", 0) < 1:
+        raise PreflightError(
+            "ray.use_gpu=true but this Ray cluster has no GPU; set ray.use_gpu=false to train on CPU "
+            "or start GPU workers (cluster/ configs)"
+        )
+    need_cpu = r.num_workers * r.cpus_per_worker
+    if total.get("CPU", 0) < need_cpu and not r.use_gpu:
+        raise PreflightError(
+            f"ray.num_workers={r.num_workers} × ray.cpus_per_worker={r.cpus_per_worker} needs {need_cpu} CPUs; "
+            f"the cluster has {total.get('CPU', 0)}. Lower one of them"
+        )

@@ -1,0 +1,170 @@
+"""Fine-tune a LoRA adapter on one dataset folder with Ray Train.
+
+    python -m training.train --config configs/train.yaml
+    python -m training.train --config configs/train.yaml train.epochs=1 data.max_images=8   # tiny CPU run
+    python -m training.train --config configs/train.yaml --resume      # continue an interrupted run
+    ray job submit --working-dir . -- python -m training.train --config configs/train.yaml
+
+Writes ``<output_dir>/adapter`` (diffusers LoRA safetensors + lorafleet_adapter.json), Ray Train
+checkpoints under ``<output_dir>/ray/<run_name>`` and ``<output_dir>/result.json``; logs to MLflow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from training.adapter import verify_adapter
+from training.config import PreflightError, TrainConfig
+from training.configuration import ConfigError, load_config
+from training.data import DatasetError, validate_dataset
+from training.tracking import MlflowTracker, flatten, git_commit, resolve_tracking_uri, start_run
+from training.worker import ADAPTER_DIR, WorkerSpec
+
+log = logging.getLogger("training.train")
+
+
+@dataclass
+class TrainResult:
+    adapter_dir: str
+    run_id: str | None
+    tracking_uri: str | None
+    metrics: dict[str, float]
+    checkpoint: str
+
+
+def preflight(cfg: TrainConfig, resume: bool) -> list[str]:
+    """Problems that would only surface on the workers, found before anything starts or is written."""
+    problems = []
+    gpu = cfg.ray.use_gpu
+    if not gpu and cfg.train.optimizer == "adamw8bit":
+        problems.append(
+            "optimizer 'adamw8bit' needs a CUDA GPU (bitsandbytes); on CPU use 'adamw' or 'prodigy' "
+            "(config key train.optimizer), or set ray.use_gpu=true on a GPU cluster"
+        )
+    if not gpu and cfg.train.mixed_precision in ("fp16", "bf16"):
+        problems.append(
+            f"train.mixed_precision={cfg.train.mixed_precision} needs GPU workers; set ray.use_gpu=true "
+            "or train.mixed_precision=auto (fp32 on CPU)"
+        )
+    if cfg.train.optimizer == "prodigy" and not 0.1 <= cfg.train.lr <= 10:
+        log.warning("prodigy sets its own step size; train.lr=%g is a multiplier, usually 1.0", cfg.train.lr)
+    run_dir = Path(_storage(cfg)) / cfg.run_name
+    if not resume and "://" not in str(run_dir) and run_dir.is_dir() and any(run_dir.iterdir()):
+        problems.append(
+            f"run {cfg.run_name!r} already has checkpoints in {run_dir}; pass --resume to continue it, "
+            "or set run_name (or output_dir) to start a new one"
+        )
+    return problems
+
+
+def _storage(cfg: TrainConfig) -> str:
+    from training.ray_train import storage_path
+
+    return storage_path(cfg)
+
+
+def open_run(cfg: TrainConfig, spec: WorkerSpec, resume: bool) -> tuple[str | None, str | None]:
+    """Create (or, on resume, reopen) the MLflow run in the driver; return (tracking URI, run id)."""
+    if not cfg.mlflow.enabled:
+        return None, None
+    uri = resolve_tracking_uri(cfg.mlflow, cfg.output_dir)
+    marker = Path(cfg.output_dir) / "mlflow_run.json"
+    run_id = cfg.mlflow.run_id
+    if run_id is None and resume and marker.is_file():
+        run_id = json.loads(marker.read_text())["run_id"]
+    if run_id is None:
+        tags = {"base_model": cfg.base_model, "dataset_hash": spec.dataset_hash, "lorafleet.kind": "train"}
+        if commit := git_commit():
+            tags["mlflow.source.git.commit"] = commit
+        # with the SQLite fallback, artifacts live next to it (a server decides for itself)
+        local = (Path(cfg.output_dir).resolve() / "mlartifacts").as_uri() if uri.startswith("sqlite:") else None
+        run_id = start_run(uri, cfg.mlflow.experiment, cfg.run_name, tags, cfg.mlflow.parent_run_id, local)
+        tracker = MlflowTracker(uri, run_id)
+        tracker.log_params(flatten(cfg.model_dump(mode="json")) | {"data.num_images": str(len(spec.examples))})
+    marker.write_text(json.dumps({"run_id": run_id, "tracking_uri": uri}) + "\n")
+    return uri, run_id
+
+
+def export_adapter(checkpoint_dir: Path, output_dir: Path) -> Path:
+    """Copy the final checkpoint's adapter to ``<output_dir>/adapter`` (verified on the way)."""
+    target = output_dir / ADAPTER_DIR
+    tmp = output_dir / f".{ADAPTER_DIR}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(checkpoint_dir / ADAPTER_DIR, tmp)
+    verify_adapter(tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    return target
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m training.train", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True, help="YAML file, e.g. configs/train.yaml")
+    parser.add_argument("--resume", action="store_true", help="continue the run's latest checkpoint")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4 data.max_images=8")
+    return parser.parse_args(argv)
+
+
+def run(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
+    """Validate → preflight → MLflow run → Ray Train fit → export the adapter. Raises on any failure."""
+    report = validate_dataset(cfg.data)
+    log.info("%s", report.summary())
+    report.raise_if_errors()  # nothing has been written yet
+    if problems := preflight(cfg, resume):
+        raise PreflightError("cannot start training:\n  - " + "\n  - ".join(problems))
+    if cfg.ray.use_gpu and not torch.cuda.is_available():
+        log.info("ray.use_gpu=true: GPU workers are placed by Ray; this driver has no GPU, which is fine")
+    spec = WorkerSpec(cfg, report.examples, report.fingerprint())
+    output_dir = Path(cfg.output_dir).expanduser().resolve()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    uri, run_id = open_run(cfg, spec, resume)
+
+    from training.ray_train import build_trainer, check_resources, init_ray  # Ray only past validation
+
+    init_ray()
+    check_resources(cfg)
+    tracker = MlflowTracker(uri, run_id) if run_id else None
+    try:
+        result = build_trainer(cfg, spec, tracking_uri=uri, run_id=run_id).fit()
+    except Exception:
+        if tracker:
+            tracker.client.set_terminated(run_id, "FAILED")
+        raise
+    with result.checkpoint.as_directory() as ckpt:
+        adapter = export_adapter(Path(ckpt), output_dir)
+    meta = verify_adapter(adapter)
+    if tracker:
+        tracker.log_artifacts(adapter, "adapter")
+        tracker.set_tags({"adapter_sha256": meta.sha256, "trigger": str(meta.trigger)})
+        tracker.client.set_terminated(run_id, "FINISHED")
+    out = TrainResult(str(adapter), run_id, uri, dict(result.metrics or {}), result.checkpoint.path)
+    (output_dir / "result.json").write_text(json.dumps(asdict(out), indent=2) + "\n")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    try:
+        cfg = load_config(TrainConfig, args.config, args.overrides)
+        result = run(cfg, resume=args.resume)
+    except (ConfigError, DatasetError, PreflightError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"adapter: {result.adapter_dir}")
+    print(f"metrics: {json.dumps(result.metrics)}")
+    if result.run_id:
+        print(f"mlflow run: {result.run_id} ({result.tracking_uri})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,162 @@
+"""One training worker, without Ray: build parts, (resume,) train, validate, checkpoint.
+
+The Ray Train wrapper calls ``run_worker`` with Ray's device, DDP ``prepare`` and ``report``;
+tests and the benchmark call it with plain values.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers.utils import make_image_grid
+from PIL import Image
+
+from training.adapter import AdapterMeta, load_into_training, save_adapter
+from training.config import TrainConfig
+from training.data import Example
+from training.dataset import batches_per_epoch, make_source, shard
+from training.loop import TrainState, make_state, train_loop
+from training.model import Parts, add_lora, enable_gradient_checkpointing, load_parts, resolve_precision
+from training.toy_world.sample import generate
+from training.tracking import NullTracker
+
+log = logging.getLogger(__name__)
+STATE_NAME = "trainer_state.pt"
+ADAPTER_DIR = "adapter"
+# sink(metrics, checkpoint_dir or None): Ray's report, or a test's list.append; the dir is gone afterwards
+Sink = Callable[[dict[str, float], Path | None], None]
+
+
+@dataclass
+class WorkerSpec:
+    """What the driver hands every worker: the validated config and dataset (so workers do not re-validate)."""
+
+    cfg: TrainConfig
+    examples: list[Example]
+    dataset_hash: str
+
+    def to_dict(self) -> dict:
+        return {
+            "cfg": self.cfg.model_dump(mode="json"),
+            "examples": [[str(e.path), e.caption, e.sha256] for e in self.examples],
+            "dataset_hash": self.dataset_hash,
+            "driver_cwd": os.getcwd(),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> WorkerSpec:
+        """On a worker: relative paths mean the driver's cwd when this node has it (a local run), else the
+        worker's own cwd (``ray job submit --working-dir`` unpacks the same tree there)."""
+        cwd = Path(d.get("driver_cwd", "."))
+        cfg = TrainConfig.model_validate(d["cfg"])
+        cfg.base_model = _localize(cfg.base_model, cwd)
+        cfg.data.path = _localize(cfg.data.path, cwd)
+        examples = [Example(Path(_localize(p, cwd)), c, h) for p, c, h in d["examples"]]
+        return cls(cfg, examples, d["dataset_hash"])
+
+
+def _localize(path: str, driver_cwd: Path) -> str:
+    p = Path(path)
+    if p.is_absolute() or not (driver_cwd / p).exists():
+        return path
+    return str(driver_cwd / p)
+
+
+def adapter_meta(spec: WorkerSpec, state: TrainState) -> AdapterMeta:
+    cfg = spec.cfg
+    return AdapterMeta(
+        base_model=cfg.base_model,
+        rank=cfg.lora.rank,
+        alpha=cfg.lora.alpha or cfg.lora.rank,
+        target_modules=list(cfg.lora.target_modules),
+        text_encoder=cfg.lora.text_encoder,
+        trigger=cfg.data.trigger,
+        dataset_hash=spec.dataset_hash,
+        training={"step": state.step, "epoch": state.epoch, "optimizer": cfg.train.optimizer, "lr": cfg.train.lr},
+    )
+
+
+def write_checkpoint(directory: Path, parts: Parts, state: TrainState, meta: AdapterMeta) -> Path:
+    """adapter/ (the deliverable format) + trainer_state.pt (optimizer, schedule, step, epoch, RNG)."""
+    te = parts.text_encoder if parts.trains_text_encoder else None
+    save_adapter(directory / ADAPTER_DIR, parts.unet, meta, text_encoder=te)
+    torch.save(state.state_dict(), directory / STATE_NAME)
+    return directory
+
+
+def read_checkpoint(directory: Path, parts: Parts, state: TrainState) -> None:
+    """Resume: weights into the existing adapter, then optimizer/schedule/step (tensors only, no pickled code)."""
+    te = parts.text_encoder if parts.trains_text_encoder else None
+    load_into_training(directory / ADAPTER_DIR, parts.unet, te)
+    state.load_state_dict(torch.load(directory / STATE_NAME, weights_only=True))
+    log.info("resumed from %s at epoch %d, step %d", directory, state.epoch, state.step)
+
+
+def validation_grid(parts: Parts, cfg: TrainConfig) -> Image.Image:
+    """One image per ``validation.prompts`` entry, fixed seeds, as a grid (≤ 6 per row)."""
+    v = cfg.validation
+    was_training = parts.raw_unet.training
+    parts.raw_unet.eval()
+    images = generate(parts.pipe, v.prompts, seed=v.seed, steps=v.steps, guidance=v.guidance)
+    parts.raw_unet.train(was_training)
+    cols = min(6, len(images))
+    rows = -(-len(images) // cols)
+    images += [Image.new("RGB", images[0].size, "white")] * (rows * cols - len(images))
+    return make_image_grid(images, rows=rows, cols=cols)
+
+
+def build_worker_parts(cfg: TrainConfig, device: torch.device) -> Parts:
+    parts = load_parts(cfg.base_model, device, resolve_precision(cfg.train, device))
+    add_lora(parts, cfg.lora)
+    if cfg.train.gradient_checkpointing:
+        enable_gradient_checkpointing(parts)
+    return parts
+
+
+def run_worker(
+    spec: WorkerSpec,
+    *,
+    device: torch.device | str = "cpu",
+    rank: int = 0,
+    world_size: int = 1,
+    prepare: Callable[[torch.nn.Module], torch.nn.Module] = lambda m: m,
+    resume_from: Path | None = None,
+    sink: Sink = lambda metrics, ckpt: None,
+    tracker: NullTracker | None = None,
+) -> tuple[Parts, TrainState]:
+    """Train this worker's shard to the end; checkpoint every ``ray.checkpoint_every_n_epochs`` and at the end."""
+    cfg, tracker = spec.cfg, tracker or NullTracker()
+    parts = build_worker_parts(cfg, torch.device(device))
+    source = make_source(shard(spec.examples, rank, world_size), cfg.data, parts, cfg.use_cache)
+    state = make_state(cfg, parts, batches_per_epoch(len(source), cfg.train.batch_size), rank)
+    if resume_from is not None:
+        read_checkpoint(Path(resume_from), parts, state)
+    parts.unet = prepare(parts.unet)  # DDP after loading: the wrapper shares the same parameters
+    if parts.trains_text_encoder:
+        parts.text_encoder = prepare(parts.text_encoder)
+
+    validate = bool(cfg.validation.prompts) and rank == 0
+    if validate and state.epoch == 0:
+        tracker.log_image(validation_grid(parts, cfg), "validation/epoch_000.png")  # the base model: "before"
+
+    def on_epoch_end(metrics: dict[str, float], st: TrainState) -> None:
+        last = st.done or st.epoch >= cfg.train.epochs
+        tracker.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=st.epoch)
+        if validate and (last or st.epoch % cfg.validation.every_n_epochs == 0):
+            tracker.log_image(validation_grid(parts, cfg), f"validation/epoch_{st.epoch:03d}.png")
+        if not (last or st.epoch % cfg.ray.checkpoint_every_n_epochs == 0):
+            sink(metrics, None)
+            return
+        # every rank reports (Ray's report is a barrier); only rank 0 writes the checkpoint
+        with tempfile.TemporaryDirectory(prefix="lorafleet-ckpt-") as tmp:
+            ckpt = write_checkpoint(Path(tmp), parts, st, adapter_meta(spec, st)) if rank == 0 else None
+            sink(metrics, ckpt)
+
+    train_loop(cfg, parts, source, state, report=on_epoch_end, rank=rank, world_size=world_size)
+    return parts, state
