@@ -13,6 +13,8 @@ import torch
 # Tests never reach a hub: every model is built in code or loaded from a local folder.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Ray started by tests listens on loopback only (otherwise it also binds the network interface)
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -60,3 +62,34 @@ def toy_dataset(tmp_path) -> Path:
     from training.toy_world.dataset import write_finetune_dataset
 
     return write_finetune_dataset(tmp_path / "toy-sks", num_images=8, num_validation=4, seed=0)
+
+
+@pytest.fixture
+def train_config(toy_dataset, repo, tmp_path):
+    """A factory: ``train_config(**{"train.lr": 1e-3})`` -> a small TrainConfig on the toy dataset."""
+    from training.config import TrainConfig
+    from training.configuration import apply_overrides
+
+    def make(**overrides):
+        values = {
+            "base_model": str(repo / "models" / "toy-sd"),
+            "output_dir": str(tmp_path / "out"),
+            "data": {"path": str(toy_dataset), "trigger": "sks"},
+            "train": {"epochs": 2, "batch_size": 4, "lr": 1e-3, "warmup_steps": 0},
+            "mlflow": {"enabled": False},
+        }
+        values, problems = apply_overrides(values, [f"{k}={v}" for k, v in overrides.items()], TrainConfig)
+        assert not problems, problems
+        return TrainConfig.model_validate(values)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real tracking server on 127.0.0.1 (SQLite + proxied artifacts in a temp dir), stopped by PID."""
+    from cluster.mlflow_server import start_mlflow_server
+
+    server = start_mlflow_server(tmp_path_factory.mktemp("mlflow"))
+    yield server.uri
+    server.stop()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "sgd")
@@ -78,6 +78,11 @@ class OptimArgs(_Section):
         None, description="encode images/captions once before training; null = on unless data.crop=random"
     )
     seed: int = Field(0, description="seeds shuffling, noise and timesteps; one worker is reproducible")
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, value: object) -> object:
+        return "no" if value is False else value  # YAML reads a bare `no` as false
 
 
 class ValidationArgs(_Section):

@@ -27,6 +27,8 @@ def init_ray() -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init()
     else:
+        # without this, a local Ray also listens on the network interface (0.0.0.0 / the host's address)
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         ray.init(_node_ip_address="127.0.0.1", dashboard_host="127.0.0.1")
 
 
@@ -36,8 +38,11 @@ def _report(metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
     ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)  # [3] a barrier on all ranks
 
 
-def train_fn_per_worker(config: dict) -> None:
-    """Runs on every Train worker; resumes from Ray's latest checkpoint after a failure or a driver restart."""
+def train_fn_per_worker(config: dict) -> list[dict[str, float]]:
+    """Runs on every Train worker; resumes from Ray's latest checkpoint after a failure or a driver restart.
+
+    Returns this worker's per-epoch metrics since it (re)started; Ray hands rank 0's to ``Result.return_value``.
+    """
     spec = WorkerSpec.from_dict(config["spec"])
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
@@ -47,7 +52,7 @@ def train_fn_per_worker(config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()  # [1] None on a fresh start
     try:
         with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as resume_dir:
-            run_worker(
+            _, state = run_worker(
                 spec,
                 device=ray.train.torch.get_device(),  # [2] this worker's GPU, or CPU
                 rank=rank,
@@ -59,6 +64,7 @@ def train_fn_per_worker(config: dict) -> None:
             )
     finally:
         tracker.close()
+    return state.history
 
 
 def build_trainer(cfg: TrainConfig, spec: WorkerSpec, *, tracking_uri: str | None, run_id: str | None) -> TorchTrainer:

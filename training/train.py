@@ -38,6 +38,7 @@ class TrainResult:
     tracking_uri: str | None
     metrics: dict[str, float]
     checkpoint: str
+    history: list[dict[str, float]]  # rank 0's per-epoch metrics since its last (re)start
 
 
 def preflight(cfg: TrainConfig, resume: bool) -> list[str]:
@@ -145,7 +146,8 @@ def run(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
         tracker.log_artifacts(adapter, "adapter")
         tracker.set_tags({"adapter_sha256": meta.sha256, "trigger": str(meta.trigger)})
         tracker.client.set_terminated(run_id, "FINISHED")
-    out = TrainResult(str(adapter), run_id, uri, dict(result.metrics or {}), result.checkpoint.path)
+    history = list(result.return_value or [])
+    out = TrainResult(str(adapter), run_id, uri, dict(result.metrics or {}), result.checkpoint.path, history)
     (output_dir / "result.json").write_text(json.dumps(asdict(out), indent=2) + "\n")
     return out
 

@@ -113,6 +113,7 @@ def validation_grid(parts: Parts, cfg: TrainConfig) -> Image.Image:
 
 def build_worker_parts(cfg: TrainConfig, device: torch.device) -> Parts:
     parts = load_parts(cfg.base_model, device, resolve_precision(cfg.train, device))
+    torch.manual_seed(cfg.train.seed)  # LoRA A is drawn from the global RNG: same init on every run and rank
     add_lora(parts, cfg.lora)
     if cfg.train.gradient_checkpointing:
         enable_gradient_checkpointing(parts)

@@ -41,13 +41,14 @@ def test_value_where_a_section_is_expected():
 
 
 def test_every_shipped_config_validates_and_names_its_command(repo: Path):
+    from training.config import TrainConfig
     from training.toy_world.config import ToyWorldConfig
 
-    schemas = {"toy_world.yaml": ToyWorldConfig}
+    schemas = {"toy_world.yaml": ToyWorldConfig, "train.yaml": TrainConfig}
     files = sorted((repo / "configs").glob("*.yaml"))
     assert files
     for f in files:
         first = f.read_text().splitlines()[0]
         assert first.startswith("# ") and ("python -m" in first or "serve" in first or "ray" in first), f
-        if f.name in schemas:
-            load_config(schemas[f.name], f)
+        assert f.name in schemas, f"{f.name}: add its schema here so it is validated"
+        load_config(schemas[f.name], f)

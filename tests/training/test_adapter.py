@@ -1,0 +1,91 @@
+"""The adapter file format: what any diffusers user loads, and what lorafleet refuses."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from training.adapter import META_NAME, WEIGHTS_NAME, AdapterError, load_adapter, verify_adapter
+from training.data import validate_dataset
+from training.toy_world.sample import generate, load_pipeline
+from training.worker import ADAPTER_DIR, WorkerSpec, adapter_meta, run_worker, write_checkpoint
+
+PROMPTS = ["a red circle on a sks background", "a blue square on a black background"]
+
+
+def _images(pipe):
+    return np.stack([np.asarray(im, dtype=np.float32) for im in generate(pipe, PROMPTS, seed=3, steps=8)])
+
+
+@pytest.fixture
+def trained(train_config, tmp_path):
+    """Train briefly with alpha != rank (the scale must survive the round trip) and save the adapter."""
+    cfg = train_config(**{"train.epochs": 3, "lora.rank": 4, "lora.alpha": 8, "train.lr": 5e-3})
+    report = validate_dataset(cfg.data)
+    spec = WorkerSpec(cfg, report.examples, report.fingerprint())
+    parts, state = run_worker(spec)
+    write_checkpoint(tmp_path / "ckpt", parts, state, adapter_meta(spec, state))
+    return cfg, parts, tmp_path / "ckpt" / ADAPTER_DIR
+
+
+def test_plain_diffusers_load_reproduces_the_trained_unet(trained):
+    cfg, parts, adapter = trained
+    in_memory = _images(parts.pipe)
+    pipe = load_pipeline(cfg.base_model, device="cpu")
+    base = _images(pipe)
+    pipe.load_lora_weights(str(adapter))  # what any diffusers user does
+    loaded = _images(pipe)
+    assert np.abs(loaded - in_memory).max() <= 1.0  # ≤ 1 grey level of 255 (tight)
+    assert np.abs(loaded - base).mean() > 2.0  # and the adapter really changes the images
+
+
+def test_metadata_names_the_adapter(trained):
+    cfg, _, adapter = trained
+    meta = verify_adapter(adapter)
+    assert (meta.rank, meta.alpha, meta.trigger, meta.base_model) == (4, 8, "sks", cfg.base_model)
+    assert meta.target_modules == ["to_q", "to_k", "to_v", "to_out.0"]
+    assert len(meta.dataset_hash) == 64 and meta.training["step"] == 6
+    keys = load_file(str(adapter / WEIGHTS_NAME)).keys()
+    assert keys and all(k.startswith("unet.") for k in keys)
+
+
+def test_tampered_weights_are_refused(trained):
+    _, _, adapter = trained
+    weights = adapter / WEIGHTS_NAME
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(AdapterError, match="sha256"):
+        verify_adapter(adapter)
+
+
+def test_pickle_adapters_are_refused(trained, tiny_pipe):
+    _, _, adapter = trained
+    meta = json.loads((adapter / META_NAME).read_text())
+    torch.save({"x": torch.zeros(1)}, adapter / "pytorch_lora_weights.bin")
+    meta["weights"] = "pytorch_lora_weights.bin"
+    (adapter / META_NAME).write_text(json.dumps(meta))
+    with pytest.raises(AdapterError, match="only safetensors"):
+        load_adapter(tiny_pipe, adapter)
+
+
+def test_folder_without_metadata_is_refused(tmp_path, tiny_pipe):
+    with pytest.raises(AdapterError, match=META_NAME):
+        load_adapter(tiny_pipe, tmp_path)
+
+
+def test_text_encoder_lora_round_trip(train_config, tmp_path):
+    cfg = train_config(**{"train.epochs": 2, "lora.text_encoder": True, "train.lr": 5e-3})
+    report = validate_dataset(cfg.data)
+    spec = WorkerSpec(cfg, report.examples, report.fingerprint())
+    parts, state = run_worker(spec)
+    write_checkpoint(tmp_path / "ckpt", parts, state, adapter_meta(spec, state))
+    keys = load_file(str(tmp_path / "ckpt" / ADAPTER_DIR / WEIGHTS_NAME)).keys()
+    assert any(k.startswith("text_encoder.") for k in keys)
+    pipe = load_pipeline(cfg.base_model, device="cpu")
+    load_adapter(pipe, tmp_path / "ckpt" / ADAPTER_DIR)
+    assert np.abs(_images(pipe) - _images(parts.pipe)).max() <= 1.0
