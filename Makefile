@@ -13,7 +13,7 @@ HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 COMMA  := ,
 EXTRAS := dev$(if $(HAS_GPU),$(COMMA)gpu)
 
-.PHONY: install demo test lint format toy-world quality dataset clean
+.PHONY: install demo test lint format toy-world quality train bench-train clean
 
 install: $(STAMP)
 
@@ -30,6 +30,14 @@ demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m training.toy_world sample --model models/toy-sd --out runs/demo --n 12
 	@test -d data/toy-sks || $(BIN)/python -m training.toy_world dataset data/toy-sks
 	@echo "samples: runs/demo/grid.png   fine-tuning dataset: data/toy-sks"
+
+# Fine-tune a LoRA on the toy dataset with Ray Train (local Ray on loopback) -> runs/train/adapter
+train: $(STAMP)
+	@test -d data/toy-sks || $(BIN)/python -m training.toy_world dataset data/toy-sks
+	HF_HUB_OFFLINE=1 $(BIN)/python -m training.train --config configs/train.yaml $(if $(RESUME),--resume)
+
+bench-train: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/train_throughput.py --epochs 12
 
 test: $(STAMP) lint
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q

@@ -3,6 +3,7 @@
     lorafleet dataset toy data/toy-sks --trigger sks --concept dotted
     lorafleet toy-world build --config configs/toy_world.yaml
     lorafleet toy-world sample --n 12 --out runs/samples
+    lorafleet train --config configs/train.yaml train.epochs=5
     lorafleet quality --grid docs/toy_sd_samples.png
 
 Each sub-command hands its arguments to the module that owns the job, so
@@ -30,6 +31,12 @@ def _dataset(args: list[str]) -> int:
     return main(["dataset", *args[1:]])
 
 
+def _train(args: list[str]) -> int:
+    from training.train import main
+
+    return main(args)
+
+
 def _quality(args: list[str]) -> int:
     from evaluation.toy_quality import main
 
@@ -39,6 +46,7 @@ def _quality(args: list[str]) -> int:
 COMMANDS = {
     "toy-world": (_toy_world, "build the toy models, or sample from a model (python -m training.toy_world)"),
     "dataset": (_dataset, "write a fine-tuning dataset: `dataset toy OUT_DIR`"),
+    "train": (_train, "fine-tune a LoRA adapter with Ray Train (python -m training.train)"),
     "quality": (_quality, "measure the toy world's quality bar (python -m evaluation.toy_quality)"),
 }
 

@@ -35,3 +35,25 @@ def test_console_script_is_installed():
     assert script.exists(), "pip install -e . creates the `lorafleet` console script"
     out = subprocess.run([str(script), "--help"], capture_output=True, text=True, check=True)
     assert "lorafleet" in out.stdout
+
+
+def test_train_reports_config_problems(capsys, repo):
+    assert main(["train", "--config", str(repo / "configs" / "train.yaml"), "train.optimizer=adam"]) == 2
+    assert "train.optimizer" in capsys.readouterr().err
+
+
+def test_sample_compare_with_an_adapter_grid(tmp_path, train_config, repo):
+    from training.data import validate_dataset
+    from training.worker import ADAPTER_DIR, WorkerSpec, adapter_meta, run_worker, write_checkpoint
+
+    cfg = train_config(**{"train.epochs": 1})
+    report = validate_dataset(cfg.data)
+    spec = WorkerSpec(cfg, report.examples, report.fingerprint())
+    parts, state = run_worker(spec)
+    write_checkpoint(tmp_path / "ckpt", parts, state, adapter_meta(spec, state))
+    args = ["toy-world", "sample", "--model", str(repo / "models" / "toy-sd"), "--out", str(tmp_path / "s")]
+    args += ["--adapter", str(tmp_path / "ckpt" / ADAPTER_DIR), "--compare", "--steps", "4"]
+    assert main(args + ["--prompt", "a red circle on a sks background", "--prompt", "a blue square"]) == 0
+    from PIL import Image
+
+    assert Image.open(tmp_path / "s" / "grid.png").size == (2 * 64, 2 * 64)  # 2 prompts x (base, adapter)

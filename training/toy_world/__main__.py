@@ -5,6 +5,8 @@
         unet.steps=20 clip.pool_size=200 unet.pool_size=200 out_dir=/tmp/toy     # tiny CPU run (~1 min)
     python -m training.toy_world dataset data/toy-sks --trigger sks --concept dotted
     python -m training.toy_world sample --model models/toy-sd --out runs/samples --n 12
+    python -m training.toy_world sample --adapter runs/train/adapter --compare \\
+        --prompt "a red circle on a sks background"
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--steps", type=int, default=25)
     s.add_argument("--guidance", type=float, default=4.0)
+    s.add_argument("--adapter", help="LoRA adapter folder (safetensors + lorafleet_adapter.json) to apply")
+    s.add_argument("--compare", action="store_true", help="with --adapter: grid row 1 = base, row 2 = adapter")
     return p
 
 
@@ -80,8 +84,19 @@ def main(argv: list[str] | None = None) -> int:
         prompts = args.prompt or demo_prompts(args.n)
         t0 = time.perf_counter()
         pipe = load_pipeline(args.model)
-        images = generate(pipe, prompts, seed=args.seed, steps=args.steps, guidance=args.guidance)
-        grid = write_samples(images, prompts, args.out)
+        kwargs = dict(seed=args.seed, steps=args.steps, guidance=args.guidance)
+        images = generate(pipe, prompts, **kwargs) if args.compare or not args.adapter else []
+        if args.adapter:
+            from training.adapter import AdapterError, load_adapter
+
+            try:
+                load_adapter(pipe, args.adapter)
+            except AdapterError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 2
+            images += generate(pipe, prompts, **kwargs)  # same seeds: row 2 differs only by the adapter
+        cols = len(prompts) if args.compare and args.adapter else 6
+        grid = write_samples(images, prompts * (len(images) // len(prompts)), args.out, cols=cols)
         print(f"{len(images)} images in {time.perf_counter() - t0:.1f}s -> {grid}")
     return 0
 
