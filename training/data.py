@@ -160,7 +160,13 @@ def validate_dataset(cfg: DataConfig) -> DatasetReport:
     root = Path(cfg.path).expanduser()
     if not root.is_dir():
         report = DatasetReport(root, cfg.format)
-        report.problems.append(Problem(".", "error", f"data.path {root} is not a folder; point it at your images"))
+        msg = f"data.path {root} is not a folder; point it at your images"
+        if not root.is_absolute():
+            msg += (
+                f" (relative to {Path.cwd()}; `ray job submit --working-dir .` does not upload git-ignored "
+                "folders such as data/: pass an absolute path or shared storage)"
+            )
+        report.problems.append(Problem(".", "error", msg))
         return report
     fmt = _detect_format(root, cfg)
     report = DatasetReport(root, fmt)
