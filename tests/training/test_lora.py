@@ -159,3 +159,20 @@ def test_half_precision_on_cpu_is_a_clear_error(train_config):
     assert resolve_precision(train_config().train, CPU) is None  # auto -> fp32
     with pytest.raises(PrecisionError, match="train.mixed_precision=fp16 needs a CUDA GPU"):
         resolve_precision(train_config(**{"train.mixed_precision": "fp16"}).train, CPU)
+
+
+def test_noise_offset_and_min_snr_change_the_loss(train_config):
+    cfg = train_config()
+    parts = build_worker_parts(cfg, CPU)
+    source = make_source(_spec(cfg).examples, cfg.data, parts, True)
+    batch = source.batch([0, 1, 2, 3], torch.Generator().manual_seed(0))
+
+    def loss(**changes):
+        args = cfg.train.model_copy(update=changes)
+        with torch.no_grad():
+            return denoising_loss(parts, batch, args, torch.Generator().manual_seed(5)).item()
+
+    plain = loss(snr_gamma=None, noise_offset=0.0)
+    assert loss(snr_gamma=None, noise_offset=0.0) == plain  # same generator -> same loss
+    assert loss(snr_gamma=None, noise_offset=0.1) != plain
+    assert loss(snr_gamma=1.0, noise_offset=0.0) < plain  # min(SNR, 1)/SNR <= 1 down-weights low-noise steps
