@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -131,6 +132,13 @@ class TrainConfig(_Section):
                 "set train.cache_latents=null/false or data.crop=center"
             )
         return self
+
+    @property
+    def storage_path(self) -> str:
+        """Where Ray Train keeps checkpoints: ``ray.storage_path`` (shared FS / s3://) or ``<output_dir>/ray``."""
+        if self.ray.storage_path:
+            return self.ray.storage_path
+        return str((Path(self.output_dir).expanduser() / "ray").resolve())
 
     @property
     def use_cache(self) -> bool:

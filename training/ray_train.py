@@ -79,19 +79,12 @@ def build_trainer(cfg: TrainConfig, spec: WorkerSpec, *, tracking_uri: str | Non
         torch_config=TorchConfig(backend="nccl" if r.use_gpu else "gloo"),
         run_config=RunConfig(
             name=cfg.run_name,
-            storage_path=storage_path(cfg),
+            storage_path=cfg.storage_path,
             failure_config=FailureConfig(max_failures=r.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=r.num_to_keep),
             worker_runtime_env={"env_vars": _forwarded_env()},
         ),
     )
-
-
-def storage_path(cfg: TrainConfig) -> str:
-    """Where Ray Train keeps checkpoints: ``ray.storage_path`` (shared FS / s3://) or ``<output_dir>/ray``."""
-    if cfg.ray.storage_path:
-        return cfg.ray.storage_path
-    return str((Path(cfg.output_dir).expanduser() / "ray").resolve())
 
 
 def _forwarded_env() -> dict[str, str]:

@@ -89,7 +89,7 @@ class NullTracker:
     def log_artifacts(self, local_dir: str | Path, artifact_path: str | None = None) -> None: ...
     def set_tags(self, tags: dict[str, str]) -> None: ...
     def start_system_metrics(self) -> None: ...
-    def close(self, status: str = "FINISHED") -> None: ...
+    def close(self) -> None: ...
 
 
 class MlflowTracker(NullTracker):
@@ -146,7 +146,7 @@ class MlflowTracker(NullTracker):
         except Exception as exc:  # noqa: BLE001 — optional (needs psutil)
             log.info("system metrics unavailable: %s", exc)
 
-    def close(self, status: str = "FINISHED") -> None:
+    def close(self) -> None:
         if self._monitor is not None:
             self._safe("system metrics", self._monitor.finish)
             self._monitor = None

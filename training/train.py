@@ -57,19 +57,13 @@ def preflight(cfg: TrainConfig, resume: bool) -> list[str]:
         )
     if cfg.train.optimizer == "prodigy" and not 0.1 <= cfg.train.lr <= 10:
         log.warning("prodigy sets its own step size; train.lr=%g is a multiplier, usually 1.0", cfg.train.lr)
-    run_dir = Path(_storage(cfg)) / cfg.run_name
+    run_dir = Path(cfg.storage_path) / cfg.run_name
     if not resume and "://" not in str(run_dir) and run_dir.is_dir() and any(run_dir.iterdir()):
         problems.append(
             f"run {cfg.run_name!r} already has checkpoints in {run_dir}; pass --resume to continue it, "
             "or set run_name (or output_dir) to start a new one"
         )
     return problems
-
-
-def _storage(cfg: TrainConfig) -> str:
-    from training.ray_train import storage_path
-
-    return storage_path(cfg)
 
 
 def open_run(cfg: TrainConfig, spec: WorkerSpec, resume: bool) -> tuple[str | None, str | None]:

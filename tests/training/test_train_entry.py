@@ -35,9 +35,7 @@ def test_gpu_only_choices_stop_before_ray(train_config):
 
 def test_existing_run_needs_resume(train_config):
     cfg = train_config()
-    from training.ray_train import storage_path
-
-    run_dir = Path(storage_path(cfg)) / cfg.run_name
+    run_dir = Path(cfg.storage_path) / cfg.run_name
     (run_dir / "epoch_0001").mkdir(parents=True)
     with pytest.raises(PreflightError, match="--resume"):
         run(cfg)
