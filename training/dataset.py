@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from PIL import Image, ImageOps
@@ -32,7 +33,9 @@ class Batch:
         return len(self.input_ids)
 
 
-def load_image(path, resolution: int, crop: str = "center", flip: bool = False, gen: torch.Generator | None = None):
+def load_image(
+    path: str | Path, resolution: int, crop: str = "center", flip: bool = False, gen: torch.Generator | None = None
+) -> torch.Tensor:
     """Resize the short side to ``resolution``, crop a square (center or random), optionally mirror.
 
     Returns a (3, resolution, resolution) float tensor in [-1, 1].

@@ -19,8 +19,6 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
-
 from training.adapter import verify_adapter
 from training.config import PreflightError, TrainConfig
 from training.configuration import ConfigError, load_config
@@ -115,8 +113,6 @@ def run(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
     report.raise_if_errors()  # nothing has been written yet
     if problems := preflight(cfg, resume):
         raise PreflightError("cannot start training:\n  - " + "\n  - ".join(problems))
-    if cfg.ray.use_gpu and not torch.cuda.is_available():
-        log.info("ray.use_gpu=true: GPU workers are placed by Ray; this driver has no GPU, which is fine")
     spec = WorkerSpec(cfg, report.examples, report.fingerprint())
     output_dir = Path(cfg.output_dir).expanduser().resolve()
     output_dir.mkdir(parents=True, exist_ok=True)

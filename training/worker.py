@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers.utils import make_image_grid
 from PIL import Image
 
 from training.adapter import AdapterMeta, load_into_training, save_adapter
@@ -23,7 +22,7 @@ from training.data import Example
 from training.dataset import batches_per_epoch, make_source, shard
 from training.loop import TrainState, make_state, train_loop
 from training.model import Parts, add_lora, enable_gradient_checkpointing, load_parts, resolve_precision
-from training.toy_world.sample import generate
+from training.toy_world.sample import generate, image_grid
 from training.tracking import NullTracker
 
 log = logging.getLogger(__name__)
@@ -105,10 +104,7 @@ def validation_grid(parts: Parts, cfg: TrainConfig) -> Image.Image:
     parts.raw_unet.eval()
     images = generate(parts.pipe, v.prompts, seed=v.seed, steps=v.steps, guidance=v.guidance)
     parts.raw_unet.train(was_training)
-    cols = min(6, len(images))
-    rows = -(-len(images) // cols)
-    images += [Image.new("RGB", images[0].size, "white")] * (rows * cols - len(images))
-    return make_image_grid(images, rows=rows, cols=cols)
+    return image_grid(images)
 
 
 def build_worker_parts(cfg: TrainConfig, device: torch.device) -> Parts:

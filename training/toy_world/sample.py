@@ -74,8 +74,13 @@ def write_samples(images: list[Image.Image], prompts: list[str], out_dir: str | 
     for i, img in enumerate(images):
         img.save(out / f"{i:03d}.png")
     (out / "prompts.json").write_text(json.dumps(prompts, indent=2) + "\n")
+    image_grid(images, cols).save(out / "grid.png")
+    return out / "grid.png"
+
+
+def image_grid(images: list[Image.Image], cols: int = 6) -> Image.Image:
+    """``make_image_grid`` with at most ``cols`` per row; a short last row is padded with white."""
+    cols = min(cols, len(images))
     rows = -(-len(images) // cols)
     pad = [Image.new("RGB", images[0].size, "white")] * (rows * cols - len(images))
-    grid = make_image_grid(images + pad, rows=rows, cols=cols)
-    grid.save(out / "grid.png")
-    return out / "grid.png"
+    return make_image_grid(images + pad, rows=rows, cols=cols)
