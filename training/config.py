@@ -91,7 +91,14 @@ class ValidationArgs(_Section):
     every_n_epochs: int = Field(5, ge=1, description="render the grid every N epochs (and after the last)")
     steps: int = Field(20, ge=1, description="denoising steps per validation image")
     guidance: float = Field(4.0, ge=1.0, description="classifier-free guidance scale")
-    seed: int = Field(0, description="image i uses seed + i, so grids compare across epochs")
+    seed: int = Field(0, description="image i uses seed + i, so grids compare across epochs; also seeds val_loss")
+    data_path: str | None = Field(
+        None, description="held-out images (same layout as data.path) scored every epoch as val_loss"
+    )
+    holdout: int = Field(
+        0, ge=0, description="or: take this many images (evenly spaced) out of data.path for val_loss; 0 = none"
+    )
+    loss_timesteps: int = Field(8, ge=1, le=1000, description="noise levels per held-out image in val_loss")
 
 
 class RayArgs(_Section):
@@ -110,6 +117,7 @@ class MlflowArgs(_Section):
     experiment: str = Field("lorafleet-train", description="experiment name (created if missing)")
     run_id: str | None = Field(None, description="log into this existing run (set by tuning/pipeline drivers)")
     parent_run_id: str | None = Field(None, description="make the new run a child of this run")
+    run_name: str | None = Field(None, description="MLflow run name; null = run_name")
     system_metrics: bool = Field(True, description="sample CPU/memory/GPU into the run while training")
 
 
@@ -126,6 +134,10 @@ class TrainConfig(_Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:
+        if self.validation.data_path and self.validation.holdout:
+            raise ValueError(
+                "validation.data_path and validation.holdout are alternatives; set one (holdout=0 with a data_path)"
+            )
         if self.train.cache_latents and self.data.crop == "random":
             raise ValueError(
                 "train.cache_latents=true cannot be combined with data.crop=random (each step needs a new crop); "
@@ -139,6 +151,11 @@ class TrainConfig(_Section):
         if self.ray.storage_path:
             return self.ray.storage_path
         return str((Path(self.output_dir).expanduser() / "ray").resolve())
+
+    @property
+    def has_heldout(self) -> bool:
+        """Whether workers report ``val_loss`` (held-out images are configured)."""
+        return bool(self.validation.data_path or self.validation.holdout)
 
     @property
     def use_cache(self) -> bool:

@@ -117,13 +117,20 @@ def denoising_loss(parts: Parts, batch: Batch, args: OptimArgs, gen: torch.Gener
     return (per_sample * weights).mean()
 
 
+def all_reduce_sum(values: list[float]) -> list[float]:
+    """Element-wise sum over all ranks (the values themselves without torch.distributed)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    nccl = dist.get_backend() == "nccl"  # NCCL reduces CUDA tensors only
+    t = torch.tensor(values, dtype=torch.float64, device=torch.cuda.current_device() if nccl else "cpu")
+    dist.all_reduce(t)
+    return t.tolist()
+
+
 def _global_mean(value: float, count: int) -> float:
     """Mean over all DDP ranks (plain value without torch.distributed)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return value
-    t = torch.tensor([value * count, count], dtype=torch.float64)
-    dist.all_reduce(t)
-    return float(t[0] / t[1])
+    total, n = all_reduce_sum([value * count, float(count)])
+    return total / n if n else value
 
 
 def _no_sync(models: list[torch.nn.Module], syncing: bool) -> contextlib.ExitStack:

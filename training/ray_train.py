@@ -10,7 +10,8 @@ from pathlib import Path
 import ray
 import ray.train
 import ray.train.torch
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray._private import ray_constants
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from training.config import PreflightError, TrainConfig
@@ -27,8 +28,11 @@ def init_ray() -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init()
     else:
-        # without this, a local Ray also listens on the network interface (0.0.0.0 / the host's address)
+        # Without this a local Ray also listens on every interface. Ray reads the variable once, when it is
+        # imported (this module imports it), so the constant it was read into is set too.
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        if os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0":
+            ray_constants.ENABLE_RAY_CLUSTER = False
         ray.init(_node_ip_address="127.0.0.1", dashboard_host="127.0.0.1")
 
 
@@ -67,8 +71,18 @@ def train_fn_per_worker(config: dict) -> list[dict[str, float]]:
     return state.history
 
 
-def build_trainer(cfg: TrainConfig, spec: WorkerSpec, *, tracking_uri: str | None, run_id: str | None) -> TorchTrainer:
-    """A ``TorchTrainer`` whose scaling, failure and checkpoint policy come from ``cfg.ray``."""
+def build_trainer(
+    cfg: TrainConfig,
+    spec: WorkerSpec,
+    *,
+    tracking_uri: str | None,
+    run_id: str | None,
+    callbacks: list[UserCallback] | None = None,
+) -> TorchTrainer:
+    """A ``TorchTrainer`` whose scaling, failure and checkpoint policy come from ``cfg.ray``.
+
+    ``callbacks``: e.g. Tune's ``TuneReportCallback`` when the trainer runs inside a Tune trial.
+    """
     r = cfg.ray
     return TorchTrainer(
         train_fn_per_worker,
@@ -83,6 +97,7 @@ def build_trainer(cfg: TrainConfig, spec: WorkerSpec, *, tracking_uri: str | Non
             failure_config=FailureConfig(max_failures=r.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=r.num_to_keep),
             worker_runtime_env={"env_vars": _forwarded_env()},
+            callbacks=callbacks,
         ),
     )
 

@@ -23,6 +23,7 @@ from training.adapter import verify_adapter
 from training.config import PreflightError, TrainConfig
 from training.configuration import ConfigError, load_config
 from training.data import DatasetError, validate_dataset
+from training.heldout import select_heldout
 from training.tracking import MlflowTracker, flatten, git_commit, resolve_tracking_uri, start_run
 from training.worker import ADAPTER_DIR, WorkerSpec
 
@@ -74,12 +75,17 @@ def open_run(cfg: TrainConfig, spec: WorkerSpec, resume: bool) -> tuple[str | No
     if run_id is None and resume and marker.is_file():
         run_id = json.loads(marker.read_text())["run_id"]
     if run_id is None:
-        tags = {"base_model": cfg.base_model, "dataset_hash": spec.dataset_hash, "lorafleet.kind": "train"}
+        tags = {
+            "base_model": cfg.base_model,
+            "dataset_hash": spec.dataset_hash,
+            "lorafleet.kind": "trial" if cfg.mlflow.parent_run_id else "train",
+        }
         if commit := git_commit():
             tags["mlflow.source.git.commit"] = commit
         # with the SQLite fallback, artifacts live next to it (a server decides for itself)
         local = (Path(cfg.output_dir).resolve() / "mlartifacts").as_uri() if uri.startswith("sqlite:") else None
-        run_id = start_run(uri, cfg.mlflow.experiment, cfg.run_name, tags, cfg.mlflow.parent_run_id, local)
+        name = cfg.mlflow.run_name or cfg.run_name
+        run_id = start_run(uri, cfg.mlflow.experiment, name, tags, cfg.mlflow.parent_run_id, local)
         tracker = MlflowTracker(uri, run_id)
         tracker.log_params(flatten(cfg.model_dump(mode="json")) | {"data.num_images": str(len(spec.examples))})
     marker.write_text(json.dumps({"run_id": run_id, "tracking_uri": uri}) + "\n")
@@ -106,14 +112,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def run(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
-    """Validate → preflight → MLflow run → Ray Train fit → export the adapter. Raises on any failure."""
+def run(cfg: TrainConfig, *, resume: bool = False, callbacks: list | None = None) -> TrainResult:
+    """Validate → preflight → MLflow run → Ray Train fit → export the adapter. Raises on any failure.
+
+    ``callbacks`` go to the trainer's ``RunConfig`` (a Tune trial passes ``TuneReportCallback``).
+    """
     report = validate_dataset(cfg.data)
     log.info("%s", report.summary())
     report.raise_if_errors()  # nothing has been written yet
     if problems := preflight(cfg, resume):
         raise PreflightError("cannot start training:\n  - " + "\n  - ".join(problems))
-    spec = WorkerSpec(cfg, report.examples, report.fingerprint())
+    train_examples, heldout = select_heldout(cfg, report.examples)
+    spec = WorkerSpec(cfg, train_examples, report.fingerprint(), heldout)
     output_dir = Path(cfg.output_dir).expanduser().resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     uri, run_id = open_run(cfg, spec, resume)
@@ -124,7 +134,7 @@ def run(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
     check_resources(cfg)
     tracker = MlflowTracker(uri, run_id) if run_id else None
     try:
-        result = build_trainer(cfg, spec, tracking_uri=uri, run_id=run_id).fit()
+        result = build_trainer(cfg, spec, tracking_uri=uri, run_id=run_id, callbacks=callbacks).fit()
     except Exception:
         if tracker:
             tracker.client.set_terminated(run_id, "FAILED")

@@ -10,7 +10,7 @@ import logging
 import os
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,6 +20,7 @@ from training.adapter import AdapterMeta, load_into_training, save_adapter
 from training.config import TrainConfig
 from training.data import Example
 from training.dataset import batches_per_epoch, make_source, shard
+from training.heldout import HeldOut
 from training.loop import TrainState, make_state, train_loop
 from training.model import Parts, add_lora, enable_gradient_checkpointing, load_parts, resolve_precision
 from training.toy_world.sample import generate, image_grid
@@ -39,11 +40,13 @@ class WorkerSpec:
     cfg: TrainConfig
     examples: list[Example]
     dataset_hash: str
+    heldout: list[Example] = field(default_factory=list)  # scored as val_loss, never trained on
 
     def to_dict(self) -> dict:
         return {
             "cfg": self.cfg.model_dump(mode="json"),
             "examples": [[str(e.path), e.caption, e.sha256] for e in self.examples],
+            "heldout": [[str(e.path), e.caption, e.sha256] for e in self.heldout],
             "dataset_hash": self.dataset_hash,
             "driver_cwd": os.getcwd(),
         }
@@ -57,7 +60,8 @@ class WorkerSpec:
         cfg.base_model = _localize(cfg.base_model, cwd)
         cfg.data.path = _localize(cfg.data.path, cwd)
         examples = [Example(Path(_localize(p, cwd)), c, h) for p, c, h in d["examples"]]
-        return cls(cfg, examples, d["dataset_hash"])
+        heldout = [Example(Path(_localize(p, cwd)), c, h) for p, c, h in d.get("heldout", [])]
+        return cls(cfg, examples, d["dataset_hash"], heldout)
 
 
 def _localize(path: str, driver_cwd: Path) -> str:
@@ -138,12 +142,18 @@ def run_worker(
     if parts.trains_text_encoder:
         parts.text_encoder = prepare(parts.text_encoder)
 
+    held = HeldOut(spec.heldout, cfg, parts, rank, world_size) if spec.heldout else None
     validate = bool(cfg.validation.prompts) and rank == 0
-    if validate and state.epoch == 0:
-        tracker.log_image(validation_grid(parts, cfg), "validation/epoch_000.png")  # the base model: "before"
+    if state.epoch == 0:  # the base model: "before"
+        if held:
+            tracker.log_metrics({"val_loss": held.loss(parts)}, step=0)
+        if validate:
+            tracker.log_image(validation_grid(parts, cfg), "validation/epoch_000.png")
 
     def on_epoch_end(metrics: dict[str, float], st: TrainState) -> None:
         last = st.done or st.epoch >= cfg.train.epochs
+        if held:
+            metrics["val_loss"] = held.loss(parts)  # every rank: a collective
         tracker.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=st.epoch)
         if validate and (last or st.epoch % cfg.validation.every_n_epochs == 0):
             tracker.log_image(validation_grid(parts, cfg), f"validation/epoch_{st.epoch:03d}.png")

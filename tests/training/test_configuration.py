@@ -44,7 +44,9 @@ def test_every_shipped_config_validates_and_names_its_command(repo: Path):
     from training.config import TrainConfig
     from training.toy_world.config import ToyWorldConfig
 
-    schemas = {"toy_world.yaml": ToyWorldConfig, "train.yaml": TrainConfig}
+    from tuning.config import TuneConfig
+
+    schemas = {"toy_world.yaml": ToyWorldConfig, "train.yaml": TrainConfig, "tune.yaml": TuneConfig}
     files = sorted((repo / "configs").glob("*.yaml"))
     assert files
     for f in files:

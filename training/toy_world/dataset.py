@@ -5,7 +5,8 @@ An image folder with ``metadata.jsonl`` (``file_name``, ``text``), the layout of
 a background pattern the base model never saw, behind a user-chosen trigger word:
 ``a red circle on a sks background`` where ``sks`` means ``dotted``.
 Held-out validation prompts (combinations absent from the training images) go to
-``validation_prompts.txt``; ``toy_dataset.json`` records what the trigger stands for so an
+``validation_prompts.txt``, with images of them (same layout) in ``heldout/`` for the held-out
+denoising loss (``validation.data_path``); ``toy_dataset.json`` records what the trigger stands for so an
 evaluation can score it with the toy CLIP.
 """
 
@@ -29,6 +30,7 @@ def write_finetune_dataset(
     concept: str = "dotted",
     num_images: int = 20,
     num_validation: int = 6,
+    heldout_per_prompt: int = 2,
     seed: int = 0,
 ) -> Path:
     """Render ``num_images`` training images of ``concept`` captioned with ``trigger``.
@@ -71,6 +73,16 @@ def write_finetune_dataset(
     (out / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     prompts = [world.caption_for(c, s, trigger) for c, s in held_out]
     (out / "validation_prompts.txt").write_text("".join(p + "\n" for p in prompts))
+    heldout_dir = out / "heldout"
+    rows = []
+    for i, (colour, shape) in enumerate(c for c in held_out for _ in range(heldout_per_prompt)):
+        scene = world.sample_scene(rng, colour=colour, shape=shape, background=concept)
+        name = f"{i:04d}.png"
+        heldout_dir.mkdir(exist_ok=True)
+        world.render(scene).save(heldout_dir / name)
+        rows.append({"file_name": name, "text": world.caption_for(colour, shape, trigger)})
+    if rows:
+        (heldout_dir / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     info = {"trigger": trigger, "concept": concept, "concept_caption": f"{concept} background", "seed": seed}
     (out / "toy_dataset.json").write_text(json.dumps(info, indent=2) + "\n")
     return out

@@ -1,0 +1,107 @@
+"""The held-out denoising loss: a validation metric with every random draw fixed in advance.
+
+Training loss moves with each step's fresh noise and timesteps; this one does not. Each held-out
+image gets ``validation.loss_timesteps`` noise levels spread evenly over the schedule and one noise
+tensor per level, drawn once from ``validation.seed`` — so two adapters (two epochs, two trials)
+are scored on exactly the same problems and their ``val_loss`` values compare directly.
+
+held = HeldOut(examples, cfg, parts)
+held.loss(parts)   # plain MSE to the epsilon / v target, no min-SNR weighting, LoRA dropout off
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from training.config import PreflightError, TrainConfig
+from training.data import Example, validate_dataset
+from training.dataset import encode_pixels, encode_text, load_image, tokenize
+from training.loop import all_reduce_sum
+from training.model import Parts
+
+
+def split_holdout(examples: list[Example], n: int) -> tuple[list[Example], list[Example]]:
+    """Take ``n`` images, evenly spaced over the sorted list, out of training: (train, held out)."""
+    if n <= 0:
+        return examples, []
+    if n >= len(examples):
+        raise PreflightError(
+            f"validation.holdout={n} would leave no training images (the dataset has {len(examples)}); lower it"
+        )
+    picked = {round(i * len(examples) / n) for i in range(n)}
+    train = [e for i, e in enumerate(examples) if i not in picked]
+    return train, [e for i, e in enumerate(examples) if i in picked]
+
+
+def select_heldout(cfg: TrainConfig, examples: list[Example]) -> tuple[list[Example], list[Example]]:
+    """(training, held-out) examples for ``cfg.validation``: a separate folder, a holdout split, or none.
+
+    Raises:
+        DatasetError: the held-out folder has problems (nothing has been written).
+        PreflightError: ``validation.holdout`` leaves no training images.
+    """
+    v = cfg.validation
+    if v.data_path:
+        folder = cfg.data.model_copy(update={"path": v.data_path, "min_images": 1, "max_images": None})
+        report = validate_dataset(folder)
+        report.raise_if_errors()
+        return examples, report.examples
+    return split_holdout(examples, v.holdout)
+
+
+def fixed_timesteps(num_train_timesteps: int, k: int) -> torch.Tensor:
+    """``k`` timesteps at the centres of ``k`` equal slices of [0, T): every noise level is represented."""
+    return ((torch.arange(k, dtype=torch.float64) + 0.5) * num_train_timesteps / k).long()
+
+
+class HeldOut:
+    """This rank's slice of the held-out set, encoded once (the VAE posterior mean, not a sample)."""
+
+    def __init__(self, examples: list[Example], cfg: TrainConfig, parts: Parts, rank: int = 0, world_size: int = 1):
+        v, data = cfg.validation, cfg.data
+        k = v.loss_timesteps
+        self.count = len(examples) * k  # over all ranks, before slicing
+        t = fixed_timesteps(parts.noise_scheduler.config.num_train_timesteps, k)
+        # drawn for the whole set, then sliced: the problems do not depend on the number of workers
+        gen = torch.Generator().manual_seed(v.seed)
+        mine = list(range(rank, len(examples), world_size))
+        self.size = len(mine) * k
+        if not mine:
+            return
+        pixels = torch.stack([load_image(examples[i].path, data.resolution, "center") for i in mine])
+        mean, _ = encode_pixels(parts, pixels)
+        latents = (mean * parts.vae.config.scaling_factor).cpu()
+        shape = (len(examples), k, *latents.shape[1:])
+        noise = torch.randn(shape, generator=gen)[mine]  # (n, k, C, h, w)
+        self.latents = latents.repeat_interleave(k, dim=0)
+        self.noise = noise.flatten(0, 1)
+        self.timesteps = t.repeat(len(mine))
+        self.input_ids = tokenize(parts, [examples[i].caption for i in mine]).repeat_interleave(k, dim=0)
+        self.embeds = None if parts.trains_text_encoder else encode_text(parts, self.input_ids).cpu()
+
+    @torch.no_grad()
+    def loss(self, parts: Parts, batch_size: int = 32) -> float:
+        """Mean squared error over the whole held-out set (all ranks when torch.distributed is up)."""
+        total = 0.0
+        if self.size:
+            unet, encoder = parts.raw_unet, parts.raw_text_encoder  # no DDP: ranks run different batch counts
+            modes = unet.training, encoder.training
+            unet.eval(), encoder.eval()  # LoRA dropout off
+            sched = parts.noise_scheduler
+            for i in range(0, self.size, batch_size):
+                sl = slice(i, i + batch_size)
+                latents, noise = self.latents[sl].to(parts.device), self.noise[sl].to(parts.device)
+                t = self.timesteps[sl].to(parts.device)
+                noisy = sched.add_noise(latents, noise, t)
+                if self.embeds is not None:
+                    embeds = self.embeds[sl].to(parts.device)
+                else:
+                    embeds = encoder(self.input_ids[sl].to(parts.device))[0]
+                target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(latents, noise, t)
+                ctx = torch.autocast(parts.device.type, dtype=parts.autocast_dtype) if parts.autocast_dtype else None
+                with ctx or torch.autocast(parts.device.type, enabled=False):
+                    pred = unet(noisy, t, encoder_hidden_states=embeds).sample
+                total += F.mse_loss(pred.float(), target.float(), reduction="sum").item() / noise[0].numel()
+            unet.train(modes[0]), encoder.train(modes[1])
+        return all_reduce_sum([total])[0] / self.count

@@ -1,0 +1,443 @@
+"""Search LoRA hyperparameters with Ray Tune + Optuna (+ASHA); every trial trains on Ray Train workers.
+
+    python -m tuning.tune --config configs/tune.yaml
+    python -m tuning.tune --config configs/tune.yaml search.num_samples=4 search.max_epochs=1   # tiny CPU run
+    python -m tuning.tune --config configs/tune.yaml --resume          # finish an interrupted search
+    python -m tuning.tune --config configs/tune.yaml search.algorithm=grid search.scheduler=fifo
+    ray job submit --working-dir . -- python -m tuning.tune --config configs/tune.yaml \\
+        trial.data.path=$PWD/data/toy-sks trial.validation.data_path=$PWD/data/toy-sks/heldout output_dir=$PWD/runs/tune
+
+Writes ``<output_dir>/<name>/``: ``best.json`` (the handoff to evaluation and serving), ``best/adapter``,
+``results.csv|json``, ``plots/*.png``, ``optuna.db`` (the study), ``tune/`` (Tune's experiment, which
+``--resume`` restores) and ``trials/<trial_id>/`` (each trial's Train run, adapter and result.json).
+MLflow: one parent run for the search, one child run per trial.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from training.adapter import verify_adapter
+from training.config import PreflightError
+from training.configuration import ConfigError, load_config
+from training.data import DatasetError, validate_dataset
+from training.heldout import select_heldout
+from training.tracking import MlflowTracker, flatten, git_commit, start_run
+from training.worker import ADAPTER_DIR
+from tuning.config import TuneConfig
+from tuning.results import TrialRecord, best_record, study_of, write_plots, write_table
+from tuning.space import check_points, choice_points, for_hardware, grid_points, trial_config, with_rules
+
+log = logging.getLogger("tuning.tune")
+TUNE_DIR = "tune"  # Tune's experiment folder inside the run folder
+TRIAL_DRIVER_MEMORY = 512 * 1024**2  # bytes reserved for each trial's driver process (it imports torch)
+
+
+@dataclass
+class TrialSetup:
+    """What every trial gets from the driver (through the object store, not the trial's config)."""
+
+    cfg: dict[str, Any]  # the TuneConfig, paths made absolute
+    run_dir: str
+    tracking_uri: str | None
+    parent_run_id: str | None
+
+
+@dataclass
+class SearchResult:
+    run_dir: str
+    best: dict[str, Any] | None  # best.json's content
+    records: list[TrialRecord]
+    parent_run_id: str | None
+    tracking_uri: str | None
+
+
+def trial_name(trial_id: str, params: dict[str, Any]) -> str:
+    """``<trial id> rank=16 optimizer=adamw lr=3.2e-04 epochs=8``: the id first, then the key params."""
+    parts = [trial_id]
+    for key, value in sorted(params.items()):
+        short = key.rsplit(".", 1)[-1]
+        parts.append(f"{short}={value:.2g}" if isinstance(value, float) else f"{short}={value}")
+    return " ".join(parts)
+
+
+def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
+    """One Tune trial (Train V2 pattern): base config + this trial's overrides → ``training.train.run``
+    with a ``TorchTrainer`` whose ``TuneReportCallback`` forwards every epoch's metrics to Tune."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from training.train import run as train_run
+
+    trial_id = ray.tune.get_context().get_trial_id()
+    cfg = TuneConfig.model_validate(setup.cfg)
+    overrides = with_rules(config, cfg)
+    tcfg = trial_config(cfg, overrides, trial_id=trial_id, run_dir=setup.run_dir)
+    tcfg.mlflow.enabled = setup.tracking_uri is not None
+    tcfg.mlflow.tracking_uri = setup.tracking_uri
+    tcfg.mlflow.parent_run_id = setup.parent_run_id
+    tcfg.mlflow.run_name = trial_name(trial_id, overrides)
+    # resume=True: a restored search continues this trial's own Train run (and MLflow run) where it stopped
+    train_run(tcfg, resume=True, callbacks=[TuneReportCallback()])
+
+
+def trial_dirname(trial: Any) -> str:
+    return trial.trial_id  # no timestamps: names must survive a restore
+
+
+def preflight(cfg: TuneConfig, run_dir: Path, resume: bool) -> list[str]:
+    """Every problem found before Ray starts: data, held-out set, trial configs, the run folder."""
+    problems = []
+    report = validate_dataset(cfg.trial.data)
+    log.info("%s", report.summary())
+    report.raise_if_errors()
+    select_heldout(cfg.trial, report.examples)  # raises with the fix
+    points = choice_points(cfg) + cfg.search.points_to_evaluate
+    if cfg.search.algorithm == "grid":
+        points += grid_points(cfg)
+    problems += sorted(set(check_points(cfg, points)))
+    tune_dir = run_dir / TUNE_DIR
+    if resume and not tune_dir.is_dir():
+        problems.append(f"--resume: no search to resume in {run_dir}; drop --resume to start it")
+    if not resume and run_dir.is_dir() and any(run_dir.iterdir()):
+        problems.append(
+            f"search {cfg.name!r} already exists in {run_dir}; pass --resume to finish it, or set name= to start anew"
+        )
+    return problems
+
+
+def absolute_paths(cfg: TuneConfig) -> TuneConfig:
+    """Trials run in Tune's trial folders: relative paths that exist here are made absolute."""
+    data = cfg.model_dump(mode="json")
+    t = data["trial"]
+    for holder, key in ((t, "base_model"), (t["data"], "path"), (t["validation"], "data_path")):
+        if holder[key] and not Path(holder[key]).is_absolute() and Path(holder[key]).exists():
+            holder[key] = str(Path(holder[key]).resolve())
+    return TuneConfig.model_validate(data)
+
+
+def open_parent(cfg: TuneConfig, run_dir: Path, uri: str | None, notes: list[str]) -> str | None:
+    """The study's MLflow run, created before any trial (reopened on --resume)."""
+    if uri is None:
+        return None
+    marker = run_dir / "mlflow_parent.json"
+    if marker.is_file():
+        return json.loads(marker.read_text())["run_id"]
+    tags = {"lorafleet.kind": "search", "search.algorithm": cfg.search.algorithm}
+    if commit := git_commit():
+        tags["mlflow.source.git.commit"] = commit
+    run_id = start_run(uri, cfg.trial.mlflow.experiment, cfg.name, tags)
+    tracker = MlflowTracker(uri, run_id)
+    params = flatten(cfg.search.model_dump(mode="json"), "search.") | flatten(
+        cfg.trial.model_dump(mode="json"), "trial."
+    )
+    tracker.log_params(params)
+    space = {"space": cfg.model_dump(mode="json")["space"], "grid": cfg.grid, "dropped_on_this_hardware": notes}
+    (run_dir / "search_space.json").write_text(json.dumps(space, indent=2) + "\n")
+    tracker.log_artifact(run_dir / "search_space.json")
+    marker.write_text(json.dumps({"run_id": run_id, "tracking_uri": uri}) + "\n")
+    return run_id
+
+
+def max_concurrent(cfg: TuneConfig, resources: dict[str, float]) -> int:
+    """Trials that fit at once: cluster CPUs (or GPUs) ÷ one trial's Train workers.
+
+    Raises:
+        PreflightError: not even one trial fits.
+    """
+    r = cfg.trial.ray
+    fits = int(resources.get("CPU", 0) // (r.num_workers * r.cpus_per_worker))
+    if r.use_gpu:
+        fits = min(fits, int(resources.get("GPU", 0) // r.num_workers))
+    if fits < 1:
+        raise PreflightError(
+            f"one trial needs {r.num_workers} workers × {r.cpus_per_worker} CPU"
+            f"{' + 1 GPU each' if r.use_gpu else ''}; the cluster has {resources.get('CPU', 0)} CPUs and "
+            f"{resources.get('GPU', 0)} GPUs. Lower trial.ray.num_workers / cpus_per_worker"
+        )
+    wanted = cfg.search.max_concurrent_trials
+    if wanted and wanted > fits:
+        log.warning("search.max_concurrent_trials=%d but only %d trials fit; extra trials will wait", wanted, fits)
+    return wanted or fits
+
+
+def max_epochs(cfg: TuneConfig) -> int:
+    """The longest a trial can train: ASHA's max_t."""
+    spec = cfg.space.get("train.epochs")
+    if cfg.search.algorithm == "grid" and "train.epochs" in cfg.grid:
+        longest = max(cfg.grid["train.epochs"])
+    elif spec is not None:
+        longest = int(max(spec.values) if spec.type == "choice" else spec.high)
+    else:
+        longest = cfg.trial.train.epochs
+    return min(longest, cfg.search.max_epochs or longest)
+
+
+def build_tuner(cfg: TuneConfig, setup: TrialSetup, run_dir: Path, concurrency: int, resume: bool):
+    """The ``Tuner`` (or the restored one): searcher, ASHA, concurrency, trial resources."""
+    import optuna
+    import ray.tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+    from ray.tune.search.optuna import OptunaSearch
+
+    from tuning.space import OptunaSpace
+
+    # the trial function only waits on its TorchTrainer: no CPU (those go to the Train workers), but Tune
+    # needs a non-empty bundle, and memory is what the trial process really holds
+    resources = {"CPU": 0, "memory": TRIAL_DRIVER_MEMORY}
+    trainable = ray.tune.with_resources(ray.tune.with_parameters(run_trial, setup=setup), resources)
+    tune_dir = run_dir / TUNE_DIR
+    if resume:
+        log.info("restoring the search from %s (finished trials are not rerun)", tune_dir)
+        return ray.tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_errored=False)
+    s = cfg.search
+    if s.algorithm == "grid":
+        points = grid_points(cfg)
+        searcher = BasicVariantGenerator(points_to_evaluate=points)
+        num_samples = len(points)
+        log.info("grid: %d trials", num_samples)
+    else:
+        if s.algorithm == "optuna":
+            sampler = optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=s.startup_trials)
+        else:
+            sampler = optuna.samplers.RandomSampler(seed=s.seed)
+        storage = optuna.storages.RDBStorage(f"sqlite:///{run_dir / 'optuna.db'}")
+        searcher = OptunaSearch(
+            space=OptunaSpace(cfg),
+            metric=s.metric,
+            mode=s.mode,
+            points_to_evaluate=[dict(p) for p in s.points_to_evaluate] or None,
+            sampler=sampler,
+            study_name=cfg.name,
+            storage=storage,
+        )
+        num_samples = s.num_samples
+    if s.scheduler == "asha":
+        max_t = max_epochs(cfg)
+        grace = min(s.grace_period, max_t)  # a 1-epoch budget leaves ASHA nothing to stop
+        scheduler = ASHAScheduler(
+            time_attr="epoch", max_t=max_t, grace_period=grace, reduction_factor=s.reduction_factor
+        )
+    else:
+        scheduler = FIFOScheduler()
+    return ray.tune.Tuner(
+        trainable,
+        tune_config=ray.tune.TuneConfig(
+            metric=s.metric,
+            mode=s.mode,
+            search_alg=searcher,
+            scheduler=scheduler,
+            num_samples=num_samples,
+            max_concurrent_trials=concurrency,
+            time_budget_s=s.time_budget_s,
+            trial_name_creator=trial_dirname,
+            trial_dirname_creator=trial_dirname,
+        ),
+        run_config=ray.tune.RunConfig(
+            name=TUNE_DIR,
+            storage_path=str(run_dir),
+            failure_config=ray.tune.FailureConfig(max_failures=0, fail_fast=False),  # a failed trial stays failed
+        ),
+    )
+
+
+def records_of(results, cfg: TuneConfig, run_dir: Path) -> list[TrialRecord]:
+    """Tune's ``ResultGrid`` → ``TrialRecord``s (status, epochs, metric history, MLflow child run)."""
+    out = []
+    metric = cfg.search.metric
+    for result in results:
+        trial_id = Path(result.path).name
+        suggested = dict(result.config or {})
+        params = with_rules(suggested, cfg)
+        planned = int(params.get("train.epochs", cfg.trial.train.epochs))
+        frame = result.metrics_dataframe
+        history = [float(v) for v in frame[metric]] if frame is not None and metric in frame else []
+        last = result.metrics or {}
+        epochs = int(last.get("epoch", 0))
+        status = "failed" if result.error is not None else "completed" if epochs >= planned else "stopped"
+        marker = run_dir / "trials" / trial_id / "mlflow_run.json"
+        run_id = json.loads(marker.read_text())["run_id"] if marker.is_file() else None
+        out.append(
+            TrialRecord(
+                trial_id=trial_id,
+                params=params,
+                suggested=suggested,
+                status=status,
+                epochs=epochs,
+                planned_epochs=planned,
+                metric=last.get(metric) if status != "failed" else None,
+                best_metric=(min if cfg.search.mode == "min" else max)(history) if history else None,
+                time_s=float(last.get("time_total_s", 0.0)),
+                checkpoint=last.get("checkpoint_path"),
+                run_id=run_id,
+                error=str(result.error).strip().splitlines()[-1][:500] if result.error is not None else None,
+                history=history,
+            )
+        )
+    return sorted(out, key=lambda r: r.trial_id)
+
+
+def close_child_runs(records: list[TrialRecord], uri: str | None) -> None:
+    """A trial stopped by ASHA or killed by an error never closes its own MLflow run: say how it ended."""
+    if uri is None:
+        return
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    for r in records:
+        if r.run_id is None:
+            continue
+        client.set_tag(r.run_id, "lorafleet.trial_status", r.status)
+        if r.status == "failed":
+            client.set_tag(r.run_id, "lorafleet.error", r.error or "")
+            client.set_terminated(r.run_id, "FAILED")
+        elif r.status == "stopped":
+            client.set_terminated(r.run_id, "KILLED")
+
+
+def finish(cfg: TuneConfig, records: list[TrialRecord], run_dir: Path, uri: str | None, parent: str | None) -> dict:
+    """Results table, Optuna plots, the best adapter and ``best.json``; all logged to the parent run."""
+    tracker = MlflowTracker(uri, parent) if parent else None
+    files = write_table(records, run_dir)
+    plots = write_plots(study_of(records, cfg), run_dir / "plots", cfg.search.metric)
+    counts = {s: sum(r.status == s for r in records) for s in ("completed", "stopped", "failed")}
+    best = best_record(records, cfg.search.mode)
+    summary: dict[str, Any] = {
+        "search": cfg.name,
+        "algorithm": cfg.search.algorithm,
+        "metric": cfg.search.metric,
+        "mode": cfg.search.mode,
+        "trials": counts,
+        "trial_epochs": sum(r.epochs for r in records),
+    }
+    if best is not None:
+        if best.checkpoint is None:
+            raise RuntimeError(f"best trial {best.trial_id} reported no checkpoint; its adapter cannot be exported")
+        target = run_dir / "best" / ADAPTER_DIR
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(Path(best.checkpoint) / ADAPTER_DIR, target)
+        meta = verify_adapter(target)
+        summary["best"] = {
+            "trial_id": best.trial_id,
+            "value": best.metric,
+            "epochs": best.epochs,
+            "overrides": best.params,
+            "config": trial_config(cfg, best.params, trial_id=best.trial_id, run_dir=str(run_dir)).model_dump(
+                mode="json"
+            ),
+            "adapter": str(target),
+            "adapter_sha256": meta.sha256,
+            "mlflow": {
+                "tracking_uri": uri,
+                "parent_run_id": parent,
+                "trial_run_id": best.run_id,
+                "adapter_uri": f"runs:/{parent}/best_adapter" if parent else None,
+            },
+        }
+    else:
+        summary["best"] = None
+    best_json = run_dir / "best.json"
+    best_json.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    if tracker:
+        close_child_runs(records, uri)
+        metrics = {f"trials_{k}": float(v) for k, v in counts.items()} | {"trial_epochs": summary["trial_epochs"]}
+        if best is not None:
+            metrics[f"best_{cfg.search.metric}"] = best.metric
+            tracker.set_tags({"best_trial_id": best.trial_id, "best_run_id": best.run_id or ""})
+            tracker.log_params({f"best.{k}": str(v) for k, v in best.params.items()})
+            tracker.log_artifacts(run_dir / "best" / ADAPTER_DIR, "best_adapter")
+        tracker.log_metrics(metrics, step=0)
+        for path in [*files, best_json]:
+            tracker.log_artifact(path)
+        for path in plots:
+            tracker.log_artifact(path, "plots")
+        tracker.client.set_terminated(parent, "FINISHED" if best is not None else "FAILED")
+    return summary
+
+
+def run(cfg: TuneConfig, *, resume: bool = False) -> SearchResult:
+    """Validate → preflight → MLflow parent run → Tuner.fit (or restore) → results, plots, best adapter."""
+    cfg, notes = for_hardware(cfg)
+    for note in notes:
+        log.warning("%s", note)
+    cfg = absolute_paths(cfg)
+    run_dir = (Path(cfg.output_dir).expanduser() / cfg.name).resolve()
+    if problems := preflight(cfg, run_dir, resume):
+        raise PreflightError("cannot start the search:\n  - " + "\n  - ".join(problems))
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    from cluster.mlflow_server import start_mlflow_server
+    from training.ray_train import check_resources, init_ray
+
+    server = None
+    uri = None
+    if cfg.trial.mlflow.enabled:
+        uri = cfg.trial.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+        if not uri or uri.startswith("sqlite:"):
+            # concurrent trials must not share one SQLite file: serve it (loopback) for the search's duration
+            server = start_mlflow_server(Path(cfg.output_dir).expanduser() / "mlflow")
+            uri = server.uri
+            log.warning("no MLflow tracking server configured; started %s for this search (state in %s)", uri,
+                        server.state_dir)  # fmt: skip
+    try:
+        parent = open_parent(cfg, run_dir, uri, notes)
+        init_ray()
+        import ray
+
+        check_resources(cfg.trial)
+        concurrency = max_concurrent(cfg, ray.cluster_resources())
+        log.info("up to %d trials at once; MLflow %s parent run %s", concurrency, uri, parent)
+        setup = TrialSetup(cfg.model_dump(mode="json"), str(run_dir), uri, parent)
+        results = build_tuner(cfg, setup, run_dir, concurrency, resume).fit()
+        records = records_of(results, cfg, run_dir)
+        summary = finish(cfg, records, run_dir, uri, parent)
+    finally:
+        if server is not None:
+            server.stop()
+    return SearchResult(str(run_dir), summary, records, parent, uri)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m tuning.tune", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True, help="YAML file, e.g. configs/tune.yaml")
+    parser.add_argument("--resume", action="store_true", help="restore an interrupted search (Tuner.restore)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. search.num_samples=4 trial.train.lr=1e-4")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    try:
+        cfg = load_config(TuneConfig, args.config, args.overrides)
+        result = run(cfg, resume=args.resume)
+    except (ConfigError, DatasetError, PreflightError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    best = result.best["best"] if result.best else None
+    print(f"trials: {json.dumps(result.best['trials'])}  trial-epochs: {result.best['trial_epochs']}")
+    for r in result.records:
+        value = f"{r.metric:.5f}" if r.metric is not None else "-"
+        print(f"  {r.trial_id}  {r.status:9s} {value:>9s}  epochs {r.epochs}/{r.planned_epochs}  {r.params}")
+    if best is None:
+        print("no trial finished with a finite metric; see results.csv", file=sys.stderr)
+        return 1
+    print(f"best: {best['trial_id']} {result.best['metric']}={best['value']:.5f} {best['overrides']}")
+    print(f"adapter: {best['adapter']}")
+    print(f"best.json: {Path(result.run_dir) / 'best.json'}")
+    if result.parent_run_id:
+        print(f"mlflow: parent run {result.parent_run_id} ({result.tracking_uri})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
