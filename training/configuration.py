@@ -6,7 +6,7 @@ cfg = load_config(TrainConfig, "configs/train.yaml", ["train.lr=1e-4", "data.max
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, get_origin
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -22,8 +22,8 @@ class ConfigError(ValueError):
         super().__init__(f"invalid config ({source}):\n  - " + "\n  - ".join(problems))
 
 
-def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
-    *parents, leaf = key.split(".")
+def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
+    *parents, leaf = path
     node = tree
     for part in parents:
         child = node.setdefault(part, {})
@@ -33,21 +33,38 @@ def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
     node[leaf] = value
 
 
-def _key_problem(model: type[BaseModel], key: str) -> str | None:
-    """Why ``key`` (dotted) names no field of ``model``, or None when it does."""
-    node: type[BaseModel] = model
+def _is_mapping(annotation: Any) -> bool:
+    return annotation is dict or get_origin(annotation) is dict
+
+
+def _key_path(model: type[BaseModel] | None, key: str) -> tuple[list[str], str | None]:
+    """Split dotted ``key`` along ``model``'s sections: (path, None), or (path, why it names no field).
+
+    Below a mapping field the rest is one key, so ``space.train.lr`` is ``["space", "train.lr"]``.
+    """
     parts = key.split(".")
+    if model is None:
+        return parts, None
+    node: type[BaseModel] = model
     for depth, part in enumerate(parts):
         field = node.model_fields.get(part)
         if field is None:
             where = ".".join(parts[:depth]) or "the top level"
-            return f"{part!r} is not a key of {where}; known keys: {', '.join(node.model_fields)}"
-        if depth < len(parts) - 1:
-            sub = field.annotation
-            if not (isinstance(sub, type) and issubclass(sub, BaseModel)):
-                return f"{'.'.join(parts[: depth + 1])!r} is a value, not a section"
-            node = sub
-    return None
+            return parts, f"{part!r} is not a key of {where}; known keys: {', '.join(node.model_fields)}"
+        if depth == len(parts) - 1:
+            return parts, None
+        sub = field.annotation
+        if _is_mapping(sub):
+            return [*parts[: depth + 1], ".".join(parts[depth + 1 :])], None
+        if not (isinstance(sub, type) and issubclass(sub, BaseModel)):
+            return parts, f"{'.'.join(parts[: depth + 1])!r} is a value, not a section"
+        node = sub
+    return parts, None
+
+
+def key_problem(model: type[BaseModel], key: str) -> str | None:
+    """Why ``key`` (dotted) names no field of ``model``, or None when it does."""
+    return _key_path(model, key)[1]
 
 
 def apply_overrides(
@@ -64,11 +81,12 @@ def apply_overrides(
         if not sep or not key:
             problems.append(f"override {item!r}: write it as key.sub=value, e.g. unet.steps=100")
             continue
-        if model is not None and (why := _key_problem(model, key)):
+        path, why = _key_path(model, key)
+        if why:
             problems.append(f"override {item!r}: {why}")
             continue
         try:
-            _set_dotted(values, key, yaml.safe_load(raw) if raw.strip() else None)
+            _set_path(values, path, yaml.safe_load(raw) if raw.strip() else None)
         except KeyError as exc:
             problems.append(f"override {item!r}: {exc.args[0]!r} is a value, not a section")
         except yaml.YAMLError:

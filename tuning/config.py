@@ -11,7 +11,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from training.config import TrainConfig, _Section
-from training.configuration import _key_problem
+from training.configuration import key_problem
 
 # what a trial reports each epoch that can be optimised (issue 5's quality score joins here)
 METRICS = {"val_loss": "min", "loss": "min"}
@@ -91,7 +91,7 @@ class TuneConfig(_Section):
         for key in list(self.space) + list(self.grid):
             if key in ("run_name", "output_dir") or key.startswith(("mlflow.", "ray.storage_path")):
                 problems.append(f"{key!r} is set per trial by the search; it cannot be searched")
-            elif why := _key_problem(TrainConfig, key):
+            elif why := key_problem(TrainConfig, key):
                 problems.append(f"search key {key!r}: {why}")
         for key, spec in self.space.items():
             for cond in spec.when or {}:

@@ -9,6 +9,7 @@ import csv
 import json
 import logging
 import math
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,11 @@ def write_table(records: list[TrialRecord], out_dir: Path) -> list[Path]:
     return [csv_path, json_path]
 
 
+def _choice(value: Any) -> Any:
+    """Optuna choices are scalars: a list value (e.g. target modules) becomes its JSON text."""
+    return value if value is None or isinstance(value, (bool, int, float, str)) else json.dumps(value)
+
+
 def study_of(records: list[TrialRecord], cfg: TuneConfig) -> optuna.Study:
     """An in-memory Optuna study of the finished trials (any algorithm, grid included), for Optuna's plots.
 
@@ -76,10 +82,10 @@ def study_of(records: list[TrialRecord], cfg: TuneConfig) -> optuna.Study:
     grid = cfg.search.algorithm == "grid"
     for r in sorted(records, key=lambda r: r.trial_id):
         if grid:
-            params = {k: r.suggested[k] for k in cfg.grid if k in r.suggested}
+            params = {k: _choice(r.suggested[k]) for k in cfg.grid if k in r.suggested}
             dists = {
                 k: optuna.distributions.CategoricalDistribution(
-                    sorted({x.suggested[k] for x in records if k in x.suggested}, key=repr)
+                    sorted({_choice(x.suggested[k]) for x in records if k in x.suggested}, key=repr)
                 )
                 for k in params
             }
@@ -122,7 +128,9 @@ def write_plots(study: optuna.Study, out_dir: Path, metric: str) -> list[Path]:
     written = []
     for name, draw in plots.items():
         try:
-            ax = draw()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                ax = draw()
         except (ValueError, RuntimeError, ZeroDivisionError) as exc:
             log.warning("skipped the %s plot: %s", name, exc)
             continue

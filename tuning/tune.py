@@ -47,6 +47,7 @@ class TrialSetup:
 
     cfg: dict[str, Any]  # the TuneConfig, paths made absolute
     run_dir: str
+    points: list[dict[str, Any]]  # grid mode: trial config {"grid_point": i} runs points[i]
     tracking_uri: str | None
     parent_run_id: str | None
 
@@ -79,14 +80,24 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
 
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = TuneConfig.model_validate(setup.cfg)
-    overrides = with_rules(config, cfg)
+    overrides = with_rules(suggestion(config, setup.points), cfg)
     tcfg = trial_config(cfg, overrides, trial_id=trial_id, run_dir=setup.run_dir)
     tcfg.mlflow.enabled = setup.tracking_uri is not None
     tcfg.mlflow.tracking_uri = setup.tracking_uri
     tcfg.mlflow.parent_run_id = setup.parent_run_id
     tcfg.mlflow.run_name = trial_name(trial_id, overrides)
     # resume=True: a restored search continues this trial's own Train run (and MLflow run) where it stopped
-    train_run(tcfg, resume=True, callbacks=[TuneReportCallback()])
+    result = train_run(tcfg, resume=True, callbacks=[TuneReportCallback()])
+    if not result.history:
+        # the Train run had already trained its last epoch when the driver died: nothing was reported in
+        # this (re)start, so hand Tune the final metrics and checkpoint Train restored
+        ray.tune.report(result.metrics | {"checkpoint_path": result.checkpoint})
+
+
+def suggestion(config: dict[str, Any], points: list[dict[str, Any]]) -> dict[str, Any]:
+    """A trial's overrides from its Tune config: the searcher's values, or a grid point by index (grid
+    values may be lists, e.g. target modules, which Tune would try to resolve as nested config)."""
+    return dict(points[config["grid_point"]]) if "grid_point" in config else dict(config)
 
 
 def trial_dirname(trial: Any) -> str:
@@ -186,9 +197,8 @@ def build_tuner(cfg: TuneConfig, setup: TrialSetup, run_dir: Path, concurrency: 
     import optuna
     import ray.tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from ray.tune.search.basic_variant import BasicVariantGenerator
-    from ray.tune.search.optuna import OptunaSearch
 
+    from tuning.searcher import StudySearch
     from tuning.space import OptunaSpace
 
     # the trial function only waits on its TorchTrainer: no CPU (those go to the Train workers), but Tune
@@ -200,18 +210,19 @@ def build_tuner(cfg: TuneConfig, setup: TrialSetup, run_dir: Path, concurrency: 
         log.info("restoring the search from %s (finished trials are not rerun)", tune_dir)
         return ray.tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_errored=False)
     s = cfg.search
+    param_space: dict[str, Any] = {}
     if s.algorithm == "grid":
-        points = grid_points(cfg)
-        searcher = BasicVariantGenerator(points_to_evaluate=points)
-        num_samples = len(points)
-        log.info("grid: %d trials", num_samples)
+        searcher = None  # Tune's BasicVariantGenerator, limited to max_concurrent_trials
+        param_space = {"grid_point": ray.tune.grid_search(list(range(len(setup.points))))}
+        num_samples = 1
+        log.info("grid: %d trials", len(setup.points))
     else:
         if s.algorithm == "optuna":
             sampler = optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=s.startup_trials)
         else:
             sampler = optuna.samplers.RandomSampler(seed=s.seed)
         storage = optuna.storages.RDBStorage(f"sqlite:///{run_dir / 'optuna.db'}")
-        searcher = OptunaSearch(
+        searcher = StudySearch(
             space=OptunaSpace(cfg),
             metric=s.metric,
             mode=s.mode,
@@ -231,6 +242,7 @@ def build_tuner(cfg: TuneConfig, setup: TrialSetup, run_dir: Path, concurrency: 
         scheduler = FIFOScheduler()
     return ray.tune.Tuner(
         trainable,
+        param_space=param_space,
         tune_config=ray.tune.TuneConfig(
             metric=s.metric,
             mode=s.mode,
@@ -250,13 +262,13 @@ def build_tuner(cfg: TuneConfig, setup: TrialSetup, run_dir: Path, concurrency: 
     )
 
 
-def records_of(results, cfg: TuneConfig, run_dir: Path) -> list[TrialRecord]:
+def records_of(results, cfg: TuneConfig, run_dir: Path, points: list[dict[str, Any]]) -> list[TrialRecord]:
     """Tune's ``ResultGrid`` → ``TrialRecord``s (status, epochs, metric history, MLflow child run)."""
     out = []
     metric = cfg.search.metric
     for result in results:
         trial_id = Path(result.path).name
-        suggested = dict(result.config or {})
+        suggested = suggestion(result.config or {}, points)
         params = with_rules(suggested, cfg)
         planned = int(params.get("train.epochs", cfg.trial.train.epochs))
         frame = result.metrics_dataframe
@@ -287,7 +299,8 @@ def records_of(results, cfg: TuneConfig, run_dir: Path) -> list[TrialRecord]:
 
 
 def close_child_runs(records: list[TrialRecord], uri: str | None) -> None:
-    """A trial stopped by ASHA or killed by an error never closes its own MLflow run: say how it ended."""
+    """Say how each trial ended in its MLflow run: Tune kills a trial's process when ASHA stops it — also
+    at its last epoch, when that is a rung or max_t — so the trial cannot always close its run itself."""
     if uri is None:
         return
     from mlflow import MlflowClient
@@ -300,8 +313,8 @@ def close_child_runs(records: list[TrialRecord], uri: str | None) -> None:
         if r.status == "failed":
             client.set_tag(r.run_id, "lorafleet.error", r.error or "")
             client.set_terminated(r.run_id, "FAILED")
-        elif r.status == "stopped":
-            client.set_terminated(r.run_id, "KILLED")
+        else:
+            client.set_terminated(r.run_id, "KILLED" if r.status == "stopped" else "FINISHED")
 
 
 def finish(cfg: TuneConfig, records: list[TrialRecord], run_dir: Path, uri: str | None, parent: str | None) -> dict:
@@ -396,9 +409,10 @@ def run(cfg: TuneConfig, *, resume: bool = False) -> SearchResult:
         check_resources(cfg.trial)
         concurrency = max_concurrent(cfg, ray.cluster_resources())
         log.info("up to %d trials at once; MLflow %s parent run %s", concurrency, uri, parent)
-        setup = TrialSetup(cfg.model_dump(mode="json"), str(run_dir), uri, parent)
+        points = grid_points(cfg) if cfg.search.algorithm == "grid" else []
+        setup = TrialSetup(cfg.model_dump(mode="json"), str(run_dir), points, uri, parent)
         results = build_tuner(cfg, setup, run_dir, concurrency, resume).fit()
-        records = records_of(results, cfg, run_dir)
+        records = records_of(results, cfg, run_dir, points)
         summary = finish(cfg, records, run_dir, uri, parent)
     finally:
         if server is not None:

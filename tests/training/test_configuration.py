@@ -43,7 +43,6 @@ def test_value_where_a_section_is_expected():
 def test_every_shipped_config_validates_and_names_its_command(repo: Path):
     from training.config import TrainConfig
     from training.toy_world.config import ToyWorldConfig
-
     from tuning.config import TuneConfig
 
     schemas = {"toy_world.yaml": ToyWorldConfig, "train.yaml": TrainConfig, "tune.yaml": TuneConfig}

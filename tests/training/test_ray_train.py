@@ -34,7 +34,7 @@ def _history(client: MlflowClient, run_id: str, key: str) -> list[int]:
     return sorted(m.step for m in client.get_metric_history(run_id, key))
 
 
-def test_two_workers_train_log_and_write_a_loadable_adapter(local_ray, train_config, mlflow_server):
+def test_two_workers_train_log_and_write_a_loadable_adapter(local_ray, train_config, toy_dataset, mlflow_server):
     cfg = train_config(
         **{
             "ray.num_workers": 2,
@@ -47,11 +47,13 @@ def test_two_workers_train_log_and_write_a_loadable_adapter(local_ray, train_con
             "validation.prompts": "[a red circle on a sks background, a blue square on a white background]",
             "validation.every_n_epochs": 2,
             "validation.steps": 4,
+            "validation.data_path": str(toy_dataset / "heldout"),
         }
     )
     result = run(cfg)
     # 8 images over 2 workers = 4 each, batch 2 -> 2 steps per epoch on every rank
     assert result.metrics["epoch"] == 4 and result.metrics["step"] == 8
+    assert all(h["val_loss"] > 0 for h in result.history)  # the held-out set, all-reduced over both ranks
 
     pipe = load_pipeline(cfg.base_model, device="cpu")
     base = np.asarray(generate(pipe, ["a red circle on a sks background"], steps=6)[0], dtype=float)
@@ -63,6 +65,9 @@ def test_two_workers_train_log_and_write_a_loadable_adapter(local_ray, train_con
     mlrun = client.get_run(result.run_id)
     assert mlrun.info.status == "FINISHED"
     assert _history(client, result.run_id, "loss") == [1, 2, 3, 4]
+    assert _history(client, result.run_id, "val_loss") == [0, 1, 2, 3, 4]  # 0 = the base model
+    val = {m.step: m.value for m in client.get_metric_history(result.run_id, "val_loss")}
+    assert val[4] < val[0]  # the held-out images show the concept: learning it lowers their loss
     assert {"images_per_s", "epoch_time_s", "lr"} <= set(mlrun.data.metrics)
     assert mlrun.data.params["ray.num_workers"] == "2" and mlrun.data.params["lora.rank"] == "8"
     assert mlrun.data.tags["dataset_hash"] == meta.dataset_hash

@@ -1,0 +1,73 @@
+"""Search results without Ray: the best trial, the table, and Optuna's plots from finished trials."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+from tuning.results import TrialRecord, best_record, study_of, write_plots, write_table
+from tuning.space import for_hardware
+
+
+def record(tid, metric, status="completed", **params):
+    params = {"lora.rank": 8, "train.optimizer": "adamw", "train.lr": 1e-3, "train.epochs": 4} | params
+    return TrialRecord(
+        trial_id=tid,
+        params=params,
+        suggested=params,
+        status=status,
+        epochs=4 if status == "completed" else 2,
+        planned_epochs=4,
+        metric=metric,
+        best_metric=metric,
+        time_s=12.0,
+        history=[] if metric is None else [metric + 0.02, metric],
+    )
+
+
+def test_best_is_the_best_last_metric_and_failures_or_nan_never_win():
+    records = [
+        record("a", 0.30),
+        record("b", 0.20, status="stopped"),
+        record("c", None, status="failed"),
+        record("d", math.nan),
+        record("e", 0.25),
+    ]
+    assert best_record(records, "min").trial_id == "b"
+    assert best_record(records, "max").trial_id == "a"
+    assert best_record([record("c", None, status="failed")], "min") is None
+
+
+def test_table_has_a_row_per_trial_with_params_as_columns(tmp_path):
+    records = [record("a", 0.3, **{"lora.rank": 16}), record("b", None, status="failed")]
+    records[1].error = "ValueError: boom"
+    csv_path, json_path = write_table(records, tmp_path)
+    rows = list(csv.DictReader(csv_path.open()))
+    assert [r["trial_id"] for r in rows] == ["a", "b"]
+    assert rows[0]["lora.rank"] == "16" and rows[1]["status"] == "failed" and "boom" in rows[1]["error"]
+    assert json.loads(json_path.read_text())[0]["params"]["lora.rank"] == 16
+
+
+def test_plots_are_drawn_from_any_algorithms_trials(tune_config, tmp_path):
+    cfg, _ = for_hardware(tune_config())
+    records = [
+        record("a", 0.30, **{"lora.rank": 4, "train.lr": 1e-4}),
+        record("b", 0.22, **{"lora.rank": 16, "train.lr": 2e-3}),
+        record("c", 0.26, **{"lora.rank": 32, "train.lr": 5e-4, "train.epochs": 8}),
+        # Prodigy's pinned lr is not a searched value: it must not reach the study as a param
+        record("d", 0.24, **{"train.optimizer": "prodigy", "train.lr": 1.0, "train.d_coef": 1.2}),
+        record("e", None, status="failed"),
+    ]
+    study = study_of(records, cfg)
+    assert len(study.trials) == 5 and study.best_value == 0.22
+    assert "train.lr" not in study.trials[3].params and study.trials[3].params["train.d_coef"] == 1.2
+    assert study.trials[4].state.name == "FAIL"
+    paths = write_plots(study, tmp_path, "val_loss")
+    names = {p.stem for p in paths}
+    assert {"optimization_history", "param_importances", "parallel_coordinate"} <= names
+    assert all(p.stat().st_size > 5000 for p in paths)
+
+    grid, _ = for_hardware(tune_config("search.algorithm=grid"))
+    gstudy = study_of(records[:4], grid)
+    assert set(gstudy.trials[0].params) == {"lora.rank", "train.lr", "train.optimizer", "train.epochs"}
