@@ -13,7 +13,7 @@ HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 COMMA  := ,
 EXTRAS := dev$(if $(HAS_GPU),$(COMMA)gpu)
 
-.PHONY: install demo test lint format toy-world quality train bench-train clean
+.PHONY: install demo test lint format toy-world quality train tune bench-train bench-tune clean
 
 install: $(STAMP)
 
@@ -35,6 +35,15 @@ demo: $(STAMP)
 train: $(STAMP)
 	@test -d data/toy-sks || $(BIN)/python -m training.toy_world dataset data/toy-sks
 	HF_HUB_OFFLINE=1 $(BIN)/python -m training.train --config configs/train.yaml $(if $(RESUME),--resume)
+
+# Search rank / lr / optimizer / epochs with Ray Tune + Optuna + ASHA -> runs/tune/toy-sks/best.json (RESUME=1 continues)
+tune: $(STAMP)
+	@test -d data/toy-sks || $(BIN)/python -m training.toy_world dataset data/toy-sks
+	@test -d data/toy-sks/heldout || { echo "data/toy-sks has no heldout/ (written by older versions): move it away and rerun"; exit 1; }
+	HF_HUB_OFFLINE=1 $(BIN)/python -m tuning.tune --config configs/tune.yaml $(if $(RESUME),--resume)
+
+bench-tune: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/tune_efficiency.py
 
 bench-train: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/train_throughput.py --epochs 12

@@ -4,6 +4,7 @@
     lorafleet toy-world build --config configs/toy_world.yaml
     lorafleet toy-world sample --n 12 --out runs/samples
     lorafleet train --config configs/train.yaml train.epochs=5
+    lorafleet tune --config configs/tune.yaml search.num_samples=8
     lorafleet quality --grid docs/toy_sd_samples.png
 
 Each sub-command hands its arguments to the module that owns the job, so
@@ -37,6 +38,12 @@ def _train(args: list[str]) -> int:
     return main(args)
 
 
+def _tune(args: list[str]) -> int:
+    from tuning.tune import main
+
+    return main(args)
+
+
 def _quality(args: list[str]) -> int:
     from evaluation.toy_quality import main
 
@@ -47,6 +54,7 @@ COMMANDS = {
     "toy-world": (_toy_world, "build the toy models, or sample from a model (python -m training.toy_world)"),
     "dataset": (_dataset, "write a fine-tuning dataset: `dataset toy OUT_DIR`"),
     "train": (_train, "fine-tune a LoRA adapter with Ray Train (python -m training.train)"),
+    "tune": (_tune, "search LoRA hyperparameters with Ray Tune + Optuna (python -m tuning.tune)"),
     "quality": (_quality, "measure the toy world's quality bar (python -m evaluation.toy_quality)"),
 }
 

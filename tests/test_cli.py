@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -40,6 +41,35 @@ def test_console_script_is_installed():
 def test_train_reports_config_problems(capsys, repo):
     assert main(["train", "--config", str(repo / "configs" / "train.yaml"), "train.optimizer=adam"]) == 2
     assert "train.optimizer" in capsys.readouterr().err
+
+
+def test_tune_reports_config_and_preflight_problems_before_ray(capsys, repo, toy_dataset, tmp_path):
+    config = str(repo / "configs" / "tune.yaml")
+    assert main(["tune", "--config", config, "search.metric=accuracy"]) == 2
+    assert "search.metric='accuracy' is not reported by trials" in capsys.readouterr().err
+    assert main(["tune", "--config", config, "space.train.lr={type: uniform}"]) == 2
+    assert "space.train.lr: Value error, type=uniform needs low and high" in capsys.readouterr().err
+    heldout, out = toy_dataset / "heldout", tmp_path / "out"
+    args = [f"trial.data.path={toy_dataset}", f"trial.validation.data_path={heldout}", f"output_dir={out}",
+            "space.train.optimizer={type: choice, values: [adamw, adam]}"]  # fmt: skip
+    assert main(["tune", "--config", config, *args]) == 2
+    err = capsys.readouterr().err
+    assert "cannot start the search" in err and "'adam'" in err
+    assert not (tmp_path / "out").exists()  # nothing written
+    assert main(["tune", "--config", config, *args[:3], "--resume"]) == 2
+    assert "no search to resume" in capsys.readouterr().err
+    # a search started with other values is not silently resumed with these
+    from training.configuration import load_config
+    from tuning.config import TuneConfig
+    from tuning.space import for_hardware
+    from tuning.tune import CONFIG_NAME, absolute_paths
+
+    started, _ = for_hardware(load_config(TuneConfig, config, [*args[:3], "search.num_samples=3"]))
+    started = absolute_paths(started)
+    (tmp_path / "out" / "toy-sks" / "tune").mkdir(parents=True)
+    (tmp_path / "out" / "toy-sks" / CONFIG_NAME).write_text(json.dumps(started.model_dump(mode="json")))
+    assert main(["tune", "--config", config, *args[:3], "--resume"]) == 2
+    assert "these keys differ now: search.num_samples. Resume with" in capsys.readouterr().err
 
 
 def test_sample_compare_with_an_adapter_grid(tmp_path, train_config, repo):

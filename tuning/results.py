@@ -37,6 +37,7 @@ class TrialRecord:
     run_id: str | None = None  # the trial's MLflow child run
     error: str | None = None
     history: list[float] = field(default_factory=list)  # the metric per epoch
+    ended_at: float = 0.0  # unix time of its last result (orders trials by completion)
 
 
 def _finite(x: float | None) -> bool:

@@ -131,7 +131,8 @@ def trial_config(cfg: TuneConfig, overrides: dict[str, Any], *, trial_id: str, r
         node[leaf] = value
     values["run_name"] = f"trial_{trial_id}"
     values["output_dir"] = f"{run_dir}/trials/{trial_id}"
-    values["ray"]["storage_path"] = None  # <output_dir>/ray: one Train run per trial folder
+    # Train storage: the base's ray.storage_path (shared FS / s3:// on a cluster), else <trial folder>/ray;
+    # either way the run name makes it the trial's own
     values["ray"]["checkpoint_every_n_epochs"] = 1  # the adapter of every reported metric is kept
     try:
         return TrainConfig.model_validate(values)

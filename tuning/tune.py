@@ -38,6 +38,7 @@ from tuning.space import check_points, choice_points, for_hardware, grid_points,
 
 log = logging.getLogger("tuning.tune")
 TUNE_DIR = "tune"  # Tune's experiment folder inside the run folder
+CONFIG_NAME = "tune_config.json"  # the search's resolved config, checked on --resume
 TRIAL_DRIVER_MEMORY = 512 * 1024**2  # bytes reserved for each trial's driver process (it imports torch)
 
 
@@ -118,6 +119,15 @@ def preflight(cfg: TuneConfig, run_dir: Path, resume: bool) -> list[str]:
     tune_dir = run_dir / TUNE_DIR
     if resume and not tune_dir.is_dir():
         problems.append(f"--resume: no search to resume in {run_dir}; drop --resume to start it")
+    saved = run_dir / CONFIG_NAME
+    if resume and saved.is_file():
+        before = flatten(json.loads(saved.read_text()))
+        now = flatten(cfg.model_dump(mode="json"))
+        if changed := sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k)):
+            problems.append(
+                f"--resume continues the search as it started ({saved}); these keys differ now: "
+                f"{', '.join(changed[:8])}. Resume with the same config and overrides, or start a new name="
+            )
     if not resume and run_dir.is_dir() and any(run_dir.iterdir()):
         problems.append(
             f"search {cfg.name!r} already exists in {run_dir}; pass --resume to finish it, or set name= to start anew"
@@ -293,6 +303,7 @@ def records_of(results, cfg: TuneConfig, run_dir: Path, points: list[dict[str, A
                 run_id=run_id,
                 error=str(result.error).strip().splitlines()[-1][:500] if result.error is not None else None,
                 history=history,
+                ended_at=float(last.get("timestamp", 0.0)),
             )
         )
     return sorted(out, key=lambda r: r.trial_id)
@@ -337,7 +348,10 @@ def finish(cfg: TuneConfig, records: list[TrialRecord], run_dir: Path, uri: str 
             raise RuntimeError(f"best trial {best.trial_id} reported no checkpoint; its adapter cannot be exported")
         target = run_dir / "best" / ADAPTER_DIR
         shutil.rmtree(target, ignore_errors=True)
-        shutil.copytree(Path(best.checkpoint) / ADAPTER_DIR, target)
+        from ray.train import Checkpoint
+
+        with Checkpoint(best.checkpoint).as_directory() as ckpt:  # local, shared FS or s3://
+            shutil.copytree(Path(ckpt) / ADAPTER_DIR, target)
         meta = verify_adapter(target)
         summary["best"] = {
             "trial_id": best.trial_id,
@@ -387,6 +401,8 @@ def run(cfg: TuneConfig, *, resume: bool = False) -> SearchResult:
     if problems := preflight(cfg, run_dir, resume):
         raise PreflightError("cannot start the search:\n  - " + "\n  - ".join(problems))
     run_dir.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        (run_dir / CONFIG_NAME).write_text(json.dumps(cfg.model_dump(mode="json"), indent=2) + "\n")
 
     from cluster.mlflow_server import start_mlflow_server
     from training.ray_train import check_resources, init_ray
