@@ -2,6 +2,7 @@
 
     python benchmarks/tune_efficiency.py                       # ~15 min on 2 CPU cores
     python benchmarks/tune_efficiency.py --samples 8 --grid-epochs 4,6   # quicker, smaller
+    python benchmarks/tune_efficiency.py --replot                        # redraw from the last run's JSON
 
 Every search runs through ``tuning.tune.run`` on the toy dataset (20 images, 12 held-out images)
 and optimises the same metric, the held-out denoising loss ``val_loss`` at the trial's last epoch:
@@ -69,6 +70,7 @@ def plot(curves: dict[str, list[tuple[int, float]]], path: Path) -> None:
     for name, curve in curves.items():
         xs, ys = zip(*curve)
         ax.step(xs, ys, where="post", marker="o", markersize=3, label=name)
+    ax.set_yscale("log")  # a diverged trial (Prodigy) would flatten everything else
     ax.set_xlabel("trial-epochs spent (cumulative, in completion order)")
     ax.set_ylabel("best held-out val_loss so far")
     ax.set_title("LoRA search on the toy dataset: best metric vs budget")
@@ -86,7 +88,12 @@ def main() -> None:
     parser.add_argument("--grid-epochs", default="10,15,20", help="the grid's epoch values (and the space's)")
     parser.add_argument("--out", default=str(REPO / "runs" / "benchmarks" / "tune_efficiency"))
     parser.add_argument("--plot", default=str(REPO / "docs" / "tune_efficiency.png"))
+    parser.add_argument("--replot", action="store_true", help="redraw the plot from the last run's JSON only")
     args = parser.parse_args()
+    if args.replot:
+        saved = json.loads((Path(args.out).parent / "tune_efficiency.json").read_text())
+        plot({k: [tuple(p) for p in v] for k, v in saved["curves"].items()}, Path(args.plot))
+        return
     logging.basicConfig(level=logging.WARNING)
     epochs = [int(e) for e in args.grid_epochs.split(",")]
 

@@ -81,7 +81,7 @@ def study_of(records: list[TrialRecord], cfg: TuneConfig) -> optuna.Study:
     """
     study = optuna.create_study(direction="minimize" if cfg.search.mode == "min" else "maximize")
     grid = cfg.search.algorithm == "grid"
-    for r in sorted(records, key=lambda r: r.trial_id):
+    for r in sorted(records, key=lambda r: (r.ended_at, r.trial_id)):  # completion order
         if grid:
             params = {k: _choice(r.suggested[k]) for k in cfg.grid if k in r.suggested}
             dists = {

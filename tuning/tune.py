@@ -328,8 +328,18 @@ def close_child_runs(records: list[TrialRecord], uri: str | None) -> None:
             client.set_terminated(r.run_id, "KILLED" if r.status == "stopped" else "FINISHED")
 
 
-def finish(cfg: TuneConfig, records: list[TrialRecord], run_dir: Path, uri: str | None, parent: str | None) -> dict:
-    """Results table, Optuna plots, the best adapter and ``best.json``; all logged to the parent run."""
+def finish(
+    cfg: TuneConfig,
+    records: list[TrialRecord],
+    run_dir: Path,
+    uri: str | None,
+    parent: str | None,
+    store: str | None = None,
+) -> dict:
+    """Results table, Optuna plots, the best adapter and ``best.json``; all logged to the parent run.
+
+    ``store``: the backend store of a tracking server started just for this search (its URL dies with it).
+    """
     tracker = MlflowTracker(uri, parent) if parent else None
     files = write_table(records, run_dir)
     plots = write_plots(study_of(records, cfg), run_dir / "plots", cfg.search.metric)
@@ -368,6 +378,7 @@ def finish(cfg: TuneConfig, records: list[TrialRecord], run_dir: Path, uri: str 
                 "parent_run_id": parent,
                 "trial_run_id": best.run_id,
                 "adapter_uri": f"runs:/{parent}/best_adapter" if parent else None,
+                "backend_store_uri": store,  # `mlflow ui --backend-store-uri <this>` when the server is gone
             },
         }
     else:
@@ -429,7 +440,8 @@ def run(cfg: TuneConfig, *, resume: bool = False) -> SearchResult:
         setup = TrialSetup(cfg.model_dump(mode="json"), str(run_dir), points, uri, parent)
         results = build_tuner(cfg, setup, run_dir, concurrency, resume).fit()
         records = records_of(results, cfg, run_dir, points)
-        summary = finish(cfg, records, run_dir, uri, parent)
+        store = f"sqlite:///{server.state_dir / 'mlflow.db'}" if server else None
+        summary = finish(cfg, records, run_dir, uri, parent, store)
     finally:
         if server is not None:
             server.stop()
