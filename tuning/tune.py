@@ -19,22 +19,20 @@ import argparse
 import json
 import logging
 import os
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from training.adapter import verify_adapter
 from training.config import PreflightError
 from training.configuration import ConfigError, load_config
 from training.data import DatasetError, validate_dataset
 from training.heldout import select_heldout
 from training.tracking import MlflowTracker, flatten, git_commit, start_run
-from training.worker import ADAPTER_DIR
 from tuning.config import TuneConfig
-from tuning.results import TrialRecord, best_record, study_of, write_plots, write_table
+from tuning.results import TrialRecord
 from tuning.space import check_points, choice_points, for_hardware, grid_points, trial_config, with_rules
+from tuning.summary import finish
 
 log = logging.getLogger("tuning.tune")
 TUNE_DIR = "tune"  # Tune's experiment folder inside the run folder
@@ -307,99 +305,6 @@ def records_of(results, cfg: TuneConfig, run_dir: Path, points: list[dict[str, A
             )
         )
     return sorted(out, key=lambda r: r.trial_id)
-
-
-def close_child_runs(records: list[TrialRecord], uri: str | None) -> None:
-    """Say how each trial ended in its MLflow run: Tune kills a trial's process when ASHA stops it — also
-    at its last epoch, when that is a rung or max_t — so the trial cannot always close its run itself."""
-    if uri is None:
-        return
-    from mlflow import MlflowClient
-
-    client = MlflowClient(uri)
-    for r in records:
-        if r.run_id is None:
-            continue
-        client.set_tag(r.run_id, "lorafleet.trial_status", r.status)
-        if r.status == "failed":
-            client.set_tag(r.run_id, "lorafleet.error", r.error or "")
-            client.set_terminated(r.run_id, "FAILED")
-        else:
-            client.set_terminated(r.run_id, "KILLED" if r.status == "stopped" else "FINISHED")
-
-
-def finish(
-    cfg: TuneConfig,
-    records: list[TrialRecord],
-    run_dir: Path,
-    uri: str | None,
-    parent: str | None,
-    store: str | None = None,
-) -> dict:
-    """Results table, Optuna plots, the best adapter and ``best.json``; all logged to the parent run.
-
-    ``store``: the backend store of a tracking server started just for this search (its URL dies with it).
-    """
-    tracker = MlflowTracker(uri, parent) if parent else None
-    files = write_table(records, run_dir)
-    plots = write_plots(study_of(records, cfg), run_dir / "plots", cfg.search.metric)
-    counts = {s: sum(r.status == s for r in records) for s in ("completed", "stopped", "failed")}
-    best = best_record(records, cfg.search.mode)
-    summary: dict[str, Any] = {
-        "search": cfg.name,
-        "algorithm": cfg.search.algorithm,
-        "metric": cfg.search.metric,
-        "mode": cfg.search.mode,
-        "trials": counts,
-        "trial_epochs": sum(r.epochs for r in records),
-    }
-    if best is not None:
-        if best.checkpoint is None:
-            raise RuntimeError(f"best trial {best.trial_id} reported no checkpoint; its adapter cannot be exported")
-        target = run_dir / "best" / ADAPTER_DIR
-        shutil.rmtree(target, ignore_errors=True)
-        from ray.train import Checkpoint
-
-        with Checkpoint(best.checkpoint).as_directory() as ckpt:  # local, shared FS or s3://
-            shutil.copytree(Path(ckpt) / ADAPTER_DIR, target)
-        meta = verify_adapter(target)
-        summary["best"] = {
-            "trial_id": best.trial_id,
-            "value": best.metric,
-            "epochs": best.epochs,
-            "overrides": best.params,
-            "config": trial_config(cfg, best.params, trial_id=best.trial_id, run_dir=str(run_dir)).model_dump(
-                mode="json"
-            ),
-            "adapter": str(target),
-            "adapter_sha256": meta.sha256,
-            "mlflow": {
-                "tracking_uri": uri,
-                "parent_run_id": parent,
-                "trial_run_id": best.run_id,
-                "adapter_uri": f"runs:/{parent}/best_adapter" if parent else None,
-                "backend_store_uri": store,  # `mlflow ui --backend-store-uri <this>` when the server is gone
-            },
-        }
-    else:
-        summary["best"] = None
-    best_json = run_dir / "best.json"
-    best_json.write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    if tracker:
-        close_child_runs(records, uri)
-        metrics = {f"trials_{k}": float(v) for k, v in counts.items()} | {"trial_epochs": summary["trial_epochs"]}
-        if best is not None:
-            metrics[f"best_{cfg.search.metric}"] = best.metric
-            tracker.set_tags({"best_trial_id": best.trial_id, "best_run_id": best.run_id or ""})
-            tracker.log_params({f"best.{k}": str(v) for k, v in best.params.items()})
-            tracker.log_artifacts(run_dir / "best" / ADAPTER_DIR, "best_adapter")
-        tracker.log_metrics(metrics, step=0)
-        for path in [*files, best_json]:
-            tracker.log_artifact(path)
-        for path in plots:
-            tracker.log_artifact(path, "plots")
-        tracker.client.set_terminated(parent, "FINISHED" if best is not None else "FAILED")
-    return summary
 
 
 def run(cfg: TuneConfig, *, resume: bool = False) -> SearchResult:
