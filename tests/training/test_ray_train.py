@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -130,3 +132,27 @@ def test_killed_worker_resumes_from_the_last_checkpoint(local_ray, train_config,
     assert 0 <= redone <= cfg.ray.checkpoint_every_n_epochs, (redone, killed_at)
     assert verify_adapter(result.adapter_dir).training["step"] == 120
     print(f"worker killed; epochs redone: {redone} (checkpoint every 3); kill→done {time.monotonic() - killed_at:.1f}s")
+
+
+_LISTENERS = """
+import ipaddress, time, psutil, ray
+from training.ray_train import init_ray  # imports ray before init_ray sets anything: the real entry-point order
+init_ray()
+time.sleep(3)
+def loopback(ip):
+    addr = ipaddress.ip_address(ip.split("%")[0])
+    return (getattr(addr, "ipv4_mapped", None) or addr).is_loopback
+mine = {p.pid for p in psutil.Process().children(recursive=True)} | {psutil.Process().pid}
+found = [c for c in psutil.net_connections("tcp") if c.status == "LISTEN" and c.pid in mine]
+bad = sorted({f"{c.laddr.ip}:{c.laddr.port}" for c in found if not loopback(c.laddr.ip)})
+ray.shutdown()
+print("LISTENING", len(found), "NON_LOOPBACK", bad)
+"""
+
+
+def test_a_local_ray_from_the_entry_points_listens_on_loopback_only(repo):
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_ADDRESS")}
+    out = subprocess.run(
+        [sys.executable, "-c", _LISTENERS], cwd=repo, env=env, capture_output=True, text=True, timeout=180
+    )
+    assert "NON_LOOPBACK []" in out.stdout and "LISTENING 0 " not in out.stdout, out.stdout + out.stderr[-2000:]
