@@ -77,8 +77,9 @@ class HeldOut:
         self.latents = latents.repeat_interleave(k, dim=0)
         self.noise = noise.flatten(0, 1)
         self.timesteps = t.repeat(len(mine))
-        self.input_ids = tokenize(parts, [examples[i].caption for i in mine]).repeat_interleave(k, dim=0)
-        self.embeds = None if parts.trains_text_encoder else encode_text(parts, self.input_ids).cpu()
+        ids = tokenize(parts, [examples[i].caption for i in mine])
+        self.input_ids = ids.repeat_interleave(k, dim=0)  # re-encoded per call when the text encoder trains
+        self.embeds = None if parts.trains_text_encoder else encode_text(parts, ids).cpu().repeat_interleave(k, dim=0)
 
     @torch.no_grad()
     def loss(self, parts: Parts, batch_size: int = 32) -> float:
@@ -99,8 +100,7 @@ class HeldOut:
                 else:
                     embeds = encoder(self.input_ids[sl].to(parts.device))[0]
                 target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(latents, noise, t)
-                ctx = torch.autocast(parts.device.type, dtype=parts.autocast_dtype) if parts.autocast_dtype else None
-                with ctx or torch.autocast(parts.device.type, enabled=False):
+                with parts.autocast():
                     pred = unet(noisy, t, encoder_hidden_states=embeds).sample
                 total += F.mse_loss(pred.float(), target.float(), reduction="sum").item() / noise[0].numel()
             unet.train(modes[0]), encoder.train(modes[1])

@@ -102,12 +102,7 @@ def denoising_loss(parts: Parts, batch: Batch, args: OptimArgs, gen: torch.Gener
         embeds = parts.text_encoder(batch.input_ids.to(parts.device))[0]
     prediction = parts.noise_scheduler.config.prediction_type
     target = noise if prediction == "epsilon" else parts.noise_scheduler.get_velocity(latents, noise, timesteps)
-    autocast = (
-        torch.autocast(parts.device.type, dtype=parts.autocast_dtype)
-        if parts.autocast_dtype
-        else contextlib.nullcontext()
-    )
-    with autocast:
+    with parts.autocast():
         pred = parts.unet(noisy, timesteps, encoder_hidden_states=embeds).sample
     per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     if args.snr_gamma is None:

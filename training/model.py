@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 
@@ -29,6 +30,12 @@ class Parts:
     autocast_dtype: torch.dtype | None = None  # None = fp32 (no autocast)
     trains_text_encoder: bool = False
     trainable: list[torch.nn.Parameter] = field(default_factory=list)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """bf16/fp16 autocast on the device when mixed precision is on; a no-op in fp32."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     @property
     def vae(self) -> AutoencoderKL:
