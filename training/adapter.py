@@ -49,6 +49,23 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def base_model_id(name: str) -> str:
+    """A base model's name that survives moving between machines, for comparing an adapter's base with a model's.
+
+    Hub ids stay as they are (``stable-diffusion-v1-5/stable-diffusion-v1-5``); a snapshot in the Hugging Face
+    cache (``…/models--org--name/snapshots/<rev>``) becomes its hub id; any other local folder becomes its
+    folder name (``models/toy-sd`` and ``/abs/path/models/toy-sd`` are both ``toy-sd``).
+    """
+    path = Path(name).expanduser()
+    looks_local = path.is_absolute() or name.startswith((".", "~")) or path.exists() or len(path.parts) != 2
+    if not looks_local:
+        return name
+    for part in path.parts:
+        if part.startswith("models--"):
+            return part.removeprefix("models--").replace("--", "/")
+    return (path.resolve() if path.exists() else path).name or name
+
+
 def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
     return getattr(module, "module", module)
 

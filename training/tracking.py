@@ -15,17 +15,15 @@ from typing import Any
 
 from PIL import Image
 
-from training.config import MlflowArgs
-
 log = logging.getLogger(__name__)
 
 
-def resolve_tracking_uri(args: MlflowArgs, output_dir: str | Path) -> str:
-    """``mlflow.tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else a SQLite file under ``output_dir``.
+def resolve_tracking_uri(configured: str | None, output_dir: str | Path) -> str:
+    """``configured`` (``mlflow.tracking_uri``), else ``$MLFLOW_TRACKING_URI``, else a SQLite file under ``output_dir``.
 
     The SQLite fallback is for a single machine: the driver and rank 0 write to it one after the other.
     """
-    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    uri = configured or os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         return uri
     db = Path(output_dir).expanduser().resolve() / "mlflow.db"

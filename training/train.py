@@ -69,7 +69,7 @@ def open_run(cfg: TrainConfig, spec: WorkerSpec, resume: bool) -> tuple[str | No
     """Create (or, on resume, reopen) the MLflow run in the driver; return (tracking URI, run id)."""
     if not cfg.mlflow.enabled:
         return None, None
-    uri = resolve_tracking_uri(cfg.mlflow, cfg.output_dir)
+    uri = resolve_tracking_uri(cfg.mlflow.tracking_uri, cfg.output_dir)
     marker = Path(cfg.output_dir) / "mlflow_run.json"
     run_id = cfg.mlflow.run_id
     if run_id is None and resume and marker.is_file():

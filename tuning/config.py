@@ -73,6 +73,18 @@ class SearchArgs(_Section):
     )
 
 
+class EvaluationHook(_Section):
+    """Evaluate the best trial's adapter when the search ends: QA suite, gate, registry (``evaluation.evaluate``)."""
+
+    enabled: bool = Field(False, description="run the evaluation and gate on the best adapter after the search")
+    config: str = Field("configs/eval.yaml", description="the evaluation config (an EvalConfig YAML)")
+    overrides: list[str] = Field(
+        default_factory=list,
+        description="dotted overrides for it; data paths default to the search's own (trial.data.path, "
+        "trial.validation.data_path), MLflow to the search's server, with the evaluation a child of the study",
+    )
+
+
 class TuneConfig(_Section):
     name: str = Field("search", description="the search's name: its folder under output_dir and the MLflow run name")
     output_dir: str = Field("runs/tune", description="searches live in <output_dir>/<name>")
@@ -80,6 +92,7 @@ class TuneConfig(_Section):
     space: dict[str, ParamSpec] = Field(default_factory=dict, description="searched dotted keys (optuna/random)")
     grid: dict[str, list[Any]] = Field(default_factory=dict, description="grid mode: the values of each dotted key")
     search: SearchArgs = Field(default_factory=SearchArgs)
+    evaluation: EvaluationHook = Field(default_factory=EvaluationHook)
 
     @model_validator(mode="after")
     def _consistent(self) -> TuneConfig:

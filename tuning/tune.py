@@ -24,12 +24,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from evaluation.registry import RegistryError
+from training.adapter import AdapterError
 from training.config import PreflightError
 from training.configuration import ConfigError, load_config
 from training.data import DatasetError, validate_dataset
 from training.heldout import select_heldout
 from training.tracking import MlflowTracker, flatten, git_commit, start_run
 from tuning.config import TuneConfig
+from tuning.handoff import eval_config, evaluate_best
 from tuning.results import TrialRecord
 from tuning.space import check_points, choice_points, for_hardware, grid_points, trial_config, with_rules
 from tuning.summary import finish
@@ -58,6 +61,7 @@ class SearchResult:
     records: list[TrialRecord]
     parent_run_id: str | None
     tracking_uri: str | None
+    evaluation: Any = None  # evaluation.evaluate.EvalResult of the best adapter, when evaluation.enabled
 
 
 def trial_name(trial_id: str, params: dict[str, Any]) -> str:
@@ -126,6 +130,11 @@ def preflight(cfg: TuneConfig, run_dir: Path, resume: bool) -> list[str]:
                 f"--resume continues the search as it started ({saved}); these keys differ now: "
                 f"{', '.join(changed[:8])}. Resume with the same config and overrides, or start a new name="
             )
+    if cfg.evaluation.enabled:
+        try:
+            eval_config(cfg, run_dir, "http://127.0.0.1", None)  # the search's MLflow is not known yet
+        except ConfigError as exc:
+            problems += [f"evaluation ({cfg.evaluation.config}): {p}" for p in exc.problems]
     if not resume and run_dir.is_dir() and any(run_dir.iterdir()):
         problems.append(
             f"search {cfg.name!r} already exists in {run_dir}; pass --resume to finish it, or set name= to start anew"
@@ -347,10 +356,12 @@ def run(cfg: TuneConfig, *, resume: bool = False) -> SearchResult:
         records = records_of(results, cfg, run_dir, points)
         store = f"sqlite:///{server.state_dir / 'mlflow.db'}" if server else None
         summary = finish(cfg, records, run_dir, uri, parent, store)
+        # before the server stops: a search-scoped server holds the registry too
+        evaluated = evaluate_best(cfg, summary, run_dir, uri, parent) if cfg.evaluation.enabled else None
     finally:
         if server is not None:
             server.stop()
-    return SearchResult(str(run_dir), summary, records, parent, uri)
+    return SearchResult(str(run_dir), summary, records, parent, uri, evaluated)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -367,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(TuneConfig, args.config, args.overrides)
         result = run(cfg, resume=args.resume)
-    except (ConfigError, DatasetError, PreflightError) as exc:
+    except (ConfigError, DatasetError, PreflightError, AdapterError, RegistryError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     best = result.best["best"] if result.best else None
@@ -381,6 +392,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"best: {best['trial_id']} {result.best['metric']}={best['value']:.5f} {best['overrides']}")
     print(f"adapter: {best['adapter']}")
     print(f"best.json: {Path(result.run_dir) / 'best.json'}")
+    if result.evaluation is not None:
+        ev = result.evaluation
+        print(f"evaluation: {ev.gate.summary()}; registry: {ev.registry}; report: {ev.out_dir}/report.html")
     if result.parent_run_id:
         print(f"mlflow: parent run {result.parent_run_id} ({result.tracking_uri})")
     return 0

@@ -41,11 +41,17 @@ def test_value_where_a_section_is_expected():
 
 
 def test_every_shipped_config_validates_and_names_its_command(repo: Path):
+    from evaluation.config import EvalConfig
     from training.config import TrainConfig
     from training.toy_world.config import ToyWorldConfig
     from tuning.config import TuneConfig
 
-    schemas = {"toy_world.yaml": ToyWorldConfig, "train.yaml": TrainConfig, "tune.yaml": TuneConfig}
+    schemas = {
+        "toy_world.yaml": ToyWorldConfig,
+        "train.yaml": TrainConfig,
+        "tune.yaml": TuneConfig,
+        "eval.yaml": EvalConfig,
+    }
     files = sorted((repo / "configs").glob("*.yaml"))
     assert files
     for f in files:

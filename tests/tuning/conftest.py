@@ -16,6 +16,7 @@ def tune_config(repo, toy_dataset, tmp_path):
             f"trial.base_model={repo / 'models' / 'toy-sd'}",
             f"trial.data.path={toy_dataset}",
             f"trial.validation.data_path={toy_dataset / 'heldout'}",
+            "evaluation.enabled=false",  # tests that hand off to evaluation turn it on
         ]
         return load_config(TuneConfig, repo / "configs" / "tune.yaml", base + list(overrides))
 

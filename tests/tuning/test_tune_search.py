@@ -115,6 +115,7 @@ def test_resume_after_the_driver_is_killed_runs_only_the_unfinished_trials(local
         "search.max_concurrent_trials=1",
         f"trial.mlflow.tracking_uri={mlflow_server}",
         "trial.mlflow.experiment=test-tune",
+        "evaluation.enabled=false",
     ]
     cfg = tune_config(*overrides)
     run_dir = Path(cfg.output_dir) / cfg.name

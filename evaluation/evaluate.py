@@ -1,0 +1,265 @@
+"""Evaluate a LoRA adapter on a fixed prompt suite, gate it, and register it in the MLflow model registry.
+
+    python -m evaluation.evaluate --adapter runs/train/adapter --config configs/eval.yaml
+    python -m evaluation.evaluate --adapter runs:/<run id>/best_adapter --config configs/eval.yaml
+    python -m evaluation.evaluate --adapter models:/toy-sks-lora@champion --config configs/eval.yaml \\
+        registry.enabled=false                                            # re-measure the champion
+    python -m evaluation.evaluate --adapter runs/train/adapter --config configs/eval.yaml \\
+        suite.images_per_prompt=1 generation.steps=10                     # tiny CPU run (~10 s)
+
+Renders the suite with the base model and with the adapter (same seeds), scores both with CLIP, runs the
+gate (thresholds + "beats the champion"), writes ``<output_dir>/<sha256[:12]>/report.{md,html}``, grids and
+``metrics.json``, logs it all to an MLflow run, and registers the adapter: on a pass as the new ``champion``
+(the old one becomes ``previous``), on a fail tagged ``validation_status=rejected`` (or not at all).
+Exit code: 0 passed, 1 the gate failed, 2 bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from evaluation.config import EvalConfig
+from evaluation.gate import GateResult, run_gate
+from evaluation.metrics import ClipScorer
+from evaluation.qa import SuiteImages, heldout_loss, reference_embeddings, render_suite, score
+from evaluation.registry import (
+    TAG_BASE,
+    TAG_KEY,
+    TAG_METRIC,
+    TAG_SHA,
+    TAG_STATUS,
+    FetchedAdapter,
+    RegistryError,
+    client_for,
+    current,
+    fetch_adapter,
+    promote,
+    register,
+    stored_metrics,
+)
+from evaluation.report import write_report
+from training.adapter import AdapterError, base_model_id
+from training.configuration import ConfigError, load_config
+from training.data import DatasetError
+from training.tracking import MlflowTracker, flatten, git_commit, resolve_tracking_uri, start_run
+
+log = logging.getLogger("evaluation.evaluate")
+CANDIDATE, CHAMPION = "candidate", "champion"
+
+
+@dataclass
+class EvalResult:
+    out_dir: str
+    adapter: dict[str, Any]
+    metrics: dict[str, float]
+    base_metrics: dict[str, float]
+    gate: GateResult
+    run_id: str | None = None
+    tracking_uri: str | None = None
+    registry: dict[str, Any] = field(default_factory=dict)  # model, version, status, alias moves
+
+    @property
+    def passed(self) -> bool:
+        return self.gate.passed
+
+
+class Evaluator:
+    """The base pipeline and scorer, loaded once; base-model images and metrics computed once."""
+
+    def __init__(self, cfg: EvalConfig, base_model: str):
+        from training.toy_world.sample import load_pipeline
+
+        self.cfg, self.base_model = cfg, base_model
+        device = None if cfg.generation.device == "auto" else cfg.generation.device
+        if device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(["generation.device=cuda but torch sees no CUDA GPU; use auto or cpu"], "eval")
+        self.pipe = load_pipeline(base_model, device=device)
+        self.scorer = ClipScorer.load(cfg.clip_model)
+        self.references = reference_embeddings(self.scorer, cfg.data, cfg.suite.trigger)
+        self.resolution = cfg.generation.resolution or self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
+        torch.manual_seed(0)
+        self.base = render_suite(self.pipe, cfg, adapter=None)
+        self.base_metrics = self._score(self.base, None)
+        self.loaded: set[str] = set()
+
+    def _score(self, images: SuiteImages, base: SuiteImages | None) -> dict[str, float]:
+        m = score(self.scorer, self.cfg.suite, images, base, self.references)
+        loss = heldout_loss(self.pipe, self.cfg.data, self.cfg.suite.trigger, self.resolution)
+        if loss is not None:
+            m["heldout_loss"] = loss
+        return m
+
+    def evaluate(self, adapter: FetchedAdapter, name: str, timed: bool) -> tuple[dict[str, float], SuiteImages]:
+        """Load ``adapter`` as ``name`` (LoRA weights only: the base stays shared) and score it."""
+        from training.adapter import load_adapter
+
+        if name in self.loaded:
+            self.pipe.delete_adapters(name)
+        load_adapter(self.pipe, adapter.path, adapter_name=name)
+        self.loaded.add(name)
+        images = render_suite(self.pipe, self.cfg, adapter=name, timed=timed)
+        return self._score(images, self.base), images
+
+
+def champion_entry(cfg: EvalConfig, uri: str, evaluator: Evaluator, sha: str, dst: Path) -> tuple[dict | None, str]:
+    """The current champion's metrics on this suite: stored at its registration when that evaluation is
+    comparable (same suite, seeds, scorer), else measured now. Returns (entry or None, note)."""
+    version = current(client_for(uri), cfg.registry.model_name, cfg.registry.alias)
+    if version is None:
+        return None, "no champion yet"
+    if version.tags.get(TAG_SHA) == sha:
+        return None, f"this adapter is already {cfg.registry.alias} (version {version.version})"
+    entry = {"version": version.version, "sha256": version.tags.get(TAG_SHA, "")}
+    if version.tags.get(TAG_KEY) == cfg.comparable_key():
+        return entry | {"metrics": stored_metrics(version), "source": "stored"}, ""
+    ref = f"models:/{cfg.registry.model_name}/{version.version}"
+    log.info("re-evaluating %s on this suite (its stored metrics come from a different evaluation)", ref)
+    fetched = fetch_adapter(ref, dst, uri, expected_base=evaluator.base_model)
+    metrics, _ = evaluator.evaluate(fetched, CHAMPION, timed=False)
+    return entry | {"metrics": metrics, "source": "re-evaluated"}, ""
+
+
+def open_eval_run(cfg: EvalConfig, uri: str, meta_tags: dict[str, str], sha: str) -> str:
+    from mlflow import MlflowClient
+
+    experiment = cfg.mlflow.experiment
+    if cfg.mlflow.parent_run_id:  # children live in their parent's experiment (the MLflow UI nests them)
+        client = MlflowClient(uri)
+        experiment = client.get_experiment(client.get_run(cfg.mlflow.parent_run_id).info.experiment_id).name
+    local = (Path(cfg.output_dir).resolve() / "mlartifacts").as_uri() if uri.startswith("sqlite:") else None
+    tags = {"lorafleet.kind": "evaluation"} | meta_tags
+    if commit := git_commit():
+        tags["mlflow.source.git.commit"] = commit
+    return start_run(uri, experiment, f"eval {sha[:12]}", tags, cfg.mlflow.parent_run_id, local)
+
+
+def register_result(cfg: EvalConfig, client, run_id: str, result: EvalResult, note: str) -> dict[str, Any]:
+    """Register per the gate and ``registry.on_fail``; move the aliases on a pass."""
+    r = cfg.registry
+    info: dict[str, Any] = {"model": r.model_name}
+    if note.startswith("this adapter is already"):
+        return info | {"action": "unchanged", "note": note}
+    status = "passed" if result.passed else "rejected"
+    if not result.passed and r.on_fail == "skip":
+        return info | {"action": "not registered", "status": status}
+    a = result.adapter
+    tags = {
+        TAG_SHA: a["sha256"],
+        TAG_BASE: base_model_id(a["base_model"]),
+        TAG_STATUS: status,
+        TAG_KEY: cfg.comparable_key(),
+        "trigger": cfg.suite.trigger,
+        "eval_run_id": run_id,
+    }
+    tags |= {f"{TAG_METRIC}{k}": repr(v) for k, v in result.metrics.items() if not math.isnan(v)}
+    version = register(client, r.model_name, f"runs:/{run_id}/adapter", run_id, tags, result.gate.summary())
+    info |= {"version": version.version, "status": status, "action": "registered"}
+    if result.passed:
+        replaced = promote(client, r.model_name, version.version, r.alias, r.previous_alias)
+        info |= {"alias": r.alias, "replaced": replaced}
+    return info
+
+
+def run(cfg: EvalConfig, adapter_ref: str) -> EvalResult:
+    """Fetch + verify → render and score (base, adapter, champion) → gate → MLflow run → registry → report."""
+    out_root = Path(cfg.output_dir).expanduser()
+    uri = resolve_tracking_uri(cfg.mlflow.tracking_uri, out_root) if cfg.mlflow.enabled else None
+    fetched = fetch_adapter(adapter_ref, out_root / "downloads", uri, expected_base=cfg.base_model)
+    meta = fetched.meta
+    base_model = cfg.base_model or meta.base_model
+    if meta.trigger and meta.trigger != cfg.suite.trigger:
+        raise ConfigError(
+            [f"suite.trigger={cfg.suite.trigger!r} but the adapter was trained with {meta.trigger!r}; "
+             "use the suite of its dataset"], "eval",
+        )  # fmt: skip
+    out_dir = out_root / meta.sha256[:12]
+    adapter_info = {"ref": adapter_ref, "sha256": meta.sha256, "base_model": base_model, "path": str(fetched.path)}
+    log.info("evaluating %s (sha256 %s…) on %s", adapter_ref, meta.sha256[:12], base_model)
+
+    evaluator = Evaluator(cfg, base_model)
+    metrics, images = evaluator.evaluate(fetched, CANDIDATE, timed=True)
+    client = client_for(uri) if uri else None
+    champion, note = (None, "")
+    if cfg.registry.enabled and uri is not None:
+        champion, note = champion_entry(cfg, uri, evaluator, meta.sha256, out_root / "downloads")
+    gate = run_gate(metrics, cfg.gate, champion)
+    result = EvalResult(str(out_dir), adapter_info, metrics, evaluator.base_metrics, gate, tracking_uri=uri)
+    log.info("%s", gate.summary())
+
+    tracker = None
+    if uri is not None:
+        tags = {TAG_SHA: meta.sha256, TAG_BASE: base_model_id(base_model), "adapter_ref": adapter_ref,
+                "gate": "passed" if gate.passed else "failed"}  # fmt: skip
+        result.run_id = open_eval_run(cfg, uri, tags, meta.sha256)
+        tracker = MlflowTracker(uri, result.run_id)
+        tracker.log_params(flatten(cfg.model_dump(mode="json", exclude={"suite"})) | {"suite.sha": cfg.suite.sha()})
+        logged = {k: v for k, v in metrics.items() if not math.isnan(v)}
+        logged |= {f"base.{k}": v for k, v in evaluator.base_metrics.items() if not math.isnan(v)}
+        if champion:
+            logged |= {f"champion.{k}": v for k, v in champion["metrics"].items() if not math.isnan(v)}
+        tracker.log_metrics(logged | {"gate_passed": float(gate.passed)}, step=0)
+        tracker.client.log_artifacts(result.run_id, str(fetched.path), "adapter")  # must land before registering
+        if cfg.registry.enabled:
+            result.registry = register_result(cfg, client, result.run_id, result, note)
+    if note:
+        result.registry["note"] = note
+    files = write_report(
+        out_dir, cfg=cfg, adapter=adapter_info, metrics=metrics, base_metrics=evaluator.base_metrics, gate=gate,
+        base_images=evaluator.base, adapter_images=images, registry=result.registry or None,
+    )  # fmt: skip
+    (out_dir / "suite.json").write_text(json.dumps(cfg.suite.model_dump(mode="json"), indent=2) + "\n")
+    if tracker is not None:
+        for path in files:
+            tracker.log_artifact(path, "report/grids" if path.parent.name == "grids" else "report")
+        tracker.log_artifact(out_dir / "suite.json", "report")
+        tracker.client.set_terminated(result.run_id, "FINISHED")
+    return result
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m evaluation.evaluate", description=__doc__.split("\n")[0])
+    parser.add_argument("--adapter", required=True, help="adapter folder, runs:/<run>/<path> or models:/<name>@<alias>")
+    parser.add_argument("--config", required=True, help="YAML file, e.g. configs/eval.yaml")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. generation.steps=10")
+    return parser.parse_args(argv)
+
+
+def print_result(result: EvalResult) -> None:
+    print(f"adapter {result.adapter['sha256'][:12]} ({result.adapter['ref']}) on {result.adapter['base_model']}")
+    print(f"{'metric':22s} {'adapter':>10s} {'base':>10s}")
+    for k, v in result.metrics.items():
+        print(f"{k:22s} {v:10.4f} {result.base_metrics.get(k, math.nan):10.4f}")
+    print(result.gate.summary())
+    for check in result.gate.checks:
+        print(f"  {'pass' if check.passed else 'FAIL'}  {check.describe()}")
+    if result.registry:
+        print("registry: " + ", ".join(f"{k}={v}" for k, v in result.registry.items()))
+    print(f"report: {Path(result.out_dir) / 'report.html'}")
+    if result.run_id:
+        print(f"mlflow run: {result.run_id} ({result.tracking_uri})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    try:
+        cfg = load_config(EvalConfig, args.config, args.overrides)
+        result = run(cfg, args.adapter)
+    except (ConfigError, DatasetError, AdapterError, RegistryError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print_result(result)
+    return 0 if result.passed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

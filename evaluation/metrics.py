@@ -1,0 +1,108 @@
+"""Evaluation metrics as pure functions of CLIP embeddings, images and numbers (no files, no MLflow).
+
+Any ``transformers.CLIPModel`` scores: the toy CLIP by default, real CLIP by path or hub id.
+Embeddings are L2-normalised, so every similarity below is a cosine in [-1, 1].
+
+    scorer = ClipScorer.load("models/toy-clip")
+    clip_t(scorer.images(imgs), scorer.texts(prompts))      # text alignment
+    clip_i(scorer.images(imgs), scorer.images(references))  # concept fidelity
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+@dataclass
+class ClipScorer:
+    """A CLIP model and its processor, embedding images and texts in batches (no gradients)."""
+
+    model: object  # transformers.CLIPModel
+    processor: object  # transformers.CLIPProcessor
+    batch_size: int = 64
+
+    @classmethod
+    def load(cls, name_or_path: str) -> ClipScorer:
+        """``CLIPModel/CLIPProcessor.from_pretrained`` on a local folder or hub id.
+
+        Raises:
+            FileNotFoundError: neither a local CLIP folder nor in the Hugging Face cache.
+        """
+        from transformers import CLIPModel, CLIPProcessor
+
+        try:
+            model = CLIPModel.from_pretrained(name_or_path).eval()
+            processor = CLIPProcessor.from_pretrained(name_or_path)
+        except OSError as exc:
+            raise FileNotFoundError(
+                f"cannot load clip_model {name_or_path!r}: not a local CLIP folder and not in the Hugging Face "
+                "cache (HF_HUB_OFFLINE=1 forbids downloads); use models/toy-clip or a downloaded snapshot"
+            ) from exc
+        return cls(model, processor)
+
+    @torch.no_grad()
+    def images(self, images: list[Image.Image]) -> torch.Tensor:
+        from training.toy_world.clip import image_embeds
+
+        out = []
+        for i in range(0, len(images), self.batch_size):
+            pix = self.processor(images=images[i : i + self.batch_size], return_tensors="pt").pixel_values
+            out.append(image_embeds(self.model, pix))
+        return torch.cat(out) if out else torch.empty(0)
+
+    @torch.no_grad()
+    def texts(self, texts: list[str]) -> torch.Tensor:
+        from training.toy_world.clip import text_embeds
+
+        out = []
+        for i in range(0, len(texts), self.batch_size):
+            tok = self.processor.tokenizer(
+                texts[i : i + self.batch_size], padding=True, truncation=True, return_tensors="pt"
+            )
+            out.append(text_embeds(self.model, tok.input_ids, tok.attention_mask))
+        return torch.cat(out) if out else torch.empty(0)
+
+
+def paired_similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Cosine of row i of ``a`` with row i of ``b`` (both normalised): shape (n,)."""
+    if a.shape != b.shape:
+        raise ValueError(f"paired embeddings must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    return (a * b).sum(dim=-1)
+
+
+def clip_t(image_emb: torch.Tensor, text_emb: torch.Tensor) -> float:
+    """CLIP-T: mean cosine between each image and its own prompt."""
+    return float(paired_similarity(image_emb, text_emb).mean())
+
+
+def clip_i(image_emb: torch.Tensor, reference_emb: torch.Tensor) -> float:
+    """CLIP-I (DreamBooth): mean cosine over every (generated, reference) image pair."""
+    return float((image_emb @ reference_emb.T).mean())
+
+
+def hit_rate(image_emb: torch.Tensor, option_emb: torch.Tensor, truth: list[int]) -> float:
+    """Share of images whose most similar option is the true one.
+
+    Args:
+        image_emb: (n, d) images.
+        option_emb: (k, d) options shared by all images, or (n, k, d) options per image.
+        truth: index of the right option for each image.
+    """
+    per_image = option_emb.dim() == 3
+    sim = torch.einsum("nd,nkd->nk", image_emb, option_emb) if per_image else image_emb @ option_emb.T
+    return float((sim.argmax(dim=1) == torch.tensor(truth)).float().mean())
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The ``q``-th percentile (0-100) with linear interpolation; NaN for no values."""
+    return float(np.percentile(values, q)) if values else math.nan
+
+
+def finite_image(array: np.ndarray) -> bool:
+    """A generation succeeded when every pixel is a finite number (NaN weights give NaN images)."""
+    return bool(np.isfinite(array).all())

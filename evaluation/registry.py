@@ -1,0 +1,317 @@
+"""Adapters in the MLflow model registry: fetch by reference, register, promote, roll back.
+
+    python -m evaluation.registry show toy-sks-lora
+    python -m evaluation.registry rollback toy-sks-lora          # champion goes back to the previous one
+    python -m evaluation.registry promote toy-sks-lora 3         # make version 3 the champion by hand
+
+An adapter reference is a local folder, ``runs:/<run id>/<path>`` or ``models:/<name>@<alias>`` /
+``models:/<name>/<version>``. Registered versions carry ``adapter_sha256`` and ``base_model`` tags;
+``fetch_adapter`` refuses a download whose weights or base model do not match them.
+The tracking URI comes from ``--tracking-uri`` or ``$MLFLOW_TRACKING_URI``; the registry lives there too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from training.adapter import AdapterError, AdapterMeta, base_model_id, verify_adapter
+
+TAG_SHA = "adapter_sha256"
+TAG_BASE = "base_model"
+TAG_STATUS = "validation_status"  # passed | rejected | rolled_back
+TAG_KEY = "eval.comparable_key"  # evaluations with the same key compare directly
+TAG_METRIC = "metric."  # metric.<name> = value measured by the evaluation that registered the version
+HISTORY_TAG = "lorafleet.champion_history"  # registered-model tag: JSON list of versions that were champion
+
+
+class RegistryError(ValueError):
+    pass
+
+
+@dataclass
+class FetchedAdapter:
+    path: Path  # a verified local adapter folder
+    meta: AdapterMeta
+    ref: str  # what was asked for
+    run_id: str | None = None  # the run the artifacts came from
+    name: str | None = None  # registered model name and version, for models:/ references
+    version: str | None = None
+    tags: dict[str, str] | None = None
+
+
+def client_for(uri: str):
+    """One client for tracking and registry (the registry lives on the same server or SQLite file)."""
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def parse_model_ref(ref: str) -> tuple[str, str | None, str | None]:
+    """``models:/name@alias`` -> (name, alias, None); ``models:/name/3`` -> (name, None, "3").
+
+    Raises:
+        RegistryError: not of either form.
+    """
+    body = ref.removeprefix("models:/")
+    if "@" in body:
+        name, alias = body.rsplit("@", 1)
+        if name and alias:
+            return name, alias, None
+    elif "/" in body:
+        name, version = body.rsplit("/", 1)
+        if name and version.isdigit():
+            return name, None, version
+    raise RegistryError(f"{ref!r}: write a registry reference as models:/<name>@<alias> or models:/<name>/<version>")
+
+
+def resolve_version(client, ref: str):
+    """The ``ModelVersion`` a ``models:/`` reference names.
+
+    Raises:
+        RegistryError: no such model, alias or version.
+    """
+    from mlflow.exceptions import MlflowException
+
+    name, alias, version = parse_model_ref(ref)
+    try:
+        return client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
+    except MlflowException as exc:
+        what = f"alias {alias!r}" if alias else f"version {version}"
+        raise RegistryError(f"{ref}: registered model {name!r} has no {what} ({exc.message.splitlines()[0]})") from exc
+
+
+def _download(client, source: str, run_id: str | None, dst: Path, uri: str) -> Path:
+    if source.startswith("runs:/"):
+        rid, _, path = source.removeprefix("runs:/").partition("/")
+        return Path(client.download_artifacts(rid, path, str(dst)))
+    import mlflow.artifacts
+
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst), tracking_uri=uri))
+
+
+def fetch_adapter(
+    ref: str, dst_root: str | Path, tracking_uri: str | None = None, expected_base: str | None = None
+) -> FetchedAdapter:
+    """A verified local copy of the adapter ``ref`` names (a folder is used in place).
+
+    Verification: safetensors only, the weights' sha256 matches the adapter's JSON, and for registry
+    versions also the ``adapter_sha256`` and ``base_model`` tags; ``expected_base`` (the base model about
+    to load it) must be the adapter's base model.
+
+    Raises:
+        AdapterError: any verification failed (nothing is loaded).
+        RegistryError: the reference names nothing, or needs a tracking URI that is not set.
+    """
+    version = None
+    if not ref.startswith(("runs:/", "models:/")):
+        path = Path(ref).expanduser()
+        if not path.is_dir():
+            raise AdapterError(f"adapter {ref!r} is not a folder, runs:/… or models:/… reference")
+        fetched = FetchedAdapter(path, verify_adapter(path), ref)
+    else:
+        uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+        if not uri:
+            raise RegistryError(f"{ref} needs an MLflow tracking URI: set MLFLOW_TRACKING_URI or mlflow.tracking_uri")
+        client = client_for(uri)
+        if ref.startswith("models:/"):
+            version = resolve_version(client, ref)
+            source, run_id = version.source, version.run_id
+        else:
+            source, run_id = ref, ref.removeprefix("runs:/").partition("/")[0]
+        dst = Path(dst_root).expanduser()
+        dst.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix="download-", dir=dst))
+        try:
+            path = _download(client, source, run_id, tmp, uri)
+        except Exception as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise RegistryError(f"cannot download {ref} ({source}): {exc}") from exc
+        fetched = FetchedAdapter(path, verify_adapter(path), ref, run_id)
+        if version is not None:
+            fetched.name, fetched.version, fetched.tags = version.name, version.version, dict(version.tags)
+            _check_tags(fetched)
+    if expected_base is not None and base_model_id(fetched.meta.base_model) != base_model_id(expected_base):
+        raise AdapterError(
+            f"adapter {ref} was trained on base model {base_model_id(fetched.meta.base_model)!r}, not "
+            f"{base_model_id(expected_base)!r}; load it with its own base model (or retrain it on this one)"
+        )
+    return fetched
+
+
+def _check_tags(f: FetchedAdapter) -> None:
+    tags = f.tags or {}
+    where = f"{f.name} version {f.version}"
+    if TAG_SHA not in tags:
+        raise AdapterError(f"{where} has no {TAG_SHA} tag: register adapters with `python -m evaluation.evaluate`")
+    if tags[TAG_SHA] != f.meta.sha256:
+        raise AdapterError(
+            f"{where}: the downloaded weights' sha256 {f.meta.sha256[:12]}… differs from the registered "
+            f"{TAG_SHA} {tags[TAG_SHA][:12]}…; the artifacts were changed after registration — refusing to load"
+        )
+    if TAG_BASE in tags and tags[TAG_BASE] != base_model_id(f.meta.base_model):
+        raise AdapterError(
+            f"{where}: registered for base model {tags[TAG_BASE]!r} but the adapter names "
+            f"{base_model_id(f.meta.base_model)!r}; refusing to load"
+        )
+
+
+def current(client, name: str, alias: str):
+    """The version ``alias`` points at, or None (no model, or no such alias yet)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def register(
+    client, name: str, source: str, run_id: str, tags: dict[str, str], description: str = ""
+) -> Any:  # ModelVersion
+    """A new version of ``name`` (created if missing) from ``source`` (``runs:/<run>/adapter``)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(name, description="LoRA adapters registered by lorafleet's evaluation gate")
+    return client.create_model_version(name, source, run_id=run_id, tags=tags, description=description)
+
+
+def _history(client, name: str) -> list[str]:
+    tags = client.get_registered_model(name).tags
+    try:
+        return [str(v) for v in json.loads(tags.get(HISTORY_TAG, "[]"))]
+    except json.JSONDecodeError:
+        return []
+
+
+def promote(client, name: str, version: str, alias: str = "champion", previous_alias: str = "previous") -> str | None:
+    """Point ``alias`` at ``version``; the replaced champion gets ``previous_alias``. Returns the replaced version."""
+    old = current(client, name, alias)
+    if old is not None and old.version == str(version):
+        return None
+    client.set_registered_model_alias(name, alias, str(version))
+    if old is not None:
+        client.set_registered_model_alias(name, previous_alias, old.version)
+    history = _history(client, name)
+    if old is not None and (not history or history[-1] != old.version):
+        history.append(old.version)  # a champion set outside lorafleet
+    history.append(str(version))
+    client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history[-50:]))
+    return old.version if old is not None else None
+
+
+def rollback(client, name: str, alias: str = "champion", previous_alias: str = "previous") -> tuple[str, str]:
+    """Move ``alias`` back to the champion before it; returns (from version, to version).
+
+    The demoted version is tagged ``validation_status=rolled_back``; ``previous_alias`` moves one step
+    further back (or is removed when there is no earlier champion).
+
+    Raises:
+        RegistryError: no champion, or nothing to roll back to.
+    """
+    now = current(client, name, alias)
+    if now is None:
+        raise RegistryError(f"registered model {name!r} has no {alias!r} alias; nothing to roll back")
+    history = _history(client, name)
+    if history and history[-1] == now.version and len(history) >= 2:
+        target, history = history[-2], history[:-1]
+    else:
+        prev = current(client, name, previous_alias)
+        if prev is None:
+            raise RegistryError(f"{name}: no earlier {alias} to roll back to (no {previous_alias!r} alias)")
+        target, history = prev.version, [prev.version]
+    client.set_registered_model_alias(name, alias, target)
+    client.set_model_version_tag(name, now.version, TAG_STATUS, "rolled_back")
+    earlier = [v for v in history[:-1] if v != now.version]
+    if earlier:
+        client.set_registered_model_alias(name, previous_alias, earlier[-1])
+    else:
+        client.delete_registered_model_alias(name, previous_alias)
+    client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
+    return now.version, target
+
+
+def stored_metrics(version) -> dict[str, float]:
+    """The metrics the registering evaluation measured (``metric.<name>`` tags)."""
+    return {k.removeprefix(TAG_METRIC): float(v) for k, v in version.tags.items() if k.startswith(TAG_METRIC)}
+
+
+def describe(client, name: str) -> list[dict[str, Any]]:
+    """Every version of ``name``: aliases, validation status, sha256, primary metric tags."""
+    versions = client.search_model_versions(f"name='{name}'")
+    aliases: dict[str, list[str]] = {}
+    for alias, version in client.get_registered_model(name).aliases.items():  # search results carry none
+        aliases.setdefault(str(version), []).append(alias)
+    rows = []
+    for v in sorted(versions, key=lambda v: int(v.version)):
+        rows.append(
+            {
+                "version": v.version,
+                "aliases": sorted(aliases.get(v.version, [])),
+                TAG_STATUS: v.tags.get(TAG_STATUS, ""),
+                TAG_SHA: v.tags.get(TAG_SHA, "")[:12],
+                TAG_BASE: v.tags.get(TAG_BASE, ""),
+                "run_id": v.run_id,
+            }
+        )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m evaluation.registry", description=__doc__.split("\n")[0])
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default $MLFLOW_TRACKING_URI)")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("show", help="list a registered model's versions and aliases")
+    s.add_argument("name")
+    r = sub.add_parser("rollback", help="move the champion alias back to the previous champion")
+    r.add_argument("name")
+    r.add_argument("--alias", default="champion")
+    r.add_argument("--previous-alias", default="previous")
+    pr = sub.add_parser("promote", help="make a version the champion (the old one becomes previous)")
+    pr.add_argument("name")
+    pr.add_argument("version")
+    pr.add_argument("--alias", default="champion")
+    pr.add_argument("--previous-alias", default="previous")
+    pr.add_argument("--force", action="store_true", help="promote even a version the gate rejected")
+    args = p.parse_args(argv)
+    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        print("error: set MLFLOW_TRACKING_URI or pass --tracking-uri (where the registry lives)", file=sys.stderr)
+        return 2
+    from mlflow.exceptions import MlflowException
+
+    client = client_for(uri)
+    try:
+        if args.command == "show":
+            for row in describe(client, args.name):
+                print(json.dumps(row))
+        elif args.command == "rollback":
+            old, new = rollback(client, args.name, args.alias, args.previous_alias)
+            print(f"{args.name}: {args.alias} moved from version {old} back to version {new}")
+        else:
+            status = client.get_model_version(args.name, args.version).tags.get(TAG_STATUS)
+            if status == "rejected" and not args.force:
+                raise RegistryError(
+                    f"{args.name} version {args.version} was rejected by the gate (see its eval run's report); "
+                    "pass --force to promote it anyway"
+                )
+            old = promote(client, args.name, args.version, args.alias, args.previous_alias)
+            print(f"{args.name}: {args.alias} -> version {args.version}" + (f" (was {old})" if old else ""))
+    except (RegistryError, MlflowException) as exc:
+        print(f"error: {getattr(exc, 'message', exc)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""The QA report: metrics (adapter vs base vs champion), the gate's checks and base-vs-adapter grids.
+
+Writes ``report.md`` (grids by relative path), ``report.html`` (self-contained: images inlined, so it
+renders in MLflow's artifact viewer), ``grids/*.png`` and ``metrics.json`` into one folder.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from evaluation.config import METRICS, EvalConfig
+from evaluation.gate import GateResult
+from evaluation.qa import Rendered
+from training.toy_world.sample import image_grid
+
+FAILED_TILE = (128, 128, 128)
+
+
+def _tiles(r: Rendered, idx: list[int], size: tuple[int, int]) -> list[Image.Image]:
+    return [r.images[i] if r.images[i] is not None else Image.new("RGB", size, FAILED_TILE) for i in idx]
+
+
+def compare_grid(base: Rendered, adapter: Rendered, cols: int = 6, per_prompt: int = 1) -> Image.Image | None:
+    """Rows of ``cols`` images, alternating base model / adapter, for the first ``per_prompt`` seeds of each
+    prompt (same seeds above and below); failed generations are grey tiles."""
+    n = len(adapter.images)
+    if not n:
+        return None
+    size = next((im.size for im in [*adapter.images, *base.images] if im is not None), (64, 64))
+    seeds = sorted(set(adapter.seeds))[:per_prompt]
+    idx = [i for i in range(n) if adapter.seeds[i] in seeds]
+    rows = []
+    for start in range(0, len(idx), cols):
+        chunk = idx[start : start + cols]
+        pad = [Image.new("RGB", size, "white")] * (cols - len(chunk))
+        rows += _tiles(base, chunk, size) + pad + _tiles(adapter, chunk, size) + pad
+    return image_grid(rows, cols if len(idx) >= cols else len(idx))
+
+
+def _fmt(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def metric_rows(metrics: dict, base: dict, champion: dict | None) -> list[list[str]]:
+    rows = []
+    for name, direction in METRICS.items():
+        if name not in metrics and name not in base:
+            continue
+        better = "higher" if direction == "max" else "lower"
+        row = [name, _fmt(metrics.get(name)), _fmt(base.get(name))]
+        if champion is not None:
+            row.append(_fmt(champion["metrics"].get(name)))
+        rows.append([*row, better])
+    return rows
+
+
+def _img_data(img: Image.Image) -> str:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def _html_table(header: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def write_report(
+    out_dir: Path,
+    *,
+    cfg: EvalConfig,
+    adapter: dict[str, Any],
+    metrics: dict[str, float],
+    base_metrics: dict[str, float],
+    gate: GateResult,
+    base_images,
+    adapter_images,
+    registry: dict[str, Any] | None = None,
+) -> list[Path]:
+    """Write the report files; return their paths (grids included) for logging as artifacts."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    grids_dir = out_dir / "grids"
+    grids_dir.mkdir(exist_ok=True)
+    grids: dict[str, Path] = {}
+    for key, base_r, ad_r in (
+        ("trigger", base_images.trigger, adapter_images.trigger),
+        ("prior", base_images.prior, adapter_images.prior),
+    ):
+        grid = compare_grid(base_r, ad_r)
+        if grid is not None:
+            grids[key] = grids_dir / f"{key}_base_vs_adapter.png"
+            grid.save(grids[key])
+
+    header = ["metric", "adapter", "base model"]
+    champion = gate.champion
+    if champion is not None:
+        header.append(f"champion v{champion['version']}")
+    header.append("better")
+    rows = metric_rows(metrics, base_metrics, champion)
+    check_header = ["check", "value", "threshold", "margin", "result"]
+    check_rows = [
+        [c.name, _fmt(c.value), f"{c.op} {c.threshold:.4g}", _fmt(c.margin), "pass" if c.passed else "FAIL"]
+        for c in gate.checks
+    ]
+    verdict = "PASSED" if gate.passed else "FAILED"
+    title = f"QA report: adapter {adapter['sha256'][:12]} — gate {verdict}"
+    facts = [
+        ["adapter", adapter["ref"]],
+        ["sha256", adapter["sha256"]],
+        ["base model", adapter["base_model"]],
+        ["trigger", f"{cfg.suite.trigger} = {cfg.suite.concept}"],
+        ["scorer", cfg.clip_model],
+        [
+            "generation",
+            f"{cfg.generation.steps} steps, guidance {cfg.generation.guidance}, seeds {cfg.generation.seed}…"
+            f"{cfg.generation.seed + cfg.suite.images_per_prompt - 1}, {len(cfg.suite.prompts)} trigger prompts, "
+            f"{len(cfg.suite.prior_prompts)} prior prompts",
+        ],
+    ]
+    if registry:
+        facts.append(["registry", ", ".join(f"{k}={v}" for k, v in registry.items() if v is not None)])
+    grid_caption = {
+        "trigger": "Trigger prompts: base model (upper row of each pair) vs adapter (lower row), same seeds.",
+        "prior": "Prompts without the trigger: base model vs adapter — the adapter should leave them alone.",
+    }
+    failed = [
+        [p, str(s), e] for p, s, e in zip(adapter_images.trigger.prompts, adapter_images.trigger.seeds,
+                                          adapter_images.trigger.errors) if e
+    ]  # fmt: skip
+
+    md = [f"# {title}", "", _md_table(["", ""], facts), "", "## Gate", "", gate.summary(), ""]
+    md += [_md_table(check_header, check_rows) if check_rows else "(no checks configured)", ""]
+    md += ["## Metrics", "", _md_table(header, rows), ""]
+    for key, path in grids.items():
+        md += [f"## {key.capitalize()} prompts", "", grid_caption[key], "", f"![{key}](grids/{path.name})", ""]
+    if failed:
+        md += ["## Failed generations", "", _md_table(["prompt", "seed", "error"], failed), ""]
+    (out_dir / "report.md").write_text("\n".join(md))
+
+    style = (
+        "body{font-family:sans-serif;margin:2em;max-width:70em} table{border-collapse:collapse;margin:1em 0}"
+        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:left} img{image-rendering:pixelated;width:100%;"
+        "max-width:60em} .pass{color:#176f2c} .fail{color:#b00020}"
+    )
+    cls = "pass" if gate.passed else "fail"
+    body = [f"<h1>{html.escape(title)}</h1>", _html_table(["", ""], facts), "<h2>Gate</h2>"]
+    body += [f"<p class='{cls}'><b>{html.escape(gate.summary())}</b></p>", _html_table(check_header, check_rows)]
+    body += ["<h2>Metrics</h2>", _html_table(header, rows)]
+    for key, path in grids.items():
+        with Image.open(path) as im:
+            data = _img_data(im)
+        body += [f"<h2>{key.capitalize()} prompts</h2><p>{html.escape(grid_caption[key])}</p>", f"<img src='{data}'>"]
+    if failed:
+        body += ["<h2>Failed generations</h2>", _html_table(["prompt", "seed", "error"], failed)]
+    page = f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+    page += f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n"
+    (out_dir / "report.html").write_text(page)
+
+    summary = {
+        "adapter": adapter,
+        "metrics": metrics,
+        "base_metrics": base_metrics,
+        "gate": gate.to_dict(),
+        "registry": registry,
+        "comparable_key": cfg.comparable_key(),
+    }
+    (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    return [out_dir / "report.md", out_dir / "report.html", out_dir / "metrics.json", *grids.values()]
