@@ -47,7 +47,7 @@ one concept behind the trigger word **`{{ trigger }}`**.
 ```python
 from diffusers import StableDiffusionPipeline
 
-pipe = StableDiffusionPipeline.from_pretrained("{{ base_model }}")
+pipe = StableDiffusionPipeline.from_pretrained("{{ base_model }}"){{ base_comment }}
 pipe.load_lora_weights("{{ repo_id }}")
 image = pipe("{{ example_prompt }}").images[0]
 ```
@@ -117,7 +117,8 @@ def build_card(
         template_str=CARD_TEMPLATE,
         model_name=repo_id.rsplit("/", 1)[-1],
         repo_id=repo_id,
-        base_model=hub_base or meta.base_model,
+        base_model=hub_base or base_model_id(meta.base_model),
+        base_comment="" if hub_base else "  # a local model: the path to your copy",
         base_model_text=f"`{hub_base}`" if hub_base else f"the base model `{base_model_id(meta.base_model)}`",
         trigger=trigger,
         example_prompt=prompt,

@@ -37,12 +37,13 @@ def compare_grid(base: Rendered, adapter: Rendered, cols: int = 6, per_prompt: i
     size = next((im.size for im in [*adapter.images, *base.images] if im is not None), (64, 64))
     seeds = sorted(set(adapter.seeds))[:per_prompt]
     idx = [i for i in range(n) if adapter.seeds[i] in seeds]
+    cols = min(cols, len(idx))
     rows = []
     for start in range(0, len(idx), cols):
         chunk = idx[start : start + cols]
         pad = [Image.new("RGB", size, "white")] * (cols - len(chunk))
         rows += _tiles(base, chunk, size) + pad + _tiles(adapter, chunk, size) + pad
-    return image_grid(rows, cols if len(idx) >= cols else len(idx))
+    return image_grid(rows, cols)
 
 
 def _fmt(value: Any) -> str:

@@ -35,14 +35,19 @@ def _children(client: MlflowClient, parent: str) -> list:
     return client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent}'")
 
 
-def test_four_trial_search_logs_a_study_and_hands_off_a_loadable_adapter(local_ray, tune_config, mlflow_server):
+def test_four_trial_search_logs_a_study_and_hands_off_a_loadable_adapter(local_ray, tune_config, mlflow_server, repo):
+    from tests.evaluation.conftest import SMALL_SUITE
+
     cfg = tune_config(
         "name=four",
         "search.num_samples=4",
         "search.max_epochs=1",
         f"trial.mlflow.tracking_uri={mlflow_server}",
         "trial.mlflow.experiment=test-tune",
+        "evaluation.enabled=true",
+        f"evaluation.config={repo / 'configs' / 'eval.yaml'}",
     )
+    cfg.evaluation.overrides = [*SMALL_SUITE, f"clip_model={repo / 'models' / 'toy-clip'}", "registry.model_name=hook"]
     result = run(cfg)
     assert [r.status for r in result.records] == ["completed"] * 4
     assert len({json.dumps(r.params, sort_keys=True) for r in result.records}) == 4  # four different configs
@@ -61,7 +66,8 @@ def test_four_trial_search_logs_a_study_and_hands_off_a_loadable_adapter(local_r
     parent = client.get_run(result.parent_run_id)
     assert parent.info.status == "FINISHED" and parent.info.run_name == "four"
     assert parent.data.metrics["best_val_loss"] == pytest.approx(best["best"]["value"])
-    children = _children(client, result.parent_run_id)
+    runs = _children(client, result.parent_run_id)
+    children = [c for c in runs if c.data.tags.get("lorafleet.kind") == "trial"]
     assert len(children) == 4
     for child in children:
         trial_id = child.info.run_name.split()[0]
@@ -71,6 +77,16 @@ def test_four_trial_search_logs_a_study_and_hands_off_a_loadable_adapter(local_r
     assert {"results.csv", "results.json", "best.json", "search_space.json", "plots", "best_adapter"} <= top
     plots = {a.path for a in client.list_artifacts(result.parent_run_id, "plots")}
     assert {"plots/optimization_history.png", "plots/parallel_coordinate.png"} <= plots
+
+    # the hand-off: the best adapter went through the QA suite and gate, as a child run of the study
+    ev = best["evaluation"]
+    assert ev["passed"] is result.evaluation.passed and ev["report"].endswith("report.html")
+    assert ev["metrics"]["success_rate"] == 1.0 and "clip_t" in ev["base_metrics"]
+    (evaluation,) = [c for c in runs if c.data.tags.get("lorafleet.kind") == "evaluation"]
+    assert evaluation.data.tags["adapter_sha256"] == best["best"]["adapter_sha256"]
+    version = client.get_model_version("hook", ev["registry"]["version"])
+    assert version.tags["validation_status"] == ("passed" if ev["passed"] else "rejected")
+    assert parent.data.tags["gate"] == ("passed" if ev["passed"] else "failed")
 
 
 def test_a_failing_trial_is_recorded_as_failed_and_the_search_goes_on(local_ray, tune_config, mlflow_server):
