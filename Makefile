@@ -13,7 +13,7 @@ HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 COMMA  := ,
 EXTRAS := dev$(if $(HAS_GPU),$(COMMA)gpu)
 
-.PHONY: install demo test lint format toy-world quality train tune bench-train bench-tune clean
+.PHONY: install demo test lint format toy-world quality train tune evaluate bench-train bench-tune clean
 
 install: $(STAMP)
 
@@ -41,6 +41,13 @@ tune: $(STAMP)
 	@test -d data/toy-sks || $(BIN)/python -m training.toy_world dataset data/toy-sks
 	@test -d data/toy-sks/heldout || { echo "data/toy-sks has no heldout/ (written by older versions): move it away and rerun"; exit 1; }
 	HF_HUB_OFFLINE=1 $(BIN)/python -m tuning.tune --config configs/tune.yaml $(if $(RESUME),--resume)
+
+# Score an adapter on the toy suite, gate it, register it (champion on a pass). ADAPTER=dir|runs:/…|models:/…
+# MLflow: $MLFLOW_TRACKING_URI, else runs/eval/mlflow.db (view: mlflow ui --backend-store-uri sqlite:///runs/eval/mlflow.db)
+ADAPTER ?= runs/train/adapter
+evaluate: $(STAMP)
+	@test -d data/toy-sks || $(BIN)/python -m training.toy_world dataset data/toy-sks
+	HF_HUB_OFFLINE=1 $(BIN)/python -m evaluation.evaluate --adapter $(ADAPTER) --config configs/eval.yaml
 
 bench-tune: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/tune_efficiency.py

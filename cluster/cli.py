@@ -5,6 +5,11 @@
     lorafleet toy-world sample --n 12 --out runs/samples
     lorafleet train --config configs/train.yaml train.epochs=5
     lorafleet tune --config configs/tune.yaml search.num_samples=8
+    lorafleet evaluate --adapter runs/train/adapter --config configs/eval.yaml
+    lorafleet registry show toy-sks-lora
+    lorafleet promote toy-sks-lora 3            # champion -> version 3 (the old one becomes previous)
+    lorafleet rollback toy-sks-lora             # champion back to the previous one
+    lorafleet publish models:/toy-sks-lora@champion --repo-id you/toy-sks-lora --dry-run
     lorafleet quality --grid docs/toy_sd_samples.png
 
 Each sub-command hands its arguments to the module that owns the job, so
@@ -44,6 +49,41 @@ def _tune(args: list[str]) -> int:
     return main(args)
 
 
+def _evaluate(args: list[str]) -> int:
+    from evaluation.evaluate import main
+
+    return main(args)
+
+
+def _registry(args: list[str]) -> int:
+    from evaluation.registry import main
+
+    return main(args)
+
+
+def _registry_verb(verb: str):
+    """``lorafleet promote|rollback …`` = ``python -m evaluation.registry promote|rollback …``."""
+
+    def run(args: list[str]) -> int:
+        from evaluation.registry import main
+
+        # global options (--tracking-uri) go before the verb for argparse; accept them anywhere
+        lead: list[str] = []
+        rest = list(args)
+        if "--tracking-uri" in rest:
+            i = rest.index("--tracking-uri")
+            lead, rest = rest[i : i + 2], rest[:i] + rest[i + 2 :]
+        return main([*lead, verb, *rest])
+
+    return run
+
+
+def _publish(args: list[str]) -> int:
+    from evaluation.publish import main
+
+    return main(args)
+
+
 def _quality(args: list[str]) -> int:
     from evaluation.toy_quality import main
 
@@ -55,6 +95,11 @@ COMMANDS = {
     "dataset": (_dataset, "write a fine-tuning dataset: `dataset toy OUT_DIR`"),
     "train": (_train, "fine-tune a LoRA adapter with Ray Train (python -m training.train)"),
     "tune": (_tune, "search LoRA hyperparameters with Ray Tune + Optuna (python -m tuning.tune)"),
+    "evaluate": (_evaluate, "score an adapter, run the gate, register it (python -m evaluation.evaluate)"),
+    "registry": (_registry, "show / promote / rollback registered adapters (python -m evaluation.registry)"),
+    "promote": (_registry_verb("promote"), "make a registered version the champion: `promote NAME VERSION`"),
+    "rollback": (_registry_verb("rollback"), "move the champion alias back to the previous one: `rollback NAME`"),
+    "publish": (_publish, "push an adapter + model card to the Hugging Face Hub (python -m evaluation.publish)"),
     "quality": (_quality, "measure the toy world's quality bar (python -m evaluation.toy_quality)"),
 }
 

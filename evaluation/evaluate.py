@@ -83,7 +83,7 @@ class Evaluator:
         if device == "cuda" and not torch.cuda.is_available():
             raise ConfigError(["generation.device=cuda but torch sees no CUDA GPU; use auto or cpu"], "eval")
         self.pipe = load_pipeline(base_model, device=device)
-        self.scorer = ClipScorer.load(cfg.clip_model)
+        self.scorer = ClipScorer.load(cfg.clip_model, self.pipe.device)
         self.references = reference_embeddings(self.scorer, cfg.data, cfg.suite.trigger)
         self.resolution = cfg.generation.resolution or self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
         torch.manual_seed(0)
@@ -116,12 +116,13 @@ def champion_entry(cfg: EvalConfig, uri: str, evaluator: Evaluator, sha: str, ds
     version = current(client_for(uri), cfg.registry.model_name, cfg.registry.alias)
     if version is None:
         return None, "no champion yet"
+    number = str(version.version)  # a str over REST, an int from a SQLite store
     if version.tags.get(TAG_SHA) == sha:
-        return None, f"this adapter is already {cfg.registry.alias} (version {version.version})"
-    entry = {"version": version.version, "sha256": version.tags.get(TAG_SHA, "")}
+        return None, f"this adapter is already {cfg.registry.alias} (version {number})"
+    entry = {"version": number, "sha256": version.tags.get(TAG_SHA, "")}
     if version.tags.get(TAG_KEY) == cfg.comparable_key():
         return entry | {"metrics": stored_metrics(version), "source": "stored"}, ""
-    ref = f"models:/{cfg.registry.model_name}/{version.version}"
+    ref = f"models:/{cfg.registry.model_name}/{number}"
     log.info("re-evaluating %s on this suite (its stored metrics come from a different evaluation)", ref)
     fetched = fetch_adapter(ref, dst, uri, expected_base=evaluator.base_model)
     metrics, _ = evaluator.evaluate(fetched, CHAMPION, timed=False)
@@ -162,9 +163,9 @@ def register_result(cfg: EvalConfig, client, run_id: str, result: EvalResult, no
     }
     tags |= {f"{TAG_METRIC}{k}": repr(v) for k, v in result.metrics.items() if not math.isnan(v)}
     version = register(client, r.model_name, f"runs:/{run_id}/adapter", run_id, tags, result.gate.summary())
-    info |= {"version": version.version, "status": status, "action": "registered"}
+    info |= {"version": str(version.version), "status": status, "action": "registered"}
     if result.passed:
-        replaced = promote(client, r.model_name, version.version, r.alias, r.previous_alias)
+        replaced = promote(client, r.model_name, str(version.version), r.alias, r.previous_alias)
         info |= {"alias": r.alias, "replaced": replaced}
     return info
 

@@ -26,9 +26,13 @@ class ClipScorer:
     processor: object  # transformers.CLIPProcessor
     batch_size: int = 64
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
     @classmethod
-    def load(cls, name_or_path: str) -> ClipScorer:
-        """``CLIPModel/CLIPProcessor.from_pretrained`` on a local folder or hub id.
+    def load(cls, name_or_path: str, device: str | torch.device = "cpu") -> ClipScorer:
+        """``CLIPModel/CLIPProcessor.from_pretrained`` on a local folder or hub id, on ``device`` (fp32).
 
         Raises:
             FileNotFoundError: neither a local CLIP folder nor in the Hugging Face cache.
@@ -36,7 +40,7 @@ class ClipScorer:
         from transformers import CLIPModel, CLIPProcessor
 
         try:
-            model = CLIPModel.from_pretrained(name_or_path).eval()
+            model = CLIPModel.from_pretrained(name_or_path).eval().to(device)
             processor = CLIPProcessor.from_pretrained(name_or_path)
         except OSError as exc:
             raise FileNotFoundError(
@@ -52,7 +56,7 @@ class ClipScorer:
         out = []
         for i in range(0, len(images), self.batch_size):
             pix = self.processor(images=images[i : i + self.batch_size], return_tensors="pt").pixel_values
-            out.append(image_embeds(self.model, pix))
+            out.append(image_embeds(self.model, pix.to(self.device)).cpu())
         return torch.cat(out) if out else torch.empty(0)
 
     @torch.no_grad()
@@ -64,7 +68,8 @@ class ClipScorer:
             tok = self.processor.tokenizer(
                 texts[i : i + self.batch_size], padding=True, truncation=True, return_tensors="pt"
             )
-            out.append(text_embeds(self.model, tok.input_ids, tok.attention_mask))
+            ids, mask = tok.input_ids.to(self.device), tok.attention_mask.to(self.device)
+            out.append(text_embeds(self.model, ids, mask).cpu())
         return torch.cat(out) if out else torch.empty(0)
 
 

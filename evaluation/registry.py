@@ -136,7 +136,7 @@ def fetch_adapter(
             raise RegistryError(f"cannot download {ref} ({source}): {exc}") from exc
         fetched = FetchedAdapter(path, verify_adapter(path), ref, run_id)
         if version is not None:
-            fetched.name, fetched.version, fetched.tags = version.name, version.version, dict(version.tags)
+            fetched.name, fetched.version, fetched.tags = version.name, str(version.version), dict(version.tags)
             _check_tags(fetched)
     if expected_base is not None and base_model_id(fetched.meta.base_model) != base_model_id(expected_base):
         raise AdapterError(
@@ -196,18 +196,19 @@ def _history(client, name: str) -> list[str]:
 
 def promote(client, name: str, version: str, alias: str = "champion", previous_alias: str = "previous") -> str | None:
     """Point ``alias`` at ``version``; the replaced champion gets ``previous_alias``. Returns the replaced version."""
-    old = current(client, name, alias)
-    if old is not None and old.version == str(version):
+    found = current(client, name, alias)
+    old = None if found is None else str(found.version)  # a str over REST, an int from a SQLite store
+    if old == str(version):
         return None
     client.set_registered_model_alias(name, alias, str(version))
     if old is not None:
-        client.set_registered_model_alias(name, previous_alias, old.version)
+        client.set_registered_model_alias(name, previous_alias, old)
     history = _history(client, name)
-    if old is not None and (not history or history[-1] != old.version):
-        history.append(old.version)  # a champion set outside lorafleet
+    if old is not None and (not history or history[-1] != old):
+        history.append(old)  # a champion set outside lorafleet
     history.append(str(version))
     client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history[-50:]))
-    return old.version if old is not None else None
+    return old
 
 
 def rollback(client, name: str, alias: str = "champion", previous_alias: str = "previous") -> tuple[str, str]:
@@ -219,26 +220,27 @@ def rollback(client, name: str, alias: str = "champion", previous_alias: str = "
     Raises:
         RegistryError: no champion, or nothing to roll back to.
     """
-    now = current(client, name, alias)
-    if now is None:
+    found = current(client, name, alias)
+    if found is None:
         raise RegistryError(f"registered model {name!r} has no {alias!r} alias; nothing to roll back")
+    now = str(found.version)
     history = _history(client, name)
-    if history and history[-1] == now.version and len(history) >= 2:
+    if history and history[-1] == now and len(history) >= 2:
         target, history = history[-2], history[:-1]
     else:
         prev = current(client, name, previous_alias)
         if prev is None:
             raise RegistryError(f"{name}: no earlier {alias} to roll back to (no {previous_alias!r} alias)")
-        target, history = prev.version, [prev.version]
+        target, history = str(prev.version), [str(prev.version)]
     client.set_registered_model_alias(name, alias, target)
-    client.set_model_version_tag(name, now.version, TAG_STATUS, "rolled_back")
-    earlier = [v for v in history[:-1] if v != now.version]
+    client.set_model_version_tag(name, now, TAG_STATUS, "rolled_back")
+    earlier = [v for v in history[:-1] if v != now]
     if earlier:
         client.set_registered_model_alias(name, previous_alias, earlier[-1])
     else:
         client.delete_registered_model_alias(name, previous_alias)
     client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
-    return now.version, target
+    return now, target
 
 
 def stored_metrics(version) -> dict[str, float]:
@@ -256,8 +258,8 @@ def describe(client, name: str) -> list[dict[str, Any]]:
     for v in sorted(versions, key=lambda v: int(v.version)):
         rows.append(
             {
-                "version": v.version,
-                "aliases": sorted(aliases.get(v.version, [])),
+                "version": str(v.version),
+                "aliases": sorted(aliases.get(str(v.version), [])),
                 TAG_STATUS: v.tags.get(TAG_STATUS, ""),
                 TAG_SHA: v.tags.get(TAG_SHA, "")[:12],
                 TAG_BASE: v.tags.get(TAG_BASE, ""),

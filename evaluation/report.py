@@ -76,10 +76,10 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
-def _html_table(header: list[str], rows: list[list[str]]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+def _html_table(header: list[str] | None, rows: list[list[str]]) -> str:
+    head = "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>" if header else ""
     body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
+    return f"<table>{head}{body}</table>"
 
 
 def write_report(
@@ -160,7 +160,7 @@ def write_report(
         "max-width:60em} .pass{color:#176f2c} .fail{color:#b00020}"
     )
     cls = "pass" if gate.passed else "fail"
-    body = [f"<h1>{html.escape(title)}</h1>", _html_table(["", ""], facts), "<h2>Gate</h2>"]
+    body = [f"<h1>{html.escape(title)}</h1>", _html_table(None, facts), "<h2>Gate</h2>"]
     body += [f"<p class='{cls}'><b>{html.escape(gate.summary())}</b></p>", _html_table(check_header, check_rows)]
     body += ["<h2>Metrics</h2>", _html_table(header, rows)]
     for key, path in grids.items():

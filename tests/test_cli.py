@@ -3,6 +3,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from cluster.cli import main
 
 
@@ -87,3 +89,25 @@ def test_sample_compare_with_an_adapter_grid(tmp_path, train_config, repo):
     from PIL import Image
 
     assert Image.open(tmp_path / "s" / "grid.png").size == (2 * 64, 2 * 64)  # 2 prompts x (base, adapter)
+
+
+@pytest.mark.parametrize("command", ["evaluate", "registry", "promote", "rollback", "publish"])
+def test_evaluation_commands_have_help_and_reject_bad_arguments(command, capsys):
+    with pytest.raises(SystemExit) as done:
+        main([command, "--help"])
+    assert done.value.code == 0 and "usage:" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as done:
+        main([command, "--no-such-flag"])
+    assert done.value.code == 2 and "error:" in capsys.readouterr().err
+
+
+def test_evaluate_reports_config_problems(capsys, repo):
+    config = str(repo / "configs" / "eval.yaml")
+    assert main(["evaluate", "--adapter", "x", "--config", config, "gate.checks={beauty: {min: 1}}"]) == 2
+    assert "gate.checks.beauty: unknown metric" in capsys.readouterr().err
+
+
+def test_rollback_needs_to_know_where_the_registry_is(capsys, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert main(["rollback", "toy-sks-lora"]) == 2
+    assert "set MLFLOW_TRACKING_URI or pass --tracking-uri" in capsys.readouterr().err

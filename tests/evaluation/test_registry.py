@@ -137,3 +137,24 @@ def test_references_that_name_nothing_are_clear_errors(mlflow_server, tmp_path, 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     with pytest.raises(RegistryError, match="needs an MLflow tracking URI"):
         fetch_adapter("models:/nope@champion", tmp_path, None)
+
+
+def test_promote_and_rollback_on_a_sqlite_registry(tmp_path):
+    """Without a server the registry is a SQLite file (versions come back as ints there, strings over REST)."""
+    from evaluation.registry import client_for, describe, promote, register, rollback
+
+    client = client_for(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.create_experiment("e", artifact_location=(tmp_path / "art").as_uri())
+    run_id = client.create_run(exp).info.run_id
+    for _ in range(3):
+        register(client, "m", f"runs:/{run_id}/adapter", run_id, {"adapter_sha256": "x"})
+    assert promote(client, "m", "1") is None
+    assert promote(client, "m", "2") == "1" and promote(client, "m", "3") == "2"
+    assert promote(client, "m", "3") is None  # already champion
+    assert [r["aliases"] for r in describe(client, "m")] == [[], ["previous"], ["champion"]]
+    assert rollback(client, "m") == ("3", "2")
+    assert [r["aliases"] for r in describe(client, "m")] == [["previous"], ["champion"], []]
+    assert rollback(client, "m") == ("2", "1")
+    assert [r["aliases"] for r in describe(client, "m")] == [["champion"], [], []]
+    with pytest.raises(RegistryError, match="no earlier champion"):
+        rollback(client, "m")
