@@ -110,23 +110,23 @@ class Evaluator:
         return self._score(images, self.base), images
 
 
-def champion_entry(cfg: EvalConfig, uri: str, evaluator: Evaluator, sha: str, dst: Path) -> tuple[dict | None, str]:
+def champion_entry(cfg: EvalConfig, uri: str, evaluator: Evaluator, sha: str, dst: Path) -> dict | None:
     """The current champion's metrics on this suite: stored at its registration when that evaluation is
-    comparable (same suite, seeds, scorer), else measured now. Returns (entry or None, note)."""
+    comparable (same suite, seeds, scorer), else measured now. None when there is no champion; an entry
+    with ``"same": True`` (and no metrics) when the candidate is the champion itself."""
     version = current(client_for(uri), cfg.registry.model_name, cfg.registry.alias)
     if version is None:
-        return None, "no champion yet"
-    number = str(version.version)  # a str over REST, an int from a SQLite store
-    if version.tags.get(TAG_SHA) == sha:
-        return None, f"this adapter is already {cfg.registry.alias} (version {number})"
-    entry = {"version": number, "sha256": version.tags.get(TAG_SHA, "")}
+        return None
+    entry = {"version": str(version.version), "sha256": version.tags.get(TAG_SHA, "")}  # int in SQLite stores
+    if entry["sha256"] == sha:
+        return entry | {"same": True}
     if version.tags.get(TAG_KEY) == cfg.comparable_key():
-        return entry | {"metrics": stored_metrics(version), "source": "stored"}, ""
-    ref = f"models:/{cfg.registry.model_name}/{number}"
+        return entry | {"metrics": stored_metrics(version), "source": "stored"}
+    ref = f"models:/{cfg.registry.model_name}/{entry['version']}"
     log.info("re-evaluating %s on this suite (its stored metrics come from a different evaluation)", ref)
     fetched = fetch_adapter(ref, dst, uri, expected_base=evaluator.base_model)
     metrics, _ = evaluator.evaluate(fetched, CHAMPION, timed=False)
-    return entry | {"metrics": metrics, "source": "re-evaluated"}, ""
+    return entry | {"metrics": metrics, "source": "re-evaluated"}
 
 
 def open_eval_run(cfg: EvalConfig, uri: str, meta_tags: dict[str, str], sha: str) -> str:
@@ -143,12 +143,14 @@ def open_eval_run(cfg: EvalConfig, uri: str, meta_tags: dict[str, str], sha: str
     return start_run(uri, experiment, f"eval {sha[:12]}", tags, cfg.mlflow.parent_run_id, local)
 
 
-def register_result(cfg: EvalConfig, client, run_id: str, result: EvalResult, note: str) -> dict[str, Any]:
+def register_result(cfg: EvalConfig, client, run_id: str, result: EvalResult, champion: dict | None) -> dict[str, Any]:
     """Register per the gate and ``registry.on_fail``; move the aliases on a pass."""
     r = cfg.registry
     info: dict[str, Any] = {"model": r.model_name}
-    if note.startswith("this adapter is already"):
-        return info | {"action": "unchanged", "note": note}
+    if champion is not None and champion.get("same"):
+        return info | {"action": "unchanged", "note": f"already {r.alias} (version {champion['version']})"}
+    if champion is None:
+        info["note"] = f"no {r.alias} yet"
     status = "passed" if result.passed else "rejected"
     if not result.passed and r.on_fail == "skip":
         return info | {"action": "not registered", "status": status}
@@ -188,42 +190,49 @@ def run(cfg: EvalConfig, adapter_ref: str) -> EvalResult:
 
     evaluator = Evaluator(cfg, base_model)
     metrics, images = evaluator.evaluate(fetched, CANDIDATE, timed=True)
-    client = client_for(uri) if uri else None
-    champion, note = (None, "")
+    champion = None
     if cfg.registry.enabled and uri is not None:
-        champion, note = champion_entry(cfg, uri, evaluator, meta.sha256, out_root / "downloads")
-    gate = run_gate(metrics, cfg.gate, champion)
+        champion = champion_entry(cfg, uri, evaluator, meta.sha256, out_root / "downloads")
+    rival = None if champion is None or champion.get("same") else champion
+    gate = run_gate(metrics, cfg.gate, rival)
     result = EvalResult(str(out_dir), adapter_info, metrics, evaluator.base_metrics, gate, tracking_uri=uri)
     log.info("%s", gate.summary())
 
-    tracker = None
-    if uri is not None:
-        tags = {TAG_SHA: meta.sha256, TAG_BASE: base_model_id(base_model), "adapter_ref": adapter_ref,
-                "gate": "passed" if gate.passed else "failed"}  # fmt: skip
-        result.run_id = open_eval_run(cfg, uri, tags, meta.sha256)
-        tracker = MlflowTracker(uri, result.run_id)
+    if uri is None:
+        write_outputs(cfg, result, evaluator, images)
+        return result
+    tags = {TAG_SHA: meta.sha256, TAG_BASE: base_model_id(base_model), "adapter_ref": adapter_ref,
+            "gate": "passed" if gate.passed else "failed"}  # fmt: skip
+    result.run_id = open_eval_run(cfg, uri, tags, meta.sha256)
+    tracker = MlflowTracker(uri, result.run_id)
+    try:
         tracker.log_params(flatten(cfg.model_dump(mode="json", exclude={"suite"})) | {"suite.sha": cfg.suite.sha()})
         logged = {k: v for k, v in metrics.items() if not math.isnan(v)}
         logged |= {f"base.{k}": v for k, v in evaluator.base_metrics.items() if not math.isnan(v)}
-        if champion:
-            logged |= {f"champion.{k}": v for k, v in champion["metrics"].items() if not math.isnan(v)}
+        if rival:
+            logged |= {f"champion.{k}": v for k, v in rival["metrics"].items() if not math.isnan(v)}
         tracker.log_metrics(logged | {"gate_passed": float(gate.passed)}, step=0)
         tracker.client.log_artifacts(result.run_id, str(fetched.path), "adapter")  # must land before registering
         if cfg.registry.enabled:
-            result.registry = register_result(cfg, client, result.run_id, result, note)
-    if note:
-        result.registry["note"] = note
+            result.registry = register_result(cfg, client_for(uri), result.run_id, result, champion)
+        for path in write_outputs(cfg, result, evaluator, images):
+            tracker.log_artifact(path, "report/grids" if path.parent.name == "grids" else "report")
+    except BaseException:
+        tracker.client.set_terminated(result.run_id, "FAILED")
+        raise
+    tracker.client.set_terminated(result.run_id, "FINISHED")
+    return result
+
+
+def write_outputs(cfg: EvalConfig, result: EvalResult, evaluator: Evaluator, images: SuiteImages) -> list[Path]:
+    """The report files, ``suite.json`` and ``metrics.json`` in ``result.out_dir``; returns their paths."""
+    out_dir = Path(result.out_dir)
     files = write_report(
-        out_dir, cfg=cfg, adapter=adapter_info, metrics=metrics, base_metrics=evaluator.base_metrics, gate=gate,
-        base_images=evaluator.base, adapter_images=images, registry=result.registry or None,
+        out_dir, cfg=cfg, adapter=result.adapter, metrics=result.metrics, base_metrics=result.base_metrics,
+        gate=result.gate, base_images=evaluator.base, adapter_images=images, registry=result.registry or None,
     )  # fmt: skip
     (out_dir / "suite.json").write_text(json.dumps(cfg.suite.model_dump(mode="json"), indent=2) + "\n")
-    if tracker is not None:
-        for path in files:
-            tracker.log_artifact(path, "report/grids" if path.parent.name == "grids" else "report")
-        tracker.log_artifact(out_dir / "suite.json", "report")
-        tracker.client.set_terminated(result.run_id, "FINISHED")
-    return result
+    return [*files, out_dir / "suite.json"]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

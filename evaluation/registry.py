@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -126,23 +127,38 @@ def fetch_adapter(
             source, run_id = version.source, version.run_id
         else:
             source, run_id = ref, ref.removeprefix("runs:/").partition("/")[0]
-        dst = Path(dst_root).expanduser()
-        dst.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix="download-", dir=dst))
-        try:
-            path = _download(client, source, run_id, tmp, uri)
-        except Exception as exc:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise RegistryError(f"cannot download {ref} ({source}): {exc}") from exc
-        fetched = FetchedAdapter(path, verify_adapter(path), ref, run_id)
-        if version is not None:
-            fetched.name, fetched.version, fetched.tags = version.name, str(version.version), dict(version.tags)
-            _check_tags(fetched)
+        fetched = _fetch_remote(client, ref, version, source, run_id, Path(dst_root).expanduser(), uri)
     if expected_base is not None and base_model_id(fetched.meta.base_model) != base_model_id(expected_base):
         raise AdapterError(
             f"adapter {ref} was trained on base model {base_model_id(fetched.meta.base_model)!r}, not "
             f"{base_model_id(expected_base)!r}; load it with its own base model (or retrain it on this one)"
         )
+    return fetched
+
+
+def _fetch_remote(client, ref: str, version, source: str, run_id: str, dst: Path, uri: str) -> FetchedAdapter:
+    """Download into ``dst/<name>-v<version>`` (or ``dst/run-<id>-<path>``), replacing an earlier copy;
+    a download that fails verification is deleted, so nothing refused stays on disk to be loaded later."""
+    key = f"{version.name}-v{version.version}" if version is not None else f"run-{ref.removeprefix('runs:/')}"
+    key = re.sub(r"[^A-Za-z0-9_.-]+", "_", key)
+    dst.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=dst))
+    try:
+        try:
+            path = _download(client, source, run_id, tmp, uri)
+        except Exception as exc:
+            raise RegistryError(f"cannot download {ref} ({source}): {exc}") from exc
+        fetched = FetchedAdapter(path, verify_adapter(path), ref, run_id)
+        if version is not None:
+            fetched.name, fetched.version, fetched.tags = version.name, str(version.version), dict(version.tags)
+            _check_tags(fetched)
+    except Exception:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    final = dst / key
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    fetched.path = final / path.relative_to(tmp)
     return fetched
 
 

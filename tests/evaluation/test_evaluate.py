@@ -19,7 +19,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def default_config(repo, toy_world_data, tmp_path_factory):
-    """configs/eval.yaml as shipped (full suite, default gate), on the session's toy data."""
+    """configs/eval.yaml as shipped (full suite, default gate), on the session's toy data; only the latency
+    bound is loosened: tests check behaviour, and a loaded CI machine is slower than the bound assumes."""
     from evaluation.config import EvalConfig
     from training.configuration import load_config
 
@@ -31,6 +32,7 @@ def default_config(repo, toy_world_data, tmp_path_factory):
         f"data.heldout_path={data / 'heldout'}",
         "mlflow.enabled=false",
         "registry.enabled=false",
+        "gate.checks.latency_p95_s={max: 600}",
     ]
     return load_config(EvalConfig, repo / "configs" / "eval.yaml", overrides)
 

@@ -102,7 +102,10 @@ def test_tampered_or_mismatched_adapters_are_refused_at_load(registry_config, to
     result = run(registry_config("reg-e"), str(toy_adapters["good"]))
     client = MlflowClient(mlflow_server)
     run_id = result.run_id
-    assert fetch_adapter("models:/reg-e@champion", tmp_path, mlflow_server).version == "1"
+    dl = tmp_path / "downloads"
+    assert fetch_adapter("models:/reg-e@champion", dl, mlflow_server).version == "1"
+    fetched = fetch_adapter("models:/reg-e/1", dl, mlflow_server)  # a second fetch replaces the first copy
+    assert fetched.path == dl / "reg-e-v1" / "adapter" and [p.name for p in dl.iterdir()] == ["reg-e-v1"]
 
     # the weights re-uploaded under the registered version: their sha256 no longer matches the adapter's JSON
     bad = tmp_path / "bad"
@@ -113,6 +116,7 @@ def test_tampered_or_mismatched_adapters_are_refused_at_load(registry_config, to
     client.log_artifact(run_id, str(bad / WEIGHTS_NAME), "adapter")
     with pytest.raises(AdapterError, match="sha256 .* does not match"):
         fetch_adapter("models:/reg-e@champion", tmp_path / "a", mlflow_server)
+    assert list((tmp_path / "a").iterdir()) == []  # a refused download is not left behind
 
     # … and with a JSON rewritten to match: the registry's own tag still catches it
     meta = json.loads((toy_adapters["good"] / META_NAME).read_text()) | {"sha256": file_sha256(bad / WEIGHTS_NAME)}
