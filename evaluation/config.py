@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -24,6 +25,11 @@ METRICS: dict[str, Literal["max", "min"]] = {
     "latency_p95_s": "min",
     "success_rate": "max",  # generations that returned finite images
 }
+
+
+def _where(path: str | None) -> str | None:
+    """An existing local path as an absolute one; anything else (a hub id, None) as it is."""
+    return str(Path(path).expanduser().resolve()) if path and Path(path).expanduser().exists() else path
 
 
 class SuitePrompt(_Section):
@@ -170,11 +176,15 @@ class EvalConfig(_Section):
         return self
 
     def comparable_key(self) -> str:
-        """Evaluations with equal keys scored the same images the same way: their metrics compare directly."""
+        """Evaluations with equal keys scored the same images the same way: their metrics compare directly.
+        Local paths count by their content's location, not their spelling (relative = absolute)."""
+        data = self.data.model_dump()
+        for key in ("train_path", "heldout_path"):
+            data[key] = _where(data[key])
         parts = {
             "suite": self.suite.sha(),
             "generation": self.generation.model_dump(exclude={"batch_size", "device"}),
-            "clip": self.clip_model,
-            "data": self.data.model_dump(),
+            "clip": _where(self.clip_model),
+            "data": data,
         }
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]

@@ -86,7 +86,6 @@ class Evaluator:
         self.scorer = ClipScorer.load(cfg.clip_model, self.pipe.device)
         self.references = reference_embeddings(self.scorer, cfg.data, cfg.suite.trigger)
         self.resolution = cfg.generation.resolution or self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
-        torch.manual_seed(0)
         self.base = render_suite(self.pipe, cfg, adapter=None)
         self.base_metrics = self._score(self.base, None)
         self.loaded: set[str] = set()

@@ -141,6 +141,7 @@ def _fetch_remote(client, ref: str, version, source: str, run_id: str, dst: Path
     a download that fails verification is deleted, so nothing refused stays on disk to be loaded later."""
     key = f"{version.name}-v{version.version}" if version is not None else f"run-{ref.removeprefix('runs:/')}"
     key = re.sub(r"[^A-Za-z0-9_.-]+", "_", key)
+    dst = dst.resolve()  # MLflow hands back absolute paths
     dst.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=dst))
     try:
@@ -324,6 +325,8 @@ def main(argv: list[str] | None = None) -> int:
                     "pass --force to promote it anyway"
                 )
             old = promote(client, args.name, args.version, args.alias, args.previous_alias)
+            if status == "rolled_back":  # promoted again by hand: no longer the rolled-back one
+                client.set_model_version_tag(args.name, args.version, TAG_STATUS, "passed")
             print(f"{args.name}: {args.alias} -> version {args.version}" + (f" (was {old})" if old else ""))
     except (RegistryError, MlflowException) as exc:
         print(f"error: {getattr(exc, 'message', exc)}", file=sys.stderr)

@@ -75,3 +75,16 @@ def test_config_errors_name_every_key(repo):
         load_config(EvalConfig, repo / "configs" / "eval.yaml", ["mlflow.enabled=false"])
     with pytest.raises(ConfigError, match="a gate check needs min or max"):
         load_config(EvalConfig, repo / "configs" / "eval.yaml", ["gate.checks={clip_t: {}}"])
+
+
+def test_comparable_key_ignores_how_paths_are_spelled(repo, monkeypatch):
+    monkeypatch.chdir(repo)
+    relative = load_config(EvalConfig, "configs/eval.yaml", ["clip_model=models/toy-clip"])
+    absolute = load_config(EvalConfig, "configs/eval.yaml", [f"clip_model={repo / 'models' / 'toy-clip'}"])
+    assert relative.comparable_key() == absolute.comparable_key()
+    assert load_config(EvalConfig, "configs/eval.yaml", ["generation.steps=8"]).comparable_key() != (
+        relative.comparable_key()
+    )
+    assert load_config(EvalConfig, "configs/eval.yaml", ["generation.batch_size=4"]).comparable_key() == (
+        relative.comparable_key()
+    )

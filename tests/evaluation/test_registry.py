@@ -76,6 +76,7 @@ def test_alias_moves_on_pass_stays_on_fail_and_rolls_back(registry_config, toy_a
     assert main(["--tracking-uri", mlflow_server, "promote", "reg-a", "3"]) == 1
     assert main(["--tracking-uri", mlflow_server, "promote", "reg-a", "2"]) == 0
     assert _aliases(client, "reg-a") == {"champion": "2", "previous": "1"}
+    assert client.get_model_version("reg-a", "2").tags[TAG_STATUS] == "passed"
 
 
 def test_on_fail_skip_registers_nothing(registry_config, toy_adapters, mlflow_server):
@@ -98,12 +99,15 @@ def test_a_champion_scored_on_another_suite_is_re_evaluated(registry_config, toy
     assert result.gate.champion["source"] == "re-evaluated" and result.passed
 
 
-def test_tampered_or_mismatched_adapters_are_refused_at_load(registry_config, toy_adapters, mlflow_server, tmp_path):
+def test_tampered_or_mismatched_adapters_are_refused_at_load(
+    registry_config, toy_adapters, mlflow_server, tmp_path, monkeypatch
+):
     result = run(registry_config("reg-e"), str(toy_adapters["good"]))
     client = MlflowClient(mlflow_server)
     run_id = result.run_id
     dl = tmp_path / "downloads"
-    assert fetch_adapter("models:/reg-e@champion", dl, mlflow_server).version == "1"
+    monkeypatch.chdir(tmp_path)
+    assert fetch_adapter("models:/reg-e@champion", "downloads", mlflow_server).version == "1"  # relative works too
     fetched = fetch_adapter("models:/reg-e/1", dl, mlflow_server)  # a second fetch replaces the first copy
     assert fetched.path == dl / "reg-e-v1" / "adapter" and [p.name for p in dl.iterdir()] == ["reg-e-v1"]
 
