@@ -13,7 +13,7 @@ HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 COMMA  := ,
 EXTRAS := dev$(if $(HAS_GPU),$(COMMA)gpu)
 
-.PHONY: install demo test lint format toy-world quality train tune evaluate bench-train bench-tune clean
+.PHONY: install demo test lint format toy-world quality train tune evaluate bench-train bench-tune bench-eval clean
 
 install: $(STAMP)
 
@@ -51,6 +51,9 @@ evaluate: $(STAMP)
 
 bench-tune: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/tune_efficiency.py
+
+bench-eval: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/eval_gate.py $(if $(wildcard runs/train/adapter),--adapter runs/train/adapter)
 
 bench-train: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/train_throughput.py --epochs 12

@@ -9,7 +9,7 @@
     lorafleet registry show toy-sks-lora
     lorafleet promote toy-sks-lora 3            # champion -> version 3 (the old one becomes previous)
     lorafleet rollback toy-sks-lora             # champion back to the previous one
-    lorafleet publish models:/toy-sks-lora@champion --repo-id you/toy-sks-lora --dry-run
+    lorafleet publish models:/toy-sks-lora@champion --repo-id you/toy-sks-lora --push
     lorafleet quality --grid docs/toy_sd_samples.png
 
 Each sub-command hands its arguments to the module that owns the job, so

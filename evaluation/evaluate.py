@@ -30,7 +30,7 @@ import torch
 from evaluation.config import EvalConfig
 from evaluation.gate import GateResult, run_gate
 from evaluation.metrics import ClipScorer
-from evaluation.qa import SuiteImages, heldout_loss, reference_embeddings, render_suite, score
+from evaluation.qa import SuiteImages, heldout_set, reference_embeddings, render_suite, score
 from evaluation.registry import (
     TAG_BASE,
     TAG_KEY,
@@ -85,16 +85,17 @@ class Evaluator:
         self.pipe = load_pipeline(base_model, device=device)
         self.scorer = ClipScorer.load(cfg.clip_model, self.pipe.device)
         self.references = reference_embeddings(self.scorer, cfg.data, cfg.suite.trigger)
-        self.resolution = cfg.generation.resolution or self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
+        resolution = cfg.generation.resolution or self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
+        self.heldout = heldout_set(self.pipe, cfg.data, cfg.suite.trigger, resolution)
         self.base = render_suite(self.pipe, cfg, adapter=None)
         self.base_metrics = self._score(self.base, None)
         self.loaded: set[str] = set()
 
     def _score(self, images: SuiteImages, base: SuiteImages | None) -> dict[str, float]:
         m = score(self.scorer, self.cfg.suite, images, base, self.references)
-        loss = heldout_loss(self.pipe, self.cfg.data, self.cfg.suite.trigger, self.resolution)
-        if loss is not None:
-            m["heldout_loss"] = loss
+        if self.heldout is not None:
+            held, parts = self.heldout
+            m["heldout_loss"] = held.loss(parts)
         return m
 
     def evaluate(self, adapter: FetchedAdapter, name: str, timed: bool) -> tuple[dict[str, float], SuiteImages]:

@@ -90,6 +90,11 @@ def clip_i(image_emb: torch.Tensor, reference_emb: torch.Tensor) -> float:
     return float((image_emb @ reference_emb.T).mean())
 
 
+def retrieval_accuracy(similarity: torch.Tensor, truth: list[int]) -> float:
+    """Share of rows whose most similar column is the true one."""
+    return int((similarity.argmax(dim=1) == torch.tensor(truth)).sum()) / len(truth)
+
+
 def hit_rate(image_emb: torch.Tensor, option_emb: torch.Tensor, truth: list[int]) -> float:
     """Share of images whose most similar option is the true one.
 
@@ -100,7 +105,7 @@ def hit_rate(image_emb: torch.Tensor, option_emb: torch.Tensor, truth: list[int]
     """
     per_image = option_emb.dim() == 3
     sim = torch.einsum("nd,nkd->nk", image_emb, option_emb) if per_image else image_emb @ option_emb.T
-    return float((sim.argmax(dim=1) == torch.tensor(truth)).float().mean())
+    return retrieval_accuracy(sim, truth)
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -1,13 +1,14 @@
 """Publish a registered adapter to the Hugging Face Hub with a model card.
 
-    python -m evaluation.publish models:/toy-sks-lora@champion --repo-id you/toy-sks-lora --dry-run
-    python -m evaluation.publish models:/toy-sks-lora@champion --repo-id you/toy-sks-lora   # uploads (HF_TOKEN)
+    python -m evaluation.publish models:/toy-sks-lora@champion --repo-id you/toy-sks-lora          # the folder
+    python -m evaluation.publish models:/toy-sks-lora@champion --repo-id you/toy-sks-lora --push   # + upload
     lorafleet publish models:/toy-sks-lora@champion --repo-id you/toy-sks-lora
 
 The folder holds the diffusers LoRA weights (``pipe.load_lora_weights(repo_id)`` loads them), lorafleet's
 adapter JSON, the QA grid (base vs adapter, same seeds) as ``samples.png`` and a ``README.md`` model card
 (``huggingface_hub.ModelCard``: base model, trigger, training config, evaluation metrics, the grid).
-``--dry-run`` writes the folder and stops; otherwise one ``HfApi.upload_folder`` call pushes it.
+By default only the folder is written (nothing leaves the machine); ``--push`` then uploads it with one
+``HfApi.upload_folder`` call (token from ``HF_TOKEN``).
 """
 
 from __future__ import annotations
@@ -182,8 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repo-id", required=True, help="Hub repository, e.g. you/toy-sks-lora")
     p.add_argument("--out", default=None, help="where to write the folder (default runs/publish/<repo name>)")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default $MLFLOW_TRACKING_URI)")
-    p.add_argument("--dry-run", action="store_true", help="write the folder and model card, do not upload")
-    p.add_argument("--private", action="store_true", help="create the Hub repository as private")
+    p.add_argument("--push", action="store_true", help="also upload the folder to the Hub (needs HF_TOKEN)")
+    p.add_argument("--private", action="store_true", help="with --push: create the Hub repository as private")
     args = p.parse_args(argv)
     if args.repo_id.count("/") != 1:
         print(f"error: --repo-id {args.repo_id!r} must be <user or org>/<name>", file=sys.stderr)
@@ -195,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"folder: {folder} ({', '.join(sorted(f.name for f in folder.iterdir()))})")
-    if args.dry_run:
+    if not args.push:
+        print(f"not uploaded (add --push to upload it to {args.repo_id})")
         return 0
     try:
         info = upload(folder, args.repo_id, token=os.environ.get("HF_TOKEN"), private=args.private)

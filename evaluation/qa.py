@@ -11,7 +11,6 @@ No MLflow, no Ray: a pipeline, a scorer and a config in, images and numbers out.
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -23,8 +22,6 @@ from PIL import Image
 
 from evaluation.config import DataArgs, EvalConfig, SuiteArgs
 from evaluation.metrics import ClipScorer, clip_i, clip_t, finite_image, hit_rate, paired_similarity, percentile
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -188,9 +185,10 @@ def _dataset(path: str, trigger: str, max_images: int | None = None):
     return report.examples
 
 
-def heldout_loss(pipe: StableDiffusionPipeline, data: DataArgs, trigger: str, resolution: int) -> float | None:
-    """The held-out denoising loss of the pipeline as it stands (adapter active or not): the same fixed
-    noise and timesteps as training's ``val_loss``, so the numbers compare with a trial's."""
+def heldout_set(pipe: StableDiffusionPipeline, data: DataArgs, trigger: str, resolution: int):
+    """The held-out images encoded once, with their fixed noise and timesteps: ``(held, parts)``, then
+    ``held.loss(parts)`` scores the pipeline as it stands (adapter active or not) — the same problems as
+    training's ``val_loss``, so the numbers compare with a trial's. None without ``data.heldout_path``."""
     if not data.heldout_path:
         return None
     from training.config import DataConfig, TrainConfig, ValidationArgs
@@ -206,10 +204,11 @@ def heldout_loss(pipe: StableDiffusionPipeline, data: DataArgs, trigger: str, re
         DDPMScheduler.from_config(pipe.scheduler.config),
         pipe.device,
         autocast_dtype=pipe.unet.dtype if half else None,
+        trains_text_encoder=True,  # captions re-encoded per call: an adapter may carry a text-encoder LoRA
     )
     cfg = TrainConfig(
         base_model="unused",
         data=DataConfig(path=data.heldout_path, resolution=resolution, trigger=trigger),
         validation=ValidationArgs(seed=data.loss_seed, loss_timesteps=data.loss_timesteps),
     )
-    return HeldOut(examples, cfg, parts).loss(parts)
+    return HeldOut(examples, cfg, parts), parts

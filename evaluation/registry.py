@@ -89,7 +89,7 @@ def resolve_version(client, ref: str):
         raise RegistryError(f"{ref}: registered model {name!r} has no {what} ({exc.message.splitlines()[0]})") from exc
 
 
-def _download(client, source: str, run_id: str | None, dst: Path, uri: str) -> Path:
+def _download(client, source: str, dst: Path, uri: str) -> Path:
     if source.startswith("runs:/"):
         rid, _, path = source.removeprefix("runs:/").partition("/")
         return Path(client.download_artifacts(rid, path, str(dst)))
@@ -146,7 +146,7 @@ def _fetch_remote(client, ref: str, version, source: str, run_id: str, dst: Path
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=dst))
     try:
         try:
-            path = _download(client, source, run_id, tmp, uri)
+            path = _download(client, source, tmp, uri)
         except Exception as exc:
             raise RegistryError(f"cannot download {ref} ({source}): {exc}") from exc
         fetched = FetchedAdapter(path, verify_adapter(path), ref, run_id)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 import math
 from pathlib import Path
@@ -65,13 +64,8 @@ def metric_rows(metrics: dict, base: dict, champion: dict | None) -> list[list[s
     return rows
 
 
-def _img_data(img: Image.Image) -> str:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-def _md_table(header: list[str], rows: list[list[str]]) -> str:
+def _md_table(header: list[str] | None, rows: list[list[str]]) -> str:
+    header = header or [""] * len(rows[0])  # Markdown tables need a header row
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
@@ -80,6 +74,48 @@ def _html_table(header: list[str] | None, rows: list[list[str]]) -> str:
     head = "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>" if header else ""
     body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
     return f"<table>{head}{body}</table>"
+
+
+# a report is a list of blocks, rendered twice: ("h2", text) | ("p", text) | ("table", header, rows) | ("img", path)
+Block = tuple
+
+
+def _markdown(title: str, blocks: list[Block], root: Path) -> str:
+    out = [f"# {title}", ""]
+    for kind, *rest in blocks:
+        if kind == "h2":
+            out.append(f"## {rest[0]}")
+        elif kind == "p":
+            out.append(rest[0])
+        elif kind == "table":
+            out.append(_md_table(*rest))
+        else:
+            path = rest[0]
+            out.append(f"![{path.stem}]({path.relative_to(root).as_posix()})")
+        out.append("")
+    return "\n".join(out)
+
+
+STYLE = (
+    "body{font-family:sans-serif;margin:2em;max-width:70em} table{border-collapse:collapse;margin:1em 0}"
+    "td,th{border:1px solid #ccc;padding:4px 8px;text-align:left} img{image-rendering:pixelated;width:100%;"
+    "max-width:60em} .pass{color:#176f2c} .fail{color:#b00020}"
+)
+
+
+def _html(title: str, blocks: list[Block], passed: bool) -> str:
+    """Self-contained: images inlined as data URIs, so MLflow's artifact viewer renders it whole."""
+    body = [f"<h1 class='{'pass' if passed else 'fail'}'>{html.escape(title)}</h1>"]
+    for kind, *rest in blocks:
+        if kind in ("h2", "p"):
+            body.append(f"<{kind}>{html.escape(rest[0])}</{kind}>")
+        elif kind == "table":
+            body.append(_html_table(*rest))
+        else:
+            data = base64.b64encode(rest[0].read_bytes()).decode()
+            body.append(f"<img src='data:image/png;base64,{data}'>")
+    head = f"<meta charset='utf-8'><title>{html.escape(title)}</title><style>{STYLE}</style>"
+    return f"<!doctype html><html><head>{head}</head><body>{''.join(body)}</body></html>\n"
 
 
 def write_report(
@@ -113,65 +149,40 @@ def write_report(
     if champion is not None:
         header.append(f"champion v{champion['version']}")
     header.append("better")
-    rows = metric_rows(metrics, base_metrics, champion)
-    check_header = ["check", "value", "threshold", "margin", "result"]
     check_rows = [
         [c.name, _fmt(c.value), f"{c.op} {c.threshold:.4g}", _fmt(c.margin), "pass" if c.passed else "FAIL"]
         for c in gate.checks
     ]
-    verdict = "PASSED" if gate.passed else "FAILED"
-    title = f"QA report: adapter {adapter['sha256'][:12]} — gate {verdict}"
+    title = f"QA report: adapter {adapter['sha256'][:12]} — gate {'PASSED' if gate.passed else 'FAILED'}"
+    g, suite = cfg.generation, cfg.suite
+    seeds = f"seeds {g.seed}…{g.seed + suite.images_per_prompt - 1}"
+    prompts = f"{len(suite.prompts)} trigger prompts, {len(suite.prior_prompts)} prior prompts"
     facts = [
         ["adapter", adapter["ref"]],
         ["sha256", adapter["sha256"]],
         ["base model", adapter["base_model"]],
-        ["trigger", f"{cfg.suite.trigger} = {cfg.suite.concept}"],
+        ["trigger", f"{suite.trigger} = {suite.concept}"],
         ["scorer", cfg.clip_model],
-        [
-            "generation",
-            f"{cfg.generation.steps} steps, guidance {cfg.generation.guidance}, seeds {cfg.generation.seed}…"
-            f"{cfg.generation.seed + cfg.suite.images_per_prompt - 1}, {len(cfg.suite.prompts)} trigger prompts, "
-            f"{len(cfg.suite.prior_prompts)} prior prompts",
-        ],
+        ["generation", f"{g.steps} steps, guidance {g.guidance}, {seeds}, {prompts}"],
     ]
     if registry:
         facts.append(["registry", ", ".join(f"{k}={v}" for k, v in registry.items() if v is not None)])
-    grid_caption = {
+    blocks: list[Block] = [("table", None, facts), ("h2", "Gate"), ("p", gate.summary())]
+    if check_rows:
+        blocks.append(("table", ["check", "value", "threshold", "margin", "result"], check_rows))
+    blocks += [("h2", "Metrics"), ("table", header, metric_rows(metrics, base_metrics, champion))]
+    captions = {
         "trigger": "Trigger prompts: base model (upper row of each pair) vs adapter (lower row), same seeds.",
         "prior": "Prompts without the trigger: base model vs adapter — the adapter should leave them alone.",
     }
-    failed = [
-        [p, str(s), e] for p, s, e in zip(adapter_images.trigger.prompts, adapter_images.trigger.seeds,
-                                          adapter_images.trigger.errors) if e
-    ]  # fmt: skip
-
-    md = [f"# {title}", "", _md_table(["", ""], facts), "", "## Gate", "", gate.summary(), ""]
-    md += [_md_table(check_header, check_rows) if check_rows else "(no checks configured)", ""]
-    md += ["## Metrics", "", _md_table(header, rows), ""]
     for key, path in grids.items():
-        md += [f"## {key.capitalize()} prompts", "", grid_caption[key], "", f"![{key}](grids/{path.name})", ""]
+        blocks += [("h2", f"{key.capitalize()} prompts"), ("p", captions[key]), ("img", path)]
+    trig = adapter_images.trigger
+    failed = [[p, str(s), e] for p, s, e in zip(trig.prompts, trig.seeds, trig.errors) if e]
     if failed:
-        md += ["## Failed generations", "", _md_table(["prompt", "seed", "error"], failed), ""]
-    (out_dir / "report.md").write_text("\n".join(md))
-
-    style = (
-        "body{font-family:sans-serif;margin:2em;max-width:70em} table{border-collapse:collapse;margin:1em 0}"
-        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:left} img{image-rendering:pixelated;width:100%;"
-        "max-width:60em} .pass{color:#176f2c} .fail{color:#b00020}"
-    )
-    cls = "pass" if gate.passed else "fail"
-    body = [f"<h1>{html.escape(title)}</h1>", _html_table(None, facts), "<h2>Gate</h2>"]
-    body += [f"<p class='{cls}'><b>{html.escape(gate.summary())}</b></p>", _html_table(check_header, check_rows)]
-    body += ["<h2>Metrics</h2>", _html_table(header, rows)]
-    for key, path in grids.items():
-        with Image.open(path) as im:
-            data = _img_data(im)
-        body += [f"<h2>{key.capitalize()} prompts</h2><p>{html.escape(grid_caption[key])}</p>", f"<img src='{data}'>"]
-    if failed:
-        body += ["<h2>Failed generations</h2>", _html_table(["prompt", "seed", "error"], failed)]
-    page = f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-    page += f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n"
-    (out_dir / "report.html").write_text(page)
+        blocks += [("h2", "Failed generations"), ("table", ["prompt", "seed", "error"], failed)]
+    (out_dir / "report.md").write_text(_markdown(title, blocks, out_dir))
+    (out_dir / "report.html").write_text(_html(title, blocks, gate.passed))
 
     summary = {
         "adapter": adapter,

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from evaluation.metrics import ClipScorer
 from training.toy_world import world
 
 _MIN_SATURATION = 0.35
@@ -69,16 +70,7 @@ def read_image(image: Image.Image | np.ndarray) -> PixelReading:
     return PixelReading(colour, shape, fill, count)
 
 
-@torch.no_grad()
 def clip_similarity(model, processor, images: list[Image.Image], texts: list[str]) -> torch.Tensor:
     """Cosine similarity matrix (images x texts) under any ``CLIPModel`` + ``CLIPProcessor``."""
-    from training.toy_world.clip import image_embeds, text_embeds
-
-    pix = processor(images=images, return_tensors="pt").pixel_values
-    tok = processor.tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
-    return image_embeds(model, pix) @ text_embeds(model, tok.input_ids, tok.attention_mask).T
-
-
-def retrieval_accuracy(similarity: torch.Tensor, truth: list[int]) -> float:
-    """Share of images whose most similar caption is the true one."""
-    return int((similarity.argmax(dim=1) == torch.tensor(truth)).sum()) / len(truth)
+    scorer = ClipScorer(model, processor)
+    return scorer.images(images) @ scorer.texts(texts).T

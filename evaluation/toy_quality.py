@@ -21,7 +21,8 @@ import torch
 from PIL import Image
 from transformers import CLIPModel, CLIPProcessor
 
-from evaluation.toy_metrics import clip_similarity, read_image, retrieval_accuracy
+from evaluation.metrics import retrieval_accuracy
+from evaluation.toy_metrics import clip_similarity, read_image
 from training.toy_world import world
 from training.toy_world.sample import generate, load_pipeline, write_samples
 

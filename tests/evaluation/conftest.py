@@ -2,48 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file, save_file
 
-from training.adapter import META_NAME, WEIGHTS_NAME, file_sha256
-
-
-def train_toy_adapter(repo: Path, data: Path, out: Path, **overrides) -> Path:
-    """configs/train.yaml's recipe (rank 8, AdamW 1e-3, 30 epochs) on ``data``, trained by one plain worker."""
-    from training.config import TrainConfig
-    from training.configuration import load_config
-    from training.data import validate_dataset
-    from training.worker import ADAPTER_DIR, WorkerSpec, adapter_meta, run_worker, write_checkpoint
-
-    values = {
-        "base_model": str(repo / "models" / "toy-sd"),
-        "output_dir": str(out),
-        "data.path": str(data),
-        "validation.prompts": "[]",
-        "mlflow.enabled": "false",
-    } | overrides
-    cfg = load_config(TrainConfig, repo / "configs" / "train.yaml", [f"{k}={v}" for k, v in values.items()])
-    report = validate_dataset(cfg.data)
-    spec = WorkerSpec(cfg, report.examples, report.fingerprint())
-    parts, state = run_worker(spec)
-    write_checkpoint(out, parts, state, adapter_meta(spec, state))
-    return out / ADAPTER_DIR
-
-
-def randomize_adapter(src: Path, dst: Path, std: float = 0.3, seed: int = 0) -> Path:
-    """Same keys and shapes as ``src``, random weights (a broken training run); metadata re-hashed."""
-    dst.mkdir(parents=True, exist_ok=True)
-    gen = torch.Generator().manual_seed(seed)
-    state = {k: torch.randn(v.shape, generator=gen) * std for k, v in load_file(str(src / WEIGHTS_NAME)).items()}
-    save_file(state, str(dst / WEIGHTS_NAME), metadata={"format": "pt"})
-    meta = json.loads((src / META_NAME).read_text())
-    meta["sha256"] = file_sha256(dst / WEIGHTS_NAME)
-    (dst / META_NAME).write_text(json.dumps(meta))
-    return dst
+from training.toy_world.adapters import randomize_adapter, train_toy_adapter
 
 
 @pytest.fixture(scope="session")

@@ -11,8 +11,9 @@ from PIL import Image
 from evaluation.evaluate import CANDIDATE, Evaluator, main, run
 from evaluation.gate import run_gate
 from evaluation.registry import fetch_adapter
-from tests.evaluation.conftest import SMALL_SUITE, randomize_adapter
+from tests.evaluation.conftest import SMALL_SUITE
 from training.adapter import AdapterError
+from training.toy_world.adapters import randomize_adapter
 
 pytestmark = pytest.mark.slow
 
@@ -100,7 +101,7 @@ def test_run_writes_the_report_without_mlflow(eval_config, toy_adapters):
     html = (out / "report.html").read_text()
     assert "gate PASSED" in html and "data:image/png;base64," in html and "concept_hit_rate" in html
     md = (out / "report.md").read_text()
-    assert "![trigger](grids/trigger_base_vs_adapter.png)" in md and "| base model |" in md
+    assert "![trigger_base_vs_adapter](grids/trigger_base_vs_adapter.png)" in md and "| base model |" in md
     with Image.open(out / "grids" / "trigger_base_vs_adapter.png") as grid:
         assert grid.size == (4 * 64, 2 * 64)  # 4 prompts: base row above, adapter row below
 

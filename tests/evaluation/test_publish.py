@@ -65,17 +65,19 @@ def test_upload_is_one_folder_push_to_the_named_repo(tmp_path, monkeypatch):
     ]
 
 
-def test_cli_dry_run_and_bad_arguments(champion, mlflow_server, tmp_path, capsys):
+def test_cli_writes_locally_by_default_and_pushes_only_when_asked(champion, mlflow_server, tmp_path, capsys):
     ref, _ = champion
     args = [ref, "--tracking-uri", mlflow_server, "--out", str(tmp_path / "dry")]
-    assert main([*args, "--repo-id", "someone/toy", "--dry-run"]) == 0
-    assert "README.md" in capsys.readouterr().out
-    assert main([*args, "--repo-id", "someone/toy", "--dry-run"]) == 2  # the folder exists: nothing overwritten
+    assert main([*args, "--repo-id", "someone/toy"]) == 0  # the default stays on this machine
+    out = capsys.readouterr().out
+    assert "README.md" in out and "not uploaded (add --push" in out
+    assert main([*args, "--repo-id", "someone/toy"]) == 2  # the folder exists: nothing overwritten
     assert "not empty" in capsys.readouterr().err
-    assert main([ref, "--repo-id", "no-slash", "--dry-run"]) == 2
+    assert main([ref, "--repo-id", "no-slash"]) == 2
     assert "must be <user or org>/<name>" in capsys.readouterr().err
     # offline: the upload fails with what to do, and the folder stays
-    assert main([ref, "--tracking-uri", mlflow_server, "--out", str(tmp_path / "up"), "--repo-id", "someone/t"]) == 1
+    up = [ref, "--tracking-uri", mlflow_server, "--out", str(tmp_path / "up"), "--repo-id", "someone/t", "--push"]
+    assert main(up) == 1
     err = capsys.readouterr().err
     assert "upload to someone/t failed" in err and "the folder is kept at" in err
     assert (tmp_path / "up" / WEIGHTS_NAME).is_file()

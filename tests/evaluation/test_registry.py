@@ -10,8 +10,9 @@ from mlflow import MlflowClient
 
 from evaluation.evaluate import run
 from evaluation.registry import TAG_STATUS, RegistryError, fetch_adapter, main, parse_model_ref
-from tests.evaluation.conftest import SMALL_SUITE, randomize_adapter
+from tests.evaluation.conftest import SMALL_SUITE
 from training.adapter import META_NAME, WEIGHTS_NAME, AdapterError, file_sha256, verify_adapter
+from training.toy_world.adapters import randomize_adapter
 
 pytestmark = pytest.mark.slow
 RELAXED = "gate.checks={success_rate: {min: 0.95}}"  # only "beats the champion" decides, besides success

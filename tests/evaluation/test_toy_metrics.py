@@ -2,7 +2,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from evaluation.toy_metrics import read_image, retrieval_accuracy
+from evaluation.metrics import retrieval_accuracy
+from evaluation.toy_metrics import read_image
 from training.toy_world import world
 
 

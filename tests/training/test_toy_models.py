@@ -8,7 +8,8 @@ import torch
 from diffusers import StableDiffusionPipeline
 from transformers import CLIPModel, CLIPProcessor
 
-from evaluation.toy_metrics import clip_similarity, retrieval_accuracy
+from evaluation.metrics import retrieval_accuracy
+from evaluation.toy_metrics import clip_similarity
 from training.toy_world import world
 
 
