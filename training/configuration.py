@@ -102,7 +102,6 @@ def load_config(model: type[M], path: str | Path | None = None, overrides: list[
     """
     source = str(path) if path else "defaults"
     values: dict[str, Any] = {}
-    problems: list[str] = []
     if path is not None:
         p = Path(path)
         if not p.is_file():
@@ -114,6 +113,15 @@ def load_config(model: type[M], path: str | Path | None = None, overrides: list[
         if not isinstance(loaded, dict):
             raise ConfigError([f"{p} must hold a mapping of keys to values at the top level"], source)
         values = loaded
+    return validate_values(model, values, overrides, source)
+
+
+def validate_values(model: type[M], values: dict[str, Any], overrides: list[str] | None = None, source: str = "") -> M:
+    """``values`` (a parsed YAML mapping) with ``overrides`` applied, validated against ``model``.
+
+    Raises:
+        ConfigError: listing every problem.
+    """
     values, problems = apply_overrides(values, overrides or [], model)
     try:
         cfg = model.model_validate(values)

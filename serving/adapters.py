@@ -1,0 +1,201 @@
+"""Which adapter a model name means, and which adapters a pipeline holds.
+
+``AdapterResolver`` turns the name a client sends (``champion``, a configured name, ``toy-sks-lora@champion``,
+``toy-sks-lora/3``) into a verified local folder: configured folders, ``runs:/`` and ``models:/`` references
+go through ``evaluation.registry.fetch_adapter`` (safetensors only, sha256 checked against the adapter's JSON
+and the registry's tag, base model checked). Clients never name paths.
+
+``LoadedAdapters`` is the bounded LRU of adapters loaded into one pipeline: a miss loads with the plain diffusers
+call, an eviction deletes the adapter's layers (never fuse/unfuse: the replica is shared).
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from evaluation.registry import RegistryError, fetch_adapter
+from serving.config import BASE, MODEL_NAME, ServeArgs
+from training.adapter import AdapterError, AdapterMeta, load_adapter
+
+log = logging.getLogger(__name__)
+
+
+class UnknownModel(LookupError):
+    """The name is not served here (HTTP 404)."""
+
+
+class AdapterUnavailable(RuntimeError):
+    """The name is served here but its adapter cannot be fetched right now, e.g. the registry is down (HTTP 503)."""
+
+
+@dataclass(frozen=True)
+class ResolvedAdapter:
+    name: str  # what the client asked for
+    ref: str  # folder, runs:/… or models:/…
+    path: Path  # verified local folder
+    meta: AdapterMeta
+    version: str | None = None  # registry version, for models:/ references
+
+    @property
+    def key(self) -> str:
+        """Identity of the weights: the same file under two names shares one slot."""
+        return self.meta.sha256
+
+
+class AdapterResolver:
+    """Model name -> verified local adapter folder, cached; registry aliases are looked up again after ``ttl_s``."""
+
+    def __init__(self, args: ServeArgs, base_model: str, cache_dir: Path, ttl_s: float | None = None):
+        self.args = args
+        self.base_model = base_model
+        self.cache_dir = cache_dir
+        self.ttl_s = args.champion.poll_s if ttl_s is None else ttl_s
+        self._cache: dict[str, tuple[ResolvedAdapter, float]] = {}
+        self._lock = threading.Lock()
+
+    def configured(self) -> dict[str, str]:
+        """Names served without asking: configured adapters and the champion."""
+        refs = dict(self.args.adapters)
+        ch = self.args.champion
+        if ch.model:
+            refs[ch.name] = f"models:/{ch.model}@{ch.alias}"
+        return refs
+
+    def ref_for(self, name: str) -> str:
+        """The reference a model name stands for.
+
+        Raises:
+            UnknownModel: not configured, and not a registry reference this server accepts.
+        """
+        refs = self.configured()
+        if name in refs:
+            return refs[name]
+        if not MODEL_NAME.match(name):
+            raise UnknownModel(
+                f"model {name[:80]!r} is not a model name: use 'base', one of {sorted(refs)}, "
+                "<registered model>@<alias> or <registered model>/<version>"
+            )
+        if ("@" in name or "/" in name) and self.args.allow_registry_refs and self.args.resolved_tracking_uri():
+            return f"models:/{name}"
+        raise UnknownModel(f"model {name!r} is not served here; GET /v1/models lists 'base' and {sorted(refs)}")
+
+    def resolve(self, name: str) -> ResolvedAdapter | None:
+        """None for the base model; else the verified adapter ``name`` means now.
+
+        Raises:
+            UnknownModel, AdapterUnavailable, AdapterError (the adapter failed verification).
+        """
+        if name == BASE:
+            return None
+        ref = self.ref_for(name)
+        with self._lock:
+            hit = self._cache.get(name)
+            if hit and (hit[1] > time.monotonic() or not _moves(ref)):
+                return hit[0]
+            try:
+                resolved = self._fetch(name, ref)
+            except (RegistryError, AdapterUnavailable) as exc:
+                if hit:  # keep serving what we had while the registry is away
+                    log.warning("keeping %s at %s: %s", name, hit[0].version or hit[0].ref, exc)
+                    self._cache[name] = (hit[0], time.monotonic() + max(self.ttl_s, 1.0))
+                    return hit[0]
+                raise AdapterUnavailable(f"model {name!r} ({ref}) cannot be fetched: {exc}") from exc
+            expires = time.monotonic() + self.ttl_s if self.ttl_s > 0 else float("inf")
+            self._cache[name] = (resolved, expires)
+            return resolved
+
+    def _fetch(self, name: str, ref: str) -> ResolvedAdapter:
+        uri = self.args.resolved_tracking_uri()
+        if ref.startswith(("runs:/", "models:/")) and not uri:
+            raise AdapterUnavailable(f"{ref} needs MLflow: set tracking_uri in the serve config or MLFLOW_TRACKING_URI")
+        f = fetch_adapter(ref, self.cache_dir, uri, expected_base=self.base_model)
+        return ResolvedAdapter(name, ref, f.path, f.meta, f.version)
+
+    def refresh(self) -> dict[str, str]:
+        """Look registry aliases up again now (the champion moved); returns name -> version or error."""
+        with self._lock:
+            for name, (_, _) in list(self._cache.items()):
+                if _moves(self.ref_for(name)):
+                    self._cache[name] = (self._cache[name][0], 0.0)
+        out = {}
+        for name in [n for n, r in self.configured().items() if _moves(r)]:
+            try:
+                r = self.resolve(name)
+                out[name] = (r.version or r.ref) if r else BASE
+            except (UnknownModel, AdapterUnavailable, AdapterError) as exc:
+                out[name] = f"error: {exc}"
+        return out
+
+    def known(self) -> dict[str, ResolvedAdapter]:
+        """Names resolved so far (for /v1/models)."""
+        with self._lock:
+            return {name: r for name, (r, _) in self._cache.items()}
+
+
+def _moves(ref: str) -> bool:
+    """References whose target can change: registry aliases."""
+    return ref.startswith("models:/") and "@" in ref
+
+
+class LoadedAdapters:
+    """At most ``capacity`` adapters in the pipeline; least recently used goes first."""
+
+    def __init__(self, pipe, capacity: int, on_change=None):
+        self.pipe = pipe
+        self.capacity = capacity
+        self.on_change = on_change  # called after a load or an eviction (the engine re-hooks LoRA layers)
+        self._slots: OrderedDict[str, str] = OrderedDict()  # key -> PEFT adapter name
+        self.hits = self.misses = self.evictions = 0
+
+    @staticmethod
+    def slot_name(key: str) -> str:
+        return f"a{key[:16]}"  # PEFT adapter names are module keys: no dots
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._slots
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
+    def ensure(self, adapters: list[ResolvedAdapter]) -> dict[str, str]:
+        """Load what is missing (evicting others), mark all as used; returns key -> slot.
+
+        Raises:
+            ValueError: more distinct adapters than ``capacity`` (the engine splits batches before this).
+            AdapterError: a file failed verification while loading.
+        """
+        unique = {a.key: a for a in adapters}
+        if len(unique) > self.capacity:
+            raise ValueError(f"{len(unique)} adapters in one pass > max_adapters {self.capacity}")
+        for key, adapter in unique.items():
+            if key in self._slots:
+                self.hits += 1
+                self._slots.move_to_end(key)
+                continue
+            self.misses += 1
+            while len(self._slots) >= self.capacity:
+                victim = next(k for k in self._slots if k not in unique)
+                self.evict(victim)
+            load_adapter(self.pipe, adapter.path, self.slot_name(key))
+            self._slots[key] = self.slot_name(key)
+            if self.on_change:
+                self.on_change()
+        return {key: self._slots[key] for key in unique}
+
+    def evict(self, key: str) -> None:
+        slot = self._slots.pop(key)
+        self.pipe.delete_adapters(slot)
+        self.evictions += 1
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if self.on_change:
+            self.on_change()

@@ -1,0 +1,259 @@
+"""The Ray Serve app: a FastAPI ingress in front of generator replicas that batch requests into UNet passes.
+
+    serve run configs/serve.yaml                 # local: HTTP on 127.0.0.1:8000 (make serve)
+    serve deploy configs/serve.yaml              # onto a running cluster (ray start / KubeRay RayService)
+    curl -o out.png "http://127.0.0.1:8000/v1/generate?prompt=a+red+circle+on+a+sks+background&seed=1"
+
+``build_app(args: ServeArgs)`` is the typed application builder ``serve run`` calls with the config's ``args``.
+Ray stays in this file; the engine it wraps is plain diffusers code (serving/engine.py).
+"""
+
+import asyncio
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from ray import serve
+from ray.serve import Application
+
+from serving.adapters import AdapterUnavailable, UnknownModel
+from serving.config import BASE, ServeArgs, project_path
+from serving.engine import Cancelled, Engine, ImageRequest, ImageResult, Prepared, RequestError
+from serving.http import Api
+from serving.images import png_bytes
+from serving.telemetry import GeneratorMetrics
+from training.adapter import AdapterError
+
+log = logging.getLogger("ray.serve")
+
+
+@dataclass
+class _Queued:
+    prepared: Prepared
+    arrived: float  # time.monotonic() when the replica got it
+
+
+def error_result(exc: Exception) -> dict:
+    """An exception from preparing or generating -> an error the ingress turns into an HTTP status."""
+    if isinstance(exc, RequestError):
+        return {"error": {"status": 400, "message": str(exc), "param": exc.field}}
+    if isinstance(exc, UnknownModel):
+        return {"error": {"status": 404, "message": str(exc), "param": "model"}}
+    if isinstance(exc, AdapterError):
+        return {"error": {"status": 422, "message": f"adapter refused: {exc}", "param": "model"}}
+    if isinstance(exc, AdapterUnavailable):
+        return {"error": {"status": 503, "message": str(exc), "param": "model"}}
+    return {"error": {"status": 500, "message": f"generation failed: {type(exc).__name__}: {exc}", "param": None}}
+
+
+def encode(result: ImageResult) -> dict:
+    return {
+        "images": [png_bytes(img) for img in result.images],
+        "seeds": result.seeds,
+        "model": result.model,
+        "version": result.version,
+        "size": f"{result.images[0].width}x{result.images[0].height}",
+        "batch_images": result.batch_images,
+    }
+
+
+@serve.deployment
+class Generator:
+    """Holds one engine; ``generate`` calls are batched by images per pass (``@serve.batch``)."""
+
+    def __init__(self, args: ServeArgs | dict):
+        self.args = ServeArgs.model_validate(args)
+        threads = max(1, int(self.args.deployment.num_cpus))
+        torch.set_num_threads(threads)
+        cache = os.path.join(project_path(self.args.adapter_cache_dir), f"replica-{os.getpid()}")
+        self.engine = Engine.from_args(self.args, cache_dir=Path(cache))
+        self.metrics = GeneratorMetrics()
+        self._gone: set[str] = set()  # request ids whose caller went away
+        self._epoch = 0
+        b = self.args.batching
+        self._batched = serve.batch(
+            max_batch_size=b.max_batch_size,
+            batch_wait_timeout_s=b.batch_wait_timeout_s,
+            max_concurrent_batches=b.max_concurrent_batches,
+            batch_size_fn=lambda items: sum(q.prepared.request.n for q in items),  # a batch counts images
+        )(self._run_batch)
+        if self.args.warmup:
+            log.info("warm-up took %.2f s", self.engine.warm_up())
+        self._check_gpu_memory()
+        self._stop = threading.Event()
+        if self.args.champion.model and self.args.champion.poll_s > 0:
+            threading.Thread(target=self._poll, daemon=True, name="champion-poll").start()
+
+    def reconfigure(self, user_config: dict) -> None:
+        """``user_config: {max_batch_size, batch_wait_timeout_s}`` changes batching without a restart."""
+        if "max_batch_size" in user_config:
+            size = int(user_config["max_batch_size"])
+            if size < self.args.limits.max_n:
+                raise ValueError(f"user_config.max_batch_size {size} < limits.max_n {self.args.limits.max_n}")
+            self._batched.set_max_batch_size(size)
+        if "batch_wait_timeout_s" in user_config:
+            self._batched.set_batch_wait_timeout_s(float(user_config["batch_wait_timeout_s"]))
+
+    async def generate(self, req: ImageRequest, epoch: int = 0) -> dict:
+        arrived = time.monotonic()
+        model = req.model or self.args.default_model
+        if epoch > self._epoch:  # an admin reload reached another replica first
+            self._epoch = epoch
+            await asyncio.to_thread(self.refresh)
+        try:
+            prepared = await asyncio.to_thread(self.engine.prepare, req)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a typed error result
+            out = error_result(exc)
+            self.metrics.request(model, str(out["error"]["status"]))
+            return out
+        try:
+            result = await self._batched(_Queued(prepared, arrived))
+        except asyncio.CancelledError:
+            self._gone.add(req.request_id)
+            self.metrics.request(model, "cancelled")
+            raise
+        if isinstance(result, Exception):
+            out = error_result(result)
+            self.metrics.request(model, str(out["error"]["status"]))
+            return out
+        self.metrics.request(model, "ok")
+        return encode(result)
+
+    async def _run_batch(self, items: list[_Queued]) -> list[ImageResult | Exception]:
+        started = time.monotonic()
+        ids = {q.prepared.request.request_id for q in items}
+        try:
+            results = await asyncio.to_thread(
+                self.engine.generate, [q.prepared for q in items], lambda: ids <= self._gone
+            )
+        except Cancelled as exc:
+            results = [exc] * len(items)
+        finally:
+            self._gone -= ids
+        self._record(items, results, started)
+        return results
+
+    def _record(self, items: list[_Queued], results: list, started: float) -> None:
+        passes: dict[int, list[tuple[_Queued, ImageResult]]] = {}
+        for q, r in zip(items, results):
+            if isinstance(r, ImageResult):
+                passes.setdefault(r.pass_id, []).append((q, r))
+        for members in passes.values():
+            per_model: dict[str, int] = {}
+            for _, r in members:
+                per_model[r.model] = per_model.get(r.model, 0) + len(r.images)
+            first = members[0][1]
+            self.metrics.batch(first.batch_images, first.seconds, [started - q.arrived for q, _ in members], per_model)
+        self.metrics.cache_state(self.engine.stats())
+
+    def refresh(self) -> dict:
+        """Look the champion (and other aliases) up again; load a moved champion before serving it."""
+        versions = self.engine.resolver.refresh()
+        moved = [n for n, v in versions.items() if not v.startswith("error")]
+        if moved:
+            self.engine.preload(moved)
+            self.metrics.cache_state(self.engine.stats())
+        return versions
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.args.champion.poll_s):
+            try:
+                self.refresh()
+            except Exception:  # noqa: BLE001 - a failed poll keeps the current champion
+                log.exception("champion poll failed")
+
+    def _check_gpu_memory(self) -> None:
+        """Fractions are scheduling labels, not isolation: refuse to start when k replicas of this size
+        (k = 1 / num_gpus) cannot fit on the device."""
+        share = self.args.deployment.num_gpus
+        if not torch.cuda.is_available() or not 0 < share < 1:
+            return
+        total = torch.cuda.get_device_properties(0).total_memory
+        used = torch.cuda.max_memory_allocated()
+        if used / share > 0.95 * total:
+            raise RuntimeError(
+                f"deployment.num_gpus {share}: {round(1 / share)} replicas of {used / 2**30:.1f} GiB each need "
+                f"{used / share / 2**30:.1f} GiB but the GPU has {total / 2**30:.1f} GiB; raise num_gpus"
+            )
+
+    def models(self) -> dict:
+        known = self.engine.resolver.known()
+        loaded = {a for a in self.engine.adapters._slots}
+        cards = [{"id": BASE, "kind": "base", "ref": self.engine.args.base_model, "loaded": True}]
+        for name, ref in self.engine.resolver.configured().items():
+            r = known.get(name)
+            cards.append(
+                {"id": name, "ref": ref, "version": r.version if r else None, "loaded": bool(r) and r.key in loaded}
+            )
+        cards += self._registered(known, loaded)
+        return {"object": "list", "data": cards}
+
+    def _registered(self, known: dict, loaded: set) -> list[dict]:
+        """Versions of the champion's registered model, as ``name/version`` ids (when the registry answers)."""
+        uri, model = self.args.resolved_tracking_uri(), self.args.champion.model
+        if not (uri and model and self.args.allow_registry_refs):
+            return []
+        from evaluation.registry import client_for
+
+        try:
+            versions = client_for(uri).search_model_versions(f"name='{model}'")
+        except Exception:  # noqa: BLE001 - /v1/models still lists what is configured
+            return []
+        out = []
+        for v in sorted(versions, key=lambda v: int(v.version)):
+            vid = f"{model}/{v.version}"
+            r = known.get(vid)
+            aliases = ",".join(getattr(v, "aliases", []) or [])
+            out.append(
+                {
+                    "id": vid,
+                    "kind": "registry",
+                    "ref": aliases or None,
+                    "version": str(v.version),
+                    "loaded": bool(r) and r.key in loaded,
+                }
+            )
+        return out
+
+    def stats(self) -> dict:
+        return {"pid": os.getpid(), **self.metrics.snapshot(), "engine": self.engine.stats()}
+
+    def ready(self) -> bool:
+        return True
+
+    def __del__(self):
+        stop = getattr(self, "_stop", None)
+        if stop is not None:
+            stop.set()
+
+
+def build_app(args: ServeArgs) -> Application:
+    """The application ``serve run configs/serve.yaml`` starts: ``Api`` (HTTP) -> ``Generator`` replicas."""
+    args = ServeArgs.model_validate(args) if isinstance(args, dict) else args
+    d, b = args.deployment, args.batching
+    replicas = (
+        {"num_replicas": "auto", "autoscaling_config": d.autoscaling_config}
+        if d.num_replicas == "auto"
+        else {"num_replicas": d.num_replicas}
+    )
+    generator = Generator.options(
+        **replicas,
+        max_ongoing_requests=d.max_ongoing_requests,
+        max_queued_requests=d.max_queued_requests,
+        ray_actor_options={"num_cpus": d.num_cpus, "num_gpus": d.num_gpus},
+        user_config={"max_batch_size": b.max_batch_size, "batch_wait_timeout_s": b.batch_wait_timeout_s},
+        health_check_period_s=10,
+    ).bind(args.model_dump())
+    room = max(
+        100,
+        4
+        * (d.max_ongoing_requests + max(d.max_queued_requests, 0))
+        * (d.num_replicas if isinstance(d.num_replicas, int) else 4),
+    )
+    return Api.options(max_ongoing_requests=room, max_queued_requests=room, ray_actor_options={"num_cpus": 0}).bind(
+        generator, args.model_dump()
+    )

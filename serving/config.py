@@ -1,0 +1,186 @@
+"""Typed schema of the serving app (values live in `configs/serve.yaml` under ``applications[0].args``).
+
+``serve run configs/serve.yaml`` hands the ``args`` mapping to ``serving.app:build_app``, which Ray validates
+against ``ServeArgs``; ``load_serve_args`` reads the same mapping for tests, benchmarks and the CLI.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, field_validator, model_validator
+
+from training.config import _Section
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+BASE = "base"  # the model name of the bare base model
+# what a client may write as `model`: a configured name, or <registered model>@<alias> / <registered model>/<version>
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}(@[A-Za-z0-9][A-Za-z0-9_-]{0,63}|/[0-9]{1,9})?$")
+
+
+def project_path(path: str) -> str:
+    """A relative path as it is when it exists from the working directory, else against the project root
+    (Serve replicas do not share the working directory of ``serve run``); other strings (hub ids) unchanged."""
+    p = Path(path).expanduser()
+    if p.is_absolute() or p.exists() or not (PROJECT_ROOT / p).exists():
+        return str(p.resolve()) if p.exists() else path
+    return str(PROJECT_ROOT / p)
+
+
+class ChampionArgs(_Section):
+    model: str | None = Field(
+        "toy-sks-lora", description="registered model whose alias is served as `name`; null = no champion"
+    )
+    alias: str = Field("champion", description="registry alias to follow")
+    name: str = Field("champion", description="the model name clients ask for")
+    poll_s: float = Field(
+        30.0, ge=0, description="seconds between registry checks for a moved alias; 0 = only POST /admin/reload"
+    )
+
+
+class GenerationDefaults(_Section):
+    steps: int = Field(20, ge=1, description="denoising steps when a request gives none")
+    guidance: float = Field(4.0, ge=0, description="classifier-free guidance scale when a request gives none")
+    size: int = Field(64, ge=8, description="image side in pixels when a request gives none (toy world 64, SD 512)")
+
+
+class RequestLimits(_Section):
+    max_prompt_chars: int = Field(500, ge=1, description="longer prompts are refused (400)")
+    max_n: int = Field(4, ge=1, description="images per request")
+    max_steps: int = Field(50, ge=1, description="denoising steps per request")
+    max_guidance: float = Field(20.0, gt=0, description="guidance scale per request")
+    min_size: int = Field(32, ge=8, description="smallest image side in pixels")
+    max_size: int = Field(128, ge=8, description="largest image side in pixels; bounds memory per request")
+
+
+class BatchingArgs(_Section):
+    max_batch_size: int = Field(8, ge=1, description="images per UNet pass (@serve.batch counts images, not requests)")
+    batch_wait_timeout_s: float = Field(
+        0.05, ge=0, description="how long a batch waits to fill after its first request"
+    )
+    max_concurrent_batches: int = Field(
+        1, ge=1, description="batches in flight per replica (1 on CPU: they share cores)"
+    )
+    mixed_adapters: bool = Field(
+        True, description="run requests for different adapters in one UNet pass (false: one adapter per sub-batch)"
+    )
+
+
+class DeploymentArgs(_Section):
+    num_replicas: int | Literal["auto"] = Field(1, description="generator replicas; 'auto' uses autoscaling_config")
+    autoscaling_config: dict[str, Any] | None = Field(
+        None, description="Ray Serve autoscaling_config passed through (min_replicas, max_replicas, ...)"
+    )
+    num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per generator replica (torch uses this many threads)")
+    num_gpus: float = Field(0.0, ge=0, description="GPU share per replica: 0, a fraction that divides 1, or whole GPUs")
+    max_ongoing_requests: int = Field(16, ge=1, description="requests a replica holds at once (>= a full batch)")
+    max_queued_requests: int = Field(
+        32, ge=-1, description="requests waiting for a replica beyond that; more get 503 + Retry-After (-1: unbounded)"
+    )
+    request_timeout_s: float = Field(60.0, gt=0, description="a generation slower than this gets 504")
+    retry_after_s: int = Field(1, ge=1, description="Retry-After seconds sent with a 503")
+
+    @field_validator("num_gpus")
+    @classmethod
+    def _fraction_divides_one(cls, value: float) -> float:
+        if 0 < value < 1 and abs(1 / value - round(1 / value)) > 1e-6:
+            raise ValueError(
+                f"num_gpus {value} does not divide one GPU: use 1, 0.5, 0.25, 0.2, ... so replicas pack without "
+                "leaving a stranded share (fractions are scheduling labels, not memory isolation)"
+            )
+        if value > 1 and value != int(value):
+            raise ValueError(f"num_gpus {value}: above 1, use a whole number of GPUs")
+        return value
+
+
+class ServeArgs(_Section):
+    base_model: str = Field("models/toy-sd", description="diffusers SD-1.x folder or hub id (from the HF cache)")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available, else cpu")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="auto: float16 on CUDA, float32 on CPU"
+    )
+    adapters: dict[str, str] = Field(
+        default_factory=dict, description="name -> adapter folder, runs:/<run>/<path> or models:/<name>@<alias>"
+    )
+    allow_registry_refs: bool = Field(
+        True, description="clients may ask for any registered version as <model>@<alias> or <model>/<version>"
+    )
+    champion: ChampionArgs = Field(default_factory=ChampionArgs)
+    default_model: str = Field("champion", description="served when a request names no model ('base' for none)")
+    tracking_uri: str | None = Field(None, description="MLflow tracking/registry URI; null = $MLFLOW_TRACKING_URI")
+    adapter_cache_dir: str = Field("runs/serve/adapters", description="where registry downloads are kept")
+    max_adapters: int = Field(4, ge=1, description="adapters held in a replica's memory at once (LRU)")
+    defaults: GenerationDefaults = Field(default_factory=GenerationDefaults)
+    limits: RequestLimits = Field(default_factory=RequestLimits)
+    batching: BatchingArgs = Field(default_factory=BatchingArgs)
+    deployment: DeploymentArgs = Field(default_factory=DeploymentArgs)
+    api_key_env: str = Field(
+        "LORAFLEET_API_KEY", description="env var holding the API key; when set, all but /healthz need Bearer auth"
+    )
+    warmup: bool = Field(True, description="generate one image before the replica reports ready")
+
+    @field_validator("adapters")
+    @classmethod
+    def _names(cls, value: dict[str, str]) -> dict[str, str]:
+        bad = [n for n in value if not MODEL_NAME.match(n) or "@" in n or "/" in n or n == BASE]
+        if bad:
+            raise ValueError(f"adapter names {bad}: use letters, digits, '_', '-', '.' (and not 'base')")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ServeArgs:
+        problems = []
+        b, d, lim = self.batching, self.deployment, self.limits
+        if d.max_ongoing_requests < b.max_batch_size * b.max_concurrent_batches:
+            problems.append(
+                f"deployment.max_ongoing_requests ({d.max_ongoing_requests}) < batching.max_batch_size "
+                f"({b.max_batch_size}) x batching.max_concurrent_batches ({b.max_concurrent_batches}): batches "
+                "could never fill; raise max_ongoing_requests"
+            )
+        if lim.max_n > b.max_batch_size:
+            problems.append(
+                f"limits.max_n ({lim.max_n}) > batching.max_batch_size ({b.max_batch_size}): a request's images "
+                "must fit one pass; lower max_n or raise max_batch_size"
+            )
+        if lim.min_size > lim.max_size:
+            problems.append(f"limits.min_size ({lim.min_size}) > limits.max_size ({lim.max_size})")
+        if not lim.min_size <= self.defaults.size <= lim.max_size:
+            problems.append(f"defaults.size {self.defaults.size} is outside limits.min_size..limits.max_size")
+        if self.defaults.steps > lim.max_steps:
+            problems.append(f"defaults.steps {self.defaults.steps} > limits.max_steps {lim.max_steps}")
+        if d.autoscaling_config and d.num_replicas != "auto":
+            problems.append("deployment.autoscaling_config is set: also set deployment.num_replicas to 'auto'")
+        if d.num_replicas == "auto" and not d.autoscaling_config:
+            problems.append("deployment.num_replicas is 'auto': also give deployment.autoscaling_config")
+        known = {BASE, *self.adapters, *([self.champion.name] if self.champion.model else [])}
+        if self.default_model not in known:
+            problems.append(f"default_model {self.default_model!r} is none of {sorted(known)}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def resolved_tracking_uri(self) -> str | None:
+        return self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or None
+
+
+def load_serve_args(path: str | Path = PROJECT_ROOT / "configs" / "serve.yaml", overrides: list[str] | None = None):
+    """``ServeArgs`` from a Serve config file's first application (or a plain mapping), with dotted overrides.
+
+    Raises:
+        training.configuration.ConfigError: every problem at once.
+    """
+    from training.configuration import ConfigError, validate_values
+
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError([f"cannot read {path}: {exc}"], str(path)) from exc
+    if isinstance(data, dict) and "applications" in data:
+        data = (data["applications"] or [{}])[0].get("args") or {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"{path}: the application args must be a mapping"], str(path))
+    return validate_values(ServeArgs, data, overrides, str(path))

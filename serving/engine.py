@@ -1,0 +1,297 @@
+"""The generation engine: one base pipeline, many LoRA adapters, mixed-adapter batches. No Ray in here.
+
+    engine = Engine.from_args(load_serve_args("configs/serve.yaml"))
+    [result] = engine.generate([engine.prepare(ImageRequest("a red circle on a sks background", model="champion"))])
+    result.images[0].save("out.png")
+
+One batch may hold requests for different adapters and for the bare base model: every PEFT ``LoraLayer``
+gets a forward pre-hook that passes ``adapter_names`` (one per sample, ``"__base__"`` for none), so each sample
+goes through its own adapter in a single UNet pass. Classifier-free guidance doubles the UNet batch
+(``[uncond..., cond...]``), so the hook picks the routing list by the batch size it sees. Requests that cannot
+share a pass (different size, steps or guidance) run as sub-batches.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from serving.adapters import AdapterResolver, LoadedAdapters, ResolvedAdapter
+from serving.config import ServeArgs, project_path
+
+log = logging.getLogger(__name__)
+BASE_ROUTE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
+
+
+class RequestError(ValueError):
+    """A request outside the configured limits (HTTP 400); ``field`` names the offending field."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        super().__init__(f"{field}: {message}")
+
+
+class Cancelled(RuntimeError):
+    """Every request of a batch went away; the batch stopped at a denoising step."""
+
+
+@dataclass
+class ImageRequest:
+    prompt: str
+    model: str | None = None  # None: the configured default model
+    n: int = 1
+    seed: int | None = None  # image i uses seed + i; None: a random seed (returned)
+    steps: int | None = None
+    guidance: float | None = None
+    negative_prompt: str = ""
+    width: int | None = None
+    height: int | None = None
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+
+@dataclass
+class Prepared:
+    """A validated request with every default filled in and its adapter resolved (None: base)."""
+
+    request: ImageRequest
+    model: str
+    adapter: ResolvedAdapter | None
+    seed: int
+    steps: int
+    guidance: float
+    width: int
+    height: int
+
+    @property
+    def shape_key(self) -> tuple:
+        return self.width, self.height, self.steps, self.guidance
+
+
+@dataclass
+class ImageResult:
+    images: list[Image.Image]
+    seeds: list[int]
+    model: str
+    version: str | None  # registry version of the adapter, if any
+    batch_images: int  # images in the UNet pass this request shared
+    seconds: float  # wall time of that pass
+    pass_id: int = 0  # which pass of this engine drew it
+
+
+class Engine:
+    """Thread-safe: one generation at a time (a pass already uses every core/GPU it has)."""
+
+    def __init__(self, pipe, args: ServeArgs, resolver: AdapterResolver):
+        self.pipe = pipe
+        self.args = args
+        self.resolver = resolver
+        self.adapters = LoadedAdapters(pipe, args.max_adapters, on_change=self._hook_lora_layers)
+        self.size_multiple = pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+        self._route: dict[int, list[str]] | None = None
+        self._hooked: set[int] = set()
+        self._lock = threading.Lock()
+        self.passes = 0
+
+    @classmethod
+    def from_args(cls, args: ServeArgs, cache_dir: Path | None = None) -> Engine:
+        """Load the base pipeline (device/dtype from ``args``, CPU fallback) and set up the adapter resolver."""
+        from training.toy_world.sample import load_pipeline
+
+        device = args.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        elif device == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("device: cuda, but torch sees no CUDA GPU; set device: auto or cpu")
+        dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+        if device == "cpu" and dtype == torch.float16:
+            raise RuntimeError("dtype: float16 needs a CUDA GPU; use auto or float32 on CPU")
+        base = project_path(args.base_model)
+        pipe = load_pipeline(base, device=device, dtype=dtype)
+        cache = cache_dir or Path(project_path(args.adapter_cache_dir))
+        return cls(pipe, args, AdapterResolver(args, base, cache))
+
+    # ---- requests -------------------------------------------------------------------------------------------
+    def prepare(self, req: ImageRequest) -> Prepared:
+        """Fill defaults, check limits, resolve the adapter (may fetch it from the registry).
+
+        Raises:
+            RequestError: a field outside the configured limits.
+            serving.adapters.UnknownModel / AdapterUnavailable, training.adapter.AdapterError.
+        """
+        lim, d = self.args.limits, self.args.defaults
+        if not req.prompt or not req.prompt.strip():
+            raise RequestError("prompt", "is empty; describe the image to generate")
+        if len(req.prompt) > lim.max_prompt_chars:
+            raise RequestError("prompt", f"{len(req.prompt)} characters > limit {lim.max_prompt_chars}")
+        if len(req.negative_prompt) > lim.max_prompt_chars:
+            raise RequestError("negative_prompt", f"longer than {lim.max_prompt_chars} characters")
+        if not 1 <= req.n <= lim.max_n:
+            raise RequestError("n", f"{req.n} is outside 1..{lim.max_n}")
+        steps = d.steps if req.steps is None else req.steps
+        if not 1 <= steps <= lim.max_steps:
+            raise RequestError("steps", f"{steps} is outside 1..{lim.max_steps}")
+        guidance = d.guidance if req.guidance is None else float(req.guidance)
+        if not 0 <= guidance <= lim.max_guidance:  # also refuses NaN
+            raise RequestError("guidance", f"{guidance} is outside 0..{lim.max_guidance}")
+        width, height = req.width or d.size, req.height or d.size
+        for name, side in (("width", width), ("height", height)):
+            if not lim.min_size <= side <= lim.max_size or side % self.size_multiple:
+                raise RequestError(
+                    name, f"{side} px: use a multiple of {self.size_multiple} in {lim.min_size}..{lim.max_size}"
+                )
+        seed = secrets.randbelow(2**31) if req.seed is None else req.seed
+        if not 0 <= seed < 2**63 - lim.max_n:
+            raise RequestError("seed", f"{seed} is outside 0..2^63")
+        model = req.model or self.args.default_model
+        adapter = self.resolver.resolve(model)
+        return Prepared(req, model, adapter, seed, steps, guidance, width, height)
+
+    def generate(
+        self, batch: Sequence[Prepared], should_stop: Callable[[], bool] | None = None
+    ) -> list[ImageResult | Exception]:
+        """One result per request, in order; a request that failed gets its exception instead.
+
+        Raises:
+            Cancelled: ``should_stop()`` turned true (checked after every denoising step).
+        """
+        results: list[ImageResult | Exception | None] = [None] * len(batch)
+        for group in self.plan(batch):
+            try:
+                outs = self._run([batch[i] for i in group], should_stop)
+            except Cancelled:
+                raise
+            except Exception as exc:  # noqa: BLE001 - one failed pass must not fail the other groups
+                log.exception("generation failed for %d requests", len(group))
+                outs = [exc] * len(group)
+            for i, out in zip(group, outs):
+                results[i] = out
+        return results  # type: ignore[return-value]
+
+    def plan(self, batch: Sequence[Prepared]) -> list[list[int]]:
+        """Indices of ``batch`` split into passes: same size/steps/guidance, at most ``max_adapters`` adapters
+        per pass, and one adapter per pass when mixed batches are off."""
+        mixed = self.args.batching.mixed_adapters
+        groups: dict[tuple, list[int]] = {}
+        for i, p in enumerate(batch):
+            key = p.shape_key if mixed else (*p.shape_key, p.adapter.key if p.adapter else None)
+            groups.setdefault(key, []).append(i)
+        passes: list[list[int]] = []
+        for idx in groups.values():
+            current: list[int] = []
+            keys: set[str] = set()
+            for i in idx:
+                k = batch[i].adapter.key if batch[i].adapter else None
+                if k is not None and k not in keys and len(keys) == self.args.max_adapters:
+                    passes.append(current)
+                    current, keys = [], set()
+                current.append(i)
+                if k is not None:
+                    keys.add(k)
+            passes.append(current)
+        return passes
+
+    @torch.no_grad()
+    def _run(self, group: list[Prepared], should_stop: Callable[[], bool] | None) -> list[ImageResult]:
+        with self._lock:
+            slots = self.adapters.ensure([p.adapter for p in group if p.adapter])
+            prompts, negatives, gens, route = [], [], [], []
+            for p in group:
+                for i in range(p.request.n):
+                    prompts.append(p.request.prompt)
+                    negatives.append(p.request.negative_prompt)
+                    gens.append(torch.Generator("cpu").manual_seed(p.seed + i))
+                    route.append(slots[p.adapter.key] if p.adapter else BASE_ROUTE)
+            first = group[0]
+
+            def on_step(pipe, step, timestep, kwargs):
+                if should_stop is not None and should_stop():
+                    raise Cancelled(f"stopped at step {step + 1}/{first.steps}: every client went away")
+                return kwargs
+
+            start = time.perf_counter()
+            with self._routing(route):
+                out = self.pipe(
+                    prompts,
+                    negative_prompt=negatives if any(negatives) else None,
+                    width=first.width,
+                    height=first.height,
+                    num_inference_steps=first.steps,
+                    guidance_scale=first.guidance,
+                    generator=gens,
+                    callback_on_step_end=on_step,
+                )
+            seconds = time.perf_counter() - start
+            self.passes += 1
+            pass_id = self.passes
+        results, at = [], 0
+        for p in group:
+            n = p.request.n
+            version = p.adapter.version if p.adapter else None
+            seeds = [p.seed + i for i in range(n)]
+            results.append(
+                ImageResult(out.images[at : at + n], seeds, p.model, version, len(prompts), seconds, pass_id)
+            )
+            at += n
+        return results
+
+    # ---- mixed-adapter routing ------------------------------------------------------------------------------
+    @contextmanager
+    def _routing(self, route: list[str]):
+        """While active, every LoRA layer runs sample ``i`` through adapter ``route[i]``; the text encoder sees
+        one row per prompt, the UNet one per prompt or, with guidance, ``[uncond..., cond...]``."""
+        self._route = {len(route): route, 2 * len(route): route + route}
+        try:
+            yield
+        finally:
+            self._route = None
+
+    def _pre_hook(self, module, args, kwargs):
+        if self._route is None:
+            return None
+        x = args[0] if args else kwargs.get("x", kwargs.get("hidden_states"))
+        names = self._route.get(x.shape[0])
+        if names is None:
+            raise RuntimeError(f"LoRA layer saw batch {x.shape[0]}, routing covers {sorted(self._route)}")
+        kwargs["adapter_names"] = names
+        return args, kwargs
+
+    def _hook_lora_layers(self) -> None:
+        from peft.tuners.lora import LoraLayer
+
+        for part in (self.pipe.unet, self.pipe.text_encoder):
+            for module in part.modules():
+                if isinstance(module, LoraLayer) and id(module) not in self._hooked:
+                    module.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
+                    self._hooked.add(id(module))
+
+    # ---- lifecycle ------------------------------------------------------------------------------------------
+    def warm_up(self) -> float:
+        """One small generation with the default model (base if it cannot be fetched); returns seconds."""
+        start = time.perf_counter()
+        try:
+            req = self.prepare(ImageRequest("warm-up", steps=2, seed=0))
+        except Exception as exc:  # noqa: BLE001 - the replica still serves base and the other adapters
+            log.warning("warm-up with %s failed (%s); warming up the base model", self.args.default_model, exc)
+            req = self.prepare(ImageRequest("warm-up", model="base", steps=2, seed=0))
+        self.generate([req])
+        return time.perf_counter() - start
+
+    def preload(self, names: list[str]) -> None:
+        """Resolve ``names`` and load their adapters now, so the first request after a champion move is fast."""
+        adapters = [a for a in (self.resolver.resolve(n) for n in names) if a is not None]
+        with self._lock:
+            self.adapters.ensure(adapters[: self.args.max_adapters])
+
+    def stats(self) -> dict:
+        a = self.adapters
+        return {"loaded": len(a), "hits": a.hits, "misses": a.misses, "evictions": a.evictions}

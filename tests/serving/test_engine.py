@@ -1,0 +1,159 @@
+"""The engine without Ray: mixed-adapter batches, LRU, seeds, grouping, limits, cancellation, champion reload."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from serving.adapters import AdapterUnavailable, UnknownModel
+from serving.engine import Cancelled, Engine, ImageRequest, RequestError
+
+PROMPT = "a red circle on a sks background"
+
+
+def pixels(image) -> np.ndarray:
+    return np.asarray(image, dtype=np.int16)
+
+
+def run(engine: Engine, *reqs: ImageRequest):
+    results = engine.generate([engine.prepare(r) for r in reqs])
+    for r in results:
+        assert not isinstance(r, Exception), r
+    return results
+
+
+def test_mixed_batch_matches_single_adapter_runs(engine):
+    models = ["ad0", "base", "ad1", "ad0", "ad2", "base", "ad3"]
+    reqs = [ImageRequest(PROMPT, model=m, seed=10 + i) for i, m in enumerate(models)]
+    mixed = run(engine, *reqs)
+    assert {r.pass_id for r in mixed} == {mixed[0].pass_id} and mixed[0].batch_images == len(models)  # one pass
+    for req, got in zip(reqs, mixed):
+        [alone] = run(engine, req)
+        assert alone.batch_images == 1
+        assert np.abs(pixels(got.images[0]) - pixels(alone.images[0])).max() <= 1, req.model
+    # the routing matters: the same seed through another adapter (or none) draws a different image
+    same_seed = run(engine, *[ImageRequest(PROMPT, model=m, seed=0) for m in ("base", "ad0", "ad1")])
+    base, a0, a1 = (pixels(r.images[0]) for r in same_seed)
+    assert np.abs(base - a0).mean() > 2 and np.abs(a0 - a1).mean() > 2
+
+
+def test_lru_holds_at_most_max_adapters_and_evicts_the_least_recently_used(serve_args):
+    engine = Engine.from_args(serve_args(max_adapters=2))
+    for model in ("ad0", "ad1", "ad0", "ad2"):  # ad1 is the least recently used when ad2 arrives
+        run(engine, ImageRequest(PROMPT, model=model, seed=1, steps=1))
+    stats = engine.stats()
+    assert stats == {"loaded": 2, "hits": 1, "misses": 3, "evictions": 1}
+    slots = set(engine.pipe.unet.peft_config)
+    ad0, ad1, ad2 = (engine.resolver.resolve(n).key for n in ("ad0", "ad1", "ad2"))
+    assert slots == {engine.adapters.slot_name(ad0), engine.adapters.slot_name(ad2)}
+    assert ad1 not in engine.adapters
+    lora_params = sum(p.numel() for n, p in engine.pipe.unet.named_parameters() if "lora_" in n)
+    run(engine, ImageRequest(PROMPT, model="ad3", seed=1, steps=1))  # evicts ad0: memory stays at two adapters
+    assert sum(p.numel() for n, p in engine.pipe.unet.named_parameters() if "lora_" in n) == lora_params
+
+
+def test_three_adapters_with_room_for_two_run_as_two_passes(serve_args):
+    engine = Engine.from_args(serve_args(max_adapters=2))
+    reqs = [ImageRequest(PROMPT, model=m, seed=i, steps=1) for i, m in enumerate(["ad0", "ad1", "base", "ad2"])]
+    assert engine.plan([engine.prepare(r) for r in reqs]) == [[0, 1, 2], [3]]
+    results = run(engine, *reqs)
+    assert [r.batch_images for r in results] == [3, 3, 3, 1]
+
+
+def test_without_mixed_batches_each_pass_holds_one_adapter(serve_args):
+    engine = Engine.from_args(serve_args(**{"batching.mixed_adapters": False}))
+    reqs = [ImageRequest(PROMPT, model=m, seed=i) for i, m in enumerate(["ad0", "ad1", "ad0", "base"])]
+    assert engine.plan([engine.prepare(r) for r in reqs]) == [[0, 2], [1], [3]]
+
+
+def test_seeds_make_images_reproducible(engine):
+    a, b = run(engine, ImageRequest(PROMPT, model="ad0", seed=5, n=2), ImageRequest(PROMPT, model="ad0", seed=6))
+    assert a.seeds == [5, 6] and b.seeds == [6]
+    assert np.abs(pixels(a.images[1]) - pixels(b.images[0])).max() <= 1  # image i of a request uses seed + i
+    assert np.abs(pixels(a.images[0]) - pixels(a.images[1])).mean() > 2
+    [again] = run(engine, ImageRequest(PROMPT, model="ad0", seed=5))
+    assert np.array_equal(pixels(again.images[0]), pixels(a.images[0]))
+    [random_seed] = run(engine, ImageRequest(PROMPT))
+    assert 0 <= random_seed.seeds[0] < 2**31
+
+
+def test_requests_of_different_sizes_and_steps_run_as_sub_batches(engine):
+    reqs = [
+        ImageRequest(PROMPT, model="ad0", seed=1, width=64, height=64),
+        ImageRequest(PROMPT, model="ad1", seed=2, width=32, height=48),
+        ImageRequest(PROMPT, model="base", seed=3, width=64, height=64),
+        ImageRequest(PROMPT, model="ad0", seed=4, steps=2),
+    ]
+    assert engine.plan([engine.prepare(r) for r in reqs]) == [[0, 2], [1], [3]]
+    results = run(engine, *reqs)
+    assert [r.images[0].size for r in results] == [(64, 64), (32, 48), (64, 64), (64, 64)]
+    assert [r.batch_images for r in results] == [2, 1, 2, 1]
+
+
+@pytest.mark.parametrize(
+    ("request_kwargs", "field"),
+    [
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": "   "}, "prompt"),
+        ({"prompt": "x" * 501}, "prompt"),
+        ({"negative_prompt": "x" * 501}, "negative_prompt"),
+        ({"n": 0}, "n"),
+        ({"n": 5}, "n"),
+        ({"steps": 0}, "steps"),
+        ({"steps": 51}, "steps"),
+        ({"guidance": float("nan")}, "guidance"),
+        ({"guidance": -1.0}, "guidance"),
+        ({"width": 65}, "width"),
+        ({"height": 4096}, "height"),
+        ({"width": 16}, "width"),
+        ({"seed": -1}, "seed"),
+    ],
+)
+def test_requests_outside_the_limits_name_their_field(engine, request_kwargs, field):
+    req = ImageRequest(**({"prompt": PROMPT} | request_kwargs))
+    with pytest.raises(RequestError) as err:
+        engine.prepare(req)
+    assert err.value.field == field
+
+
+@pytest.mark.parametrize("model", ["nope", "../../etc/passwd", "/etc", "ad0/../../x", "toy@champion"])
+def test_clients_name_models_not_paths(engine, model):
+    with pytest.raises(UnknownModel):
+        engine.prepare(ImageRequest(PROMPT, model=model))
+
+
+def test_a_request_whose_clients_left_stops_at_the_next_step(engine):
+    calls = []
+
+    def gone() -> bool:
+        calls.append(1)
+        return len(calls) >= 2
+
+    with pytest.raises(Cancelled, match="step 2/20"):
+        engine.generate([engine.prepare(ImageRequest(PROMPT, steps=20))], should_stop=gone)
+    assert len(calls) == 2
+    assert not isinstance(run(engine, ImageRequest(PROMPT, model="ad0", seed=1))[0], Exception)  # still serves
+
+
+def test_a_bad_adapter_fails_alone(serve_args, tiny_adapters, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_adapters["ad0"], bad)
+    with open(bad / "pytorch_lora_weights.safetensors", "r+b") as f:
+        f.seek(-8, 2)
+        f.write(b"tampered")
+    engine = Engine.from_args(serve_args(**{"adapters.bad": str(bad)}))
+    from training.adapter import AdapterError
+
+    with pytest.raises(AdapterError, match="sha256"):
+        engine.prepare(ImageRequest(PROMPT, model="bad"))
+    assert run(engine, ImageRequest(PROMPT, model="ad1", seed=1))[0].images
+
+
+def test_registry_names_need_a_tracking_uri(serve_args, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    engine = Engine.from_args(serve_args(**{"champion.model": "toy", "default_model": "base"}))
+    with pytest.raises(AdapterUnavailable, match="MLFLOW_TRACKING_URI"):
+        engine.prepare(ImageRequest(PROMPT, model="champion"))
+    assert run(engine, ImageRequest(PROMPT, seed=1))[0].model == "base"  # the base model still serves
