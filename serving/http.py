@@ -83,7 +83,8 @@ class Api:
 
     # ---- helpers ---------------------------------------------------------------------------------------------
     def _auth(self, request: Request) -> None:
-        if self.key is None or request.url.path in PUBLIC:
+        path, root = request.url.path, request.scope.get("root_path", "")
+        if self.key is None or (path[len(root) :] if root and path.startswith(root) else path) in PUBLIC:
             return
         given = request.headers.get("authorization", "")
         scheme, _, token = given.partition(" ")

@@ -93,3 +93,36 @@ def mlflow_server(tmp_path_factory):
     server = start_mlflow_server(tmp_path_factory.mktemp("mlflow"))
     yield server.uri
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def toy_world_data(tmp_path_factory) -> dict[str, Path]:
+    """The default toy datasets (20 images, 6 held-out combinations): `sks` = dotted, and `sks` = striped."""
+    from training.toy_world.dataset import write_finetune_dataset
+
+    root = tmp_path_factory.mktemp("toy-data")
+    return {
+        "dotted": write_finetune_dataset(root / "toy-sks"),
+        "striped": write_finetune_dataset(root / "toy-sks-striped", concept="striped"),
+    }
+
+
+@pytest.fixture(scope="session")
+def toy_good_adapter(repo, toy_world_data, tmp_path_factory) -> Path:
+    """configs/train.yaml's recipe on the dotted toy set, trained in-process (no Ray, about 10 s)."""
+    from training.toy_world.adapters import train_toy_adapter
+
+    return train_toy_adapter(repo, toy_world_data["dotted"], tmp_path_factory.mktemp("adapters") / "good")
+
+
+@pytest.fixture(scope="session")
+def toy_adapters(repo, toy_world_data, toy_good_adapter, tmp_path_factory) -> dict[str, Path]:
+    """good; wrong_concept: the same recipe on the striped set; random: noise weights with good's shapes."""
+    from training.toy_world.adapters import randomize_adapter, train_toy_adapter
+
+    root = tmp_path_factory.mktemp("adapters")
+    return {
+        "good": toy_good_adapter,
+        "wrong_concept": train_toy_adapter(repo, toy_world_data["striped"], root / "striped"),
+        "random": randomize_adapter(toy_good_adapter, root / "random"),
+    }

@@ -2,36 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-
-from training.toy_world.adapters import randomize_adapter, train_toy_adapter
-
-
-@pytest.fixture(scope="session")
-def toy_world_data(tmp_path_factory) -> dict[str, Path]:
-    """The default toy datasets (20 images, 6 held-out combinations): `sks` = dotted, and `sks` = striped."""
-    from training.toy_world.dataset import write_finetune_dataset
-
-    root = tmp_path_factory.mktemp("toy-data")
-    return {
-        "dotted": write_finetune_dataset(root / "toy-sks"),
-        "striped": write_finetune_dataset(root / "toy-sks-striped", concept="striped"),
-    }
-
-
-@pytest.fixture(scope="session")
-def toy_adapters(repo, toy_world_data, tmp_path_factory) -> dict[str, Path]:
-    """good: the default recipe on the dotted set; wrong_concept: same recipe on striped; random: noise weights."""
-    root = tmp_path_factory.mktemp("adapters")
-    good = train_toy_adapter(repo, toy_world_data["dotted"], root / "good")
-    return {
-        "good": good,
-        "wrong_concept": train_toy_adapter(repo, toy_world_data["striped"], root / "striped"),
-        "random": randomize_adapter(good, root / "random"),
-    }
-
 
 # a quick suite for tests of the plumbing (registry, report, hooks): 4 trigger prompts, 2 prior, 1 seed, 10 steps
 SMALL_SUITE = [

@@ -61,3 +61,23 @@ def engine(serve_args):
     from serving.engine import Engine
 
     return Engine.from_args(serve_args())
+
+
+def register_adapter(uri: str, name: str, adapter_dir: Path, alias: str | None = "champion") -> str:
+    """Log ``adapter_dir`` as a run's artifacts, register it as a new version of ``name`` (with the sha256 and
+    base-model tags the evaluation writes) and point ``alias`` at it; returns the version."""
+    from evaluation.registry import TAG_BASE, TAG_SHA, client_for, promote, register
+    from training.adapter import base_model_id, verify_adapter
+
+    client = client_for(uri)
+    exp = client.get_experiment_by_name("serving-tests")
+    exp_id = exp.experiment_id if exp else client.create_experiment("serving-tests")
+    run = client.create_run(exp_id)
+    client.log_artifacts(run.info.run_id, str(adapter_dir), "adapter")
+    client.set_terminated(run.info.run_id)
+    meta = verify_adapter(adapter_dir)
+    tags = {TAG_SHA: meta.sha256, TAG_BASE: base_model_id(meta.base_model)}
+    version = str(register(client, name, f"runs:/{run.info.run_id}/adapter", run.info.run_id, tags).version)
+    if alias:
+        promote(client, name, version, alias)
+    return version

@@ -157,3 +157,22 @@ def test_registry_names_need_a_tracking_uri(serve_args, monkeypatch):
     with pytest.raises(AdapterUnavailable, match="MLFLOW_TRACKING_URI"):
         engine.prepare(ImageRequest(PROMPT, model="champion"))
     assert run(engine, ImageRequest(PROMPT, seed=1))[0].model == "base"  # the base model still serves
+
+
+def test_the_champion_follows_its_registry_alias(serve_args, tiny_adapters, mlflow_server):
+    from tests.serving.conftest import register_adapter
+
+    v1 = register_adapter(mlflow_server, "eng-champ", tiny_adapters["ad0"])
+    args = serve_args(**{"champion.model": "eng-champ", "champion.poll_s": 3600, "tracking_uri": mlflow_server})
+    engine = Engine.from_args(args)
+    [first] = run(engine, ImageRequest(PROMPT, model="champion", seed=1))
+    assert first.version == v1
+    v2 = register_adapter(mlflow_server, "eng-champ", tiny_adapters["ad1"])
+    assert run(engine, ImageRequest(PROMPT, model="champion", seed=1))[0].version == v1  # cached until refresh
+    assert engine.resolver.refresh() == {"champion": v2}
+    [second] = run(engine, ImageRequest(PROMPT, model="champion", seed=1))
+    [ad1] = run(engine, ImageRequest(PROMPT, model="ad1", seed=1))
+    assert second.version == v2 and np.array_equal(pixels(second.images[0]), pixels(ad1.images[0]))
+    # a pinned version and another alias are registry names too
+    assert run(engine, ImageRequest(PROMPT, model=f"eng-champ/{v1}", seed=1))[0].version == v1
+    assert run(engine, ImageRequest(PROMPT, model="eng-champ@previous", seed=1))[0].version == v1

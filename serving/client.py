@@ -1,0 +1,257 @@
+"""Python client for a lorafleet server (the OpenAI-compatible images route).
+
+    from serving.client import Client
+
+    with Client("http://127.0.0.1:8000", api_key=None) as client:
+        images = client.generate("a red circle on a sks background", adapter="champion", n=2, seed=0)
+        images[0].save("circle.png")           # PIL images; image.info has seed, model and version
+        print(client.models(), client.health())
+
+``AsyncClient`` has the same methods as coroutines. 503/408/504 answers and refused connections are retried
+with jittered exponential backoff (at least the server's ``Retry-After``); what is left raises a typed error
+carrying the server's message: ``BadRequest`` (400/422), ``Unauthorized`` (401), ``NotFound`` (404),
+``ServerBusy`` (503/408/504 after the retries), ``ServerError`` (other 5xx).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from typing import Any
+
+import httpx
+from PIL import Image
+
+from serving.images import from_b64
+
+RETRY_STATUS = (408, 503, 504)
+
+
+class LorafleetError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None):
+        super().__init__(f"{status}: {message}")
+        self.status, self.message, self.param = status, message, param
+
+
+class BadRequest(LorafleetError):
+    """The request is invalid (``param`` names the field); fix it, do not retry."""
+
+
+class Unauthorized(LorafleetError):
+    """Missing or wrong API key."""
+
+
+class NotFound(LorafleetError):
+    """No such model (adapter) on this server."""
+
+
+class ServerBusy(LorafleetError):
+    """The server shed the request (503) or timed out (408/504), and the retries ran out."""
+
+
+class ServerError(LorafleetError):
+    """The server failed (5xx)."""
+
+
+def _error(status: int, body: Any) -> LorafleetError:
+    err = body.get("error", {}) if isinstance(body, dict) else {}
+    message = err.get("message") or (str(body)[:300] if body else f"HTTP {status}")
+    cls = {400: BadRequest, 401: Unauthorized, 404: NotFound, 422: BadRequest}.get(status)
+    if cls is None:
+        cls = ServerBusy if status in RETRY_STATUS or status == 429 else ServerError if status >= 500 else BadRequest
+    return cls(status, message, err.get("param"))
+
+
+class _Base:
+    def __init__(
+        self,
+        base_url: str = "http://127.0.0.1:8000",
+        api_key: str | None = None,
+        timeout: float = 120.0,
+        retries: int = 4,
+        backoff_s: float = 0.5,
+        max_backoff_s: float = 8.0,
+    ):
+        self.base_url = base_url.rstrip("/")
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.timeout, self.retries, self.backoff_s, self.max_backoff_s = timeout, retries, backoff_s, max_backoff_s
+
+    @staticmethod
+    def _payload(prompt: str, adapter: str | None, n: int, seed: int | None, **extra: Any) -> dict:
+        body = {"prompt": prompt, "n": n, "response_format": "b64_json"}
+        if adapter is not None:
+            body["model"] = adapter
+        if seed is not None:
+            body["seed"] = seed
+        size = extra.pop("size", None)
+        if size is not None:
+            body["size"] = f"{size}x{size}" if isinstance(size, int) else size
+        body.update({k: v for k, v in extra.items() if v is not None})
+        return body
+
+    def _delay(self, attempt: int, response: httpx.Response | None) -> float:
+        """Full-jitter exponential backoff, never shorter than the server's Retry-After."""
+        cap = min(self.max_backoff_s, self.backoff_s * 2**attempt)
+        delay = random.uniform(cap / 2, cap)
+        retry_after = response.headers.get("retry-after") if response is not None else None
+        if retry_after and retry_after.isdigit():
+            delay = max(delay, float(retry_after) * random.uniform(1.0, 1.5))
+        return delay
+
+    @staticmethod
+    def _images(response: httpx.Response) -> list[Image.Image]:
+        body = response.json()
+        images = []
+        for item in body["data"]:
+            image = from_b64(item["b64_json"])
+            image.info.update(seed=item.get("seed"), model=body.get("model"), version=body.get("version"))
+            images.append(image)
+        return images
+
+    @staticmethod
+    def _check(response: httpx.Response) -> httpx.Response:
+        if response.status_code >= 400:
+            try:
+                body = response.json()
+            except ValueError:
+                body = response.text
+            raise _error(response.status_code, body)
+        return response
+
+    def _should_retry(self, attempt: int, response: httpx.Response | None) -> bool:
+        return attempt < self.retries and (response is None or response.status_code in RETRY_STATUS)
+
+
+class Client(_Base):
+    """Blocking client; use as a context manager or call ``close()``."""
+
+    def __init__(
+        self,
+        base_url: str = "http://127.0.0.1:8000",
+        api_key: str | None = None,
+        transport: httpx.BaseTransport | None = None,
+        **kwargs: Any,
+    ):
+        super().__init__(base_url, api_key, **kwargs)
+        self._http = httpx.Client(
+            base_url=self.base_url, headers=self.headers, timeout=self.timeout, transport=transport
+        )
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        attempt = 0
+        while True:
+            try:
+                response = self._http.request(method, path, **kwargs)
+            except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError) as exc:
+                if not self._should_retry(attempt, None):
+                    raise ServerBusy(503, f"cannot reach {self.base_url}: {exc}") from exc
+                response = None
+            if response is not None and not self._should_retry(attempt, response):
+                return self._check(response)
+            time.sleep(self._delay(attempt, response))
+            attempt += 1
+
+    def generate(
+        self,
+        prompt: str,
+        adapter: str | None = None,
+        n: int = 1,
+        seed: int | None = None,
+        steps: int | None = None,
+        guidance: float | None = None,
+        size: int | str | None = None,
+        negative_prompt: str | None = None,
+    ) -> list[Image.Image]:
+        """``n`` images for ``prompt`` from ``adapter`` (None: the server's default, 'base': no adapter)."""
+        body = self._payload(
+            prompt, adapter, n, seed, steps=steps, guidance=guidance, size=size, negative_prompt=negative_prompt
+        )
+        return self._images(self._request("POST", "/v1/images/generations", json=body))
+
+    def models(self) -> list[dict]:
+        return self._request("GET", "/v1/models").json()["data"]
+
+    def health(self) -> dict:
+        """``{"live": bool, "ready": bool}`` without retries."""
+        try:
+            live = self._http.get("/healthz").status_code == 200
+            ready = live and self._http.get("/readyz").status_code == 200
+        except httpx.HTTPError:
+            live = ready = False
+        return {"live": live, "ready": ready}
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncClient(_Base):
+    """``asyncio`` client: ``async with AsyncClient(url) as c: images = await c.generate(...)``."""
+
+    def __init__(
+        self,
+        base_url: str = "http://127.0.0.1:8000",
+        api_key: str | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+        **kwargs: Any,
+    ):
+        super().__init__(base_url, api_key, **kwargs)
+        self._http = httpx.AsyncClient(
+            base_url=self.base_url, headers=self.headers, timeout=self.timeout, transport=transport
+        )
+
+    async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        attempt = 0
+        while True:
+            try:
+                response = await self._http.request(method, path, **kwargs)
+            except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError) as exc:
+                if not self._should_retry(attempt, None):
+                    raise ServerBusy(503, f"cannot reach {self.base_url}: {exc}") from exc
+                response = None
+            if response is not None and not self._should_retry(attempt, response):
+                return self._check(response)
+            await asyncio.sleep(self._delay(attempt, response))
+            attempt += 1
+
+    async def generate(
+        self,
+        prompt: str,
+        adapter: str | None = None,
+        n: int = 1,
+        seed: int | None = None,
+        steps: int | None = None,
+        guidance: float | None = None,
+        size: int | str | None = None,
+        negative_prompt: str | None = None,
+    ) -> list[Image.Image]:
+        body = self._payload(
+            prompt, adapter, n, seed, steps=steps, guidance=guidance, size=size, negative_prompt=negative_prompt
+        )
+        return self._images(await self._request("POST", "/v1/images/generations", json=body))
+
+    async def models(self) -> list[dict]:
+        return (await self._request("GET", "/v1/models")).json()["data"]
+
+    async def health(self) -> dict:
+        try:
+            live = (await self._http.get("/healthz")).status_code == 200
+            ready = live and (await self._http.get("/readyz")).status_code == 200
+        except httpx.HTTPError:
+            live = ready = False
+        return {"live": live, "ready": ready}
+
+    async def close(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

@@ -1,0 +1,269 @@
+"""The Ray Serve app on a local Ray (loopback, one logical GPU): HTTP round trips, bad input, auth, backpressure,
+batching, GPU-fraction packing and champion reload. One Ray and one Serve instance for the module."""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures as cf
+import io
+import os
+import socket
+import time
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+pytestmark = pytest.mark.slow
+PROMPT = "a red circle on a sks background"
+KEY_ENV = "LORAFLEET_TEST_API_KEY"
+os.environ[KEY_ENV] = "s3cret-test-key"  # before ray.init: replicas inherit the environment, as from a secret
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def serve_instance():
+    import ray
+    from ray import serve
+
+    port, metrics_port = free_port(), free_port()
+    ray.init(
+        num_cpus=4,
+        num_gpus=1,  # logical: lets two num_gpus=0.5 replicas pack; the engine falls back to CPU
+        _node_ip_address="127.0.0.1",
+        include_dashboard=False,
+        _metrics_export_port=metrics_port,
+    )
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield {"url": f"http://127.0.0.1:{port}", "metrics": f"http://127.0.0.1:{metrics_port}/metrics"}
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def module_args(tiny_pipe_dir, tiny_adapters, tmp_path_factory):
+    """ServeArgs for the module's apps (the function-scoped ``serve_args`` cannot serve a module fixture)."""
+    from serving.config import ServeArgs
+    from training.configuration import validate_values
+
+    cache = tmp_path_factory.mktemp("serve-cache")
+
+    def make(**overrides):
+        values = {
+            "base_model": str(tiny_pipe_dir),
+            "adapters": {k: str(v) for k, v in tiny_adapters.items()},
+            "champion": {"model": None},
+            "default_model": "base",
+            "adapter_cache_dir": str(cache),
+            "defaults": {"steps": 4, "guidance": 4.0, "size": 64},
+            "limits": {"min_size": 32, "max_size": 128},
+            "deployment": {"num_cpus": 0},
+            "api_key_env": "LORAFLEET_UNSET_KEY",
+        }
+        return validate_values(ServeArgs, values, [f"{k}={v}" for k, v in overrides.items()])
+
+    return make
+
+
+def deploy(serve_instance, args, name: str) -> str:
+    from ray import serve
+
+    from serving.app import build_app
+
+    serve.run(build_app(args), name=name, route_prefix=f"/{name}")
+    return f"{serve_instance['url']}/{name}"
+
+
+@pytest.fixture(scope="module")
+def main_app(serve_instance, module_args) -> str:
+    return deploy(serve_instance, module_args(**{"batching.batch_wait_timeout_s": 0.2}), "main")
+
+
+def decode(item: dict) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(item["b64_json"]))), dtype=np.int16)
+
+
+def test_http_round_trip(main_app):
+    with httpx.Client(base_url=main_app, timeout=60) as http:
+        assert http.get("/healthz").json() == {"status": "ok"} and http.get("/readyz").status_code == 200
+        ids = [m["id"] for m in http.get("/v1/models").json()["data"]]
+        assert ids == ["base", "ad0", "ad1", "ad2", "ad3"]
+        body = {"prompt": PROMPT, "model": "ad0", "n": 2, "seed": 3, "size": "64x64"}
+        out = http.post("/v1/images/generations", json=body).json()
+        assert out["model"] == "ad0" and [d["seed"] for d in out["data"]] == [3, 4]
+        assert decode(out["data"][0]).shape == (64, 64, 3)
+        png = http.get("/v1/generate", params={"prompt": PROMPT, "adapter": "ad0", "seed": 3})
+        assert png.headers["content-type"] == "image/png" and png.headers["x-seed"] == "3"
+        same = np.asarray(Image.open(io.BytesIO(png.content)), dtype=np.int16)
+        assert np.abs(same - decode(out["data"][0])).max() <= 1
+        assert "OpenAPI" in http.get("/docs").text or "swagger" in http.get("/docs").text.lower()
+        assert "<form" in http.get("/").text
+
+
+BAD = [
+    ({"prompt": ""}, 400, "prompt"),
+    ({"prompt": "x" * 501}, 400, "prompt"),
+    ({"prompt": PROMPT, "n": 99}, 400, "n"),
+    ({"prompt": PROMPT, "n": 0}, 400, "n"),
+    ({"prompt": PROMPT, "steps": 999}, 400, "steps"),
+    ({"prompt": PROMPT, "size": "4096x4096"}, 400, "width"),
+    ({"prompt": PROMPT, "size": "-64x64"}, 400, "size"),
+    ({"prompt": PROMPT, "size": "big"}, 400, "size"),
+    ({"prompt": PROMPT, "guidance": "NaN"}, 400, "guidance"),
+    ({"prompt": PROMPT, "seed": -1}, 400, "seed"),
+    ({"prompt": PROMPT, "n": "two"}, 400, "n"),
+    ({"prompt": PROMPT, "response_format": "url"}, 400, "response_format"),
+    ({"prompt": PROMPT, "colour": "red"}, 400, "colour"),
+    ({"n": 1}, 400, "prompt"),
+    ({"prompt": PROMPT, "model": "nope"}, 404, "model"),
+    ({"prompt": PROMPT, "model": "../../etc/passwd"}, 404, "model"),
+    ({"prompt": PROMPT, "model": "someone@champion"}, 404, "model"),  # no registry configured
+]
+
+
+def test_bad_input_gets_a_4xx_naming_the_field(main_app):
+    with httpx.Client(base_url=main_app, timeout=60) as http:
+        for body, status, field in BAD:
+            r = http.post("/v1/images/generations", json=body)
+            assert r.status_code == status, (body, r.text)
+            assert r.json()["error"]["param"] == field, (body, r.json())
+        for raw in (b"{bad json", b"[1, 2]", b""):
+            r = http.post("/v1/images/generations", content=raw, headers={"content-type": "application/json"})
+            assert r.status_code == 400 and r.json()["error"]["param"] == "body", (raw, r.text)
+        r = http.get("/v1/generate", params={"prompt": PROMPT, "size": "64"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "size"
+
+
+def test_concurrent_requests_share_batches_and_the_metrics_show_it(main_app, serve_instance):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def one(i: int) -> int:
+        model = ["ad0", "ad1", "base", "ad2"][i % 4]
+        return httpx.post(
+            f"{main_app}/v1/images/generations", json={"prompt": PROMPT, "model": model}, timeout=60
+        ).status_code
+
+    with cf.ThreadPoolExecutor(16) as pool:
+        assert set(pool.map(one, range(32))) == {200}
+    stats = httpx.get(f"{main_app}/admin/stats", timeout=10).json()
+    assert stats["mean_batch_images"] > 1, stats
+    assert max(int(k) for k in stats["batch_images"]) >= 4, stats
+    deadline, mean = time.time() + 60, 0.0  # Ray's agent exports every few seconds
+    while time.time() < deadline and mean <= 1:
+        text = httpx.get(serve_instance["metrics"], timeout=10).text
+        sums = {"count": 0.0, "sum": 0.0}
+        for family in text_string_to_metric_families(text):
+            if family.name == "ray_lorafleet_batch_images":
+                for s in family.samples:
+                    for part in sums:
+                        if s.name.endswith(f"_{part}"):
+                            sums[part] += s.value
+        mean = sums["sum"] / sums["count"] if sums["count"] else 0.0
+        time.sleep(2)
+    assert mean > 1, "ray_lorafleet_batch_images never showed batches of more than one image"
+    assert "ray_lorafleet_adapter_cache" in text and "ray_lorafleet_requests" in text
+
+
+def test_api_key_guards_everything_but_health(serve_instance, module_args):
+    from serving.client import Client, Unauthorized
+
+    url = deploy(serve_instance, module_args(api_key_env=KEY_ENV), "guarded")
+    with httpx.Client(base_url=url, timeout=60) as http:
+        assert http.get("/healthz").status_code == 200 and http.get("/readyz").status_code == 200
+        for method, path in (("GET", "/v1/models"), ("POST", "/v1/images/generations"), ("GET", "/admin/stats")):
+            r = http.request(method, path, json={"prompt": PROMPT})
+            assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer", path
+        wrong = http.get("/v1/models", headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401
+    with pytest.raises(Unauthorized), Client(url, api_key="nope") as client:
+        client.models()
+    with Client(url, api_key=os.environ[KEY_ENV]) as client:
+        assert len(client.generate(PROMPT, adapter="ad1", seed=0)) == 1
+
+
+def test_a_burst_beyond_the_queue_is_shed_with_503_and_slow_requests_time_out(serve_instance, module_args):
+    args = module_args(
+        **{
+            "batching.max_batch_size": 1,
+            "limits.max_n": 1,
+            "limits.max_steps": 500,
+            "deployment.max_ongoing_requests": 1,
+            "deployment.max_queued_requests": 1,
+            "deployment.request_timeout_s": 30,
+            "deployment.retry_after_s": 2,
+        }
+    )
+    url = deploy(serve_instance, args, "tight")
+
+    def one(i: int) -> httpx.Response:
+        return httpx.post(f"{url}/v1/images/generations", json={"prompt": PROMPT, "steps": 60, "seed": i}, timeout=60)
+
+    with cf.ThreadPoolExecutor(12) as pool:
+        answers = list(pool.map(one, range(12)))
+    codes = [r.status_code for r in answers]
+    assert set(codes) <= {200, 503} and codes.count(503) >= 6 and codes.count(200) >= 2, codes
+    shed = next(r for r in answers if r.status_code == 503)
+    assert shed.headers["retry-after"] == "2" and shed.json()["error"]["type"] == "server_busy"
+
+    slow = deploy(serve_instance, module_args(**{"deployment.request_timeout_s": 0.05}), "slow")
+    r = httpx.post(f"{slow}/v1/images/generations", json={"prompt": PROMPT, "steps": 50, "n": 4}, timeout=60)
+    assert r.status_code == 504 and "longer than 0.05 s" in r.json()["error"]["message"]
+
+
+def test_two_half_gpu_replicas_pack_onto_one_logical_gpu(serve_instance, module_args):
+    import ray
+    from ray import serve
+
+    from serving.client import Client
+
+    args = module_args(**{"deployment.num_replicas": 2, "deployment.num_gpus": 0.5})
+    url = deploy(serve_instance, args, "gpu")
+    status = serve.status().applications["gpu"].deployments["Generator"]
+    assert status.replica_states.get("RUNNING") == 2, status
+    assert ray.available_resources().get("GPU", 0) == pytest.approx(0)
+    with Client(url) as client:
+        assert client.generate(PROMPT, adapter="ad0", seed=1)[0].size == (64, 64)  # CPU fallback draws
+    serve.delete("gpu")  # give the logical GPU back
+
+
+def test_replicas_follow_the_champion_without_dropping_requests(
+    serve_instance, module_args, tiny_adapters, mlflow_server
+):
+    from serving.client import Client
+    from tests.serving.conftest import register_adapter
+
+    v1 = register_adapter(mlflow_server, "srv-champ", tiny_adapters["ad0"])
+    args = module_args(
+        **{
+            "champion.model": "srv-champ",
+            "champion.poll_s": 2,
+            "default_model": "champion",
+            "tracking_uri": mlflow_server,
+        }
+    )
+    url = deploy(serve_instance, args, "champ")
+    with Client(url) as client:
+        assert client.generate(PROMPT, seed=1)[0].info["version"] == v1
+        v2 = register_adapter(mlflow_server, "srv-champ", tiny_adapters["ad1"])
+        versions, deadline = [], time.time() + 30
+        while time.time() < deadline and (not versions or versions[-1] != v2):  # the poll picks it up
+            versions.append(client.generate(PROMPT, seed=1)[0].info["version"])
+        assert versions[-1] == v2 and set(versions) <= {v1, v2}
+        # the admin route reloads at once; requests in flight meanwhile all succeed
+        from evaluation.registry import client_for, rollback
+
+        rollback(client_for(mlflow_server), "srv-champ")
+        with cf.ThreadPoolExecutor(4) as pool:
+            during = [pool.submit(client.generate, PROMPT, None, 1, i) for i in range(8)]
+            reload = httpx.post(f"{url}/admin/reload", timeout=60).json()
+            assert [len(f.result()) for f in during] == [1] * 8
+        assert reload["models"] == {"champion": v1}
+        assert client.generate(PROMPT, seed=1)[0].info["version"] == v1
+        ids = [m["id"] for m in client.models()]
+        assert "champion" in ids and f"srv-champ/{v1}" in ids and f"srv-champ/{v2}" in ids
