@@ -13,7 +13,7 @@ HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 COMMA  := ,
 EXTRAS := dev$(if $(HAS_GPU),$(COMMA)gpu)
 
-.PHONY: install demo test lint format toy-world quality train tune evaluate bench-train bench-tune bench-eval clean
+.PHONY: install demo test lint format toy-world quality train tune evaluate serve bench-train bench-tune bench-eval bench-serve browser clean
 
 install: $(STAMP)
 
@@ -48,6 +48,19 @@ ADAPTER ?= runs/train/adapter
 evaluate: $(STAMP)
 	@test -d data/toy-sks || $(BIN)/python -m training.toy_world dataset data/toy-sks
 	HF_HUB_OFFLINE=1 $(BIN)/python -m evaluation.evaluate --adapter $(ADAPTER) --config configs/eval.yaml
+
+# Serve the registry's champion + the base model: http://127.0.0.1:8000 (web page /, API docs /docs).
+# Needs the MLflow server of configs/serve.yaml (tracking_uri) holding a toy-sks-lora champion (make evaluate).
+serve: $(STAMP)
+	RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 HF_HUB_OFFLINE=1 $(BIN)/serve run configs/serve.yaml
+
+bench-serve: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/serve_throughput.py
+
+# Headless Chromium + its driver for the web-page test (Debian packages; needs root, skipped when present).
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }
 
 bench-tune: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/tune_efficiency.py

@@ -13,6 +13,7 @@ import logging
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,10 +68,12 @@ class Generator:
 
     def __init__(self, args: ServeArgs | dict):
         self.args = ServeArgs.model_validate(args)
-        threads = max(1, int(self.args.deployment.num_cpus))
-        torch.set_num_threads(threads)
-        cache = os.path.join(project_path(self.args.adapter_cache_dir), f"replica-{os.getpid()}")
-        self.engine = Engine.from_args(self.args, cache_dir=Path(cache))
+        # Every torch call of the replica runs on this one thread: with OpenMP teams started from two threads
+        # (say, loading on one and generating on another), libgomp throttles its spin-waits once it manages more
+        # threads than there are cores, and small ops got 3x slower on 2 cores (measured; see README, Serving).
+        self._torch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch")
+        cache = Path(project_path(self.args.adapter_cache_dir)) / f"replica-{os.getpid()}"
+        self.engine = self._torch.submit(self._load, cache).result()
         self.metrics = GeneratorMetrics()
         self._gone: set[str] = set()  # request ids whose caller went away
         self._epoch = 0
@@ -82,11 +85,18 @@ class Generator:
             batch_size_fn=lambda items: sum(q.prepared.request.n for q in items),  # a batch counts images
         )(self._run_batch)
         if self.args.warmup:
-            log.info("warm-up took %.2f s", self.engine.warm_up())
+            log.info("warm-up took %.2f s", self._torch.submit(self.engine.warm_up).result())
         self._check_gpu_memory()
         self._stop = threading.Event()
         if self.args.champion.model and self.args.champion.poll_s > 0:
             threading.Thread(target=self._poll, daemon=True, name="champion-poll").start()
+
+    def _load(self, cache: Path) -> Engine:
+        torch.set_num_threads(max(1, int(self.args.deployment.num_cpus)))
+        return Engine.from_args(self.args, cache_dir=cache)
+
+    def _on_torch(self, fn, *args):
+        return asyncio.wrap_future(self._torch.submit(fn, *args))
 
     def reconfigure(self, user_config: dict) -> None:
         """``user_config: {max_batch_size, batch_wait_timeout_s}`` changes batching without a restart."""
@@ -103,7 +113,7 @@ class Generator:
         model = req.model or self.args.default_model
         if epoch > self._epoch:  # an admin reload reached another replica first
             self._epoch = epoch
-            await asyncio.to_thread(self.refresh)
+            await asyncio.to_thread(self._refresh)
         try:
             prepared = await asyncio.to_thread(self.engine.prepare, req)
         except Exception as exc:  # noqa: BLE001 - every failure becomes a typed error result
@@ -127,9 +137,7 @@ class Generator:
         started = time.monotonic()
         ids = {q.prepared.request.request_id for q in items}
         try:
-            results = await asyncio.to_thread(
-                self.engine.generate, [q.prepared for q in items], lambda: ids <= self._gone
-            )
+            results = await self._on_torch(self.engine.generate, [q.prepared for q in items], lambda: ids <= self._gone)
         except Cancelled as exc:
             results = [exc] * len(items)
         finally:
@@ -150,19 +158,22 @@ class Generator:
             self.metrics.batch(first.batch_images, first.seconds, [started - q.arrived for q, _ in members], per_model)
         self.metrics.cache_state(self.engine.stats())
 
-    def refresh(self) -> dict:
+    async def refresh(self) -> dict:
         """Look the champion (and other aliases) up again; load a moved champion before serving it."""
+        return await asyncio.to_thread(self._refresh)
+
+    def _refresh(self) -> dict:
         versions = self.engine.resolver.refresh()
         moved = [n for n, v in versions.items() if not v.startswith("error")]
         if moved:
-            self.engine.preload(moved)
+            self._torch.submit(self.engine.preload, moved).result()
             self.metrics.cache_state(self.engine.stats())
         return versions
 
     def _poll(self) -> None:
         while not self._stop.wait(self.args.champion.poll_s):
             try:
-                self.refresh()
+                self._refresh()
             except Exception:  # noqa: BLE001 - a failed poll keeps the current champion
                 log.exception("champion poll failed")
 

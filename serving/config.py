@@ -60,7 +60,7 @@ class RequestLimits(_Section):
 class BatchingArgs(_Section):
     max_batch_size: int = Field(8, ge=1, description="images per UNet pass (@serve.batch counts images, not requests)")
     batch_wait_timeout_s: float = Field(
-        0.05, ge=0, description="how long a batch waits to fill after its first request"
+        0.02, ge=0, description="how long a batch waits to fill after its first request"
     )
     max_concurrent_batches: int = Field(
         1, ge=1, description="batches in flight per replica (1 on CPU: they share cores)"

@@ -101,6 +101,7 @@ class Engine:
         self._hooked: set[int] = set()
         self._lock = threading.Lock()
         self.passes = 0
+        self._steps_ok: dict[int, bool] = {}
 
     @classmethod
     def from_args(cls, args: ServeArgs, cache_dir: Path | None = None) -> Engine:
@@ -140,6 +141,8 @@ class Engine:
         steps = d.steps if req.steps is None else req.steps
         if not 1 <= steps <= lim.max_steps:
             raise RequestError("steps", f"{steps} is outside 1..{lim.max_steps}")
+        if not self._scheduler_takes(steps):
+            raise RequestError("steps", f"{steps} is more than this model's scheduler can space out; use fewer")
         guidance = d.guidance if req.guidance is None else float(req.guidance)
         if not 0 <= guidance <= lim.max_guidance:  # also refuses NaN
             raise RequestError("guidance", f"{guidance} is outside 0..{lim.max_guidance}")
@@ -155,6 +158,19 @@ class Engine:
         model = req.model or self.args.default_model
         adapter = self.resolver.resolve(model)
         return Prepared(req, model, adapter, seed, steps, guidance, width, height)
+
+    def _scheduler_takes(self, steps: int) -> bool:
+        """Whether the scheduler's timesteps for ``steps`` stay inside its training range (DDIM with 1000
+        training steps fails on 1000 inference steps: its offset reaches timestep 1000)."""
+        if steps not in self._steps_ok:
+            scheduler = type(self.pipe.scheduler).from_config(self.pipe.scheduler.config)
+            try:
+                scheduler.set_timesteps(steps)
+                ok = int(scheduler.timesteps.max()) < scheduler.config.num_train_timesteps
+            except ValueError:
+                ok = False
+            self._steps_ok[steps] = ok
+        return self._steps_ok[steps]
 
     def generate(
         self, batch: Sequence[Prepared], should_stop: Callable[[], bool] | None = None

@@ -30,7 +30,15 @@ class GeneratorMetrics:
             "lorafleet_adapter_cache", "adapter cache events: hit, miss, eviction", tag_keys=("event",)
         )
         self.loaded = metrics.Gauge("lorafleet_adapters_loaded", "adapters held in the replica's memory")
-        self.local = {"requests": Tally(), "batch_images": Tally(), "passes": 0, "cache": {}}
+        self.local = {
+            "requests": Tally(),
+            "batch_images": Tally(),
+            "passes": 0,
+            "pass_seconds": 0.0,
+            "queue_wait_seconds": 0.0,
+            "waited": 0,
+            "cache": {},
+        }
         self._seen = {"hits": 0, "misses": 0, "evictions": 0}
 
     def request(self, model: str, status: str) -> None:
@@ -46,6 +54,9 @@ class GeneratorMetrics:
             self.images.inc(count, tags={"model": model})
         self.local["batch_images"][images] += 1
         self.local["passes"] += 1
+        self.local["pass_seconds"] += seconds
+        self.local["queue_wait_seconds"] += sum(waits)
+        self.local["waited"] += len(waits)
 
     def cache_state(self, stats: dict) -> None:
         """Export the engine's cumulative cache counters as increments."""
@@ -65,5 +76,7 @@ class GeneratorMetrics:
             "passes": self.local["passes"],
             "batch_images": {str(k): v for k, v in sorted(sizes.items())},
             "mean_batch_images": total / max(1, self.local["passes"]),
+            "mean_pass_s": self.local["pass_seconds"] / max(1, self.local["passes"]),
+            "mean_queue_wait_s": self.local["queue_wait_seconds"] / max(1, self.local["waited"]),
             "adapter_cache": self.local["cache"],
         }

@@ -2,36 +2,18 @@
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import pytest
-import torch
-
-TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
-
-
-def make_adapter(pipe, base_dir: Path, out: Path, seed: int, rank: int = 4, std: float = 0.3) -> Path:
-    """A LoRA for ``pipe``'s UNet with random (non-zero) weights, saved in lorafleet's adapter format."""
-    from peft import LoraConfig
-
-    from training.adapter import AdapterMeta, save_adapter
-
-    unet = copy.deepcopy(pipe.unet)
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=TARGETS, init_lora_weights="gaussian"))
-    gen = torch.Generator().manual_seed(seed)
-    for name, param in unet.named_parameters():
-        if "lora_B" in name:
-            param.data = torch.randn(param.shape, generator=gen) * std
-    meta = AdapterMeta(base_model=str(base_dir), rank=rank, alpha=float(rank), target_modules=TARGETS, trigger="sks")
-    return save_adapter(out, unet, meta)
 
 
 @pytest.fixture(scope="session")
 def tiny_adapters(tmp_path_factory, tiny_pipe, tiny_pipe_dir) -> dict[str, Path]:
     """Four distinct random adapters for the tiny pipeline: name -> folder."""
+    from training.toy_world.adapters import random_adapter
+
     root = tmp_path_factory.mktemp("adapters")
-    return {f"ad{i}": make_adapter(tiny_pipe, tiny_pipe_dir, root / f"ad{i}", seed=i + 1) for i in range(4)}
+    return {f"ad{i}": random_adapter(tiny_pipe, tiny_pipe_dir, root / f"ad{i}", seed=i + 1) for i in range(4)}
 
 
 @pytest.fixture

@@ -267,3 +267,17 @@ def test_replicas_follow_the_champion_without_dropping_requests(
         assert client.generate(PROMPT, seed=1)[0].info["version"] == v1
         ids = [m["id"] for m in client.models()]
         assert "champion" in ids and f"srv-champ/{v1}" in ids and f"srv-champ/{v2}" in ids
+
+
+def test_a_client_that_goes_away_stops_its_generation(serve_instance, module_args):
+    args = module_args(**{"limits.max_steps": 999, "batching.max_batch_size": 1, "limits.max_n": 1})
+    url = deploy(serve_instance, args, "cancel")
+    start = time.time()
+    assert httpx.post(f"{url}/v1/images/generations", json={"prompt": PROMPT, "steps": 100}, timeout=60).is_success
+    full = (time.time() - start) * 10  # what 1000 steps would take
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{url}/v1/images/generations", json={"prompt": PROMPT, "steps": 999}, timeout=1.0)
+    start = time.time()  # the abandoned pass stops at its next step, so the replica is free again
+    assert httpx.post(f"{url}/v1/images/generations", json={"prompt": PROMPT, "steps": 4}, timeout=120).is_success
+    assert time.time() - start < 0.3 * full, (time.time() - start, full)
+    assert httpx.get(f"{url}/admin/stats", timeout=10).json()["requests"].get("cancelled") == 1

@@ -176,3 +176,11 @@ def test_the_champion_follows_its_registry_alias(serve_args, tiny_adapters, mlfl
     # a pinned version and another alias are registry names too
     assert run(engine, ImageRequest(PROMPT, model=f"eng-champ/{v1}", seed=1))[0].version == v1
     assert run(engine, ImageRequest(PROMPT, model="eng-champ@previous", seed=1))[0].version == v1
+
+
+def test_steps_are_bounded_by_the_scheduler_too(serve_args):
+    engine = Engine.from_args(serve_args(**{"limits.max_steps": 5000}))
+    for steps in (1000, 1001, 4000):  # DDIM, 1000 training steps: 1000 would index timestep 1000
+        with pytest.raises(RequestError, match="scheduler"):
+            engine.prepare(ImageRequest(PROMPT, steps=steps))
+    assert engine.prepare(ImageRequest(PROMPT, steps=999)).steps == 999

@@ -48,3 +48,23 @@ def randomize_adapter(src: Path, dst: Path, std: float = 0.3, seed: int = 0) -> 
     meta["sha256"] = file_sha256(dst / WEIGHTS_NAME)
     (dst / META_NAME).write_text(json.dumps(meta))
     return dst
+
+
+def random_adapter(pipe, base_model: str | Path, out: Path, seed: int, rank: int = 4, std: float = 0.3) -> Path:
+    """A LoRA on ``pipe``'s UNet attention with random (non-zero) weights, saved in lorafleet's adapter format
+    for ``base_model``: distinct adapters in seconds, for serving tests and load benchmarks."""
+    import copy
+
+    from peft import LoraConfig
+
+    from training.adapter import AdapterMeta, save_adapter
+
+    targets = ["to_q", "to_k", "to_v", "to_out.0"]
+    unet = copy.deepcopy(pipe.unet)
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, init_lora_weights="gaussian"))
+    gen = torch.Generator().manual_seed(seed)
+    for name, param in unet.named_parameters():
+        if "lora_B" in name:
+            param.data = torch.randn(param.shape, generator=gen) * std
+    meta = AdapterMeta(base_model=str(base_model), rank=rank, alpha=float(rank), target_modules=targets, trigger="sks")
+    return save_adapter(out, unet, meta)

@@ -1,0 +1,263 @@
+"""Serving throughput on loopback: dynamic batching vs none vs the raw engine, and mixed-adapter batches.
+
+    python benchmarks/serve_throughput.py                     # toy model, 20 steps, 64x64, ~4 min (make bench-serve)
+    python benchmarks/serve_throughput.py --seconds 5         # quicker, noisier
+
+(a) the Serve app with batching on (max_batch_size 8);
+(b) the same app with max_batch_size 1;
+(c) the raw engine called in-process at the batch size (a) can reach (min(concurrency, 8)), no HTTP, no Ray;
+(d) traffic spread over 4 adapters at concurrency 16: mixed-adapter batches vs one adapter per UNet pass.
+A closed-loop load generator (``concurrency`` clients, each sending its next request when the last returns) runs
+each variant for ``--seconds`` after a warm-up; one generator replica with 2 CPUs at a time. Prints images/s,
+p50/p99 latency and the ratios; writes ``runs/benchmarks/serve_throughput.json`` and ``.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+from serving.config import ServeArgs
+from serving.engine import Engine, ImageRequest
+from training.configuration import validate_values
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPT = "a red circle on a sks background"
+ADAPTERS = ["ad0", "ad1", "ad2", "ad3"]
+
+
+def make_adapters(root: Path) -> dict[str, str]:
+    from training.toy_world.adapters import random_adapter
+    from training.toy_world.sample import load_pipeline
+
+    pipe = load_pipeline(REPO / "models" / "toy-sd", device="cpu")
+    base = REPO / "models" / "toy-sd"
+    return {n: str(random_adapter(pipe, base, root / n, seed=i, rank=8, std=0.05)) for i, n in enumerate(ADAPTERS)}
+
+
+def serve_args(
+    adapters: dict[str, str],
+    cache: Path,
+    max_batch_size: int = 8,
+    mixed: bool = True,
+    wait_s: float = 0.02,
+    cpus: int = 1,
+) -> ServeArgs:
+    values = {
+        "base_model": str(REPO / "models" / "toy-sd"),
+        "adapters": adapters,
+        "champion": {"model": None},
+        "default_model": "ad0",
+        "adapter_cache_dir": str(cache),
+        "defaults": {"steps": 20, "guidance": 4.0, "size": 64},
+        "limits": {"max_n": 1},
+        "batching": {"max_batch_size": max_batch_size, "batch_wait_timeout_s": wait_s, "mixed_adapters": mixed},
+        "deployment": {
+            "num_cpus": cpus,
+            "max_ongoing_requests": 32,
+            "max_queued_requests": 64,
+            "request_timeout_s": 120,
+        },
+        "api_key_env": "LORAFLEET_BENCH_UNSET",
+    }
+    return validate_values(ServeArgs, values)
+
+
+def summary(latencies: list[float], images: int, wall: float) -> dict:
+    lat = sorted(latencies)
+    return {
+        "images_per_s": images / wall,
+        "p50_s": statistics.median(lat),
+        "p99_s": lat[min(len(lat) - 1, int(0.99 * len(lat)))],
+        "requests": len(lat),
+    }
+
+
+async def load(url: str, concurrency: int, seconds: float, models: list[str]) -> dict:
+    """Closed loop: each client sends one request after another; requests cycle through ``models``."""
+    latencies: list[float] = []
+    failures = 0
+    counter = iter(range(10**9))
+
+    async def client(http: httpx.AsyncClient, stop: float, record: bool) -> None:
+        nonlocal failures
+        while time.perf_counter() < stop:
+            i = next(counter)
+            body = {"prompt": PROMPT, "model": models[i % len(models)], "seed": i}
+            start = time.perf_counter()
+            r = await http.post("/v1/images/generations", json=body)
+            if r.status_code != 200:
+                failures += 1
+            elif record:
+                latencies.append(time.perf_counter() - start)
+
+    limits = httpx.Limits(max_connections=concurrency + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as http:
+        warm = time.perf_counter() + min(3.0, seconds / 3)
+        await asyncio.gather(*(client(http, warm, False) for _ in range(concurrency)))
+        start = time.perf_counter()
+        await asyncio.gather(*(client(http, start + seconds, True) for _ in range(concurrency)))
+        wall = time.perf_counter() - start
+    return summary(latencies, len(latencies), wall) | {"failures": failures}
+
+
+def raw_engine(args: ServeArgs, batch: int, seconds: float) -> dict:
+    """(c): the engine in this process, batches of ``batch`` one-image requests, back to back."""
+    torch.set_num_threads(int(args.deployment.num_cpus))
+    engine = Engine.from_args(args)
+    seed = 0
+
+    def one_batch() -> float:
+        nonlocal seed
+        reqs = [engine.prepare(ImageRequest(PROMPT, model="ad0", seed=seed + i)) for i in range(batch)]
+        seed += batch
+        start = time.perf_counter()
+        engine.generate(reqs)
+        return time.perf_counter() - start
+
+    one_batch()
+    latencies, images, start = [], 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        t = one_batch()
+        latencies += [t] * batch
+        images += batch
+    return summary(latencies, images, time.perf_counter() - start)
+
+
+def pass_stats(before: dict, after: dict) -> dict:
+    """Mean images per UNet pass and mean pass time between two /admin/stats snapshots (warm-up included)."""
+    sizes = {int(k): v - before["batch_images"].get(k, 0) for k, v in after["batch_images"].items()}
+    passes = sum(sizes.values())
+    seconds = after["mean_pass_s"] * after["passes"] - before["mean_pass_s"] * before["passes"]
+    return {
+        "mean_batch_images": sum(k * v for k, v in sizes.items()) / max(1, passes),
+        "mean_pass_s": seconds / max(1, passes),
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def served(args: ServeArgs, name: str, port: int):
+    from ray import serve
+
+    from serving.app import build_app
+
+    serve.run(build_app(args), name=name, route_prefix="/")
+    return f"http://127.0.0.1:{port}"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seconds", type=float, default=12.0, help="measured seconds per variant and concurrency")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    p.add_argument("--cpus", type=int, default=1, help="CPUs (torch threads) of the replica and of the raw engine")
+    p.add_argument("--batch-wait", type=float, default=0.02, help="batching.batch_wait_timeout_s of (a) and (d)")
+    p.add_argument("--out", default=str(REPO / "runs" / "benchmarks" / "serve_throughput.json"))
+    a = p.parse_args(argv)
+    tmp = Path(tempfile.mkdtemp(prefix="serve-bench-"))
+    adapters = make_adapters(tmp)
+    cache = tmp / "cache"
+    results: dict = {"a_batching": {}, "b_no_batching": {}, "c_raw_engine": {}, "d_mixed": {}, "d_one_per_pass": {}}
+    for c in a.concurrency:
+        results["c_raw_engine"][c] = raw_engine(serve_args(adapters, cache, cpus=a.cpus), min(c, 8), a.seconds)
+        print(f"(c) raw engine, batch {min(c, 8)}: {results['c_raw_engine'][c]}", flush=True)
+
+    import ray
+    from ray import serve
+
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    port = free_port()
+    ray.init(num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        variants = [
+            ("a_batching", serve_args(adapters, cache, wait_s=a.batch_wait, cpus=a.cpus), a.concurrency, ["ad0"]),
+            ("b_no_batching", serve_args(adapters, cache, max_batch_size=1, cpus=a.cpus), a.concurrency, ["ad0"]),
+            ("d_mixed", serve_args(adapters, cache, wait_s=a.batch_wait, cpus=a.cpus), [16], ADAPTERS),
+            (
+                "d_one_per_pass",
+                serve_args(adapters, cache, mixed=False, wait_s=a.batch_wait, cpus=a.cpus),
+                [16],
+                ADAPTERS,
+            ),
+        ]
+        for key, args, levels, models in variants:
+            url = served(args, "bench", port)
+            for c in levels:
+                before = httpx.get(f"{url}/admin/stats", timeout=30).json()
+                results[key][c] = asyncio.run(load(url, c, a.seconds, models))
+                after = httpx.get(f"{url}/admin/stats", timeout=30).json()
+                results[key][c] |= pass_stats(before, after)
+                print(f"({key}) concurrency {c}: {results[key][c]}", flush=True)
+            serve.delete("bench")
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    report(results, a.concurrency, Path(a.out))
+    return results
+
+
+def report(results: dict, levels: list[int], out: Path) -> None:
+    ips = {k: {c: v["images_per_s"] for c, v in r.items()} for k, r in results.items()}
+    print("\nimages/s (p50 / p99 latency s)")
+    print(f"{'variant':<16}" + "".join(f"{'c=' + str(c):>24}" for c in levels))
+    for key in ("a_batching", "b_no_batching", "c_raw_engine"):
+        row = "".join(
+            f"{results[key][c]['images_per_s']:>8.2f} ({results[key][c]['p50_s']:.2f}/{results[key][c]['p99_s']:.2f})"
+            for c in levels
+        )
+        print(f"{key:<16}{row}")
+    top = max(levels)
+    ratios = {
+        f"a/b at c={top}": ips["a_batching"][top] / ips["b_no_batching"][top],
+        **{f"a/c at c={c}": ips["a_batching"][c] / ips["c_raw_engine"][c] for c in levels},
+        "d mixed / one-adapter-per-pass at c=16": ips["d_mixed"][16] / ips["d_one_per_pass"][16],
+    }
+    targets = {f"a/b at c={top}": 1.5, "d mixed / one-adapter-per-pass at c=16": 1.3}
+    print("\nratios")
+    for name, value in ratios.items():
+        target = targets.get(name, 0.85 if name.startswith("a/c") else None)
+        verdict = "" if target is None else f" (target >= {target:.2f}: {'met' if value >= target else 'MISSED'})"
+        print(f"  {name:<42} {value:5.2f}{verdict}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"results": results, "ratios": ratios}, indent=2) + "\n")
+    plot(results, levels, out.with_suffix(".png"))
+    print(f"\nwrote {out} and {out.with_suffix('.png')}")
+
+
+def plot(results: dict, levels: list[int], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, label in (
+        ("a_batching", "(a) Serve, batching"),
+        ("b_no_batching", "(b) Serve, batch 1"),
+        ("c_raw_engine", "(c) raw engine"),
+    ):
+        ax.plot(levels, [results[key][c]["images_per_s"] for c in levels], marker="o", label=label)
+    ax.set(xlabel="concurrent clients", ylabel="images/s", xscale="log", title="toy SD, 20 steps, 64x64, 2 CPU cores")
+    ax.set_xticks(levels, [str(c) for c in levels])
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+if __name__ == "__main__":
+    main()
