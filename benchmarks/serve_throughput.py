@@ -5,7 +5,8 @@
 
 (a) the Serve app with batching on (max_batch_size 8);
 (b) the same app with max_batch_size 1;
-(c) the raw engine called in-process at the batch size (a) can reach (min(concurrency, 8)), no HTTP, no Ray;
+(c) the raw engine called in-process at the batch size (a) can reach (min(concurrency, 8)), no HTTP, no Ray,
+    alternating with (a) over ``--rounds`` rounds (medians kept);
 (d) traffic spread over 4 adapters at concurrency 16: mixed-adapter batches vs one adapter per UNet pass.
 A closed-loop load generator (``concurrency`` clients, each sending its next request when the last returns) runs
 each variant for ``--seconds`` after a warm-up; one generator replica with 2 CPUs at a time. Prints images/s,
@@ -111,10 +112,8 @@ async def load(url: str, concurrency: int, seconds: float, models: list[str]) ->
     return summary(latencies, len(latencies), wall) | {"failures": failures}
 
 
-def raw_engine(args: ServeArgs, batch: int, seconds: float) -> dict:
+def raw_engine(engine: Engine, batch: int, seconds: float) -> dict:
     """(c): the engine in this process, batches of ``batch`` one-image requests, back to back."""
-    torch.set_num_threads(int(args.deployment.num_cpus))
-    engine = Engine.from_args(args)
     seed = 0
 
     def one_batch() -> float:
@@ -132,6 +131,19 @@ def raw_engine(args: ServeArgs, batch: int, seconds: float) -> dict:
         latencies += [t] * batch
         images += batch
     return summary(latencies, images, time.perf_counter() - start)
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The run with the median images/s, with every run's figure kept."""
+    ordered = sorted(runs, key=lambda r: r["images_per_s"])
+    return ordered[len(ordered) // 2] | {"rounds_images_per_s": [r["images_per_s"] for r in runs]}
+
+
+def measure(url: str, concurrency: int, seconds: float, models: list[str]) -> dict:
+    """One closed-loop run against the app at ``url``, with the replica's pass figures for that run."""
+    before = httpx.get(f"{url}/admin/stats", timeout=30).json()
+    result = asyncio.run(load(url, concurrency, seconds, models))
+    return result | pass_stats(before, httpx.get(f"{url}/admin/stats", timeout=30).json())
 
 
 def pass_stats(before: dict, after: dict) -> dict:
@@ -162,8 +174,9 @@ def served(args: ServeArgs, name: str, port: int):
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--seconds", type=float, default=12.0, help="measured seconds per variant and concurrency")
+    p.add_argument("--seconds", type=float, default=8.0, help="measured seconds per variant and concurrency")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds of (a) and (c); the median is kept")
     p.add_argument("--cpus", type=int, default=1, help="CPUs (torch threads) of the replica and of the raw engine")
     p.add_argument("--batch-wait", type=float, default=0.02, help="batching.batch_wait_timeout_s of (a) and (d)")
     p.add_argument("--out", default=str(REPO / "runs" / "benchmarks" / "serve_throughput.json"))
@@ -172,9 +185,8 @@ def main(argv: list[str] | None = None) -> dict:
     adapters = make_adapters(tmp)
     cache = tmp / "cache"
     results: dict = {"a_batching": {}, "b_no_batching": {}, "c_raw_engine": {}, "d_mixed": {}, "d_one_per_pass": {}}
-    for c in a.concurrency:
-        results["c_raw_engine"][c] = raw_engine(serve_args(adapters, cache, cpus=a.cpus), min(c, 8), a.seconds)
-        print(f"(c) raw engine, batch {min(c, 8)}: {results['c_raw_engine'][c]}", flush=True)
+    torch.set_num_threads(a.cpus)
+    engine = Engine.from_args(serve_args(adapters, cache, cpus=a.cpus))
 
     import ray
     from ray import serve
@@ -184,8 +196,18 @@ def main(argv: list[str] | None = None) -> dict:
     ray.init(num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
+        # (a) and (c) alternate, round by round, so the machine's drift hits both alike
+        url = served(serve_args(adapters, cache, wait_s=a.batch_wait, cpus=a.cpus), "bench", port)
+        for c in a.concurrency:
+            raw, served_runs = [], []
+            for _ in range(a.rounds):
+                raw.append(raw_engine(engine, min(c, 8), a.seconds))
+                served_runs.append(measure(url, c, a.seconds, ["ad0"]))
+            results["c_raw_engine"][c], results["a_batching"][c] = median_run(raw), median_run(served_runs)
+            print(f"(c) raw engine, batch {min(c, 8)}: {results['c_raw_engine'][c]}", flush=True)
+            print(f"(a) batching, concurrency {c}: {results['a_batching'][c]}", flush=True)
+        serve.delete("bench")
         variants = [
-            ("a_batching", serve_args(adapters, cache, wait_s=a.batch_wait, cpus=a.cpus), a.concurrency, ["ad0"]),
             ("b_no_batching", serve_args(adapters, cache, max_batch_size=1, cpus=a.cpus), a.concurrency, ["ad0"]),
             ("d_mixed", serve_args(adapters, cache, wait_s=a.batch_wait, cpus=a.cpus), [16], ADAPTERS),
             (
@@ -198,10 +220,7 @@ def main(argv: list[str] | None = None) -> dict:
         for key, args, levels, models in variants:
             url = served(args, "bench", port)
             for c in levels:
-                before = httpx.get(f"{url}/admin/stats", timeout=30).json()
-                results[key][c] = asyncio.run(load(url, c, a.seconds, models))
-                after = httpx.get(f"{url}/admin/stats", timeout=30).json()
-                results[key][c] |= pass_stats(before, after)
+                results[key][c] = measure(url, c, a.seconds, models)
                 print(f"({key}) concurrency {c}: {results[key][c]}", flush=True)
             serve.delete("bench")
     finally:

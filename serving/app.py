@@ -26,6 +26,7 @@ from serving.config import BASE, ServeArgs, project_path
 from serving.engine import Cancelled, Engine, ImageRequest, ImageResult, Prepared, RequestError
 from serving.http import Api
 from serving.images import png_bytes
+from serving.passes import PassQueue
 from serving.telemetry import GeneratorMetrics
 from training.adapter import AdapterError
 
@@ -75,9 +76,16 @@ class Generator:
         cache = Path(project_path(self.args.adapter_cache_dir)) / f"replica-{os.getpid()}"
         self.engine = self._torch.submit(self._load, cache).result()
         self.metrics = GeneratorMetrics()
-        self._gone: set[str] = set()  # request ids whose caller went away
+        self._gone: dict[str, float] = {}  # request id whose caller went away -> when
         self._epoch = 0
         b = self.args.batching
+        self._passes: PassQueue[_Queued, ImageResult | Exception] = PassQueue(
+            self._run_pass,
+            size=lambda q: q.prepared.request.n,
+            max_images=b.max_batch_size,
+            skip=lambda q: self._gone.pop(q.prepared.request.request_id, None) is not None,
+            skipped=lambda q: Cancelled("the client went away before its pass"),
+        )
         self._batched = serve.batch(
             max_batch_size=b.max_batch_size,
             batch_wait_timeout_s=b.batch_wait_timeout_s,
@@ -105,6 +113,7 @@ class Generator:
             if size < self.args.limits.max_n:
                 raise ValueError(f"user_config.max_batch_size {size} < limits.max_n {self.args.limits.max_n}")
             self._batched.set_max_batch_size(size)
+            self._passes.max_images = size
         if "batch_wait_timeout_s" in user_config:
             self._batched.set_batch_wait_timeout_s(float(user_config["batch_wait_timeout_s"]))
 
@@ -123,7 +132,7 @@ class Generator:
         try:
             result = await self._batched(_Queued(prepared, arrived))
         except asyncio.CancelledError:
-            self._gone.add(req.request_id)
+            self._gone[req.request_id] = time.monotonic()
             self.metrics.request(model, "cancelled")
             raise
         if isinstance(result, Exception):
@@ -134,14 +143,21 @@ class Generator:
         return encode(result)
 
     async def _run_batch(self, items: list[_Queued]) -> list[ImageResult | Exception]:
+        """What ``@serve.batch`` formed goes into the pass queue, merged with batches formed meanwhile."""
+        return await self._passes.submit(items)
+
+    async def _run_pass(self, items: list[_Queued]) -> list[ImageResult | Exception]:
         started = time.monotonic()
         ids = {q.prepared.request.request_id for q in items}
         try:
-            results = await self._on_torch(self.engine.generate, [q.prepared for q in items], lambda: ids <= self._gone)
+            results = await self._on_torch(
+                self.engine.generate, [q.prepared for q in items], lambda: ids <= self._gone.keys()
+            )
         except Cancelled as exc:
             results = [exc] * len(items)
         finally:
-            self._gone -= ids
+            horizon = started - 2 * self.args.deployment.request_timeout_s  # ids that no pass will ask about
+            self._gone = {k: t for k, t in self._gone.items() if k not in ids and t > horizon}
         self._record(items, results, started)
         return results
 

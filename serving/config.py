@@ -63,8 +63,12 @@ class BatchingArgs(_Section):
         0.02, ge=0, description="how long a batch waits to fill after its first request"
     )
     max_concurrent_batches: int = Field(
-        1, ge=1, description="batches in flight per replica (1 on CPU: they share cores)"
+        4,
+        ge=1,
+        description="batches @serve.batch hands over at once; the replica merges them and runs one UNet pass "
+        "at a time, so batches formed during a pass join the next one instead of waiting frozen",
     )
+
     mixed_adapters: bool = Field(
         True, description="run requests for different adapters in one UNet pass (false: one adapter per sub-batch)"
     )
@@ -77,7 +81,7 @@ class DeploymentArgs(_Section):
     )
     num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per generator replica (torch uses this many threads)")
     num_gpus: float = Field(0.0, ge=0, description="GPU share per replica: 0, a fraction that divides 1, or whole GPUs")
-    max_ongoing_requests: int = Field(16, ge=1, description="requests a replica holds at once (>= a full batch)")
+    max_ongoing_requests: int = Field(32, ge=1, description="requests a replica holds at once (>= a full batch)")
     max_queued_requests: int = Field(
         32, ge=-1, description="requests waiting for a replica beyond that; more get 503 + Retry-After (-1: unbounded)"
     )

@@ -191,6 +191,7 @@ def test_a_burst_beyond_the_queue_is_shed_with_503_and_slow_requests_time_out(se
     args = module_args(
         **{
             "batching.max_batch_size": 1,
+            "batching.max_concurrent_batches": 1,
             "limits.max_n": 1,
             "limits.max_steps": 500,
             "deployment.max_ongoing_requests": 1,
