@@ -165,6 +165,10 @@ class LoadedAdapters:
     def __len__(self) -> int:
         return len(self._slots)
 
+    def keys(self) -> list[str]:
+        """Keys (weights sha256) of the loaded adapters, least recently used first."""
+        return list(self._slots)
+
     def ensure(self, adapters: list[ResolvedAdapter]) -> dict[str, str]:
         """Load what is missing (evicting others), mark all as used; returns key -> slot.
 

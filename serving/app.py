@@ -101,6 +101,8 @@ class Generator:
 
     def _load(self, cache: Path) -> Engine:
         torch.set_num_threads(max(1, int(self.args.deployment.num_cpus)))
+        if self.args.deployment.num_gpus > 0 and not torch.cuda.is_available():
+            log.warning("num_gpus=%s but torch sees no CUDA GPU: generating on CPU", self.args.deployment.num_gpus)
         return Engine.from_args(self.args, cache_dir=cache)
 
     def _on_torch(self, fn, *args):
@@ -207,9 +209,12 @@ class Generator:
                 f"{used / share / 2**30:.1f} GiB but the GPU has {total / 2**30:.1f} GiB; raise num_gpus"
             )
 
-    def models(self) -> dict:
+    async def models(self) -> dict:
+        return await asyncio.to_thread(self._models)  # the registry lookup must not stall the event loop
+
+    def _models(self) -> dict:
         known = self.engine.resolver.known()
-        loaded = {a for a in self.engine.adapters._slots}
+        loaded = set(self.engine.adapters.keys())
         cards = [{"id": BASE, "kind": "base", "ref": self.engine.args.base_model, "loaded": True}]
         for name, ref in self.engine.resolver.configured().items():
             r = known.get(name)
