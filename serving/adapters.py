@@ -121,10 +121,8 @@ class AdapterResolver:
 
     def refresh(self) -> dict[str, str]:
         """Look registry aliases up again now (the champion moved); returns name -> version or error."""
-        with self._lock:
-            for name, (_, _) in list(self._cache.items()):
-                if _moves(self.ref_for(name)):
-                    self._cache[name] = (self._cache[name][0], 0.0)
+        with self._lock:  # expire every alias lookup
+            self._cache = {n: (r, 0.0 if _moves(r.ref) else t) for n, (r, t) in self._cache.items()}
         out = {}
         for name in [n for n, r in self.configured().items() if _moves(r)]:
             try:

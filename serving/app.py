@@ -59,7 +59,6 @@ def encode(result: ImageResult) -> dict:
         "model": result.model,
         "version": result.version,
         "size": f"{result.images[0].width}x{result.images[0].height}",
-        "batch_images": result.batch_images,
     }
 
 
@@ -252,7 +251,7 @@ class Generator:
         return out
 
     def stats(self) -> dict:
-        return {"pid": os.getpid(), **self.metrics.snapshot(), "engine": self.engine.stats()}
+        return {"pid": os.getpid(), **self.metrics.snapshot(), "adapter_cache": self.engine.stats()}
 
     def ready(self) -> bool:
         return True

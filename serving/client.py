@@ -16,6 +16,7 @@ carrying the server's message: ``BadRequest`` (400/422), ``Unauthorized`` (401),
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 import time
 from typing import Any
@@ -26,6 +27,7 @@ from PIL import Image
 from serving.images import from_b64
 
 RETRY_STATUS = (408, 503, 504)
+RETRYABLE = (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError)  # the server restarting
 
 
 class LorafleetError(Exception):
@@ -119,8 +121,17 @@ class _Base:
             raise _error(response.status_code, body)
         return response
 
-    def _should_retry(self, attempt: int, response: httpx.Response | None) -> bool:
-        return attempt < self.retries and (response is None or response.status_code in RETRY_STATUS)
+    def _final(self, attempt: int, response: httpx.Response | None, exc: Exception | None) -> httpx.Response | None:
+        """The checked response when attempt ``attempt`` ends the call, None when it should be retried.
+
+        Raises:
+            LorafleetError: the typed error of the final answer (``ServerBusy`` when the server stayed away).
+        """
+        if attempt < self.retries and (exc is not None or response.status_code in RETRY_STATUS):
+            return None
+        if exc is not None:
+            raise ServerBusy(503, f"cannot reach {self.base_url}: {exc}") from exc
+        return self._check(response)
 
 
 class Client(_Base):
@@ -139,18 +150,16 @@ class Client(_Base):
         )
 
     def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        attempt = 0
-        while True:
+        for attempt in itertools.count():
+            response, exc = None, None
             try:
                 response = self._http.request(method, path, **kwargs)
-            except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError) as exc:
-                if not self._should_retry(attempt, None):
-                    raise ServerBusy(503, f"cannot reach {self.base_url}: {exc}") from exc
-                response = None
-            if response is not None and not self._should_retry(attempt, response):
-                return self._check(response)
+            except RETRYABLE as e:
+                exc = e
+            if (final := self._final(attempt, response, exc)) is not None:
+                return final
             time.sleep(self._delay(attempt, response))
-            attempt += 1
+        raise AssertionError("unreachable")
 
     def generate(
         self,
@@ -207,18 +216,16 @@ class AsyncClient(_Base):
         )
 
     async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        attempt = 0
-        while True:
+        for attempt in itertools.count():
+            response, exc = None, None
             try:
                 response = await self._http.request(method, path, **kwargs)
-            except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError) as exc:
-                if not self._should_retry(attempt, None):
-                    raise ServerBusy(503, f"cannot reach {self.base_url}: {exc}") from exc
-                response = None
-            if response is not None and not self._should_retry(attempt, response):
-                return self._check(response)
+            except RETRYABLE as e:
+                exc = e
+            if (final := self._final(attempt, response, exc)) is not None:
+                return final
             await asyncio.sleep(self._delay(attempt, response))
-            attempt += 1
+        raise AssertionError("unreachable")
 
     async def generate(
         self,

@@ -37,7 +37,6 @@ class GeneratorMetrics:
             "pass_seconds": 0.0,
             "queue_wait_seconds": 0.0,
             "waited": 0,
-            "cache": {},
         }
         self._seen = {"hits": 0, "misses": 0, "evictions": 0}
 
@@ -66,7 +65,6 @@ class GeneratorMetrics:
                 self.cache.inc(delta, tags={"event": event})
             self._seen[key] = stats[key]
         self.loaded.set(stats["loaded"])
-        self.local["cache"] = dict(stats)
 
     def snapshot(self) -> dict:
         sizes = self.local["batch_images"]
@@ -78,5 +76,4 @@ class GeneratorMetrics:
             "mean_batch_images": total / max(1, self.local["passes"]),
             "mean_pass_s": self.local["pass_seconds"] / max(1, self.local["passes"]),
             "mean_queue_wait_s": self.local["queue_wait_seconds"] / max(1, self.local["waited"]),
-            "adapter_cache": self.local["cache"],
         }

@@ -16,26 +16,30 @@ def tiny_adapters(tmp_path_factory, tiny_pipe, tiny_pipe_dir) -> dict[str, Path]
     return {f"ad{i}": random_adapter(tiny_pipe, tiny_pipe_dir, root / f"ad{i}", seed=i + 1) for i in range(4)}
 
 
-@pytest.fixture
-def serve_args(tiny_pipe_dir, tiny_adapters, tmp_path):
-    """A factory: ``serve_args(**{"max_adapters": 2})`` -> ServeArgs over the tiny pipeline and its adapters."""
+def tiny_serve_args(pipe_dir: Path, adapters: dict[str, Path], cache: Path, **overrides):
+    """ServeArgs over the tiny pipeline and its adapters (no champion, 4 steps), with dotted ``overrides``."""
     from serving.config import ServeArgs
     from training.configuration import validate_values
 
-    def make(**overrides):
-        values = {
-            "base_model": str(tiny_pipe_dir),
-            "adapters": {k: str(v) for k, v in tiny_adapters.items()},
-            "champion": {"model": None},
-            "default_model": "base",
-            "adapter_cache_dir": str(tmp_path / "adapter-cache"),
-            "defaults": {"steps": 4, "guidance": 4.0, "size": 64},
-            "limits": {"min_size": 32, "max_size": 128},
-            "warmup": False,
-        }
-        return validate_values(ServeArgs, values, [f"{k}={v}" for k, v in overrides.items()])
+    values = {
+        "base_model": str(pipe_dir),
+        "adapters": {k: str(v) for k, v in adapters.items()},
+        "champion": {"model": None},
+        "default_model": "base",
+        "adapter_cache_dir": str(cache),
+        "defaults": {"steps": 4, "guidance": 4.0, "size": 64},
+        "limits": {"min_size": 32, "max_size": 128},
+        "api_key_env": "LORAFLEET_UNSET_KEY",
+    }
+    return validate_values(ServeArgs, values, [f"{k}={v}" for k, v in overrides.items()])
 
-    return make
+
+@pytest.fixture
+def serve_args(tiny_pipe_dir, tiny_adapters, tmp_path):
+    """A factory: ``serve_args(**{"max_adapters": 2})`` -> ServeArgs for an engine (no warm-up)."""
+    return lambda **overrides: tiny_serve_args(
+        tiny_pipe_dir, tiny_adapters, tmp_path / "adapter-cache", **({"warmup": False} | overrides)
+    )
 
 
 @pytest.fixture

@@ -49,26 +49,12 @@ def serve_instance():
 @pytest.fixture(scope="module")
 def module_args(tiny_pipe_dir, tiny_adapters, tmp_path_factory):
     """ServeArgs for the module's apps (the function-scoped ``serve_args`` cannot serve a module fixture)."""
-    from serving.config import ServeArgs
-    from training.configuration import validate_values
+    from tests.serving.conftest import tiny_serve_args
 
     cache = tmp_path_factory.mktemp("serve-cache")
-
-    def make(**overrides):
-        values = {
-            "base_model": str(tiny_pipe_dir),
-            "adapters": {k: str(v) for k, v in tiny_adapters.items()},
-            "champion": {"model": None},
-            "default_model": "base",
-            "adapter_cache_dir": str(cache),
-            "defaults": {"steps": 4, "guidance": 4.0, "size": 64},
-            "limits": {"min_size": 32, "max_size": 128},
-            "deployment": {"num_cpus": 0},
-            "api_key_env": "LORAFLEET_UNSET_KEY",
-        }
-        return validate_values(ServeArgs, values, [f"{k}={v}" for k, v in overrides.items()])
-
-    return make
+    return lambda **overrides: tiny_serve_args(
+        tiny_pipe_dir, tiny_adapters, cache, **({"deployment.num_cpus": 0} | overrides)
+    )
 
 
 def deploy(serve_instance, args, name: str) -> str:
