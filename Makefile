@@ -13,7 +13,7 @@ HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 COMMA  := ,
 EXTRAS := dev$(if $(HAS_GPU),$(COMMA)gpu)
 
-.PHONY: install demo test lint format toy-world quality train tune evaluate serve bench-train bench-tune bench-eval bench-serve browser clean
+.PHONY: install demo up down status samples test lint format toy-world quality train tune evaluate serve bench-train bench-tune bench-eval bench-serve browser clean
 
 install: $(STAMP)
 
@@ -25,11 +25,24 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -c "import torch; print('torch', torch.__version__, 'cuda' if torch.cuda.is_available() else 'cpu')"
 	touch $(STAMP)
 
-# The main job on the embedded default: seeded samples from the shipped toy model.
+# The main job on the embedded default: a local cluster on 127.0.0.1, the toy dataset, the pipeline as a Ray job
+# (tune -> evaluate -> gate -> register -> serve -> smoke test), then SDK images: runs/demo/before_after.png.
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m training.toy_world sample --model models/toy-sd --out runs/demo --n 12
-	@test -d data/toy-sks || $(BIN)/python -m training.toy_world dataset data/toy-sks
-	@echo "samples: runs/demo/grid.png   fine-tuning dataset: data/toy-sks"
+	HF_HUB_OFFLINE=1 $(BIN)/python -m cluster.demo $(ARGS)
+
+# A local Ray head (dashboard 127.0.0.1:8265) + MLflow server (127.0.0.1:5000); state in runs/cluster. `make down` stops both.
+up: $(STAMP)
+	$(BIN)/lorafleet up
+
+down: $(STAMP)
+	$(BIN)/lorafleet down
+
+status: $(STAMP)
+	$(BIN)/lorafleet status
+
+# Sample seeded images from the shipped toy model (runs/samples/grid.png).
+samples: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m training.toy_world sample --model models/toy-sd --out runs/samples --n 12
 
 # Fine-tune a LoRA on the toy dataset with Ray Train (local Ray on loopback) -> runs/train/adapter
 train: $(STAMP)

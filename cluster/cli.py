@@ -1,5 +1,9 @@
 """The ``lorafleet`` command line.
 
+    lorafleet up                                # Ray head (dashboard :8265) + MLflow (:5000) on 127.0.0.1
+    lorafleet submit pipeline --follow          # the end-to-end job through `ray job submit`
+    lorafleet generate "a red circle on a sks background" --model champion --n 2
+    lorafleet status | logs JOB_ID --follow | stop JOB_ID | jobs [JOB_ID] | serve | validate DIR | down
     lorafleet dataset toy data/toy-sks --trigger sks --concept dotted
     lorafleet toy-world build --config configs/toy_world.yaml
     lorafleet toy-world sample --n 12 --out runs/samples
@@ -21,6 +25,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from cluster.commands import COMMANDS as CLUSTER_COMMANDS
+
 
 def _toy_world(args: list[str]) -> int:
     from training.toy_world.__main__ import main
@@ -29,8 +35,12 @@ def _toy_world(args: list[str]) -> int:
 
 
 def _dataset(args: list[str]) -> int:
+    usage = "usage: lorafleet dataset toy OUT_DIR [--trigger sks] [--concept dotted]  (`dataset toy --help`)"
+    if args[:1] in (["-h"], ["--help"]):
+        print(f"{usage}\nWrite a fine-tuning dataset; `toy` is the toy world's (the only kind so far).")
+        return 0
     if not args or args[0] != "toy":
-        print("usage: lorafleet dataset toy OUT_DIR [--trigger sks] [--concept dotted]", file=sys.stderr)
+        print(usage, file=sys.stderr)
         return 2
     from training.toy_world.__main__ import main
 
@@ -91,6 +101,7 @@ def _quality(args: list[str]) -> int:
 
 
 COMMANDS = {
+    **CLUSTER_COMMANDS,
     "toy-world": (_toy_world, "build the toy models, or sample from a model (python -m training.toy_world)"),
     "dataset": (_dataset, "write a fine-tuning dataset: `dataset toy OUT_DIR`"),
     "train": (_train, "fine-tune a LoRA adapter with Ray Train (python -m training.train)"),
@@ -121,7 +132,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lorafleet: unknown command {argv[0]!r}; choose one of {', '.join(sorted(COMMANDS))}", file=sys.stderr)
         return 2
     # the owning module parses the rest, so `lorafleet X --help` shows that module's options
-    return COMMANDS[argv[0]][0](argv[1:])
+    from cluster.jobs import JobError, NoCluster
+    from training.configuration import ConfigError
+
+    try:
+        return COMMANDS[argv[0]][0](argv[1:])
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except JobError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3 if isinstance(exc, NoCluster) else 1
 
 
 if __name__ == "__main__":

@@ -66,7 +66,9 @@ def start_mlflow_server(
         "--backend-store-uri", f"sqlite:///{state / 'mlflow.db'}",
         "--artifacts-destination", str(state / "artifacts"),
     ]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    # MLflow 3's job runner (GenAI scorers and prompt optimisation; six extra processes, ~1 GB) is not used here
+    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     server = MlflowServer(f"http://{host}:{port}", proc.pid, state, proc)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

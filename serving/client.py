@@ -181,6 +181,10 @@ class Client(_Base):
     def models(self) -> list[dict]:
         return self._request("GET", "/v1/models").json()["data"]
 
+    def reload(self) -> dict:
+        """Make every replica look the champion up in the registry now (``POST /admin/reload``)."""
+        return self._request("POST", "/admin/reload").json()
+
     def health(self) -> dict:
         """``{"live": bool, "ready": bool}`` without retries."""
         try:
@@ -245,6 +249,9 @@ class AsyncClient(_Base):
 
     async def models(self) -> list[dict]:
         return (await self._request("GET", "/v1/models")).json()["data"]
+
+    async def reload(self) -> dict:
+        return (await self._request("POST", "/admin/reload")).json()
 
     async def health(self) -> dict:
         try:

@@ -25,6 +25,7 @@ from typing import Literal
 from PIL import Image
 
 from training.config import IMAGE_EXTENSIONS, DataConfig
+from training.remote import is_uri, local_copy
 
 log = logging.getLogger(__name__)
 Severity = Literal["error", "warning"]
@@ -157,7 +158,15 @@ def _inside(root: Path, path: Path) -> bool:
 
 def validate_dataset(cfg: DataConfig) -> DatasetReport:
     """Check every file of the dataset folder; see the module docstring."""
-    root = Path(cfg.path).expanduser()
+    if is_uri(cfg.path):
+        try:
+            root = local_copy(cfg.path)  # this node's mirror; Train workers make their own from the URI
+        except (OSError, ValueError) as exc:
+            report = DatasetReport(Path(cfg.path), cfg.format)
+            report.problems.append(Problem(".", "error", f"data.path {cfg.path}: {exc}"))
+            return report
+    else:
+        root = Path(cfg.path).expanduser()
     if not root.is_dir():
         report = DatasetReport(root, cfg.format)
         msg = f"data.path {root} is not a folder; point it at your images"

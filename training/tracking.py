@@ -71,6 +71,8 @@ def start_run(
     found = client.get_experiment_by_name(experiment)
     exp_id = found.experiment_id if found else client.create_experiment(experiment, artifact_location)
     tags = dict(tags)
+    if submission := os.environ.get("LORAFLEET_SUBMISSION_ID"):  # set by cluster.jobs: find a job's runs
+        tags.setdefault("lorafleet.submission_id", submission)
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
     return client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id

@@ -23,6 +23,7 @@ from training.dataset import batches_per_epoch, make_source, shard
 from training.heldout import HeldOut
 from training.loop import TrainState, make_state, train_loop
 from training.model import Parts, add_lora, enable_gradient_checkpointing, load_parts, resolve_precision
+from training.remote import is_uri, local_copy
 from training.toy_world.sample import generate, image_grid
 from training.tracking import NullTracker
 
@@ -49,6 +50,10 @@ class WorkerSpec:
             "heldout": [[str(e.path), e.caption, e.sha256] for e in self.heldout],
             "dataset_hash": self.dataset_hash,
             "driver_cwd": os.getcwd(),
+            # dataset URIs: the driver's mirror folder -> the URI each worker mirrors on its own node
+            "mirrors": {
+                str(local_copy(u)): u for u in (self.cfg.data.path, self.cfg.validation.data_path) if is_uri(u)
+            },  # fmt: skip
         }
 
     @classmethod
@@ -59,8 +64,16 @@ class WorkerSpec:
         cfg = TrainConfig.model_validate(d["cfg"])
         cfg.base_model = _localize(cfg.base_model, cwd)
         cfg.data.path = _localize(cfg.data.path, cwd)
-        examples = [Example(Path(_localize(p, cwd)), c, h) for p, c, h in d["examples"]]
-        heldout = [Example(Path(_localize(p, cwd)), c, h) for p, c, h in d.get("heldout", [])]
+        mirrors = {root: str(local_copy(uri)) for root, uri in d.get("mirrors", {}).items()}
+
+        def here(path: str) -> Path:
+            for root, mine in mirrors.items():
+                if path.startswith(root + os.sep):
+                    return Path(mine) / Path(path).relative_to(root)
+            return Path(_localize(path, cwd))
+
+        examples = [Example(here(p), c, h) for p, c, h in d["examples"]]
+        heldout = [Example(here(p), c, h) for p, c, h in d.get("heldout", [])]
         return cls(cfg, examples, d["dataset_hash"], heldout)
 
 

@@ -78,6 +78,9 @@ class EvaluationHook(_Section):
 
     enabled: bool = Field(False, description="run the evaluation and gate on the best adapter after the search")
     config: str = Field("configs/eval.yaml", description="the evaluation config (an EvalConfig YAML)")
+    candidates: int = Field(
+        1, ge=1, description="while the gate refuses, evaluate the next-best trials too, up to this many adapters"
+    )
     overrides: list[str] = Field(
         default_factory=list,
         description="dotted overrides for it; data paths default to the search's own (trial.data.path, "

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
 from training.configuration import load_config
+from training.remote import localize
 from tuning.config import TuneConfig
 
 log = logging.getLogger(__name__)
@@ -26,9 +28,10 @@ def eval_config(cfg: TuneConfig, run_dir: Path, uri: str | None, parent: str | N
     from evaluation.config import EvalConfig
 
     t = cfg.trial
-    derived = [f"data.train_path={t.data.path}", f"output_dir={run_dir / 'eval'}"]
+    # the evaluation reads local folders: a dataset URI means this node's mirror of it
+    derived = [f"data.train_path={localize(t.data.path)}", f"output_dir={run_dir / 'eval'}"]
     if t.validation.data_path:
-        derived.append(f"data.heldout_path={t.validation.data_path}")
+        derived.append(f"data.heldout_path={localize(t.validation.data_path)}")
     if uri is None:
         derived += ["mlflow.enabled=false", "registry.enabled=false"]
     else:
@@ -36,20 +39,57 @@ def eval_config(cfg: TuneConfig, run_dir: Path, uri: str | None, parent: str | N
     return load_config(EvalConfig, cfg.evaluation.config, derived + list(cfg.evaluation.overrides))
 
 
-def evaluate_best(cfg: TuneConfig, summary: dict[str, Any], run_dir: Path, uri: str | None, parent: str | None):
-    """Evaluate and gate ``summary["best"]``'s adapter; record the outcome in ``best.json`` (and the parent run).
+def ranked_candidates(cfg: TuneConfig, summary: dict[str, Any], run_dir: Path, n: int) -> list[tuple[str, str]]:
+    """Up to ``n`` (trial id, adapter folder): the best trial first, then the next by the search metric.
 
-    Returns the ``EvalResult`` (None when no trial finished).
+    Adapters other than the best one are exported from their trial's last checkpoint to ``candidates/<id>``.
+    """
+    import math
+
+    from ray.train import Checkpoint
+
+    from training.worker import ADAPTER_DIR
+
+    best = summary["best"]
+    out = [(best["trial_id"], best["adapter"])]
+    records = json.loads((run_dir / "results.json").read_text()) if (run_dir / "results.json").is_file() else []
+    scored = [r for r in records if r["status"] != "failed" and r["checkpoint"] and r["trial_id"] != best["trial_id"]
+              and r["metric"] is not None and math.isfinite(r["metric"])]  # fmt: skip
+    scored.sort(key=lambda r: r["metric"], reverse=cfg.search.mode == "max")
+    for r in scored[: max(n - 1, 0)]:
+        target = run_dir / "candidates" / r["trial_id"] / ADAPTER_DIR
+        if not target.is_dir():
+            with Checkpoint(r["checkpoint"]).as_directory() as ckpt:  # local, shared FS or s3://
+                shutil.copytree(Path(ckpt) / ADAPTER_DIR, target)
+        out.append((r["trial_id"], str(target)))
+    return out
+
+
+def evaluate_best(
+    cfg: TuneConfig, summary: dict[str, Any], run_dir: Path, uri: str | None, parent: str | None, candidates: int = 1
+):
+    """Evaluate and gate ``summary["best"]``'s adapter — and, while the gate refuses, the next ``candidates - 1``
+    trials by the search metric (the metric is a proxy: the lowest val_loss need not learn the concept best).
+    The first adapter that passes is registered; the outcome goes to ``best.json`` (and the parent run).
+
+    Returns the last ``EvalResult`` (None when no trial finished).
     """
     from evaluation.evaluate import run as evaluate
 
-    best = summary.get("best")
-    if not best:
+    if not summary.get("best"):
         log.warning("no best trial: nothing to evaluate")
         return None
     ecfg = eval_config(cfg, run_dir, uri, parent)
-    result = evaluate(ecfg, best["adapter"])
+    tried = []
+    for trial_id, adapter in ranked_candidates(cfg, summary, run_dir, candidates):
+        result = evaluate(ecfg, adapter)
+        tried.append({"trial_id": trial_id, "passed": result.passed, "gate": result.gate.summary()})
+        log.info("trial %s's adapter: %s", trial_id, result.gate.summary())
+        if result.passed:
+            break
     summary["evaluation"] = {
+        "trial_id": trial_id,
+        "adapter": adapter,
         "passed": result.passed,
         "gate": result.gate.summary(),
         "metrics": result.metrics,
@@ -57,6 +97,7 @@ def evaluate_best(cfg: TuneConfig, summary: dict[str, Any], run_dir: Path, uri: 
         "registry": result.registry,
         "report": str(Path(result.out_dir) / "report.html"),
         "run_id": result.run_id,
+        "candidates": tried,
     }
     (run_dir / "best.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     if uri and parent:
@@ -67,5 +108,4 @@ def evaluate_best(cfg: TuneConfig, summary: dict[str, Any], run_dir: Path, uri: 
         if result.registry.get("version"):
             client.set_tag(parent, "registered_version", f"{result.registry['model']}/{result.registry['version']}")
         client.log_artifact(parent, str(run_dir / "best.json"))
-    log.info("best trial's adapter: %s", result.gate.summary())
     return result

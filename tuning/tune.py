@@ -16,10 +16,14 @@ MLflow: one parent run for the search, one child run per trial.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +45,33 @@ log = logging.getLogger("tuning.tune")
 TUNE_DIR = "tune"  # Tune's experiment folder inside the run folder
 CONFIG_NAME = "tune_config.json"  # the search's resolved config, checked on --resume
 TRIAL_DRIVER_MEMORY = 512 * 1024**2  # bytes reserved for each trial's driver process (it imports torch)
+
+
+class SearchInterrupted(RuntimeError):
+    """SIGTERM (``ray job stop``) ended the search early; its state is saved and ``--resume`` continues it."""
+
+
+@contextlib.contextmanager
+def sigterm_stops_tune() -> Iterator[threading.Event]:
+    """While Tune runs, SIGTERM does what Ctrl+C does: Tune stops the trials (each keeps its last epoch
+    checkpoint) and saves the experiment, so ``Tuner.restore`` can continue. The event tells it happened."""
+    stopped = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stopped
+        return
+
+    def on_sigterm(signum, frame) -> None:
+        stopped.set()
+        log.warning("SIGTERM: stopping the trials and saving the search; --resume continues it")
+        tune_handler = signal.getsignal(signal.SIGUSR1)  # Tune's interrupt handler while Tuner.fit runs
+        if callable(tune_handler):
+            tune_handler(signal.SIGUSR1, frame)
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield stopped
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @dataclass
@@ -162,7 +193,8 @@ def open_parent(cfg: TuneConfig, run_dir: Path, uri: str | None, notes: list[str
     tags = {"lorafleet.kind": "search", "search.algorithm": cfg.search.algorithm}
     if commit := git_commit():
         tags["mlflow.source.git.commit"] = commit
-    run_id = start_run(uri, cfg.trial.mlflow.experiment, cfg.name, tags)
+    # trial.mlflow.parent_run_id (e.g. the pipeline's run) makes the study a child run; trials get the study
+    run_id = start_run(uri, cfg.trial.mlflow.experiment, cfg.name, tags, cfg.trial.mlflow.parent_run_id)
     tracker = MlflowTracker(uri, run_id)
     params = flatten(cfg.search.model_dump(mode="json"), "search.") | flatten(
         cfg.trial.model_dump(mode="json"), "trial."
@@ -352,12 +384,19 @@ def run(cfg: TuneConfig, *, resume: bool = False) -> SearchResult:
         log.info("up to %d trials at once; MLflow %s parent run %s", concurrency, uri, parent)
         points = grid_points(cfg) if cfg.search.algorithm == "grid" else []
         setup = TrialSetup(cfg.model_dump(mode="json"), str(run_dir), points, uri, parent)
-        results = build_tuner(cfg, setup, run_dir, concurrency, resume).fit()
+        with sigterm_stops_tune() as stopped:
+            results = build_tuner(cfg, setup, run_dir, concurrency, resume).fit()
+        if stopped.is_set():
+            raise SearchInterrupted(f"the search was stopped (SIGTERM); its state is in {run_dir}: rerun with --resume")
         records = records_of(results, cfg, run_dir, points)
         store = f"sqlite:///{server.state_dir / 'mlflow.db'}" if server else None
         summary = finish(cfg, records, run_dir, uri, parent, store)
         # before the server stops: a search-scoped server holds the registry too
-        evaluated = evaluate_best(cfg, summary, run_dir, uri, parent) if cfg.evaluation.enabled else None
+        evaluated = (
+            evaluate_best(cfg, summary, run_dir, uri, parent, cfg.evaluation.candidates)
+            if cfg.evaluation.enabled
+            else None
+        )
     finally:
         if server is not None:
             server.stop()
@@ -381,6 +420,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DatasetError, PreflightError, AdapterError, RegistryError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except SearchInterrupted as exc:
+        print(f"stopped: {exc}", file=sys.stderr)
+        return 3
     best = result.best["best"] if result.best else None
     print(f"trials: {json.dumps(result.best['trials'])}  trial-epochs: {result.best['trial_epochs']}")
     for r in result.records:

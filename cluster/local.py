@@ -1,0 +1,308 @@
+"""A local lorafleet cluster on loopback: a Ray head (dashboard 127.0.0.1:8265) and an MLflow server (127.0.0.1:5000).
+
+    lorafleet up            # idempotent; state (PIDs, ports, MLflow's SQLite + artifacts) in runs/cluster/
+    lorafleet status        # what runs where
+    lorafleet down          # stops exactly the processes `up` started (by process group), nothing else
+
+``ray start --head --block`` runs in its own session, so every Ray process of this head (GCS, raylet,
+dashboard, workers) shares its process group and ``down`` can stop all of them without ``ray stop``
+(which would also stop other Ray instances on the machine, such as a test's).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from serving.config import PROJECT_ROOT
+
+HOST = "127.0.0.1"
+STATE_FILE = "state.json"
+
+
+def default_state_dir() -> Path:
+    return Path(os.environ.get("LORAFLEET_STATE_DIR") or PROJECT_ROOT / "runs" / "cluster").resolve()
+
+
+@dataclass
+class Ports:
+    ray: int = 6379
+    dashboard: int = 8265
+    mlflow: int = 5000
+    client: int = 10001  # Ray client server
+    agent: int = 52365  # dashboard agent (HTTP)
+    serve: int = 8000  # where the pipeline's Serve app listens (recorded for `status` and the SDK)
+
+
+@dataclass
+class ClusterState:
+    state_dir: str
+    ports: Ports = field(default_factory=Ports)
+    num_cpus: int | None = None
+    num_gpus: int | None = None
+    ray_pid: int | None = None
+    mlflow_pid: int | None = None
+    started_at: float = 0.0
+
+    @property
+    def address(self) -> str:
+        return f"{HOST}:{self.ports.ray}"
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://{HOST}:{self.ports.dashboard}"
+
+    @property
+    def mlflow_uri(self) -> str:
+        return f"http://{HOST}:{self.ports.mlflow}"
+
+    @property
+    def serve_url(self) -> str:
+        return f"http://{HOST}:{self.ports.serve}"
+
+    def save(self) -> None:
+        path = Path(self.state_dir) / STATE_FILE
+        path.write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, state_dir: str | Path | None = None) -> ClusterState | None:
+        path = Path(state_dir or default_state_dir()) / STATE_FILE
+        if not path.is_file():
+            return None
+        data = json.loads(path.read_text())
+        return cls(**{**data, "ports": Ports(**data.get("ports", {}))})
+
+
+class ClusterError(RuntimeError):
+    """The local cluster could not start or stop; the message says what to do."""
+
+
+def alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a zombie (exited, not reaped by us) counts as gone
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return True
+
+
+def answers(url: str, timeout: float = 2.0) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return resp.status < 500
+    except urllib.error.HTTPError as exc:  # e.g. 401: Ray's dashboard wants its auth token, but it is up
+        return exc.code < 500
+    except OSError:
+        return False
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT leftovers do not count as taken
+        try:
+            s.bind((HOST, port))
+        except OSError:
+            return False
+    return True
+
+
+def _wait(check, what: str, timeout: float, log: Path, pid: int) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        if not alive(pid):
+            raise ClusterError(f"{what} exited during start-up; see {log}")
+        time.sleep(0.5)
+    raise ClusterError(f"{what} did not come up within {timeout:.0f}s; see {log}")
+
+
+def ray_env(state: ClusterState) -> dict[str, str]:
+    """The head's environment; Ray workers and job drivers inherit it."""
+    env = dict(os.environ)
+    env.update(
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",  # bind GCS, raylet and dashboard to 127.0.0.1, not the NIC
+        RAY_JOB_STOP_WAIT_TIME_S=os.environ.get("RAY_JOB_STOP_WAIT_TIME_S", "60"),  # SIGTERM grace for `stop`
+        MLFLOW_TRACKING_URI=state.mlflow_uri,
+        RAY_USAGE_STATS_ENABLED="0",
+        # one node: nothing to drain towards on `down` (the default waits 30 s for a RayService-style hand-over)
+        RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",
+        # job entry points say `python`: the interpreter that runs Ray (this venv), not the system's
+        PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+    )
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def _start_ray(state: ClusterState) -> int:
+    p = state.ports
+    ray_bin = Path(sys.executable).with_name("ray")
+    cmd = [
+        str(ray_bin), "start", "--head", "--block", "--disable-usage-stats",
+        "--node-ip-address", HOST, "--port", str(p.ray),
+        "--dashboard-host", HOST, "--dashboard-port", str(p.dashboard),
+        "--ray-client-server-port", str(p.client), "--dashboard-agent-listen-port", str(p.agent),
+    ]  # fmt: skip
+    if state.num_cpus is not None:
+        cmd += ["--num-cpus", str(state.num_cpus)]
+    if state.num_gpus is not None:
+        cmd += ["--num-gpus", str(state.num_gpus)]
+    log = Path(state.state_dir) / "ray.log"
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=ray_env(state), start_new_session=True)
+    state.ray_pid = proc.pid
+    state.save()  # before waiting: an interrupted start is still cleaned up by `down`
+    try:
+        _wait(lambda: answers(f"{state.dashboard_url}/api/version"), "the Ray head", 120, log, proc.pid)
+    except ClusterError:
+        _stop_group(proc.pid, 15)
+        raise
+    return proc.pid
+
+
+def _start_mlflow(state: ClusterState) -> int:
+    from cluster.mlflow_server import start_mlflow_server
+
+    try:
+        server = start_mlflow_server(Path(state.state_dir) / "mlflow", port=state.ports.mlflow, timeout=120)
+    except RuntimeError as exc:
+        raise ClusterError(str(exc)) from exc
+    state.mlflow_pid = server.pid
+    state.save()
+    return server.pid
+
+
+def up(
+    state_dir: str | Path | None = None,
+    ports: Ports | None = None,
+    num_cpus: int | None = None,
+    num_gpus: int | None = None,
+) -> ClusterState:
+    """Start what is not running yet (idempotent) and return the cluster's state.
+
+    Raises:
+        ClusterError: a port is taken by something else, or a server failed to start (its log is named).
+    """
+    root = Path(state_dir or default_state_dir()).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    state = ClusterState.load(root)
+    if state is None or not (alive(state.ray_pid) or alive(state.mlflow_pid)):
+        state = ClusterState(str(root), ports or Ports(), num_cpus, num_gpus)
+    elif ports and asdict(ports) != asdict(state.ports):
+        raise ClusterError(f"a cluster with other ports already runs from {root}; `lorafleet down` first")
+    p = state.ports
+    started: list[int] = []
+    try:
+        if not alive(state.mlflow_pid):
+            if not port_free(p.mlflow):
+                raise ClusterError(f"port {p.mlflow} (MLflow) is taken by another process; pass --mlflow-port")
+            started.append(_start_mlflow(state))
+        if not alive(state.ray_pid):
+            taken = [(port, what, flag) for port, what, flag in (
+                (p.ray, "Ray GCS", "--ray-port"), (p.dashboard, "Ray dashboard", "--dashboard-port"),
+                (p.client, "Ray client server", "--client-port"), (p.agent, "dashboard agent", "--agent-port"),
+            ) if not port_free(port)]  # fmt: skip
+            if taken:
+                port, what, flag = taken[0]
+                raise ClusterError(f"port {port} ({what}) is taken by another process; pass {flag}, or `ray stop`")
+            state.started_at = time.time()
+            started.append(_start_ray(state))
+    except BaseException:
+        for pid in started:  # what this call started, it stops: a failed `up` leaves nothing running
+            _stop_group(pid, 15)
+        raise
+    state.save()
+    return state
+
+
+def _stop_group(pid: int | None, timeout: float) -> None:
+    if not alive(pid):
+        return
+    try:
+        # the group leader (`ray start --block`, `mlflow server`) stops its own children in order; signalling
+        # the whole group at once leaves Ray's raylet draining towards a GCS that is already gone (30 s)
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and _group_alive(pid):
+        time.sleep(0.2)
+    if _group_alive(pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+
+
+def _group_alive(pgid: int) -> bool:
+    """Any process (not a zombie) left in the process group ``pgid``."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
+
+
+def down(state_dir: str | Path | None = None, timeout: float = 30.0) -> ClusterState | None:
+    """Stop the Ray head and the MLflow server that ``up`` started (whole process groups); keep their data."""
+    state = ClusterState.load(state_dir)
+    if state is None:
+        return None
+    _stop_group(state.ray_pid, timeout)
+    _stop_group(state.mlflow_pid, timeout)
+    forget_address(state.address)
+    state.ray_pid = state.mlflow_pid = None
+    state.save()
+    return state
+
+
+def forget_address(address: str) -> None:
+    """Remove Ray's "latest cluster" file when it names this (stopped) head, as ``ray stop`` does; otherwise a
+    later ``ray.init()`` without an address would try to join the dead cluster instead of starting one."""
+    from ray._private.utils import get_ray_address_file, read_ray_address
+
+    if read_ray_address() == address:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(get_ray_address_file(None))
+
+
+def status(state_dir: str | Path | None = None) -> dict:
+    """What runs where: each component's URL, PID and whether it answers."""
+    state = ClusterState.load(state_dir)
+    if state is None:
+        return {"state_dir": str(state_dir or default_state_dir()), "up": False, "components": {}}
+    comps = {
+        "ray": {
+            "address": state.address,
+            "dashboard": state.dashboard_url,
+            "pid": state.ray_pid,
+            "running": alive(state.ray_pid) and answers(f"{state.dashboard_url}/api/version"),
+        },
+        "mlflow": {
+            "url": state.mlflow_uri,
+            "pid": state.mlflow_pid,
+            "running": alive(state.mlflow_pid) and answers(f"{state.mlflow_uri}/health"),
+            "store": str(Path(state.state_dir) / "mlflow"),
+        },
+        "serve": {"url": state.serve_url, "running": answers(f"{state.serve_url}/healthz")},
+    }
+    return {"state_dir": state.state_dir, "up": comps["ray"]["running"] and comps["mlflow"]["running"],
+            "components": comps}  # fmt: skip
