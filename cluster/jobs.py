@@ -271,19 +271,21 @@ class Jobs:
         if not self.tracking_uri:
             raise JobError("no MLflow server known: pass --tracking-uri or set MLFLOW_TRACKING_URI")
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one small JSON file
+        from cluster.pipeline import JOB_TAG
+
         client = MlflowClient(self.tracking_uri)
-        runs = client.search_runs(
-            [e.experiment_id for e in client.search_experiments()],
-            filter_string=f"tags.`lorafleet.submission_id` = '{job_id}'",
-            order_by=["attributes.start_time ASC"],  # the job's top run (pipeline, search) before its children
-            max_results=1,
-        )
+        experiments = [e.experiment_id for e in client.search_experiments()]
+        runs = []
+        # a pipeline run carries one tag per job that ran it (reruns reuse it); other runs carry the job's id
+        for query in (f"tags.`{JOB_TAG}{job_id}` = 'pipeline'", f"tags.`lorafleet.submission_id` = '{job_id}'"):
+            # the job's top run (pipeline, search) before its children
+            runs = runs or client.search_runs(experiments, query, order_by=["attributes.start_time ASC"], max_results=1)
         if not runs:
             raise JobError(f"no MLflow run at {self.tracking_uri} is tagged with job {job_id}")
         run = runs[0]
         out: dict[str, Any] = {"run_id": run.info.run_id, "status": run.info.status, "metrics": run.data.metrics}
         try:
-            path = client.download_artifacts(run.info.run_id, "pipeline.json")
+            path = client.download_artifacts(run.info.run_id, f"jobs/{job_id}/pipeline.json")
             out |= json.loads(Path(path).read_text())
         except Exception:  # noqa: BLE001 — tune/train runs have no pipeline.json
             out["tags"] = run.data.tags

@@ -37,6 +37,7 @@ from serving.config import PROJECT_ROOT
 log = logging.getLogger("cluster.pipeline")
 SUMMARY = "pipeline.json"
 SEARCH = "search"  # the tune run's name inside the pipeline folder
+JOB_TAG = "lorafleet.job."  # + submission id, on the pipeline run of every job that ran it
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_STOPPED = 0, 1, 2, 3
 
 
@@ -281,8 +282,9 @@ class Pipeline:
             self.run_id = start_run(self.uri, experiment, f"pipeline {self.cfg.name}", {"lorafleet.kind": "pipeline"})
             marker.write_text(json.dumps({"run_id": self.run_id, "tracking_uri": self.uri}) + "\n")
             MlflowTracker(self.uri, self.run_id).log_params(flatten(self.cfg.model_dump(mode="json")))
-        tags = {"lorafleet.submission_id": os.environ.get("LORAFLEET_SUBMISSION_ID", "")}
-        MlflowTracker(self.uri, self.run_id).set_tags({k: v for k, v in tags.items() if v})
+        if job := os.environ.get("LORAFLEET_SUBMISSION_ID"):
+            # a rerun reuses the run: the latest job's id, plus one tag per job so each stays findable
+            MlflowTracker(self.uri, self.run_id).set_tags({"lorafleet.submission_id": job, JOB_TAG + job: "pipeline"})
 
     def _check_storage(self, tcfg) -> None:
         import ray
@@ -336,6 +338,8 @@ class Pipeline:
             self._save()
             client = MlflowClient(self.uri)
             client.log_artifact(self.run_id, str(self.run_dir / SUMMARY))
+            if job := os.environ.get("LORAFLEET_SUBMISSION_ID"):
+                client.log_artifact(self.run_id, str(self.run_dir / SUMMARY), f"jobs/{job}")  # this job's outcome
             if (self.run_dir / "smoke.png").is_file() and status == "FINISHED":
                 client.log_artifact(self.run_id, str(self.run_dir / "smoke.png"))
             client.set_terminated(self.run_id, status)

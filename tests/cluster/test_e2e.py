@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from cluster.jobs import EXCLUDES, Jobs
-from cluster.local import Ports, _group_alive, down, port_free, up
+from cluster.local import Ports, _group_alive, down, port_free, status, up
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
@@ -32,6 +32,10 @@ def cluster(tmp_path_factory):
     state_dir = tmp_path_factory.mktemp("cluster")
     ports = Ports(*(free_port() for _ in range(6)))
     state = up(state_dir, ports, num_cpus=4)  # 4 logical CPUs: the Serve replica and two trials fit at once
+    again = up(state_dir)  # idempotent: the same processes
+    assert (again.ray_pid, again.mlflow_pid) == (state.ray_pid, state.mlflow_pid)
+    info = status(state_dir)
+    assert info["up"] and info["components"]["ray"]["dashboard"] == state.dashboard_url
     yield state
     down(state_dir)
 
@@ -105,6 +109,16 @@ def test_pipeline_through_ray_job_submit_serves_the_champion(cluster, jobs, repo
     children = ml.search_runs([run.info.experiment_id], f"tags.`mlflow.parentRunId` = '{study[0].info.run_id}'")
     assert sorted(r.data.tags["lorafleet.kind"] for r in children) == ["evaluation", "trial"]
     assert all(r.data.tags["lorafleet.submission_id"] == "e2e-pipeline" for r in [run, *study, *children])
+
+    # a rerun skips the finished search and the evaluated adapter, and refreshes the app
+    rerun = jobs.submit("pipeline", "configs/pipeline.yaml", overrides, env={"HF_HUB_OFFLINE": "1"})
+    assert wait_for(jobs, rerun, 600) == "SUCCEEDED"
+    again = jobs.result(rerun)["stages"]
+    statuses = [again[k]["status"] for k in ("tune", "evaluate", "deploy", "smoke")]
+    assert statuses == ["skipped", "skipped", "done", "done"]
+    assert again["register"]["version"] == version == again["smoke"]["version"]
+    first = jobs.result("e2e-pipeline")  # the first job's own outcome is still there
+    assert first["run_id"] == result["run_id"] and first["stages"]["tune"]["status"] == "done"
 
     # `lorafleet serve` deploys configs/serve.yaml as a second application (a job running serving.deploy)
     from cluster.cli import main

@@ -41,6 +41,7 @@ def test_value_where_a_section_is_expected():
 
 
 def test_every_shipped_config_validates_and_names_its_command(repo: Path):
+    from cluster.config import PipelineConfig
     from evaluation.config import EvalConfig
     from serving.config import load_serve_args
     from training.config import TrainConfig
@@ -53,6 +54,7 @@ def test_every_shipped_config_validates_and_names_its_command(repo: Path):
         "tune.yaml": TuneConfig,
         "eval.yaml": EvalConfig,
         "serve.yaml": load_serve_args,  # a Ray Serve config file: its application's args are ServeArgs
+        "pipeline.yaml": PipelineConfig,
     }
     files = sorted((repo / "configs").glob("*.yaml"))
     assert files
