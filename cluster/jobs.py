@@ -36,7 +36,11 @@ EXCLUDES = [
     ".git", ".venv", "venv", "data", "runs", "mlruns", "mlartifacts", "**/__pycache__", "*.pyc",
     ".pytest_cache", ".ruff_cache", "*.egg-info", "build", "dist",
 ]  # fmt: skip
-FORWARDED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN", "LORAFLEET_API_KEY")
+# Plain settings only: a runtime_env is job metadata that the dashboard and `ray job list` show to anyone with
+# access, so secrets (HF_TOKEN, LORAFLEET_API_KEY) come from the cluster's own environment instead: the shell
+# that ran `lorafleet up`, the image, or a Kubernetes Secret (cluster/kuberay/rayservice.yaml).
+FORWARDED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+SECRET_HINTS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "CREDENTIAL")
 
 
 @dataclass(frozen=True)
@@ -142,6 +146,11 @@ class Jobs:
         if on_loopback(self.address):
             env_vars["LORAFLEET_WORKDIR"] = str(Path.cwd())  # data/ and runs/ are here, not in the upload
         env_vars["LORAFLEET_SUBMISSION_ID"] = submission_id
+        if secrets := sorted(k for k in env or {} if any(h in k.upper() for h in SECRET_HINTS)):
+            raise JobError(
+                f"{', '.join(secrets)} would be stored in the job's metadata, readable in the dashboard: set it in "
+                "the cluster's environment instead (the shell that runs `lorafleet up`, or a Kubernetes Secret)"
+            )
         return {"working_dir": str(PROJECT_ROOT), "excludes": EXCLUDES, "env_vars": env_vars | (env or {})}
 
     def node_count(self) -> int:

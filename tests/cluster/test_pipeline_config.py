@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from cluster.config import PipelineConfig
@@ -78,3 +80,16 @@ def test_submit_refuses_node_local_storage_on_a_multi_node_cluster(pipeline_cfg,
     jobs.check_storage("pipeline", pipeline_cfg(f"output_dir={tmp_path}", "storage.shared=true"))
     monkeypatch.setattr(Jobs, "node_count", lambda self: 1)
     jobs.check_storage("pipeline", cfg)
+
+
+def test_secrets_never_go_into_the_jobs_metadata(monkeypatch):
+    """A runtime_env is shown by the dashboard and `ray job list`: the API key and hub token stay out of it."""
+    monkeypatch.setenv("LORAFLEET_API_KEY", "s3cret-key")
+    monkeypatch.setenv("HF_TOKEN", "hf_s3cret")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    jobs = object.__new__(Jobs)
+    jobs.address, jobs.tracking_uri = "http://127.0.0.1:8265", "http://127.0.0.1:5000"
+    env = jobs.runtime_env("job-1")
+    assert "s3cret" not in json.dumps(env) and env["env_vars"]["HF_HUB_OFFLINE"] == "1"
+    with pytest.raises(JobError, match="LORAFLEET_API_KEY would be stored in the job's metadata"):
+        jobs.runtime_env("job-1", {"LORAFLEET_API_KEY": "x"})
