@@ -159,7 +159,7 @@ class Pipeline:
         problems = []
         try:
             enabled = tcfg.model_copy(update={"evaluation": tcfg.evaluation.model_copy(update={"enabled": True})})
-            eval_config(enabled, self.search_dir, self.uri, None)
+            eval_config(enabled, self.search_dir, self.uri, None, fetch=False)  # no dataset download to check
         except ConfigError as exc:
             problems += [f"evaluation ({self.cfg.evaluation.config}): {p}" for p in exc.problems]
         if self.cfg.serve.enabled:

@@ -18,9 +18,12 @@ from tuning.config import TuneConfig
 log = logging.getLogger(__name__)
 
 
-def eval_config(cfg: TuneConfig, run_dir: Path, uri: str | None, parent: str | None):
+def eval_config(cfg: TuneConfig, run_dir: Path, uri: str | None, parent: str | None, fetch: bool = True):
     """The ``EvalConfig`` for this search: its YAML, with data paths, MLflow and output folder taken from
     the search unless the hook's own overrides say otherwise.
+
+    ``fetch``: the evaluation reads local folders, so a dataset URI becomes this node's mirror of it; config
+    checks pass False (a submitting laptop must not download the dataset, or need its credentials).
 
     Raises:
         ConfigError: every problem of the evaluation config (checked before the search starts).
@@ -28,10 +31,10 @@ def eval_config(cfg: TuneConfig, run_dir: Path, uri: str | None, parent: str | N
     from evaluation.config import EvalConfig
 
     t = cfg.trial
-    # the evaluation reads local folders: a dataset URI means this node's mirror of it
-    derived = [f"data.train_path={localize(t.data.path)}", f"output_dir={run_dir / 'eval'}"]
+    here = localize if fetch else str
+    derived = [f"data.train_path={here(t.data.path)}", f"output_dir={run_dir / 'eval'}"]
     if t.validation.data_path:
-        derived.append(f"data.heldout_path={localize(t.validation.data_path)}")
+        derived.append(f"data.heldout_path={here(t.validation.data_path)}")
     if uri is None:
         derived += ["mlflow.enabled=false", "registry.enabled=false"]
     else:

@@ -163,7 +163,7 @@ def preflight(cfg: TuneConfig, run_dir: Path, resume: bool) -> list[str]:
             )
     if cfg.evaluation.enabled:
         try:
-            eval_config(cfg, run_dir, "http://127.0.0.1", None)  # the search's MLflow is not known yet
+            eval_config(cfg, run_dir, "http://127.0.0.1", None, fetch=False)  # the search's MLflow is not known yet
         except ConfigError as exc:
             problems += [f"evaluation ({cfg.evaluation.config}): {p}" for p in exc.problems]
     if not resume and run_dir.is_dir() and any(run_dir.iterdir()):

@@ -93,3 +93,16 @@ def test_secrets_never_go_into_the_jobs_metadata(monkeypatch):
     assert "s3cret" not in json.dumps(env) and env["env_vars"]["HF_HUB_OFFLINE"] == "1"
     with pytest.raises(JobError, match="LORAFLEET_API_KEY would be stored in the job's metadata"):
         jobs.runtime_env("job-1", {"LORAFLEET_API_KEY": "x"})
+
+
+def test_checking_a_config_never_downloads_its_dataset(repo, monkeypatch):
+    """`lorafleet submit` validates on the submitting machine: a bucket URI is checked as a string only."""
+    from cluster.jobs import validate_config
+
+    def no_fetch(uri, root=None):
+        raise AssertionError(f"fetched {uri} while only checking the config")
+
+    monkeypatch.setattr("training.remote.local_copy", no_fetch)
+    cfg = validate_config("pipeline", str(repo / "configs" / "pipeline.yaml"),
+                          ["dataset=s3://bucket/toy-sks", "heldout=s3://bucket/toy-sks/heldout"])  # fmt: skip
+    assert cfg.dataset == "s3://bucket/toy-sks"
