@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import queue
+import shlex
 import threading
 import time
 import uuid
@@ -208,7 +209,7 @@ class Jobs:
         if rel.startswith(".."):
             raise JobError(f"--config {config} is outside {PROJECT_ROOT}: the job only sees this checkout")
         parts = ["python", "-m", KINDS[kind].module, "--config", rel, *(["--resume"] if resume else []), *(flags or [])]
-        entrypoint = " ".join(_quote(p) for p in [*parts, *overrides])
+        entrypoint = shlex.join([*parts, *overrides])
         submission_id = submission_id or f"lorafleet-{kind}-{uuid.uuid4().hex[:8]}"
         try:
             return self.client.submit_job(
@@ -299,9 +300,3 @@ class Jobs:
         except Exception:  # noqa: BLE001 — tune/train runs have no pipeline.json
             out["tags"] = run.data.tags
         return out
-
-
-def _quote(part: str) -> str:
-    import shlex
-
-    return shlex.quote(part)

@@ -98,6 +98,7 @@ class Pipeline:
         self.summary: dict[str, Any] = {"name": cfg.name, "stages": {}}
         self.uri: str | None = None
         self.run_id: str | None = None
+        self.serve_args = None  # the deploy stage's ServeArgs
         self.sigterm = _SigTerm()
 
     # -- bookkeeping ---------------------------------------------------------------------------------------
@@ -249,20 +250,17 @@ class Pipeline:
         path = config_file(s.config)
         args = load_serve_args(path, [f"tracking_uri={self.uri}", f"champion.model={model}", *s.overrides])
         http = http_options(path) | ({"port": s.port} if s.port else {})
-        api_key = os.environ.get(args.api_key_env) if args.api_key_env else None
-        url = deploy(args, name=s.app_name, route_prefix=s.route_prefix, http=http, api_key=api_key)
+        self.serve_args = args  # the smoke test talks to this deployment
+        url = deploy(args, name=s.app_name, route_prefix=s.route_prefix, http=http, api_key=args.api_key())
         return {"url": url, "app": s.app_name, "champion": args.champion.name}
 
     def smoke(self) -> dict[str, Any]:
-        from serving.config import load_serve_args
         from serving.deploy import smoke_test
 
         s = self.cfg.serve
         dep, reg = self.summary["stages"]["deploy"], self.summary["stages"]["register"]
-        args = load_serve_args(config_file(s.config), s.overrides)
-        api_key = os.environ.get(args.api_key_env) if args.api_key_env else None
         out = smoke_test(dep["url"], s.smoke_prompt, model=dep["champion"], out=self.run_dir / "smoke.png",
-                         api_key=api_key)  # fmt: skip
+                         api_key=self.serve_args.api_key())  # fmt: skip
         if str(out.get("version")) != reg["version"]:
             raise StageFailed(
                 f"the endpoint answered with {out.get('model')} version {out.get('version')}, not the new champion "
@@ -312,8 +310,6 @@ class Pipeline:
         tcfg = self.tune_config()
         self.check_configs(tcfg)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        if (self.run_dir / SUMMARY).is_file():
-            self.summary["previous"] = json.loads((self.run_dir / SUMMARY).read_text()).get("stages")
         init_ray()
         self._check_storage(tcfg)
         self._open_run(tcfg)

@@ -167,6 +167,10 @@ class ServeArgs(_Section):
             raise ValueError("; ".join(problems))
         return self
 
+    def api_key(self) -> str | None:
+        """The key clients must send (from the environment variable ``api_key_env`` names), or None."""
+        return (os.environ.get(self.api_key_env) if self.api_key_env else None) or None
+
     def resolved_tracking_uri(self) -> str | None:
         return self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or None
 

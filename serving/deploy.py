@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -132,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     http = http_options(args.config) | ({"port": args.port} if args.port else {})
-    api_key = os.environ.get(serve_args.api_key_env) if serve_args.api_key_env else None
+    api_key = serve_args.api_key()
     try:
         url = deploy(serve_args, name=args.name, route_prefix=args.route_prefix, http=http, api_key=api_key)
         print(f"serving: {url}  (web page {url}/, API docs {url}/docs)")

@@ -8,7 +8,6 @@ generation slower than ``deployment.request_timeout_s`` 504.
 import asyncio
 import base64
 import hmac
-import os
 import time
 from pathlib import Path
 
@@ -78,7 +77,7 @@ class Api:
     def __init__(self, generator: DeploymentHandle, args: ServeArgs | dict):
         self.gen = generator
         self.args = ServeArgs.model_validate(args)
-        self.key = os.environ.get(self.args.api_key_env) or None
+        self.key = self.args.api_key()
         self.epoch = 0
 
     # ---- helpers ---------------------------------------------------------------------------------------------
