@@ -54,8 +54,9 @@ def train_fn_per_worker(config: dict) -> list[dict[str, float]]:
     if spec.cfg.mlflow.system_metrics:
         tracker.start_system_metrics()
     checkpoint = ray.train.get_checkpoint()  # [1] None on a fresh start
+    fallback = config.get("resume_from")  # Ray's snapshot was lost (a full disk): the latest complete checkpoint
     try:
-        with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as resume_dir:
+        with checkpoint.as_directory() if checkpoint else contextlib.nullcontext(fallback) as resume_dir:
             _, state = run_worker(
                 spec,
                 device=ray.train.torch.get_device(),  # [2] this worker's GPU, or CPU
@@ -78,15 +79,22 @@ def build_trainer(
     tracking_uri: str | None,
     run_id: str | None,
     callbacks: list[UserCallback] | None = None,
+    resume_from: str | None = None,
 ) -> TorchTrainer:
     """A ``TorchTrainer`` whose scaling, failure and checkpoint policy come from ``cfg.ray``.
 
     ``callbacks``: e.g. Tune's ``TuneReportCallback`` when the trainer runs inside a Tune trial.
+    ``resume_from``: a checkpoint folder (on storage every worker sees) used when Ray has none to hand back.
     """
     r = cfg.ray
     return TorchTrainer(
         train_fn_per_worker,
-        train_loop_config={"spec": spec.to_dict(), "tracking_uri": tracking_uri, "run_id": run_id},
+        train_loop_config={
+            "spec": spec.to_dict(),
+            "tracking_uri": tracking_uri,
+            "run_id": run_id,
+            "resume_from": resume_from,
+        },
         scaling_config=ScalingConfig(
             num_workers=r.num_workers, use_gpu=r.use_gpu, resources_per_worker={"CPU": r.cpus_per_worker}
         ),

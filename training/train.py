@@ -12,8 +12,11 @@ checkpoints under ``<output_dir>/ray/<run_name>`` and ``<output_dir>/result.json
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
+import os
+import re
 import shutil
 import sys
 from dataclasses import asdict, dataclass
@@ -25,7 +28,7 @@ from training.configuration import ConfigError, load_config
 from training.data import DatasetError, validate_dataset
 from training.heldout import select_heldout
 from training.tracking import MlflowTracker, flatten, git_commit, resolve_tracking_uri, start_run
-from training.worker import ADAPTER_DIR, WorkerSpec
+from training.worker import ADAPTER_DIR, STATE_NAME, WorkerSpec
 
 log = logging.getLogger("training.train")
 
@@ -57,12 +60,113 @@ def preflight(cfg: TrainConfig, resume: bool) -> list[str]:
     if cfg.train.optimizer == "prodigy" and not 0.1 <= cfg.train.lr <= 10:
         log.warning("prodigy sets its own step size; train.lr=%g is a multiplier, usually 1.0", cfg.train.lr)
     run_dir = Path(cfg.storage_path) / cfg.run_name
+    if "://" not in str(run_dir) and (problem := _unwritable(run_dir)):
+        problems.append(problem)
     if not resume and "://" not in str(run_dir) and run_dir.is_dir() and any(run_dir.iterdir()):
         problems.append(
             f"run {cfg.run_name!r} already has checkpoints in {run_dir}; pass --resume to continue it, "
             "or set run_name (or output_dir) to start a new one"
         )
     return problems
+
+
+# errno values that mean "this storage cannot take the checkpoint": no space, no permission, read-only, quota
+STORAGE_ERRNOS = {
+    errno.ENOSPC: "no space left",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "not permitted",
+    errno.EROFS: "read-only file system",
+    errno.EDQUOT: "disk quota exceeded",
+}
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written to the storage path; the message names the path and what is kept."""
+
+
+def _unwritable(run_dir: Path) -> str | None:
+    """Why checkpoints cannot be written under ``run_dir`` (a probe file is created and removed), or None."""
+    target = next((p for p in (run_dir, *run_dir.parents) if p.exists()), None)
+    probe = (target or run_dir) / f".lorafleet-write-probe-{os.getpid()}"
+    try:
+        probe.write_bytes(b"probe")
+        probe.unlink()
+    except OSError as exc:
+        return (
+            f"checkpoints cannot be written to {run_dir}: {exc.strerror or exc} ({probe.parent}); "
+            "make it writable or set ray.storage_path (or output_dir) to a writable place"
+        )
+    return None
+
+
+def storage_fault(exc: BaseException, run_dir: Path) -> CheckpointWriteError | None:
+    """A Ray Train failure caused by the checkpoint storage -> an error naming the path, the cause, the fix and
+    the checkpoints that are complete (kept as they were); None for other failures.
+
+    Ray reports it as a ``ControllerError`` or a worker error carrying the ``OSError``'s text, without the path.
+    """
+    seen, chain = [], exc
+    while chain is not None and len(seen) < 10:
+        seen.append(chain)
+        chain = chain.__cause__ or chain.__context__
+    code = next((e.errno for e in seen if isinstance(e, OSError) and e.errno in STORAGE_ERRNOS), None)
+    if code is None:
+        text = " ".join(str(e) for e in seen)
+        code = next((c for c in STORAGE_ERRNOS if re.search(rf"\[errno {c}\]", text, re.IGNORECASE)), None)
+    if code is None:
+        return None
+    if "lorafleet-ckpt-" in " ".join(str(e) for e in seen):  # the worker's staging folder, not the storage
+        return CheckpointWriteError(
+            code,
+            f"a Train worker could not stage a checkpoint in its temporary folder: {STORAGE_ERRNOS[code]}. Free "
+            f"space in the workers' TMPDIR (or point TMPDIR elsewhere); checkpoints under {run_dir} are unchanged",
+        )
+    complete = complete_checkpoints(run_dir)
+    kept = (
+        f"complete checkpoints are kept: {', '.join(p.name for p in complete)} (latest {complete[-1]})"
+        if complete
+        else "no checkpoint was complete yet"
+    )
+    err = CheckpointWriteError(
+        code,
+        f"writing a checkpoint under {run_dir} failed: {STORAGE_ERRNOS[code]} ({os.strerror(code)}). {kept}. "
+        "Free space (or fix the permissions) there, or set ray.storage_path to another place, then rerun with "
+        "--resume to continue from the latest complete checkpoint",
+    )
+    err.filename = str(run_dir)
+    return err
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """Checkpoint folders whose adapter verifies (sha256 included) and whose trainer state is there, oldest first."""
+    out = []
+    for ckpt in sorted(run_dir.glob("epoch_*")) if run_dir.is_dir() else []:
+        try:
+            verify_adapter(ckpt / ADAPTER_DIR)
+        except Exception:  # noqa: BLE001 - a partial or corrupt checkpoint is not complete
+            continue
+        if (ckpt / STATE_NAME).is_file() and (ckpt / STATE_NAME).stat().st_size > 0:
+            out.append(ckpt)
+    return out
+
+
+def resume_fallback(run_dir: Path) -> str | None:
+    """When Ray's checkpoint snapshot is missing or unreadable (a write that hit a full disk leaves it empty),
+    the latest complete checkpoint to resume from; the unreadable snapshot is moved aside. None: Ray knows."""
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    try:
+        json.loads(snapshot.read_text())
+        return None
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError) as exc:
+        aside = snapshot.with_suffix(".json.unreadable")
+        log.warning("Ray's checkpoint snapshot %s is unreadable (%s); moved to %s", snapshot, exc, aside.name)
+        snapshot.replace(aside)
+    complete = complete_checkpoints(run_dir)
+    if complete:
+        log.info("resuming from the latest complete checkpoint %s", complete[-1])
+    return str(complete[-1]) if complete else None
 
 
 def open_run(cfg: TrainConfig, spec: WorkerSpec, resume: bool) -> tuple[str | None, str | None]:
@@ -133,11 +237,16 @@ def run(cfg: TrainConfig, *, resume: bool = False, callbacks: list | None = None
     init_ray()
     check_resources(cfg)
     tracker = MlflowTracker(uri, run_id) if run_id else None
+    run_dir = Path(cfg.storage_path) / cfg.run_name
+    fallback = resume_fallback(run_dir) if resume and "://" not in cfg.storage_path else None
+    trainer = build_trainer(cfg, spec, tracking_uri=uri, run_id=run_id, callbacks=callbacks, resume_from=fallback)
     try:
-        result = build_trainer(cfg, spec, tracking_uri=uri, run_id=run_id, callbacks=callbacks).fit()
-    except Exception:
+        result = trainer.fit()
+    except Exception as exc:
         if tracker:
-            tracker.client.set_terminated(run_id, "FAILED")
+            tracker._safe("set_terminated", tracker.client.set_terminated, run_id, "FAILED")
+        if "://" not in cfg.storage_path and (fault := storage_fault(exc, run_dir)):
+            raise fault from exc
         raise
     with result.checkpoint.as_directory() as ckpt:
         adapter = export_adapter(Path(ckpt), output_dir)
@@ -161,6 +270,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DatasetError, PreflightError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except CheckpointWriteError as exc:
+        print(f"error: {exc.strerror}", file=sys.stderr)
+        return 1
     print(f"adapter: {result.adapter_dir}")
     print(f"metrics: {json.dumps(result.metrics)}")
     if result.run_id:

@@ -101,8 +101,11 @@ def adapter_meta(spec: WorkerSpec, state: TrainState) -> AdapterMeta:
 def write_checkpoint(directory: Path, parts: Parts, state: TrainState, meta: AdapterMeta) -> Path:
     """adapter/ (the deliverable format) + trainer_state.pt (optimizer, schedule, step, epoch, RNG)."""
     te = parts.text_encoder if parts.trains_text_encoder else None
-    save_adapter(directory / ADAPTER_DIR, parts.unet, meta, text_encoder=te)
-    torch.save(state.state_dict(), directory / STATE_NAME)
+    try:
+        save_adapter(directory / ADAPTER_DIR, parts.unet, meta, text_encoder=te)
+        torch.save(state.state_dict(), directory / STATE_NAME)
+    except OSError as exc:  # safetensors and torch name neither the folder nor always the errno
+        raise OSError(exc.errno, f"[Errno {exc.errno}] cannot write checkpoint files in {directory}: {exc}") from exc
     return directory
 
 

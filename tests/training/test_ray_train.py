@@ -17,8 +17,9 @@ import pytest
 from mlflow import MlflowClient
 
 from training.adapter import load_adapter, verify_adapter
+from training.config import PreflightError
 from training.toy_world.sample import generate, load_pipeline
-from training.train import run
+from training.train import CheckpointWriteError, complete_checkpoints, run
 
 pytestmark = pytest.mark.slow
 
@@ -156,3 +157,48 @@ def test_a_local_ray_from_the_entry_points_listens_on_loopback_only(repo):
         [sys.executable, "-c", _LISTENERS], cwd=repo, env=env, capture_output=True, text=True, timeout=180
     )
     assert "NON_LOOPBACK []" in out.stdout and "LISTENING 0 " not in out.stdout, out.stdout + out.stderr[-2000:]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MiB tmpfs: room for one toy checkpoint (1.2 MB), not two. Needs root (CI and these machines are)."""
+    mnt = tmp_path / "small-disk"
+    mnt.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_full_disk_stops_with_the_path_and_keeps_earlier_checkpoints(local_ray, train_config, small_disk):
+    cfg = train_config(
+        **{
+            "train.epochs": 3,
+            "ray.checkpoint_every_n_epochs": 1,
+            "ray.num_to_keep": 2,
+            "ray.max_failures": 0,
+            "ray.storage_path": str(small_disk),
+        }
+    )
+    run_dir = small_disk / cfg.run_name
+    with pytest.raises(CheckpointWriteError) as info:
+        run(cfg)
+    message = str(info.value)
+    assert str(run_dir) in message and "no space left" in message and "--resume" in message
+    complete = complete_checkpoints(run_dir)
+    assert [p.name for p in complete] == ["epoch_0001"] and "epoch_0001" in message
+    assert verify_adapter(complete[0] / "adapter").training["epoch"] == 1
+
+    # room again (the tmpfs grows): --resume continues from epoch 1, not from scratch
+    subprocess.run(["mount", "-o", "remount,size=16m", str(small_disk)], check=True)
+    result = run(cfg, resume=True)
+    assert result.metrics["epoch"] == 3
+    assert [h["epoch"] for h in result.history] == [2, 3]
+
+
+def test_an_unwritable_storage_path_is_refused_before_ray_starts(train_config, small_disk):
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    cfg = train_config(**{"ray.storage_path": str(small_disk / "ckpt")})
+    with pytest.raises(PreflightError, match=r"cannot be written to .*ckpt/lora: Read-only file system.*ray.storage_path"):
+        run(cfg)
