@@ -7,6 +7,7 @@ never one SQLite file written by concurrent processes.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import subprocess
@@ -93,30 +94,83 @@ class NullTracker:
     def close(self) -> None: ...
 
 
-class MlflowTracker(NullTracker):
-    """Logs into one existing run. A failing server costs a warning, never the training run."""
+# While training, a tracking call gets one quick try: with MLflow's defaults (7 retries, backoff factor 2) a server
+# that is down blocks each call for minutes, and with it the training step that made the call.
+QUICK = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+         "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}  # fmt: skip
+MAX_PENDING = 100_000  # metric values held while the server is away (a few MB); older ones beyond that are dropped
 
-    def __init__(self, uri: str, run_id: str):
+
+@contextlib.contextmanager
+def _quick_requests():
+    saved = {k: os.environ.get(k) for k in QUICK}
+    os.environ.update({k: v for k, v in QUICK.items() if saved[k] is None})  # an explicit setting wins
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+
+
+class MlflowTracker(NullTracker):
+    """Logs into one existing run. A failing server costs a warning, never the training run.
+
+    Params and metrics that fail to send are kept (up to ``MAX_PENDING`` values) and sent with the next call
+    that reaches the server, and once more at ``close``; images and artifacts that fail are counted in
+    ``dropped``. ``gap()`` says what the run is missing.
+    """
+
+    def __init__(self, uri: str, run_id: str, quick: bool = True):
         from mlflow import MlflowClient
 
         self.uri, self.run_id = uri, run_id
         self.client = MlflowClient(uri)
         self._monitor = None
-        self.dropped = 0
+        self._quick = quick
+        self._pending_metrics: list = []
+        self._pending_params: list = []
+        self.dropped: list[str] = []  # what failed for good
+        self.lost_metrics = 0
+        self.failures = 0
 
-    def _safe(self, what: str, fn, *args, **kwargs) -> None:
+    def _safe(self, what: str, fn, *args, **kwargs) -> bool:
         try:
-            fn(*args, **kwargs)
+            with _quick_requests() if self._quick else contextlib.nullcontext():
+                fn(*args, **kwargs)
+            return True
         except Exception as exc:  # noqa: BLE001 — tracking must not kill training
-            self.dropped += 1
-            log.warning("MLflow %s failed (%s); training continues", what, exc)
+            self.failures += 1
+            log.warning("MLflow %s failed (%s); training continues", what, str(exc).splitlines()[0][:300])
+            return False
+
+    def _flush(self) -> bool:
+        """Send what is pending (params first); False when the server still does not answer."""
+        while self._pending_params:
+            chunk = self._pending_params[:100]  # MLflow's batch limit for params
+            if not self._safe("log_params", self.client.log_batch, self.run_id, params=chunk):
+                return False
+            del self._pending_params[: len(chunk)]
+        while self._pending_metrics:
+            chunk = self._pending_metrics[:1000]  # MLflow's batch limit for metrics
+            if not self._safe("log_metrics", self.client.log_batch, self.run_id, metrics=chunk):
+                if len(self._pending_metrics) > MAX_PENDING:
+                    over = len(self._pending_metrics) - MAX_PENDING
+                    del self._pending_metrics[:over]
+                    self.lost_metrics += over
+                return False
+            del self._pending_metrics[: len(chunk)]
+        return True
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending_metrics) + len(self._pending_params)
 
     def log_params(self, params: dict[str, str]) -> None:
         from mlflow.entities import Param
 
-        items = [Param(k, v) for k, v in params.items()]
-        for i in range(0, len(items), 100):  # MLflow's batch limit
-            self._safe("log_params", self.client.log_batch, self.run_id, params=items[i : i + 100])
+        self._pending_params += [Param(k, v) for k, v in params.items()]
+        self._flush()
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         import time
@@ -124,21 +178,47 @@ class MlflowTracker(NullTracker):
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        self._safe("log_metrics", self.client.log_batch, self.run_id, metrics=batch)
+        self._pending_metrics += [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        if self._flush() is False and self.pending:
+            log.warning("%d MLflow values kept until the server answers", self.pending)
 
     def log_image(self, image: Image.Image, artifact_file: str) -> None:
-        self._safe("log_image", self.client.log_image, self.run_id, image, artifact_file=artifact_file)
+        self._flush()
+        if not self._safe("log_image", self.client.log_image, self.run_id, image, artifact_file=artifact_file):
+            self.dropped.append(artifact_file)
 
     def log_artifacts(self, local_dir: str | Path, artifact_path: str | None = None) -> None:
-        self._safe("log_artifacts", self.client.log_artifacts, self.run_id, str(local_dir), artifact_path)
+        if not self._safe("log_artifacts", self.client.log_artifacts, self.run_id, str(local_dir), artifact_path):
+            self.dropped.append(f"{artifact_path or ''}/ ({local_dir})")
 
     def log_artifact(self, local_file: str | Path, artifact_path: str | None = None) -> None:
-        self._safe("log_artifact", self.client.log_artifact, self.run_id, str(local_file), artifact_path)
+        if not self._safe("log_artifact", self.client.log_artifact, self.run_id, str(local_file), artifact_path):
+            self.dropped.append(f"{artifact_path or ''}/{Path(local_file).name}")
 
     def set_tags(self, tags: dict[str, str]) -> None:
         for k, v in tags.items():
-            self._safe("set_tag", self.client.set_tag, self.run_id, k, v)
+            if not self._safe("set_tag", self.client.set_tag, self.run_id, k, v):
+                self.dropped.append(f"tag {k}")
+
+    def gap(self) -> str | None:
+        """What this run is missing because the server was away (None: nothing)."""
+        parts = []
+        if self.pending or self.lost_metrics:
+            parts.append(f"{self.pending + self.lost_metrics} param/metric values never reached the server")
+        if self.dropped:
+            parts.append(f"not logged: {', '.join(self.dropped[:20])}")
+        return "; ".join(parts) or None
+
+    def flush(self, attempts: int = 6, wait_s: float = 5.0) -> bool:
+        """Send what is pending, trying ``attempts`` times ``wait_s`` apart; True when nothing is left."""
+        import time
+
+        for i in range(attempts):
+            if self._flush():
+                return True
+            if i < attempts - 1:
+                time.sleep(wait_s)
+        return False
 
     def start_system_metrics(self) -> None:
         """CPU/memory (and GPU, where pynvml is present) sampled into the run while training."""
@@ -154,6 +234,10 @@ class MlflowTracker(NullTracker):
         if self._monitor is not None:
             self._safe("system metrics", self._monitor.finish)
             self._monitor = None
+        if self.pending and not self.flush():
+            log.warning("MLflow run %s is incomplete: %s", self.run_id, self.gap())
+        if gap := self.gap():  # stated in the run, when the server answers again
+            self._safe("set_tag", self.client.set_tag, self.run_id, "lorafleet.mlflow_gap", gap)
 
 
 def tracker_for(uri: str | None, run_id: str | None, rank: int) -> NullTracker:

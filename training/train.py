@@ -169,6 +169,15 @@ def resume_fallback(run_dir: Path) -> str | None:
     return str(complete[-1]) if complete else None
 
 
+def missing_epochs(tracker: MlflowTracker, last_epoch: int) -> list[int]:
+    """Epochs 1..last_epoch without a ``loss`` value in the run (empty when the server does not answer)."""
+    try:
+        logged = {m.step for m in tracker.client.get_metric_history(tracker.run_id, "loss")}
+    except Exception:  # noqa: BLE001 - the server is still away: the worker's gap tag is what can be said
+        return []
+    return [e for e in range(1, last_epoch + 1) if e not in logged]
+
+
 def open_run(cfg: TrainConfig, spec: WorkerSpec, resume: bool) -> tuple[str | None, str | None]:
     """Create (or, on resume, reopen) the MLflow run in the driver; return (tracking URI, run id)."""
     if not cfg.mlflow.enabled:
@@ -254,7 +263,10 @@ def run(cfg: TrainConfig, *, resume: bool = False, callbacks: list | None = None
     if tracker:
         tracker.log_artifacts(adapter, "adapter")
         tracker.set_tags({"adapter_sha256": meta.sha256, "trigger": str(meta.trigger)})
-        tracker.client.set_terminated(run_id, "FINISHED")
+        last = int((result.metrics or {}).get("epoch", 0))
+        if missing := missing_epochs(tracker, last):  # the server was away longer than rank 0 kept trying
+            tracker.set_tags({"lorafleet.mlflow_missing_epochs": ",".join(map(str, missing))})
+        tracker._safe("set_terminated", tracker.client.set_terminated, run_id, "FINISHED")
     history = list(result.return_value or [])
     out = TrainResult(str(adapter), run_id, uri, dict(result.metrics or {}), result.checkpoint.path, history)
     (output_dir / "result.json").write_text(json.dumps(asdict(out), indent=2) + "\n")

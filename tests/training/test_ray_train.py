@@ -200,5 +200,65 @@ def test_a_full_disk_stops_with_the_path_and_keeps_earlier_checkpoints(local_ray
 def test_an_unwritable_storage_path_is_refused_before_ray_starts(train_config, small_disk):
     subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
     cfg = train_config(**{"ray.storage_path": str(small_disk / "ckpt")})
-    with pytest.raises(PreflightError, match=r"cannot be written to .*ckpt/lora: Read-only file system.*ray.storage_path"):
+    with pytest.raises(
+        PreflightError, match=r"cannot be written to .*ckpt/lora: Read-only file system.*ray.storage_path"
+    ):
         run(cfg)
+
+
+def test_training_goes_on_while_mlflow_is_down_and_the_run_is_complete_afterwards(
+    local_ray, train_config, tmp_path, caplog
+):
+    from cluster.mlflow_server import start_mlflow_server
+
+    state = tmp_path / "mlflow-state"
+    server = start_mlflow_server(state)
+    port = int(server.uri.rsplit(":", 1)[1])
+    epochs = 16
+    cfg = train_config(
+        **{
+            "train.epochs": epochs,
+            "train.batch_size": 1,
+            "ray.checkpoint_every_n_epochs": 1,
+            "mlflow.enabled": True,
+            "mlflow.tracking_uri": server.uri,
+            "mlflow.experiment": "test-mlflow-outage",
+            "mlflow.system_metrics": False,
+            "validation.every_n_epochs": 2,
+        }
+    )
+    run_dir = Path(cfg.storage_path) / cfg.run_name
+    outcome: dict = {}
+    thread = threading.Thread(target=lambda: outcome.setdefault("result", run(cfg)), daemon=True)
+    thread.start()
+    client = MlflowClient(server.uri)
+    deadline = time.monotonic() + 240
+    while not (run_dir / "epoch_0002").is_dir():
+        assert time.monotonic() < deadline and thread.is_alive(), "training did not reach epoch 2"
+        time.sleep(0.1)
+    server.stop()  # the server goes away for as long as training needs for two more epochs
+    down_at = time.monotonic()
+    def latest() -> int:  # older checkpoint folders are pruned (num_to_keep): read the newest epoch number
+        return max(int(p.name.split("_")[1]) for p in run_dir.glob("epoch_*"))
+
+    start = latest()
+    while latest() < start + 4:
+        assert time.monotonic() < deadline and thread.is_alive(), "training stalled while MLflow was down"
+        time.sleep(0.1)
+    server = start_mlflow_server(state, port=port)  # back, same store, same address
+    outage = time.monotonic() - down_at
+    try:
+        thread.join(timeout=300)
+        assert not thread.is_alive() and "result" in outcome, "training did not finish"
+        result = outcome["result"]
+        assert result.metrics["epoch"] == epochs
+        run_info = client.get_run(result.run_id)
+        assert run_info.info.status == "FINISHED"
+        assert sorted(m.step for m in client.get_metric_history(result.run_id, "loss")) == list(range(1, epochs + 1))
+        assert "lorafleet.mlflow_missing_epochs" not in run_info.data.tags
+        assert "adapter_sha256" in run_info.data.tags
+        gap = run_info.data.tags.get("lorafleet.mlflow_gap", "")  # images are not kept: the run says which
+        assert all(name.startswith("validation/epoch_") for name in gap.removeprefix("not logged: ").split(", ") if gap)
+        print(f"MLflow down {outage:.1f} s over epochs {start + 1}..{start + 4}; every epoch's loss in the run; {gap}")
+    finally:
+        server.stop()
