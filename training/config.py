@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -134,16 +134,45 @@ class TrainConfig(_Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:
-        if self.validation.data_path and self.validation.holdout:
-            raise ValueError(
+        if problems := self.combination_problems(self.model_dump()):
+            raise ValueError("; ".join(problems))
+        return self
+
+    @classmethod
+    def combination_problems(cls, values: dict[str, Any]) -> list[str]:
+        """Values that are each valid but do not work together, read from the raw mapping (so they are
+        reported alongside field errors, all at once). Defaults fill what is missing."""
+
+        def get(key: str, default: Any) -> Any:
+            node: Any = values
+            for part in key.split("."):
+                if not isinstance(node, dict) or part not in node:
+                    return default
+                node = node[part]
+            return node
+
+        problems = []
+        gpu = get("ray.use_gpu", False) is True
+        if get("train.optimizer", "adamw") == "adamw8bit" and not gpu:
+            problems.append(
+                "train.optimizer: 'adamw8bit' needs a CUDA GPU (bitsandbytes); on CPU use 'adamw' or 'prodigy', "
+                "or set ray.use_gpu=true on a GPU cluster"
+            )
+        if get("train.mixed_precision", "auto") in ("fp16", "bf16") and not gpu:
+            problems.append(
+                f"train.mixed_precision: {get('train.mixed_precision', '')} needs GPU workers; set ray.use_gpu=true "
+                "or train.mixed_precision=auto (fp32 on CPU)"
+            )
+        if get("validation.data_path", None) and get("validation.holdout", 0):
+            problems.append(
                 "validation.data_path and validation.holdout are alternatives; set one (holdout=0 with a data_path)"
             )
-        if self.train.cache_latents and self.data.crop == "random":
-            raise ValueError(
+        if get("train.cache_latents", None) is True and get("data.crop", "center") == "random":
+            problems.append(
                 "train.cache_latents=true cannot be combined with data.crop=random (each step needs a new crop); "
                 "set train.cache_latents=null/false or data.crop=center"
             )
-        return self
+        return problems
 
     @property
     def storage_path(self) -> str:

@@ -123,10 +123,15 @@ def validate_values(model: type[M], values: dict[str, Any], overrides: list[str]
         ConfigError: listing every problem.
     """
     values, problems = apply_overrides(values, overrides or [], model)
+    combos = getattr(model, "combination_problems", None)  # cross-field checks that also run when fields fail
     try:
         cfg = model.model_validate(values)
     except ValidationError as exc:
+        if combos:
+            problems += combos(values)
         for err in exc.errors():
+            if combos and not err["loc"]:  # the model validator's message: already listed from combos
+                continue
             key = ".".join(str(x) for x in err["loc"]) or "<root>"
             fix = "remove it or check its spelling" if err["type"] == "extra_forbidden" else err["msg"]
             problems.append(f"{key}: {fix}")

@@ -64,3 +64,37 @@ def test_every_shipped_config_validates_and_names_its_command(repo: Path):
         assert f.name in schemas, f"{f.name}: add its schema here so it is validated"
         schema = schemas[f.name]
         schema(f) if schema is load_serve_args else load_config(schema, f)
+
+
+def test_every_class_of_bad_training_value_is_listed_in_one_error(repo: Path):
+    """Unknown key, wrong type, out of range, a bad YAML value and a combination this machine cannot run."""
+    from training.config import TrainConfig
+
+    with pytest.raises(ConfigError) as err:
+        load_config(
+            TrainConfig,
+            repo / "configs" / "train.yaml",
+            ["lora.rnak=4", "train.epochs=many", "train.lr=-1", "train.optimizer=adamw8bit", "ray.use_gpu=false",
+             "train.mixed_precision=fp16", "data.crop=diagonal", "ray.num_workers=[1"],
+        )  # fmt: skip
+    text = "\n".join(err.value.problems)
+    assert len(err.value.problems) == 7, text
+    for needle in ("'rnak' is not a key of lora", "train.epochs", "train.lr", "train.optimizer: 'adamw8bit' needs a "
+                   "CUDA GPU", "train.mixed_precision: fp16 needs GPU", "data.crop", "ray.num_workers=[1"):  # fmt: skip
+        assert needle in text, needle
+
+
+def test_every_class_of_bad_serving_value_is_listed_in_one_error(repo: Path):
+    from serving.config import load_serve_args
+
+    with pytest.raises(ConfigError) as err:
+        load_serve_args(
+            repo / "configs" / "serve.yaml",
+            ["deployment.num_gpus=0.3", "limits.max_n=0", "batching.max_batch_size=lots", "deployment.replicas=2",
+             "device=tpu"],
+        )  # fmt: skip
+    text = "\n".join(err.value.problems)
+    assert len(err.value.problems) == 5, text
+    for needle in ("num_gpus 0.3 does not divide one GPU", "limits.max_n", "batching.max_batch_size",
+                   "'replicas' is not a key of deployment", "device"):  # fmt: skip
+        assert needle in text, needle

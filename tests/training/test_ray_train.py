@@ -238,6 +238,7 @@ def test_training_goes_on_while_mlflow_is_down_and_the_run_is_complete_afterward
         time.sleep(0.1)
     server.stop()  # the server goes away for as long as training needs for two more epochs
     down_at = time.monotonic()
+
     def latest() -> int:  # older checkpoint folders are pruned (num_to_keep): read the newest epoch number
         return max(int(p.name.split("_")[1]) for p in run_dir.glob("epoch_*"))
 

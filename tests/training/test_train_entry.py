@@ -27,10 +27,9 @@ def test_bad_dataset_stops_before_anything_is_written(train_config, toy_dataset,
     assert not (tmp_path / "out").exists()
 
 
-def test_gpu_only_choices_stop_before_ray(train_config):
-    cfg = train_config(**{"train.optimizer": "adamw8bit"})
-    with pytest.raises(PreflightError, match="adamw8bit"):
-        run(cfg)
+def test_gpu_only_choices_stop_before_ray(repo, capsys):
+    code = main(["--config", str(repo / "configs" / "train.yaml"), "train.optimizer=adamw8bit", "ray.use_gpu=false"])
+    assert code == 2 and "train.optimizer: 'adamw8bit' needs a CUDA GPU" in capsys.readouterr().err
 
 
 def test_existing_run_needs_resume(train_config):
