@@ -167,14 +167,15 @@ class LoadedAdapters:
         """Keys (weights sha256) of the loaded adapters, least recently used first."""
         return list(self._slots)
 
-    def ensure(self, adapters: list[ResolvedAdapter]) -> dict[str, str]:
-        """Load what is missing (evicting others), mark all as used; returns key -> slot.
+    def ensure(self, adapters: list[ResolvedAdapter]) -> dict[str, str | AdapterError]:
+        """Load what is missing (evicting others), mark all as used; returns key -> slot, or the
+        ``AdapterError`` of an adapter that failed to load (the others load and serve as usual).
 
         Raises:
             ValueError: more distinct adapters than ``capacity`` (the engine splits batches before this).
-            AdapterError: a file failed verification while loading.
         """
         unique = {a.key: a for a in adapters}
+        failed: dict[str, AdapterError] = {}
         if len(unique) > self.capacity:
             raise ValueError(f"{len(unique)} adapters in one pass > max_adapters {self.capacity}")
         for key, adapter in unique.items():
@@ -186,11 +187,16 @@ class LoadedAdapters:
             while len(self._slots) >= self.capacity:
                 victim = next(k for k in self._slots if k not in unique)
                 self.evict(victim)
-            load_adapter(self.pipe, adapter.path, self.slot_name(key))
+            try:
+                load_adapter(self.pipe, adapter.path, self.slot_name(key))
+            except AdapterError as exc:
+                log.warning("adapter %s refused: %s", adapter.name, exc)
+                failed[key] = exc
+                continue
             self._slots[key] = self.slot_name(key)
             if self.on_change:
                 self.on_change()
-        return {key: self._slots[key] for key in unique}
+        return {key: failed.get(key) or self._slots[key] for key in unique}
 
     def evict(self, key: str) -> None:
         slot = self._slots.pop(key)

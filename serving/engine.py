@@ -99,7 +99,7 @@ class Engine:
         self.size_multiple = pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
         self._route: dict[int, list[str]] | None = None
         self._hooked: set[int] = set()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # _run re-enters to run a pass without its refused adapters
         self.passes = 0
         self._steps_ok: dict[int, bool] = {}
 
@@ -217,9 +217,14 @@ class Engine:
         return passes
 
     @torch.no_grad()
-    def _run(self, group: list[Prepared], should_stop: Callable[[], bool] | None) -> list[ImageResult]:
+    def _run(self, group: list[Prepared], should_stop: Callable[[], bool] | None) -> list[ImageResult | Exception]:
         with self._lock:
             slots = self.adapters.ensure([p.adapter for p in group if p.adapter])
+            refused = {k: v for k, v in slots.items() if isinstance(v, Exception)}
+            if refused:  # those requests get the adapter's error; the rest of the pass runs
+                ok = [p for p in group if not (p.adapter and p.adapter.key in refused)]
+                done = iter(self._run(ok, should_stop) if ok else [])
+                return [refused[p.adapter.key] if p.adapter and p.adapter.key in refused else next(done) for p in group]
             prompts, negatives, gens, route = [], [], [], []
             for p in group:
                 for i in range(p.request.n):

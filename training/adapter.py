@@ -123,8 +123,32 @@ def verify_adapter(adapter_dir: str | Path) -> AdapterMeta:
 def load_adapter(pipe: StableDiffusionPipeline, adapter_dir: str | Path, adapter_name: str = "default") -> AdapterMeta:
     """Verify, then ``pipe.load_lora_weights`` — the plain diffusers call any user makes."""
     meta = verify_adapter(adapter_dir)
-    pipe.load_lora_weights(str(adapter_dir), weight_name=meta.weights, adapter_name=adapter_name)
+    try:
+        pipe.load_lora_weights(str(adapter_dir), weight_name=meta.weights, adapter_name=adapter_name)
+    except Exception as exc:  # noqa: BLE001 - shapes or keys that do not fit this base model
+        _drop_partial(pipe, adapter_name)
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise AdapterError(
+            f"{adapter_dir}: the weights do not fit base model {base_model_id(meta.base_model)!r} as loaded here "
+            f"({type(exc).__name__}: {first}); it was made for another model or architecture — retrain it on this one"
+        ) from exc
     return meta
+
+
+def _drop_partial(pipe: StableDiffusionPipeline, adapter_name: str) -> None:
+    """Remove what a failed load may have injected under ``adapter_name``, so the pipeline serves as before."""
+    for part in (pipe.unet, getattr(pipe, "text_encoder", None)):
+        if part is not None and adapter_name in (getattr(part, "peft_config", None) or {}):
+            try:
+                pipe.delete_adapters(adapter_name)
+            except Exception:  # noqa: BLE001 - fall back to the module-level delete below
+                from peft.tuners.tuners_utils import BaseTunerLayer
+
+                for module in part.modules():
+                    if isinstance(module, BaseTunerLayer):
+                        module.delete_adapter(adapter_name)
+                part.peft_config.pop(adapter_name, None)
+            return
 
 
 def load_into_training(adapter_dir: str | Path, unet: torch.nn.Module, text_encoder: torch.nn.Module | None) -> None:

@@ -127,7 +127,10 @@ def _metadata_captions(root: Path, report: DatasetReport) -> dict[str, str]:
             continue
         try:
             row = json.loads(line.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except UnicodeDecodeError:
+            report.problems.append(Problem(where, "error", "not UTF-8 text; re-save metadata.jsonl as UTF-8"))
+            continue
+        except json.JSONDecodeError:
             report.problems.append(Problem(where, "error", 'not a JSON object; write {"file_name": ..., "text": ...}'))
             continue
         if not isinstance(row, dict) or not isinstance(row.get("file_name"), str):

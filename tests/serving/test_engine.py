@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -184,3 +186,65 @@ def test_steps_are_bounded_by_the_scheduler_too(serve_args):
         with pytest.raises(RequestError, match="scheduler"):
             engine.prepare(ImageRequest(PROMPT, steps=steps))
     assert engine.prepare(ImageRequest(PROMPT, steps=999)).steps == 999
+
+
+def _bad_adapters(good: Path, root: Path) -> dict[str, Path]:
+    """Copies of a good adapter made wrong in the ways a replica must refuse: name -> folder."""
+    import json
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from training.adapter import META_NAME, WEIGHTS_NAME, file_sha256
+
+    def copy(name: str) -> Path:
+        shutil.copytree(good, root / name)
+        return root / name
+
+    def rewrite_meta(folder: Path, **changes) -> None:
+        meta = json.loads((folder / META_NAME).read_text())
+        meta.update(sha256=file_sha256(folder / WEIGHTS_NAME), **changes)
+        (folder / META_NAME).write_text(json.dumps(meta))
+
+    out = {"pickled": copy("pickled"), "shapes": copy("shapes"), "otherbase": copy("otherbase")}
+    out["tampered"] = copy("tampered")
+    torch.save({"lora": torch.zeros(2)}, out["pickled"] / "pytorch_lora_weights.bin")  # a pickle beside it
+    tensors = load_file(out["shapes"] / WEIGHTS_NAME)
+    key = next(k for k in sorted(tensors) if "lora_A" in k or "lora.down" in k)
+    tensors[key] = torch.zeros(tensors[key].shape[0], tensors[key].shape[1] + 3)  # the wrong input width
+    save_file(tensors, out["shapes"] / WEIGHTS_NAME)
+    rewrite_meta(out["shapes"])  # the hash is right: only loading can tell
+    rewrite_meta(out["otherbase"], base_model="stable-diffusion-v1-5/stable-diffusion-v1-5")
+    with open(out["tampered"] / WEIGHTS_NAME, "r+b") as f:
+        f.seek(-8, 2)
+        f.write(b"tampered")
+    return out
+
+
+def test_refused_adapters_say_why_and_the_replica_keeps_serving_the_others(serve_args, tiny_adapters, tmp_path):
+    from serving.app import error_result
+    from training.adapter import AdapterError
+
+    bad = _bad_adapters(tiny_adapters["ad0"], tmp_path)
+    engine = Engine.from_args(serve_args(**{f"adapters.{k}": str(v) for k, v in bad.items()}, max_adapters=2))
+    expected = {
+        "pickled": "only safetensors adapters are loaded",
+        "tampered": "sha256",
+        "otherbase": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    }
+    for name, words in expected.items():  # refused when the name is resolved, before any pass
+        with pytest.raises(AdapterError, match=words) as info:
+            engine.prepare(ImageRequest(PROMPT, model=name))
+        assert error_result(info.value)["error"]["status"] == 422
+
+    # wrong tensor shapes pass verification; loading fails, in a pass shared with a good adapter
+    solo = run(engine, ImageRequest(PROMPT, model="ad1", seed=3))[0]
+    pair = [ImageRequest(PROMPT, model="shapes", seed=3), ImageRequest(PROMPT, model="ad1", seed=3)]
+    mixed = engine.generate([engine.prepare(r) for r in pair])
+    assert isinstance(mixed[0], AdapterError) and "do not fit base model" in str(mixed[0])
+    assert error_result(mixed[0])["error"]["status"] == 422
+    assert np.abs(pixels(mixed[1].images[0]) - pixels(solo.images[0])).max() <= 1  # the good request is unharmed
+    loaded = set(engine.pipe.unet.peft_config)
+    assert len(loaded) == len(engine.adapters) == 1, loaded  # nothing half-loaded stays in the UNet
+    assert run(engine, ImageRequest(PROMPT, model="ad2", seed=1), ImageRequest(PROMPT, model="base", seed=1))

@@ -107,6 +107,16 @@ def test_sidecar_captions(tmp_path):
     assert "missing caption file 4.txt" in problems["4.png"].message
 
 
+def test_a_metadata_line_that_is_not_utf8_is_named(tmp_path):
+    for i in range(4):
+        (tmp_path / f"{i}.png").write_bytes(_png(colour=(i * 40, 0, 0)))
+    _write_metadata(tmp_path, [{"file_name": f"{i}.png", "text": "a sks thing"} for i in range(3)])
+    with open(tmp_path / "metadata.jsonl", "ab") as f:
+        f.write('{"file_name": "3.png", "text": "caf\xe9 sks"}\n'.encode("latin-1"))
+    problems = _by_file(validate_dataset(DataConfig(path=str(tmp_path), min_images=3)))
+    assert "not UTF-8" in problems["metadata.jsonl:4"].message
+
+
 def test_dreambooth_needs_the_trigger_in_the_prompt(tmp_path):
     for i in range(4):
         (tmp_path / f"{i}.png").write_bytes(_png(colour=(i * 40, 9, 9)))
