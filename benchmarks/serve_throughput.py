@@ -57,6 +57,7 @@ def serve_args(
     values = {
         "base_model": str(REPO / "models" / "toy-sd"),
         "adapters": adapters,
+        "adapter_roots": sorted({str(Path(p).parent) for p in adapters.values()}),
         "champion": {"model": None},
         "default_model": "ad0",
         "adapter_cache_dir": str(cache),

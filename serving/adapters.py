@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from evaluation.registry import RegistryError, fetch_adapter
-from serving.config import BASE, MODEL_NAME, ServeArgs
+from serving.config import BASE, MODEL_NAME, ServeArgs, is_folder_ref, project_path
 from training.adapter import AdapterError, AdapterMeta, load_adapter
 
 log = logging.getLogger(__name__)
@@ -116,6 +116,8 @@ class AdapterResolver:
         uri = self.args.resolved_tracking_uri()
         if ref.startswith(("runs:/", "models:/")) and not uri:
             raise AdapterUnavailable(f"{ref} needs MLflow: set tracking_uri in the serve config or MLFLOW_TRACKING_URI")
+        if is_folder_ref(ref) and (why := self.args.outside_roots(Path(project_path(ref)))):
+            raise AdapterError(why)  # checked again here: a symlink may have been swapped since start-up
         f = fetch_adapter(ref, self.cache_dir, uri, expected_base=self.base_model)
         return ResolvedAdapter(name, ref, f.path, f.meta, f.version)
 

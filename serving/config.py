@@ -22,6 +22,11 @@ BASE = "base"  # the model name of the bare base model
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}(@[A-Za-z0-9][A-Za-z0-9_-]{0,63}|/[0-9]{1,9})?$")
 
 
+def is_folder_ref(ref: str) -> bool:
+    """An adapter reference that names a local folder (not runs:/, models:/ or another URI)."""
+    return "://" not in ref and not ref.startswith(("runs:/", "models:/"))
+
+
 def project_path(path: str) -> str:
     """A relative path as it is when it exists from the working directory, else against the project root
     (Serve replicas do not share the working directory of ``serve run``); other strings (hub ids) unchanged."""
@@ -110,6 +115,11 @@ class ServeArgs(_Section):
     adapters: dict[str, str] = Field(
         default_factory=dict, description="name -> adapter folder, runs:/<run>/<path> or models:/<name>@<alias>"
     )
+    adapter_roots: list[str] = Field(
+        default_factory=lambda: ["."],
+        description="folders that adapter folders in `adapters` must lie in, symlinks followed ('.' = the project); "
+        "registry references and adapter_cache_dir are always allowed",
+    )
     allow_registry_refs: bool = Field(
         True, description="clients may ask for any registered version as <model>@<alias> or <model>/<version>"
     )
@@ -160,12 +170,37 @@ class ServeArgs(_Section):
             problems.append("deployment.autoscaling_config is set: also set deployment.num_replicas to 'auto'")
         if d.num_replicas == "auto" and not d.autoscaling_config:
             problems.append("deployment.num_replicas is 'auto': also give deployment.autoscaling_config")
+        for name, ref in self.adapters.items():
+            if is_folder_ref(ref) and (why := self.outside_roots(Path(project_path(ref)))):
+                problems.append(f"adapters.{name}: {why}")
         known = {BASE, *self.adapters, *([self.champion.name] if self.champion.model else [])}
         if self.default_model not in known:
             problems.append(f"default_model {self.default_model!r} is none of {sorted(known)}")
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def allowed_roots(self) -> list[Path]:
+        return [Path(project_path(r)).resolve() for r in self.adapter_roots]
+
+    def outside_roots(self, folder: Path) -> str | None:
+        """Why ``folder`` (or a file in it, symlinks followed) is not an allowed adapter source, or None."""
+        roots = self.allowed_roots()
+
+        def inside(p: Path) -> bool:
+            real = p.resolve()
+            return any(real == r or real.is_relative_to(r) for r in roots)
+
+        if not inside(folder):
+            return (
+                f"{folder} is outside adapter_roots {[str(r) for r in roots]}; move the adapter into one of them "
+                "or add its folder to adapter_roots"
+            )
+        if folder.is_dir():
+            for f in folder.iterdir():
+                if not inside(f):
+                    return f"{f} links outside adapter_roots ({f.resolve()}); copy the file into the adapter folder"
+        return None
 
     def api_key(self) -> str | None:
         """The key clients must send (from the environment variable ``api_key_env`` names), or None."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ def tiny_serve_args(pipe_dir: Path, adapters: dict[str, Path], cache: Path, **ov
     values = {
         "base_model": str(pipe_dir),
         "adapters": {k: str(v) for k, v in adapters.items()},
+        "adapter_roots": [tempfile.gettempdir()],  # pytest's folders
         "champion": {"model": None},
         "default_model": "base",
         "adapter_cache_dir": str(cache),

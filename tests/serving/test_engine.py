@@ -248,3 +248,33 @@ def test_refused_adapters_say_why_and_the_replica_keeps_serving_the_others(serve
     loaded = set(engine.pipe.unet.peft_config)
     assert len(loaded) == len(engine.adapters) == 1, loaded  # nothing half-loaded stays in the UNet
     assert run(engine, ImageRequest(PROMPT, model="ad2", seed=1), ImageRequest(PROMPT, model="base", seed=1))
+
+
+def test_adapter_folders_must_lie_in_the_configured_roots(serve_args, tiny_adapters, tiny_pipe_dir, tmp_path):
+    import shutil
+
+    from training.adapter import AdapterError
+    from training.configuration import ConfigError
+
+    roots = {"adapter_roots": [str(tmp_path / "allowed")]}
+    allowed = tmp_path / "allowed"
+    shutil.copytree(tiny_adapters["ad0"], allowed / "ok")
+    with pytest.raises(ConfigError) as err:  # a folder outside, also spelled with ../
+        serve_args(**roots, **{"adapters.out": str(tiny_adapters["ad1"]), "adapters.dots": f"{allowed}/../../x"})
+    text = "\n".join(err.value.problems)
+    assert "adapters.out:" in text and "adapters.dots:" in text and "outside adapter_roots" in text
+
+    (allowed / "linked").symlink_to(tiny_adapters["ad2"])  # a symlink in the root pointing out of it
+    with pytest.raises(ConfigError, match="adapters.linked: .* is outside adapter_roots"):
+        serve_args(**roots, **{"adapters.linked": str(allowed / "linked")})
+
+    from tests.serving.conftest import tiny_serve_args
+
+    args = tiny_serve_args(tiny_pipe_dir, {"ok": allowed / "ok"}, tmp_path / "cache", warmup=False, **roots)
+    engine = Engine.from_args(args)
+    weights = allowed / "ok" / "pytorch_lora_weights.safetensors"
+    weights.rename(allowed / "ok.weights")
+    (tmp_path / "elsewhere.safetensors").write_bytes((allowed / "ok.weights").read_bytes())
+    weights.symlink_to(tmp_path / "elsewhere.safetensors")  # swapped after start-up
+    with pytest.raises(AdapterError, match="links outside adapter_roots"):
+        engine.prepare(ImageRequest(PROMPT, model="ok"))
