@@ -69,6 +69,10 @@ class AdapterResolver:
             refs[ch.name] = f"models:/{ch.model}@{ch.alias}"
         return refs
 
+    def served(self) -> set[str]:
+        """Names this server answers to without a registry lookup: base, configured adapters, the champion."""
+        return {BASE, *self.configured()}
+
     def ref_for(self, name: str) -> str:
         """The reference a model name stands for.
 

@@ -128,19 +128,21 @@ class Generator:
             prepared = await asyncio.to_thread(self.engine.prepare, req)
         except Exception as exc:  # noqa: BLE001 - every failure becomes a typed error result
             out = error_result(exc)
-            self.metrics.request(model, str(out["error"]["status"]))
+            # a metric label is never the client's raw text (unbounded label values, bytes Prometheus refuses)
+            label = model if isinstance(exc, RequestError) and model in self.engine.resolver.served() else "invalid"
+            self.metrics.request(label, str(out["error"]["status"]))
             return out
         try:
             result = await self._batched(_Queued(prepared, arrived))
         except asyncio.CancelledError:
             self._gone[req.request_id] = time.monotonic()
-            self.metrics.request(model, "cancelled")
+            self.metrics.request(prepared.model, "cancelled")
             raise
         if isinstance(result, Exception):
             out = error_result(result)
-            self.metrics.request(model, str(out["error"]["status"]))
+            self.metrics.request(prepared.model, str(out["error"]["status"]))
             return out
-        self.metrics.request(model, "ok")
+        self.metrics.request(prepared.model, "ok")
         return encode(result)
 
     async def _run_batch(self, items: list[_Queued]) -> list[ImageResult | Exception]:

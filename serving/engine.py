@@ -146,7 +146,8 @@ class Engine:
         guidance = d.guidance if req.guidance is None else float(req.guidance)
         if not 0 <= guidance <= lim.max_guidance:  # also refuses NaN
             raise RequestError("guidance", f"{guidance} is outside 0..{lim.max_guidance}")
-        width, height = req.width or d.size, req.height or d.size
+        width = d.size if req.width is None else req.width  # 0 is a size to refuse, not 'the default'
+        height = d.size if req.height is None else req.height
         for name, side in (("width", width), ("height", height)):
             if not lim.min_size <= side <= lim.max_size or side % self.size_multiple:
                 raise RequestError(
