@@ -13,7 +13,7 @@ HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 COMMA  := ,
 EXTRAS := dev$(if $(HAS_GPU),$(COMMA)gpu)
 
-.PHONY: install demo up down status samples test lint format toy-world quality train tune evaluate serve bench-train bench-tune bench-eval bench-serve browser clean
+.PHONY: install demo up down status samples test reliability audit lint format toy-world quality train tune evaluate serve bench-train bench-tune bench-eval bench-serve browser clean
 
 install: $(STAMP)
 
@@ -86,6 +86,17 @@ bench-train: $(STAMP)
 
 test: $(STAMP) lint
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+# Load, soak, fault and churn scenarios too long for `make test` (~15 min); figures go into docs/reliability.md.
+reliability: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -s -m reliability -p no:cacheprovider
+	HF_HUB_OFFLINE=1 LORAFLEET_FUZZ_EXAMPLES=200 $(BIN)/python -m pytest -q -s -p no:cacheprovider \
+	  tests/serving/test_app.py -k fuzzing
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/serve_reliability.py
+
+# Known vulnerabilities in the installed dependencies (pip-audit; the report goes to the log).
+audit: $(STAMP)
+	$(BIN)/python .ci/audit.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -8,6 +8,7 @@ generation slower than ``deployment.request_timeout_s`` 504.
 import asyncio
 import base64
 import hmac
+import logging
 import time
 from pathlib import Path
 
@@ -15,7 +16,8 @@ from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
-from ray.serve.exceptions import BackPressureError
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -23,6 +25,7 @@ from serving.config import ServeArgs
 from serving.engine import ImageRequest
 from serving.schemas import GenerationBody, ImageData, ImagesResponse, ModelList, error_body
 
+log = logging.getLogger("ray.serve")
 PUBLIC = {"/healthz", "/readyz", "/", "/docs", "/openapi.json", "/docs/oauth2-redirect"}  # hold no data
 PAGE = (Path(__file__).parent / "static" / "index.html").read_text()
 
@@ -97,6 +100,13 @@ class Api:
             out = await asyncio.wait_for(response, timeout=d.request_timeout_s)
         except BackPressureError as exc:
             raise ApiError(503, f"server busy ({exc}); retry after {d.retry_after_s} s", None, d.retry_after_s) from exc
+        except (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError) as exc:
+            # the replica died (or is being replaced) with this request on it: nothing was drawn, retrying is safe
+            log.warning("request lost with a generator replica: %s", type(exc).__name__)
+            raise ApiError(
+                503, f"a generator replica went away during this request; retry after {d.retry_after_s} s",
+                None, d.retry_after_s,
+            ) from exc  # fmt: skip
         except asyncio.TimeoutError as exc:
             response.cancel()
             raise ApiError(504, f"generation took longer than {d.request_timeout_s} s; retry or lower steps/n") from exc

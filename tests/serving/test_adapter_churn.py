@@ -29,6 +29,7 @@ def lora_params(engine: Engine) -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.reliability  # 93 s: `make reliability`
 def test_adapter_churn_keeps_memory_bounded_and_images_right(tiny_pipe_dir, eight_adapters, tmp_path):
     from tests.serving.conftest import tiny_serve_args
 
