@@ -7,8 +7,9 @@
 2. overload: an open loop sends requests at 2x that rate for ``--seconds`` (a bounded count). The server must shed
    with 503 + Retry-After (bounded queue: ``max_ongoing_requests`` + ``max_queued_requests``), every accepted
    request must finish within ``request_timeout_s`` (p99 figure), and nothing may fail otherwise.
-3. soak: ``--soak-seconds`` (default 300) at 0.8x the measured capacity (steady, not overloaded); the replica's
-   RSS is sampled every 10 s and the growth after the first minute is the figure (warm-up allocations excluded).
+3. soak: ``--soak-seconds`` (default 300) of ``--concurrency`` clients back to back: the replica works all the time
+   and nothing is shed (the clients fit its ``max_ongoing_requests``). Its RSS is sampled every 10 s; the growth
+   after the first minute is the figure (warm-up allocations excluded).
 4. replica kill: two replicas, an open loop at 0.8x one replica's capacity, half the requests sent raw (httpx, no
    retries) and half through the SDK's ``AsyncClient`` (retries on 503 with Retry-After); one replica is SIGKILLed
    after ``--kill-after`` s. Figures: failed requests of each kind, the longest request, the time until Serve
@@ -91,7 +92,7 @@ def rss_mb(pids: list[int]) -> dict[int, float]:
     return out
 
 
-async def closed_loop(url: str, concurrency: int, seconds: float) -> dict:
+async def closed_loop(url: str, concurrency: int, seconds: float, warm_s: float = 5) -> dict:
     done, failed = 0, 0
     counter = iter(range(10**9))
 
@@ -104,7 +105,7 @@ async def closed_loop(url: str, concurrency: int, seconds: float) -> dict:
                 done, failed = done + (r.status_code == 200), failed + (r.status_code != 200)
 
     async with httpx.AsyncClient(base_url=url, timeout=120, limits=httpx.Limits(max_connections=64)) as http:
-        warm = time.perf_counter() + 5
+        warm = time.perf_counter() + warm_s
         await asyncio.gather(*(client(http, warm, False) for _ in range(concurrency)))
         start = time.perf_counter()
         await asyncio.gather(*(client(http, start + seconds, True) for _ in range(concurrency)))
@@ -197,29 +198,37 @@ def overload(url: str, capacity: float, seconds: float) -> dict:
     return out
 
 
-def soak(url: str, capacity: float, seconds: float) -> dict:
+def soak(url: str, concurrency: int, seconds: float) -> dict:
+    """``concurrency`` clients back to back (the replica busy all the time, the queue never full) for ``seconds``;
+    the replica's RSS sampled every 10 s."""
     pids = replica_pids()
-    samples: list[tuple[float, float]] = []
+    samples: list[tuple[float, float]] = [(0.0, sum(rss_mb(pids).values()))]
 
-    def tick(elapsed: float) -> None:
-        if not samples or elapsed - samples[-1][0] >= 10:
-            samples.append((elapsed, sum(rss_mb(pids).values())))
+    async def run() -> dict:
+        start = time.perf_counter()
 
-    tick(0.0)
-    run = asyncio.run(open_loop(url, capacity, seconds, on_tick=tick))
-    samples.append((run["wall_s"], sum(rss_mb(pids).values())))
-    res = run["results"]
-    ok = [r["latency"] for r in res if r["status"] == 200]
+        async def sampler() -> None:
+            while True:
+                await asyncio.sleep(10)
+                samples.append((time.perf_counter() - start, sum(rss_mb(pids).values())))
+
+        task = asyncio.create_task(sampler())
+        try:
+            return await closed_loop(url, concurrency, seconds, warm_s=0)
+        finally:
+            task.cancel()
+
+    load = asyncio.run(run())
+    samples.append((seconds, sum(rss_mb(pids).values())))
     settled = [mb for t, mb in samples if t >= 60] or [samples[-1][1]]
     growth = samples[-1][1] - settled[0]
     minutes = max((samples[-1][0] - 60) / 60, 1e-9)
     return {
-        "seconds": run["wall_s"],
-        "offered_req_per_s": capacity,
-        "accepted": len(ok),
-        "shed_503": sum(1 for r in res if r["status"] == 503),
-        "other": sum(1 for r in res if r["status"] not in (200, 503)),
-        "p99_accepted_s": percentile(ok, 0.99),
+        "seconds": seconds,
+        "concurrency": concurrency,
+        "req_per_s": load["req_per_s"],
+        "accepted": load["requests"],
+        "failed": load["failed"],
         "rss_mb_start": samples[0][1],
         "rss_mb_at_60s": settled[0],
         "rss_mb_end": samples[-1][1],
@@ -236,8 +245,15 @@ def replica_kill(url: str, capacity: float, seconds: float, kill_after: float) -
     victim = pids[0]
     state: dict = {"killed_at": None, "back_at": None}
 
+    proc = psutil.Process(victim)
+    proc.cpu_percent()
+
     def tick(elapsed: float) -> None:
         if state["killed_at"] is None and elapsed >= kill_after:
+            busy = proc.cpu_percent()  # since the last tick: > 50 % means a UNet pass is running on it
+            if busy < 50 and elapsed < kill_after + 10:
+                return  # wait for a moment when the victim has requests in flight
+            state["victim_cpu_pct"] = busy
             os.kill(victim, signal.SIGKILL)
             state["killed_at"] = time.perf_counter()
         elif state["killed_at"] is not None and state["back_at"] is None and int(elapsed) % 2 == 0:
@@ -259,6 +275,7 @@ def replica_kill(url: str, capacity: float, seconds: float, kill_after: float) -
         "offered_req_per_s": 0.8 * capacity,
         "killed_pid": victim,
         "killed_after_s": kill_after,
+        "victim_cpu_pct_before_kill": state.get("victim_cpu_pct"),
         "raw_requests": len(raw_rows),
         "raw_failed": failed("raw", raw_rows),
         "raw_failed_in_window": failed("raw", window),
@@ -317,12 +334,13 @@ def main(argv: list[str] | None = None) -> dict:
                 flush=True,
             )
         if "soak" in wanted:
-            s = results["soak"] = soak(url, 0.8 * cap["req_per_s"], a.soak_seconds)
+            s = results["soak"] = soak(url, a.concurrency, a.soak_seconds)
             print(
-                f"soak {s['seconds']:.0f} s at {s['offered_req_per_s']:.2f} req/s: {s['accepted']} ok, {s['shed_503']} "
-                f"shed, {s['other']} other; replica RSS {s['rss_mb_start']:.0f} MB at start, {s['rss_mb_at_60s']:.0f} "
-                f"at 60 s, {s['rss_mb_end']:.0f} at the end: {s['rss_growth_after_60s_mb']:+.1f} MB after the first "
-                f"minute ({s['rss_growth_mb_per_min']:+.2f} MB/min)",
+                f"soak {s['seconds']:.0f} s, {s['concurrency']} clients back to back ({s['req_per_s']:.2f} req/s): "
+                f"{s['accepted']} ok, {s['failed']} failed; replica RSS {s['rss_mb_start']:.0f} MB at start, "
+                f"{s['rss_mb_at_60s']:.0f} at 60 s, {s['rss_mb_end']:.0f} at the end: "
+                f"{s['rss_growth_after_60s_mb']:+.1f} MB after the first minute "
+                f"({s['rss_growth_mb_per_min']:+.2f} MB/min)",
                 flush=True,
             )
         if "kill" in wanted:
@@ -334,7 +352,8 @@ def main(argv: list[str] | None = None) -> dict:
                 f"replica killed under {k['offered_req_per_s']:.2f} req/s: raw requests {k['raw_failed']}/"
                 f"{k['raw_requests']} failed ({k['raw_failed_pct']:.1f}%, statuses {k['raw_statuses']}); SDK with "
                 f"retries {k['sdk_failed']}/{k['sdk_requests']} failed ({k['sdk_failed_pct']:.1f}%); longest request "
-                f"{k['longest_request_s']:.1f} s (client timeout {k['client_timeout_s']:.0f} s); two replicas again "
+                f"{k['longest_request_s']:.1f} s (client timeout {k['client_timeout_s']:.0f} s); victim at "
+                f"{k['victim_cpu_pct_before_kill']:.0f}% CPU when killed; two replicas again "
                 f"after {back}",
                 flush=True,
             )

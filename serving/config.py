@@ -60,6 +60,9 @@ class RequestLimits(_Section):
     max_guidance: float = Field(20.0, gt=0, description="guidance scale per request")
     min_size: int = Field(32, ge=8, description="smallest image side in pixels")
     max_size: int = Field(128, ge=8, description="largest image side in pixels; bounds memory per request")
+    max_body_bytes: int = Field(
+        65536, ge=1024, description="larger request bodies get 413 before they are read (prompts are ≤ a few KB)"
+    )
 
 
 class BatchingArgs(_Section):

@@ -8,6 +8,7 @@ generation slower than ``deployment.request_timeout_s`` 504.
 import asyncio
 import base64
 import hmac
+import json
 import logging
 import time
 from pathlib import Path
@@ -34,6 +35,52 @@ web = FastAPI(
     description="Stable-Diffusion LoRA adapters served by Ray Serve. OpenAI-compatible: POST /v1/images/generations.",
     version="0.1.0",
 )
+
+
+class BodyLimit:
+    """ASGI middleware: a body over ``max_bytes`` gets 413 — refused on its Content-Length before anything is
+    read, or, sent chunked without one, as soon as the bytes received pass the limit."""
+
+    max_bytes = 65536  # set from limits.max_body_bytes when the ingress starts
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = self.max_bytes
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            return await self._refuse(send, limit)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise _TooLarge
+            return message
+
+        try:
+            await self.app(scope, counted, send)
+        except _TooLarge:
+            await self._refuse(send, limit)
+
+    @staticmethod
+    async def _refuse(send, limit: int) -> None:
+        body = json.dumps(error_body(413, f"request body larger than {limit} bytes (limits.max_body_bytes)", "body"))
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": 413, "headers": headers})
+        await send({"type": "http.response.body", "body": body.encode()})
+
+
+class _TooLarge(Exception):
+    pass
+
+
+web.add_middleware(BodyLimit)
 
 
 class ApiError(Exception):
@@ -82,6 +129,7 @@ class Api:
         self.args = ServeArgs.model_validate(args)
         self.key = self.args.api_key()
         self.epoch = 0
+        BodyLimit.max_bytes = self.args.limits.max_body_bytes
 
     # ---- helpers ---------------------------------------------------------------------------------------------
     def _auth(self, request: Request) -> None:

@@ -103,6 +103,7 @@ ERROR_TYPES = {
     401: "authentication_error",
     404: "not_found_error",
     408: "timeout",
+    413: "invalid_request_error",
     422: "invalid_request_error",
     503: "server_busy",
     504: "timeout",

@@ -112,7 +112,7 @@ BAD = [
     ({"prompt": PROMPT, "model": "../../etc/passwd"}, 404, "model"),
     ({"prompt": PROMPT, "model": "someone@champion"}, 404, "model"),  # no registry configured
     # reliability: hand-written hostile input
-    ({"prompt": "x" * 1_000_000}, 400, "prompt"),
+    ({"prompt": "x" * 1_000_000}, 413, "body"),  # limits.max_body_bytes: refused before it is read
     ({"prompt": PROMPT, "size": "99999x1"}, 400, "width"),
     ({"prompt": PROMPT, "size": "0x0"}, 400, "width"),
     ({"prompt": PROMPT, "steps": 10**30}, 400, "steps"),
@@ -150,6 +150,15 @@ def test_bad_input_gets_a_4xx_naming_the_field(main_app):
         for adapter in ("../../etc/passwd", "/etc/passwd", "..\\..\\win.ini", "models:/a/1"):
             r = http.get("/v1/generate", params={"prompt": PROMPT, "adapter": adapter})
             assert r.status_code == 404 and r.json()["error"]["param"] == "model", (adapter, r.text)
+
+        def chunks():  # no Content-Length: counted while it arrives
+            yield b'{"prompt": "'
+            for _ in range(200):
+                yield b"x" * 1024
+            yield b'"}'
+
+        r = http.post("/v1/images/generations", content=chunks(), headers={"content-type": "application/json"})
+        assert r.status_code == 413 and r.json()["error"]["param"] == "body", r.text
         for prompt in GOOD_ODD:  # odd but valid text is drawn, not refused (or crashed on)
             r = http.post("/v1/images/generations", json={"prompt": prompt, "seed": 1, "steps": 2})
             assert r.status_code == 200, (prompt, r.text)
