@@ -85,7 +85,7 @@ bench-train: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/train_throughput.py --epochs 12
 
 test: $(STAMP) lint
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q --durations=25
 
 # Load, soak, fault and churn scenarios too long for `make test` (~15 min); figures go into docs/reliability.md.
 reliability: $(STAMP)

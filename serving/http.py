@@ -39,7 +39,8 @@ web = FastAPI(
 
 class BodyLimit:
     """ASGI middleware: a body over ``max_bytes`` gets 413 — refused on its Content-Length before anything is
-    read, or, sent chunked without one, as soon as the bytes received pass the limit."""
+    read, or, sent chunked without one, as soon as the bytes received pass the limit (FastAPI would turn an
+    error raised while it reads the body into a 400, so the body is read here and replayed)."""
 
     max_bytes = 65536  # set from limits.max_body_bytes when the ingress starts
 
@@ -53,20 +54,23 @@ class BodyLimit:
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > limit):
             return await self._refuse(send, limit)
-        seen = 0
-
-        async def counted():
-            nonlocal seen
+        received, seen = [], 0  # read the body here (at most `limit` bytes), then hand it on
+        while True:
             message = await receive()
+            received.append(message)
+            if message["type"] != "http.request":
+                break
             seen += len(message.get("body", b""))
             if seen > limit:
-                raise _TooLarge
-            return message
+                return await self._refuse(send, limit)
+            if not message.get("more_body"):
+                break
+        replay = iter(received)
 
-        try:
-            await self.app(scope, counted, send)
-        except _TooLarge:
-            await self._refuse(send, limit)
+        async def replayed():
+            return next(replay, None) or await receive()
+
+        await self.app(scope, replayed, send)
 
     @staticmethod
     async def _refuse(send, limit: int) -> None:
@@ -74,10 +78,6 @@ class BodyLimit:
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         await send({"type": "http.response.start", "status": 413, "headers": headers})
         await send({"type": "http.response.body", "body": body.encode()})
-
-
-class _TooLarge(Exception):
-    pass
 
 
 web.add_middleware(BodyLimit)
