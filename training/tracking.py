@@ -103,6 +103,8 @@ MAX_PENDING = 100_000  # metric values held while the server is away (a few MB);
 
 @contextlib.contextmanager
 def _quick_requests():
+    """MLflow reads these variables at each request, so they are set around a call (process-wide: another
+    thread's call meanwhile gets the quick settings too, which only shortens its retries)."""
     saved = {k: os.environ.get(k) for k in QUICK}
     os.environ.update({k: v for k, v in QUICK.items() if saved[k] is None})  # an explicit setting wins
     try:
@@ -121,13 +123,14 @@ class MlflowTracker(NullTracker):
     ``dropped``. ``gap()`` says what the run is missing.
     """
 
-    def __init__(self, uri: str, run_id: str, quick: bool = True):
+    close_attempts, close_wait_s = 6, 5.0  # at the end, pending values get 30 s for the server to come back
+
+    def __init__(self, uri: str, run_id: str):
         from mlflow import MlflowClient
 
         self.uri, self.run_id = uri, run_id
         self.client = MlflowClient(uri)
         self._monitor = None
-        self._quick = quick
         self._pending_metrics: list = []
         self._pending_params: list = []
         self.dropped: list[str] = []  # what failed for good
@@ -136,7 +139,7 @@ class MlflowTracker(NullTracker):
 
     def _safe(self, what: str, fn, *args, **kwargs) -> bool:
         try:
-            with _quick_requests() if self._quick else contextlib.nullcontext():
+            with _quick_requests():
                 fn(*args, **kwargs)
             return True
         except Exception as exc:  # noqa: BLE001 — tracking must not kill training
@@ -234,7 +237,7 @@ class MlflowTracker(NullTracker):
         if self._monitor is not None:
             self._safe("system metrics", self._monitor.finish)
             self._monitor = None
-        if self.pending and not self.flush():
+        if self.pending and not self.flush(self.close_attempts, self.close_wait_s):
             log.warning("MLflow run %s is incomplete: %s", self.run_id, self.gap())
         if gap := self.gap():  # stated in the run, when the server answers again
             self._safe("set_tag", self.client.set_tag, self.run_id, "lorafleet.mlflow_gap", gap)
