@@ -35,37 +35,28 @@ import httpx
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_throughput import PROMPT, REPO, free_port, make_adapters  # noqa: E402
+from serve_throughput import PROMPT, REPO, free_port, make_adapters, serve_args  # noqa: E402
 
 from serving.config import ServeArgs  # noqa: E402
-from training.configuration import validate_values  # noqa: E402
 
 APP = "rel"
 TIMEOUT_S = 30.0
 
 
 def reliability_args(adapters: dict[str, str], cache: Path, replicas: int = 1) -> ServeArgs:
-    values = {
-        "base_model": str(REPO / "models" / "toy-sd"),
-        "adapters": adapters,
-        "adapter_roots": sorted({str(Path(p).parent) for p in adapters.values()}),
-        "champion": {"model": None},
-        "default_model": "ad0",
-        "adapter_cache_dir": str(cache),
-        "defaults": {"steps": 20, "guidance": 4.0, "size": 64},
-        "limits": {"max_n": 1},
-        "batching": {"max_batch_size": 8, "batch_wait_timeout_s": 0.02, "max_concurrent_batches": 2},
-        "deployment": {
-            "num_replicas": replicas,
-            "num_cpus": 1,
-            "max_ongoing_requests": 16,
-            "max_queued_requests": 16,
-            "request_timeout_s": TIMEOUT_S,
-            "retry_after_s": 1,
-        },
-        "api_key_env": "LORAFLEET_BENCH_UNSET",
-    }
-    return validate_values(ServeArgs, values)
+    """The throughput benchmark's app with a bounded queue (16 + 16) and a 30 s timeout."""
+    return serve_args(
+        adapters,
+        cache,
+        overrides=[
+            f"deployment.num_replicas={replicas}",
+            "batching.max_concurrent_batches=2",
+            "deployment.max_ongoing_requests=16",
+            "deployment.max_queued_requests=16",
+            f"deployment.request_timeout_s={TIMEOUT_S}",
+            "deployment.retry_after_s=1",
+        ],
+    )
 
 
 def percentile(values: list[float], q: float) -> float | None:

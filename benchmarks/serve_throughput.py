@@ -53,7 +53,9 @@ def serve_args(
     mixed: bool = True,
     wait_s: float = 0.02,
     cpus: int = 1,
+    overrides: list[str] | None = None,
 ) -> ServeArgs:
+    """The benchmark app over ``adapters``; ``overrides`` are dotted ``key=value`` strings on top."""
     values = {
         "base_model": str(REPO / "models" / "toy-sd"),
         "adapters": adapters,
@@ -72,7 +74,7 @@ def serve_args(
         },
         "api_key_env": "LORAFLEET_BENCH_UNSET",
     }
-    return validate_values(ServeArgs, values)
+    return validate_values(ServeArgs, values, overrides)
 
 
 def summary(latencies: list[float], images: int, wall: float) -> dict:
