@@ -95,6 +95,26 @@ def test_secrets_never_go_into_the_jobs_metadata(monkeypatch):
         jobs.runtime_env("job-1", {"LORAFLEET_API_KEY": "x"})
 
 
+def test_secrets_never_go_into_mlflow_params(repo, monkeypatch):
+    """Runs log their configs flattened as params: configs name the key's variable, never hold its value."""
+    from evaluation.config import EvalConfig
+    from serving.config import load_serve_args
+    from training.tracking import flatten
+    from tuning.config import TuneConfig
+
+    monkeypatch.setenv("LORAFLEET_API_KEY", "s3cret-key")
+    monkeypatch.setenv("HF_TOKEN", "hf_s3cret")
+    configs = [
+        load_config(PipelineConfig, repo / "configs" / "pipeline.yaml"),
+        load_config(TuneConfig, repo / "configs" / "tune.yaml"),
+        load_config(EvalConfig, repo / "configs" / "eval.yaml"),
+        load_serve_args(repo / "configs" / "serve.yaml"),
+    ]
+    params = {k: v for cfg in configs for k, v in flatten(cfg.model_dump(mode="json")).items()}
+    assert params["api_key_env"] == "LORAFLEET_API_KEY"
+    assert not [k for k, v in params.items() if "s3cret" in v]
+
+
 def test_checking_a_config_never_downloads_its_dataset(repo, monkeypatch):
     """`lorafleet submit` validates on the submitting machine: a bucket URI is checked as a string only."""
     from cluster.jobs import validate_config
