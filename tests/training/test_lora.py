@@ -151,14 +151,15 @@ def test_text_encoder_lora_trains_through_uncached_embeddings(train_config):
 )
 def test_precision_on_cuda(monkeypatch, train_config, choice, dtype):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
-    cfg = train_config(**{"train.mixed_precision": choice})
+    cfg = train_config(**{"train.mixed_precision": choice, "ray.use_gpu": True})
     assert resolve_precision(cfg.train, torch.device("cuda")) == dtype
 
 
 def test_half_precision_on_cpu_is_a_clear_error(train_config):
     assert resolve_precision(train_config().train, CPU) is None  # auto -> fp32
     with pytest.raises(PrecisionError, match="train.mixed_precision=fp16 needs a CUDA GPU"):
-        resolve_precision(train_config(**{"train.mixed_precision": "fp16"}).train, CPU)
+        # a GPU config that lands on a CPU worker: the worker's own check
+        resolve_precision(train_config(**{"train.mixed_precision": "fp16", "ray.use_gpu": True}).train, CPU)
 
 
 def test_noise_offset_and_min_snr_change_the_loss(train_config):

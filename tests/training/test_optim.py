@@ -65,7 +65,10 @@ def test_warmup_ramps_the_learning_rate(schedule):
 
 
 def test_preflight_lists_gpu_only_choices_on_cpu(train_config):
-    cfg = train_config(**{"train.optimizer": "adamw8bit", "train.mixed_precision": "bf16"})
+    with pytest.raises(ValueError, match="adamw8bit' needs a CUDA GPU.*mixed_precision: bf16 needs GPU"):
+        train_config(**{"train.optimizer": "adamw8bit", "train.mixed_precision": "bf16"})  # refused when validated
+    gpu = train_config(**{"train.optimizer": "adamw8bit", "train.mixed_precision": "bf16", "ray.use_gpu": True})
+    cfg = gpu.model_copy(update={"ray": gpu.ray.model_copy(update={"use_gpu": False})})  # changed after validation
     problems = preflight(cfg, resume=False)
     assert len(problems) == 2
     assert "adamw8bit" in problems[0] and "train.mixed_precision=bf16" in problems[1]
