@@ -129,7 +129,7 @@ class Generator:
         except Exception as exc:  # noqa: BLE001 - every failure becomes a typed error result
             out = error_result(exc)
             # a metric label is never the client's raw text (unbounded label values, bytes Prometheus refuses)
-            label = model if isinstance(exc, RequestError) and model in self.engine.resolver.served() else "invalid"
+            label = model if model in self.engine.resolver.served() else "invalid"
             self.metrics.request(label, str(out["error"]["status"]))
             return out
         try:

@@ -28,6 +28,7 @@ from PIL import Image
 
 from serving.adapters import AdapterResolver, LoadedAdapters, ResolvedAdapter
 from serving.config import ServeArgs, project_path
+from training.adapter import AdapterError
 
 log = logging.getLogger(__name__)
 BASE_ROUTE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
@@ -99,7 +100,7 @@ class Engine:
         self.size_multiple = pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
         self._route: dict[int, list[str]] | None = None
         self._hooked: set[int] = set()
-        self._lock = threading.RLock()  # _run re-enters to run a pass without its refused adapters
+        self._lock = threading.Lock()
         self.passes = 0
         self._steps_ok: dict[int, bool] = {}
 
@@ -217,44 +218,51 @@ class Engine:
             passes.append(current)
         return passes
 
-    @torch.no_grad()
     def _run(self, group: list[Prepared], should_stop: Callable[[], bool] | None) -> list[ImageResult | Exception]:
+        """One UNet pass for ``group``; requests whose adapter fails to load get its ``AdapterError`` instead,
+        and the others still run."""
+
+        def refused(p: Prepared) -> AdapterError | None:
+            slot = slots.get(p.adapter.key) if p.adapter else None
+            return slot if isinstance(slot, AdapterError) else None
+
         with self._lock:
             slots = self.adapters.ensure([p.adapter for p in group if p.adapter])
-            refused = {k: v for k, v in slots.items() if isinstance(v, Exception)}
-            if refused:  # those requests get the adapter's error; the rest of the pass runs
-                ok = [p for p in group if not (p.adapter and p.adapter.key in refused)]
-                done = iter(self._run(ok, should_stop) if ok else [])
-                return [refused[p.adapter.key] if p.adapter and p.adapter.key in refused else next(done) for p in group]
-            prompts, negatives, gens, route = [], [], [], []
-            for p in group:
-                for i in range(p.request.n):
-                    prompts.append(p.request.prompt)
-                    negatives.append(p.request.negative_prompt)
-                    gens.append(torch.Generator("cpu").manual_seed(p.seed + i))
-                    route.append(slots[p.adapter.key] if p.adapter else BASE_ROUTE)
-            first = group[0]
+            ok = [p for p in group if refused(p) is None]
+            drawn = iter(self._draw(ok, slots, should_stop) if ok else [])
+        return [refused(p) or next(drawn) for p in group]
 
-            def on_step(pipe, step, timestep, kwargs):
-                if should_stop is not None and should_stop():
-                    raise Cancelled(f"stopped at step {step + 1}/{first.steps}: every client went away")
-                return kwargs
+    @torch.no_grad()
+    def _draw(self, group: list[Prepared], slots: dict, should_stop: Callable[[], bool] | None) -> list[ImageResult]:
+        prompts, negatives, gens, route = [], [], [], []
+        for p in group:
+            for i in range(p.request.n):
+                prompts.append(p.request.prompt)
+                negatives.append(p.request.negative_prompt)
+                gens.append(torch.Generator("cpu").manual_seed(p.seed + i))
+                route.append(slots[p.adapter.key] if p.adapter else BASE_ROUTE)
+        first = group[0]
 
-            start = time.perf_counter()
-            with self._routing(route):
-                out = self.pipe(
-                    prompts,
-                    negative_prompt=negatives if any(negatives) else None,
-                    width=first.width,
-                    height=first.height,
-                    num_inference_steps=first.steps,
-                    guidance_scale=first.guidance,
-                    generator=gens,
-                    callback_on_step_end=on_step,
-                )
-            seconds = time.perf_counter() - start
-            self.passes += 1
-            pass_id = self.passes
+        def on_step(pipe, step, timestep, kwargs):
+            if should_stop is not None and should_stop():
+                raise Cancelled(f"stopped at step {step + 1}/{first.steps}: every client went away")
+            return kwargs
+
+        start = time.perf_counter()
+        with self._routing(route):
+            out = self.pipe(
+                prompts,
+                negative_prompt=negatives if any(negatives) else None,
+                width=first.width,
+                height=first.height,
+                num_inference_steps=first.steps,
+                guidance_scale=first.guidance,
+                generator=gens,
+                callback_on_step_end=on_step,
+            )
+        seconds = time.perf_counter() - start
+        self.passes += 1
+        pass_id = self.passes
         results, at = [], 0
         for p in group:
             n = p.request.n

@@ -136,19 +136,10 @@ def load_adapter(pipe: StableDiffusionPipeline, adapter_dir: str | Path, adapter
 
 
 def _drop_partial(pipe: StableDiffusionPipeline, adapter_name: str) -> None:
-    """Remove what a failed load may have injected under ``adapter_name``, so the pipeline serves as before."""
-    for part in (pipe.unet, getattr(pipe, "text_encoder", None)):
-        if part is not None and adapter_name in (getattr(part, "peft_config", None) or {}):
-            try:
-                pipe.delete_adapters(adapter_name)
-            except Exception:  # noqa: BLE001 - fall back to the module-level delete below
-                from peft.tuners.tuners_utils import BaseTunerLayer
-
-                for module in part.modules():
-                    if isinstance(module, BaseTunerLayer):
-                        module.delete_adapter(adapter_name)
-                part.peft_config.pop(adapter_name, None)
-            return
+    """Remove what a failed load injected under ``adapter_name``, so the pipeline serves as before."""
+    parts = (pipe.unet, getattr(pipe, "text_encoder", None))
+    if any(adapter_name in (getattr(part, "peft_config", None) or {}) for part in parts if part is not None):
+        pipe.delete_adapters(adapter_name)
 
 
 def load_into_training(adapter_dir: str | Path, unet: torch.nn.Module, text_encoder: torch.nn.Module | None) -> None:

@@ -45,18 +45,7 @@ class TrainResult:
 
 def preflight(cfg: TrainConfig, resume: bool) -> list[str]:
     """Problems that would only surface on the workers, found before anything starts or is written."""
-    problems = []
-    gpu = cfg.ray.use_gpu
-    if not gpu and cfg.train.optimizer == "adamw8bit":
-        problems.append(
-            "optimizer 'adamw8bit' needs a CUDA GPU (bitsandbytes); on CPU use 'adamw' or 'prodigy' "
-            "(config key train.optimizer), or set ray.use_gpu=true on a GPU cluster"
-        )
-    if not gpu and cfg.train.mixed_precision in ("fp16", "bf16"):
-        problems.append(
-            f"train.mixed_precision={cfg.train.mixed_precision} needs GPU workers; set ray.use_gpu=true "
-            "or train.mixed_precision=auto (fp32 on CPU)"
-        )
+    problems = cfg.combination_problems(cfg.model_dump())  # again: a config changed after validation
     if cfg.train.optimizer == "prodigy" and not 0.1 <= cfg.train.lr <= 10:
         log.warning("prodigy sets its own step size; train.lr=%g is a multiplier, usually 1.0", cfg.train.lr)
     run_dir = Path(cfg.storage_path) / cfg.run_name
@@ -169,15 +158,6 @@ def resume_fallback(run_dir: Path) -> str | None:
     return str(complete[-1]) if complete else None
 
 
-def missing_epochs(tracker: MlflowTracker, last_epoch: int) -> list[int]:
-    """Epochs 1..last_epoch without a ``loss`` value in the run (empty when the server does not answer)."""
-    try:
-        logged = {m.step for m in tracker.client.get_metric_history(tracker.run_id, "loss")}
-    except Exception:  # noqa: BLE001 - the server is still away: the worker's gap tag is what can be said
-        return []
-    return [e for e in range(1, last_epoch + 1) if e not in logged]
-
-
 def open_run(cfg: TrainConfig, spec: WorkerSpec, resume: bool) -> tuple[str | None, str | None]:
     """Create (or, on resume, reopen) the MLflow run in the driver; return (tracking URI, run id)."""
     if not cfg.mlflow.enabled:
@@ -263,9 +243,6 @@ def run(cfg: TrainConfig, *, resume: bool = False, callbacks: list | None = None
     if tracker:
         tracker.log_artifacts(adapter, "adapter")
         tracker.set_tags({"adapter_sha256": meta.sha256, "trigger": str(meta.trigger)})
-        last = int((result.metrics or {}).get("epoch", 0))
-        if missing := missing_epochs(tracker, last):  # the server was away longer than rank 0 kept trying
-            tracker.set_tags({"lorafleet.mlflow_missing_epochs": ",".join(map(str, missing))})
         tracker._safe("set_terminated", tracker.client.set_terminated, run_id, "FINISHED")
     history = list(result.return_value or [])
     out = TrainResult(str(adapter), run_id, uri, dict(result.metrics or {}), result.checkpoint.path, history)

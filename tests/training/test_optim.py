@@ -71,5 +71,5 @@ def test_preflight_lists_gpu_only_choices_on_cpu(train_config):
     cfg = gpu.model_copy(update={"ray": gpu.ray.model_copy(update={"use_gpu": False})})  # changed after validation
     problems = preflight(cfg, resume=False)
     assert len(problems) == 2
-    assert "adamw8bit" in problems[0] and "train.mixed_precision=bf16" in problems[1]
+    assert "adamw8bit" in problems[0] and "train.mixed_precision: bf16" in problems[1]
     assert issubclass(PreflightError, ValueError)
