@@ -65,7 +65,7 @@ evaluate: $(STAMP)
 # Serve the registry's champion + the base model: http://127.0.0.1:8000 (web page /, API docs /docs).
 # Needs the MLflow server of configs/serve.yaml (tracking_uri) holding a toy-sks-lora champion (make evaluate).
 serve: $(STAMP)
-	RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 HF_HUB_OFFLINE=1 $(BIN)/serve run configs/serve.yaml
+	RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 HF_HUB_OFFLINE=1 $(BIN)/serve run --address local configs/serve.yaml
 
 bench-serve: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/serve_throughput.py

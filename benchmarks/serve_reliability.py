@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serve_throughput import PROMPT, REPO, free_port, make_adapters, serve_args  # noqa: E402
 
 from serving.config import ServeArgs  # noqa: E402
+from training.cluster_state import private_temp_dir  # noqa: E402
 
 APP = "rel"
 TIMEOUT_S = 30.0
@@ -307,7 +308,9 @@ def main(argv: list[str] | None = None) -> dict:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     results: dict = {}
-    ray.init(num_cpus=4, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
+    # a private instance (never the "latest cluster" another `ray start` on the machine left in /tmp/ray)
+    ray.init(address="local", _temp_dir=str(private_temp_dir()), num_cpus=4, _node_ip_address="127.0.0.1",
+             include_dashboard=False, log_to_driver=False)  # fmt: skip
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
         serve.run(build_app(reliability_args(adapters, cache)), name=APP, route_prefix="/")

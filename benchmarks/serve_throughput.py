@@ -30,6 +30,7 @@ import torch
 
 from serving.config import ServeArgs
 from serving.engine import Engine, ImageRequest
+from training.cluster_state import private_temp_dir
 from training.configuration import validate_values
 
 REPO = Path(__file__).resolve().parents[1]
@@ -196,7 +197,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     port = free_port()
-    ray.init(num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
+    # a private instance (never the "latest cluster" another `ray start` on the machine left in /tmp/ray)
+    ray.init(address="local", _temp_dir=str(private_temp_dir()), num_cpus=2, _node_ip_address="127.0.0.1",
+             include_dashboard=False, log_to_driver=False)  # fmt: skip
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
         # (a) and (c) alternate, round by round, so the machine's drift hits both alike

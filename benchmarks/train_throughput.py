@@ -25,7 +25,7 @@ import torch
 
 from training.config import TrainConfig
 from training.data import validate_dataset
-from training.dataset import PixelSource, batches_per_epoch, make_source
+from training.dataset import PixelSource, make_source
 from training.loop import make_state, train_loop
 from training.toy_world.dataset import write_finetune_dataset
 from training.worker import build_worker_parts
@@ -58,7 +58,7 @@ def _plain(cfg: TrainConfig, reference: bool) -> dict:
         if reference
         else make_source(examples, cfg.data, parts, use_cache=True)
     )
-    state = make_state(cfg, parts, batches_per_epoch(len(source), cfg.train.batch_size))
+    state = make_state(cfg, parts, source.batches_per_epoch(cfg.train.batch_size))
     train_loop(cfg, parts, source, state, report=lambda m, s: None)
     return {"images_per_s": [m["images_per_s"] for m in state.history], "wall_s": time.perf_counter() - start}
 

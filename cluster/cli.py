@@ -17,15 +17,20 @@
     lorafleet quality --grid docs/toy_sd_samples.png
 
 Each sub-command hands its arguments to the module that owns the job, so
-``lorafleet X ...`` and ``python -m <module> ...`` behave the same.
+``lorafleet X ...`` and ``python -m <module> ...`` behave the same — except that while ``lorafleet up``'s cluster
+runs, the commands that use MLflow find its server without ``--tracking-uri`` / ``$MLFLOW_TRACKING_URI``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
+from collections.abc import Iterator
 
 from cluster.commands import COMMANDS as CLUSTER_COMMANDS
+from training.quiet import quiet_libraries
 
 
 def _toy_world(args: list[str]) -> int:
@@ -88,6 +93,16 @@ def _registry_verb(verb: str):
     return run
 
 
+def _promote(args: list[str]) -> int:
+    """``promote NAME VERSION`` moves the alias (evaluation.registry); ``promote NAME --trial ID --epoch N`` or
+    ``--adapter REF`` evaluates and registers a checkpoint picked by eye first (evaluation.promote)."""
+    if any(a.split("=")[0] in ("--trial", "--epoch", "--adapter", "--config") for a in args):
+        from evaluation.promote import main
+
+        return main(args)
+    return _registry_verb("promote")(args)
+
+
 def _publish(args: list[str]) -> int:
     from evaluation.publish import main
 
@@ -108,15 +123,47 @@ COMMANDS = {
     "tune": (_tune, "search LoRA hyperparameters with Ray Tune + Optuna (python -m tuning.tune)"),
     "evaluate": (_evaluate, "score an adapter, run the gate, register it (python -m evaluation.evaluate)"),
     "registry": (_registry, "show / promote / rollback registered adapters (python -m evaluation.registry)"),
-    "promote": (_registry_verb("promote"), "make a registered version the champion: `promote NAME VERSION`"),
+    "promote": (
+        _promote,
+        "make a version the champion: `promote NAME VERSION`, or a checkpoint you picked from "
+        "the sample grids: `promote NAME --trial ID --epoch N`",
+    ),
     "rollback": (_registry_verb("rollback"), "move the champion alias back to the previous one: `rollback NAME`"),
     "publish": (_publish, "push an adapter + model card to the Hugging Face Hub (python -m evaluation.publish)"),
     "quality": (_quality, "measure the toy world's quality bar (python -m evaluation.toy_quality)"),
 }
 
 
+# the sub-commands that read $MLFLOW_TRACKING_URI when neither --tracking-uri nor their config names a server
+MLFLOW_COMMANDS = ("train", "tune", "evaluate", "registry", "promote", "rollback", "publish")
+
+
+@contextlib.contextmanager
+def mlflow_of_up(command: str, args: list[str]) -> Iterator[str | None]:
+    """While ``command`` runs, ``$MLFLOW_TRACKING_URI`` = the running ``lorafleet up`` cluster's MLflow server, unless
+    the user named one (``--tracking-uri``, ``$MLFLOW_TRACKING_URI``); yields the URI it set, or None."""
+    named = os.environ.get("MLFLOW_TRACKING_URI") or any(
+        a == "--tracking-uri" or a.startswith("--tracking-uri=") for a in args
+    )
+    if command not in MLFLOW_COMMANDS or named:
+        yield None
+        return
+    from training.cluster_state import ClusterState
+
+    state = ClusterState.load()
+    if state is None or not state.mlflow_running():
+        yield None
+        return
+    os.environ["MLFLOW_TRACKING_URI"] = state.mlflow_uri
+    try:
+        yield state.mlflow_uri
+    finally:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    quiet_libraries()  # before anything imports diffusers: no torchvision notice, no loading bars
     parser = argparse.ArgumentParser(
         prog="lorafleet",
         description="Turn a folder of images into a served LoRA adapter on a Ray cluster.",
@@ -136,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     from training.configuration import ConfigError
 
     try:
-        return COMMANDS[argv[0]][0](argv[1:])
+        with mlflow_of_up(argv[0], argv[1:]):
+            return COMMANDS[argv[0]][0](argv[1:])
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -19,7 +21,11 @@ def _parser(prog: str, doc: str) -> argparse.ArgumentParser:
 
 
 def _address(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--address", help="Ray dashboard URL (default: $RAY_API_SERVER_ADDRESS, else `lorafleet up`'s)")
+    p.add_argument(
+        "--address",
+        help="Ray dashboard URL (default: $RAY_API_SERVER_ADDRESS, an http $RAY_ADDRESS, "
+        "else the running `lorafleet up` cluster's; never another cluster on this machine)",
+    )
 
 
 def _state(p: argparse.ArgumentParser) -> None:
@@ -32,6 +38,12 @@ def urls(state) -> str:
         f"  MLflow UI       {state.mlflow_uri}",
         f"  Serve endpoint  {state.serve_url}   (web page {state.serve_url}/, API docs {state.serve_url}/docs)",
     ])  # fmt: skip
+
+
+def token_hint() -> str:
+    """How to open the Ray dashboard: Ray 2.60's ``ray start`` turns token auth on, so its login page asks for one."""
+    ray = "ray" if shutil.which("ray") else str(Path(sys.executable).with_name("ray"))
+    return f"the Ray dashboard asks for a token: `{ray} get-auth-token` prints it (the token in ~/.ray/auth_token)"
 
 
 def up(argv: list[str]) -> int:
@@ -56,6 +68,7 @@ def up(argv: list[str]) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(f"lorafleet is up (state in {state.state_dir}):\n{urls(state)}")
+    print(f"  Ray GCS         {state.address}   (temp dir {state.temp_dir or 'Ray default'})\n  {token_hint()}")
     print(f"  for plain `ray job …` / MLflow clients: export RAY_AUTH_MODE=token "
           f"RAY_API_SERVER_ADDRESS={state.dashboard_url} MLFLOW_TRACKING_URI={state.mlflow_uri}")  # fmt: skip
     return 0
@@ -89,6 +102,8 @@ def status(argv: list[str]) -> int:
             where = c.get("dashboard") or c.get("url")
             pid = f"pid {c['pid']}" if c.get("pid") else ""
             print(f"  {name:7s} {'running' if c['running'] else 'stopped':8s} {where:28s} {pid}")
+            if name == "ray":  # what `ray.init(address=…)` joins, and where this head keeps its sessions and logs
+                print(f"          GCS {c['address']}   temp dir {c.get('temp_dir') or '(Ray default)'}")
     return 0 if info["up"] else 1
 
 
@@ -141,7 +156,7 @@ def submit(argv: list[str]) -> int:
     p.add_argument("--entrypoint-num-gpus", type=float, default=0, help="GPUs reserved for the driver (default 0)")
     _address(p)
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. name=try2 serve.port=8001")
-    a = p.parse_args(argv)
+    a = p.parse_intermixed_args(argv)  # flags anywhere: `submit pipeline name=x --follow` too
     from cluster.jobs import validate_config
 
     validate_config(a.kind, a.config or KINDS[a.kind].default_config, a.overrides)  # before any connection
@@ -205,12 +220,21 @@ def serve(argv: list[str]) -> int:
     p.add_argument("--tracking-uri", help="the registry's MLflow server (default $MLFLOW_TRACKING_URI, else up's)")
     _address(p)
     p.add_argument("overrides", nargs="*", help="dotted overrides of the application args, e.g. max_adapters=2")
-    a = p.parse_args(argv)
+    a = p.parse_intermixed_args(argv)  # flags before or after the overrides
     client = _jobs(a)
     extra = [f"tracking_uri={client.tracking_uri}"] if client.tracking_uri else []
     flags = ["--name", a.name, "--route-prefix", a.route_prefix, *(["--port", str(a.port)] if a.port else [])]
     job_id = client.submit("serve", a.config, [*extra, *a.overrides], flags=flags)
     return _follow(client, job_id)
+
+
+def image_size(value: str) -> str:
+    """``--size``: "64" means a 64x64 square (the server takes only WIDTHxHEIGHT); "64x48" passes through."""
+    if re.fullmatch(r"[0-9]{1,5}", value):
+        return f"{value}x{value}"
+    if re.fullmatch(r"[0-9]{1,5}x[0-9]{1,5}", value):
+        return value
+    raise argparse.ArgumentTypeError(f"{value!r} is not a size: give WIDTHxHEIGHT (64x64) or one number (64)")
 
 
 def generate(argv: list[str]) -> int:
@@ -228,12 +252,12 @@ def generate(argv: list[str]) -> int:
     p.add_argument("--seed", type=int, default=None, help="seed of the first image (image i uses seed+i)")
     p.add_argument("--steps", type=int)
     p.add_argument("--guidance", type=float)
-    p.add_argument("--size", help="e.g. 64 or 64x64")
+    p.add_argument("--size", type=image_size, help="WIDTHxHEIGHT, or one number for a square: 64 = 64x64")
     p.add_argument("--out", default="runs/generate", help="folder for the PNGs")
     p.add_argument("--api-key-env", default="LORAFLEET_API_KEY", help="environment variable holding the API key")
     a = p.parse_args(argv)
     if a.url is None:
-        from cluster.local import ClusterState
+        from training.cluster_state import ClusterState
 
         state = ClusterState.load()
         a.url = state.serve_url if state else "http://127.0.0.1:8000"

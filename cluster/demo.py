@@ -8,7 +8,8 @@
 3. its stage times read back from MLflow (the job's ``pipeline.json``), not from the log;
 4. images from the served champion and from the base model, same prompts and seeds, through the Python SDK:
    ``runs/demo/before_after.png`` (top row base, bottom row champion);
-5. the URLs of the dashboard, the MLflow UI, the Serve endpoint and its web page.
+5. the URLs of the dashboard (and how to get the auth token it asks for), the MLflow UI, the Serve endpoint and its
+   web page.
 """
 
 from __future__ import annotations
@@ -48,16 +49,24 @@ def before_after(url: str, prompts: list[str], out: Path, seed: int = 0) -> Path
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The demo's arguments; options may come before or after the overrides (``name=demo2 --prompts 3``)."""
     parser = argparse.ArgumentParser(prog="python -m cluster.demo", description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="configs/pipeline.yaml")
     parser.add_argument("--prompts", type=int, default=len(PROMPTS), help="columns of the before/after grid")
     parser.add_argument("--out", default="runs/demo/before_after.png")
     parser.add_argument("overrides", nargs="*", help="pipeline overrides, e.g. name=demo2")
-    args = parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from training.quiet import quiet_libraries
+
+    quiet_libraries()
+    args = parse_args(argv)
     started = time.monotonic()
 
-    from cluster.commands import urls
+    from cluster.commands import token_hint, urls
     from cluster.jobs import Jobs
 
     state = up()
@@ -86,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     reg = result["stages"]["register"]
     print(f"\nchampion {reg['model']}/{reg['version']} is served; before (base) / after (champion): {grid}")
     print(f"{urls(state)}\n  MLflow run      {state.mlflow_uri}/#/experiments (pipeline {result.get('name')})")
+    print(f"  {token_hint()}")
     print(f"demo wall time: {time.monotonic() - started:.0f} s   (`lorafleet down` stops everything)")
     return 0
 

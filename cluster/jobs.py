@@ -2,7 +2,7 @@
 
     from cluster.jobs import Jobs
 
-    jobs = Jobs()                                   # $RAY_API_SERVER_ADDRESS / $RAY_ADDRESS, else `lorafleet up`'s
+    jobs = Jobs()                                   # $RAY_API_SERVER_ADDRESS / http $RAY_ADDRESS, else `lorafleet up`'s
     job_id = jobs.submit("pipeline", "configs/pipeline.yaml", ["tune.overrides=[search.num_samples=4]"])
     for line in jobs.logs(job_id, follow=True):
         print(line, end="")
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import os
 import queue
 import shlex
@@ -32,6 +31,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from serving.config import PROJECT_ROOT
+from training.cluster_state import enable_token_auth
 
 EXCLUDES = [
     ".git", ".venv", "venv", "data", "runs", "mlruns", "mlartifacts", "**/__pycache__", "*.pyc",
@@ -67,34 +67,25 @@ class NoCluster(JobError):
     """No Ray dashboard answers at the address."""
 
 
-def enable_token_auth() -> None:
-    """Ray 2.60 clusters started by ``ray start`` require a token: send it when this machine has one."""
-    try:
-        from ray._private.authentication.authentication_token_setup import (
-            maybe_enable_token_auth_if_token_available,
-        )
-    except ImportError:  # an older Ray without token auth
-        return
-    quiet = logging.getLogger(maybe_enable_token_auth_if_token_available.__module__)
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)  # it warns on every call that the cluster uses tokens; that is the point
-    try:
-        maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
-    finally:
-        quiet.setLevel(level)
-
-
 def dashboard_address(address: str | None = None) -> str:
-    """The dashboard URL: the argument, $RAY_API_SERVER_ADDRESS, an http $RAY_ADDRESS, or ``lorafleet up``'s."""
-    from cluster.local import ClusterState
+    """The dashboard URL, explicitly: the argument, $RAY_API_SERVER_ADDRESS, an http $RAY_ADDRESS, or the running
+    ``lorafleet up`` cluster's. Never Ray's implicit "latest cluster on this machine", which another
+    ``ray start --head`` can be.
+
+    Raises:
+        NoCluster: none of them names a cluster (the message says how to start or name one).
+    """
+    from training.cluster_state import ClusterState, recorded_cluster
 
     address = address or os.environ.get("RAY_API_SERVER_ADDRESS")
     if not address and os.environ.get("RAY_ADDRESS", "").startswith("http"):
         address = os.environ["RAY_ADDRESS"]
-    if not address and (state := ClusterState.load()) is not None:
+    if not address and (state := recorded_cluster()) is not None:
         address = state.dashboard_url
     if not address:
-        raise NoCluster("no Ray cluster: run `lorafleet up`, or pass --address http://<head>:8265")
+        stopped = ClusterState.load()
+        where = f"lorafleet's cluster in {stopped.state_dir} is not running" if stopped else "no Ray cluster"
+        raise NoCluster(f"{where}: run `lorafleet up`, or pass --address http://<head>:8265")
     return address if "://" in address else f"http://{address}"
 
 
@@ -127,11 +118,12 @@ class Jobs:
     def __init__(self, address: str | None = None, tracking_uri: str | None = None):
         from ray.job_submission import JobSubmissionClient
 
-        from cluster.local import ClusterState
+        from training.cluster_state import ClusterState
 
         enable_token_auth()
         self.address = dashboard_address(address)
         state = ClusterState.load()
+        # up's MLflow goes with up's cluster only: a job on another cluster must be told its server explicitly
         local = state.mlflow_uri if state and state.dashboard_url == self.address else None
         self.tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or local
         try:

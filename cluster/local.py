@@ -7,12 +7,16 @@
 ``ray start --head --block`` runs in its own session, so every Ray process of this head (GCS, raylet,
 dashboard, workers) shares its process group and ``down`` can stop all of them without ``ray stop``
 (which would also stop other Ray instances on the machine, such as a test's).
+
+The head gets its own Ray temp dir (``<state dir>/ray``, or a short ``/tmp/lorafleet-ray-<hash>``), recorded with
+its GCS address in ``state.json``: a Ray head started later with the default ``/tmp/ray`` then cannot capture
+this cluster's job drivers, and lorafleet's commands join this cluster by its address
+(``training.cluster_state``, ``training.ray_train.init_ray``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import socket
@@ -21,86 +25,22 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
-from serving.config import PROJECT_ROOT
-
-HOST = "127.0.0.1"
-STATE_FILE = "state.json"
-
-
-def default_state_dir() -> Path:
-    return Path(os.environ.get("LORAFLEET_STATE_DIR") or PROJECT_ROOT / "runs" / "cluster").resolve()
-
-
-@dataclass
-class Ports:
-    ray: int = 6379
-    dashboard: int = 8265
-    mlflow: int = 5000
-    client: int = 10001  # Ray client server
-    agent: int = 52365  # dashboard agent (HTTP)
-    serve: int = 8000  # where the pipeline's Serve app listens (recorded for `status` and the SDK)
-
-
-@dataclass
-class ClusterState:
-    state_dir: str
-    ports: Ports = field(default_factory=Ports)
-    num_cpus: int | None = None
-    num_gpus: int | None = None
-    ray_pid: int | None = None
-    mlflow_pid: int | None = None
-    started_at: float = 0.0
-
-    @property
-    def address(self) -> str:
-        return f"{HOST}:{self.ports.ray}"
-
-    @property
-    def dashboard_url(self) -> str:
-        return f"http://{HOST}:{self.ports.dashboard}"
-
-    @property
-    def mlflow_uri(self) -> str:
-        return f"http://{HOST}:{self.ports.mlflow}"
-
-    @property
-    def serve_url(self) -> str:
-        return f"http://{HOST}:{self.ports.serve}"
-
-    def save(self) -> None:
-        path = Path(self.state_dir) / STATE_FILE
-        path.write_text(json.dumps(asdict(self), indent=2) + "\n")
-
-    @classmethod
-    def load(cls, state_dir: str | Path | None = None) -> ClusterState | None:
-        path = Path(state_dir or default_state_dir()) / STATE_FILE
-        if not path.is_file():
-            return None
-        data = json.loads(path.read_text())
-        return cls(**{**data, "ports": Ports(**data.get("ports", {}))})
+from training.cluster_state import (  # noqa: F401 — the state's home is training/ (init_ray reads it); re-exported
+    HOST,
+    ClusterState,
+    Ports,
+    alive,
+    default_state_dir,
+    ray_temp_dir,
+    recorded_cluster,
+)
 
 
 class ClusterError(RuntimeError):
     """The local cluster could not start or stop; the message says what to do."""
-
-
-def alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # a zombie (exited, not reaped by us) counts as gone
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-    except OSError:
-        return True
 
 
 def answers(url: str, timeout: float = 2.0) -> bool:
@@ -146,6 +86,11 @@ def ray_env(state: ClusterState) -> dict[str, str]:
         RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",
         # job entry points say `python`: the interpreter that runs Ray (this venv), not the system's
         PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+        # Ray's own processes on this cluster (Train's PlacementGroupCleaner, anything using the state API) find
+        # "their" cluster by address when told none: with several Ray instances on the machine that lookup fails
+        # ("Found multiple active Ray instances") or picks another one, placement groups of trials the scheduler
+        # stopped are never removed, and later trials time out waiting for CPUs. This names the right dashboard.
+        RAY_API_SERVER_ADDRESS=state.dashboard_url,
     )
     env.pop("RAY_ADDRESS", None)
     return env
@@ -154,8 +99,11 @@ def ray_env(state: ClusterState) -> dict[str, str]:
 def _start_ray(state: ClusterState) -> int:
     p = state.ports
     ray_bin = Path(sys.executable).with_name("ray")
+    temp_dir = ray_temp_dir(state.state_dir)
+    temp_dir.mkdir(parents=True, exist_ok=True)
+    state.temp_dir, state.gcs_address = str(temp_dir), f"{HOST}:{p.ray}"
     cmd = [
-        str(ray_bin), "start", "--head", "--block", "--disable-usage-stats",
+        str(ray_bin), "start", "--head", "--block", "--disable-usage-stats", "--temp-dir", str(temp_dir),
         "--node-ip-address", HOST, "--port", str(p.ray),
         "--dashboard-host", HOST, "--dashboard-port", str(p.dashboard),
         "--ray-client-server-port", str(p.client), "--dashboard-agent-listen-port", str(p.agent),
@@ -172,13 +120,13 @@ def _start_ray(state: ClusterState) -> int:
     try:
         _wait(lambda: answers(f"{state.dashboard_url}/api/version"), "the Ray head", 120, log, proc.pid)
     except ClusterError:
-        _stop_group(proc.pid, 15)
+        stop_group(proc.pid, 15)
         raise
     return proc.pid
 
 
 def _start_mlflow(state: ClusterState) -> int:
-    from cluster.mlflow_server import start_mlflow_server
+    from training.mlflow_server import start_mlflow_server
 
     try:
         server = start_mlflow_server(Path(state.state_dir) / "mlflow", port=state.ports.mlflow, timeout=120)
@@ -226,13 +174,15 @@ def up(
             started.append(_start_ray(state))
     except BaseException:
         for pid in started:  # what this call started, it stops: a failed `up` leaves nothing running
-            _stop_group(pid, 15)
+            stop_group(pid, 15)
         raise
     state.save()
     return state
 
 
-def _stop_group(pid: int | None, timeout: float) -> None:
+def stop_group(pid: int | None, timeout: float) -> None:
+    """Stop the process group led by ``pid`` (started with ``start_new_session=True``): SIGTERM to the leader, then
+    SIGKILL to the whole group after ``timeout`` seconds. Other processes on the machine are never touched."""
     if not alive(pid):
         return
     try:
@@ -242,14 +192,14 @@ def _stop_group(pid: int | None, timeout: float) -> None:
     except ProcessLookupError:
         return
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and _group_alive(pid):
+    while time.monotonic() < deadline and group_alive(pid):
         time.sleep(0.2)
-    if _group_alive(pid):
+    if group_alive(pid):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGKILL)
 
 
-def _group_alive(pgid: int) -> bool:
+def group_alive(pgid: int) -> bool:
     """Any process (not a zombie) left in the process group ``pgid``."""
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -266,22 +216,23 @@ def down(state_dir: str | Path | None = None, timeout: float = 30.0) -> ClusterS
     state = ClusterState.load(state_dir)
     if state is None:
         return None
-    _stop_group(state.ray_pid, timeout)
-    _stop_group(state.mlflow_pid, timeout)
-    forget_address(state.address)
+    stop_group(state.ray_pid, timeout)
+    stop_group(state.mlflow_pid, timeout)
+    forget_address(state.address, state.temp_dir)
     state.ray_pid = state.mlflow_pid = None
     state.save()
     return state
 
 
-def forget_address(address: str) -> None:
-    """Remove Ray's "latest cluster" file when it names this (stopped) head, as ``ray stop`` does; otherwise a
-    later ``ray.init()`` without an address would try to join the dead cluster instead of starting one."""
+def forget_address(address: str, temp_dir: str | None = None) -> None:
+    """Remove Ray's "latest cluster" file of ``temp_dir`` (None: Ray's default, for states written before the head
+    had its own) when it names this stopped head, as ``ray stop`` does; otherwise a ``ray.init()`` with that temp
+    dir would try to join the dead cluster instead of starting one. The temp dir itself (session logs) stays."""
     from ray._private.utils import get_ray_address_file, read_ray_address
 
-    if read_ray_address() == address:
+    if read_ray_address(temp_dir) == address:
         with contextlib.suppress(FileNotFoundError):
-            os.remove(get_ray_address_file(None))
+            os.remove(get_ray_address_file(temp_dir))
 
 
 def status(state_dir: str | Path | None = None) -> dict:
@@ -293,6 +244,7 @@ def status(state_dir: str | Path | None = None) -> dict:
         "ray": {
             "address": state.address,
             "dashboard": state.dashboard_url,
+            "temp_dir": state.temp_dir,
             "pid": state.ray_pid,
             "running": alive(state.ray_pid) and answers(f"{state.dashboard_url}/api/version"),
         },

@@ -90,12 +90,28 @@ class _SigTerm:
             raise Stopped("stopped by SIGTERM")
 
 
+def pipeline_name(cfg: PipelineConfig) -> str:
+    """``name``, else the dataset's folder name (``data/ohwx`` → ``ohwx``)."""
+    from training.names import dataset_name, slug
+
+    return slug(cfg.name) if cfg.name else dataset_name(cfg.dataset)
+
+
 class Pipeline:
     def __init__(self, cfg: PipelineConfig, *, resume: bool = False):
+        from training.names import registered_model_name
+
         self.cfg, self.resume = cfg, resume
-        self.run_dir = Path(resolve(cfg.output_dir)) / cfg.name
+        self.name = pipeline_name(cfg)
+        self.model_name = registered_model_name(self.name)
+        self.experiment = cfg.mlflow.experiment or f"lorafleet-{self.name}"
+        self.run_dir = Path(resolve(cfg.output_dir)) / self.name
         self.search_dir = self.run_dir / SEARCH
-        self.summary: dict[str, Any] = {"name": cfg.name, "stages": {}}
+        self.summary: dict[str, Any] = {"name": self.name, "stages": {}}
+        previous = self.run_dir / SUMMARY
+        # how each stage ended last time: a stage that failed or stopped is run again, never skipped
+        self.previous = json.loads(previous.read_text()).get("stages", {}) if previous.is_file() else {}
+        self.derived: dict[str, Any] = {}  # what the validate stage read from the dataset (trigger, held-out set)
         self.uri: str | None = None
         self.run_id: str | None = None
         self.serve_args = None  # the deploy stage's ServeArgs
@@ -133,18 +149,43 @@ class Pipeline:
             log.info("stage %s: %s (%.1f s)", name, record["status"], record["seconds"])
 
     # -- configs -------------------------------------------------------------------------------------------
+    def heldout_folder(self) -> str | None:
+        """``heldout``, else ``<dataset>/heldout`` when that folder exists (checked on a local dataset or, once the
+        validate stage mirrored it, on the mirror), else None: images are held out of the dataset instead."""
+        if self.cfg.heldout:
+            return resolve(self.cfg.heldout)
+        if "heldout" in self.derived:
+            return self.derived["heldout"]
+        dataset = resolve(self.cfg.dataset)
+        if "://" not in dataset and (Path(dataset) / "heldout").is_dir():
+            return str(Path(dataset) / "heldout")
+        return None
+
     def tune_config(self):
-        """The tune stage's TuneConfig: its YAML + the pipeline's data, output folder and MLflow."""
+        """The tune stage's TuneConfig: its YAML + the pipeline's data, names, output folder and MLflow, and — once
+        the validate stage has read the dataset — its trigger, held-out set and sample prompts."""
         from training.configuration import load_config
         from tuning.config import TuneConfig
 
-        c = self.cfg
-        derived = [f"name={SEARCH}", f"output_dir={self.run_dir}", f"trial.data.path={resolve(c.dataset)}",
+        c, d = self.cfg, self.derived
+        derived = [f"name={SEARCH}", f"label={self.name} search", f"output_dir={self.run_dir}",
+                   f"trial.data.path={resolve(c.dataset)}", f"trial.mlflow.experiment={self.experiment}",
                    "evaluation.enabled=false"]  # fmt: skip
-        if c.heldout:
-            derived.append(f"trial.validation.data_path={resolve(c.heldout)}")
-        derived += [f"evaluation.config={config_file(c.evaluation.config)}"]
-        derived += [f"evaluation.overrides={json.dumps(c.evaluation.overrides)}",
+        if heldout := self.heldout_folder():
+            derived += [f"trial.validation.data_path={heldout}", "trial.validation.holdout=0"]
+        else:
+            derived += ["trial.validation.data_path=null", f"trial.validation.holdout={c.holdout}"]
+        if d.get("trigger"):
+            derived.append(f"trial.data.trigger={d['trigger']}")
+        if d.get("sample_prompts") is not None:
+            derived += [f"trial.validation.prompts={json.dumps(d['sample_prompts'])}",
+                        f"trial.validation.every_n_epochs={c.samples.every_n_epochs}",
+                        f"trial.validation.steps={c.samples.steps}", "trial.validation.log_adapters=true"]  # fmt: skip
+        evaluation = [f"registry.model_name={self.model_name}"] + (
+            [f"trigger={d['trigger']}"] if d.get("trigger") else []
+        )
+        derived += [f"evaluation.config={config_file(c.evaluation.config)}",
+                    f"evaluation.overrides={json.dumps(evaluation + list(c.evaluation.overrides))}",
                     f"evaluation.candidates={c.evaluation.candidates}"]  # fmt: skip
         return load_config(TuneConfig, config_file(c.tune.config), derived + list(c.tune.overrides))
 
@@ -175,24 +216,63 @@ class Pipeline:
 
     # -- stages --------------------------------------------------------------------------------------------
     def validate(self, tcfg) -> dict[str, Any]:
+        """Every file of the dataset; then what the rest of the pipeline reads from it: the trigger (detected from
+        the captions unless ``trigger`` is set, with its evidence), the held-out set, the sample and smoke prompts."""
+        from evaluation.suite import build_suite
+        from training.buckets import resolve_bucket_step
+        from training.captions import choose_trigger, load_tokenizer
         from training.data import validate_dataset
         from training.heldout import select_heldout
+        from training.remote import is_uri, local_copy
 
-        report = validate_dataset(tcfg.trial.data)
+        data = resolve_bucket_step(tcfg.trial).data  # aspect-ratio buckets of the base model's granularity
+        report = validate_dataset(data.model_copy(update={"trigger": None}))  # the trigger is not known yet
         log.info("%s", report.summary())
         report.raise_if_errors()
+        choice = choose_trigger([e.caption for e in report.examples], load_tokenizer(tcfg.trial.base_model),
+                                configured=self.cfg.trigger, instance_prompt=data.instance_prompt)  # fmt: skip
+        log.info("%s", choice.describe())
+        if not self.cfg.heldout and is_uri(self.cfg.dataset) and (local_copy(data.path) / "heldout").is_dir():
+            self.derived["heldout"] = f"{self.cfg.dataset.rstrip('/')}/heldout"  # the mirror has one: so has the URI
+        self.derived["trigger"] = choice.trigger
+        tcfg = self.tune_config()
         train, held = select_heldout(tcfg.trial, report.examples)
+        missing = [e.path.name for e in train if choice.trigger not in e.caption.split()]
+        suite = build_suite([e.caption for e in train], [e.caption for e in held], choice.trigger)
+        prompts = [p.prompt for p in suite.prompts]
+        self.derived |= {"sample_prompts": prompts[: self.cfg.samples.prompts], "smoke_prompt": prompts[0]}
+        facts = {"dataset": self.cfg.dataset, "name": self.name, "registered_model": self.model_name,
+                 "trigger": choice.trigger, "trigger_source": choice.source, "trigger_evidence": choice.evidence,
+                 "captions_without_trigger": missing, "images": len(train), "heldout": len(held),
+                 "heldout_from": tcfg.trial.validation.data_path or f"{tcfg.trial.validation.holdout} held out of "
+                 "the dataset", "suite_prompts": prompts, "fingerprint": report.fingerprint()}  # fmt: skip
+        (self.run_dir / "dataset.json").write_text(json.dumps(facts, indent=2, default=str) + "\n")
+        if self.run_id:
+            from training.tracking import MlflowTracker
+
+            tracker = MlflowTracker(self.uri, self.run_id)
+            tracker.set_tags({"lorafleet.trigger": choice.trigger, "lorafleet.trigger_evidence": choice.describe(),
+                              "lorafleet.registered_model": self.model_name})  # fmt: skip
+            tracker.log_artifact(self.run_dir / "dataset.json")
         return {"dataset": tcfg.trial.data.path, "images": len(train), "heldout": len(held),
-                "warnings": len(report.warnings), "fingerprint": report.fingerprint()}  # fmt: skip
+                "trigger": choice.trigger, "trigger_evidence": choice.describe(), "warnings": len(report.warnings),
+                "fingerprint": report.fingerprint()}  # fmt: skip
 
     def tune(self, tcfg) -> dict[str, Any]:
         from tuning.tune import TUNE_DIR, SearchInterrupted
         from tuning.tune import run as tune_run
 
         best_file = self.search_dir / "best.json"
-        if best_file.is_file():
-            best = json.loads(best_file.read_text())
-            return {"skipped": True, "best": best.get("best"), "trials": best.get("trials")}
+        best = json.loads(best_file.read_text()) if best_file.is_file() else {}
+        if best.get("best"):
+            return {"skipped": True, "best": best["best"], "trials": best.get("trials")}
+        failed = best_file.is_file() or self.previous.get("tune", {}).get("status") == "failed"
+        if failed and self.search_dir.is_dir() and not self.resume:
+            # the last search ended without a usable trial: it is run again, from scratch, the old one kept aside
+            n = 1 + sum(1 for _ in self.run_dir.glob(f"{SEARCH}.failed-*"))
+            aside = self.run_dir / f"{SEARCH}.failed-{n}"
+            self.search_dir.rename(aside)
+            log.warning("the previous search failed; it is kept in %s and the search starts again", aside)
         resume = self.resume and (self.search_dir / TUNE_DIR).is_dir()
         try:
             result = tune_run(tcfg, resume=resume)  # SIGTERM in here stops Tune gracefully (tuning.tune)
@@ -207,7 +287,9 @@ class Pipeline:
         from tuning.handoff import evaluate_best
 
         best_file = self.search_dir / "best.json"
-        summary = json.loads(best_file.read_text())
+        summary = json.loads(best_file.read_text()) if best_file.is_file() else {}
+        if not summary.get("best"):
+            raise StageFailed(f"the search has no adapter to evaluate; see {self.search_dir}/results.csv")
         done = summary.get("evaluation")
         # done: passed, or refused as often as this config allows (a rerun with more candidates tries again)
         if not done or not (done["passed"] or len(done.get("candidates", [None])) >= tcfg.evaluation.candidates):
@@ -249,6 +331,7 @@ class Pipeline:
         model = self.summary["stages"]["register"]["model"]
         path = config_file(s.config)
         args = load_serve_args(path, [f"tracking_uri={self.uri}", f"champion.model={model}", *s.overrides])
+        # every registered model keeps being served under its own name; `champion` is this pipeline's
         http = http_options(path) | ({"port": s.port} if s.port else {})
         self.serve_args = args  # the smoke test talks to this deployment
         url = deploy(args, name=s.app_name, route_prefix=s.route_prefix, http=http, api_key=args.api_key())
@@ -259,7 +342,8 @@ class Pipeline:
 
         s = self.cfg.serve
         dep, reg = self.summary["stages"]["deploy"], self.summary["stages"]["register"]
-        out = smoke_test(dep["url"], s.smoke_prompt, model=dep["champion"], out=self.run_dir / "smoke.png",
+        prompt = s.smoke_prompt or self.derived["smoke_prompt"]
+        out = smoke_test(dep["url"], prompt, model=dep["champion"], out=self.run_dir / "smoke.png",
                          api_key=self.serve_args.api_key())  # fmt: skip
         if str(out.get("version")) != reg["version"]:
             raise StageFailed(
@@ -273,11 +357,11 @@ class Pipeline:
         from training.tracking import MlflowTracker, flatten, start_run
 
         marker = self.run_dir / "mlflow_run.json"
-        experiment = self.cfg.mlflow.experiment or tcfg.trial.mlflow.experiment
         if marker.is_file():
             self.run_id = json.loads(marker.read_text())["run_id"]
         else:
-            self.run_id = start_run(self.uri, experiment, f"pipeline {self.cfg.name}", {"lorafleet.kind": "pipeline"})
+            tags = {"lorafleet.kind": "pipeline", "lorafleet.dataset": self.cfg.dataset}
+            self.run_id = start_run(self.uri, self.experiment, f"pipeline {self.name}", tags)
             marker.write_text(json.dumps({"run_id": self.run_id, "tracking_uri": self.uri}) + "\n")
             MlflowTracker(self.uri, self.run_id).log_params(flatten(self.cfg.model_dump(mode="json")))
         if job := os.environ.get("LORAFLEET_SUBMISSION_ID"):
@@ -298,10 +382,11 @@ class Pipeline:
     def run(self) -> PipelineResult:
         from mlflow import MlflowClient
 
+        from training.cluster_state import up_mlflow
         from training.config import PreflightError
         from training.ray_train import init_ray
 
-        self.uri = self.cfg.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+        self.uri = self.cfg.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or up_mlflow()
         if not self.uri or not self.uri.startswith(("http://", "https://", "databricks")):
             raise PreflightError(
                 "the pipeline needs an MLflow tracking server (trials, registry and Serve share it): "
@@ -313,16 +398,18 @@ class Pipeline:
         init_ray()
         self._check_storage(tcfg)
         self._open_run(tcfg)
-        tcfg.trial.mlflow.tracking_uri = self.uri
-        tcfg.trial.mlflow.parent_run_id = self.run_id
         previous = signal.signal(signal.SIGTERM, self.sigterm)
         status = "FAILED"
         try:
-            stages = [("validate", self.validate, tcfg), ("tune", self.tune, tcfg), ("evaluate", self.evaluate, tcfg),
-                      ("gate", self.gate), ("register", self.register)]  # fmt: skip
+            self._stage("validate", self.validate, tcfg)
+            tcfg = self.tune_config()  # now with the dataset's trigger, held-out set and sample prompts
+            tcfg.trial.mlflow.tracking_uri = self.uri
+            tcfg.trial.mlflow.parent_run_id = self.run_id
+            stages = [("tune", self.tune, tcfg), ("evaluate", self.evaluate, tcfg), ("gate", self.gate),
+                      ("register", self.register)]  # fmt: skip
             if self.cfg.serve.enabled:
                 stages += [("deploy", self.deploy), ("smoke", self.smoke)]
-            for name, fn, *args in stages[: STAGES.index(self.cfg.until) + 1]:
+            for name, fn, *args in stages[: STAGES.index(self.cfg.until)]:
                 self._stage(name, fn, *args)
             status = "FINISHED"
         except Stopped:
@@ -347,15 +434,19 @@ def run(cfg: PipelineConfig, *, resume: bool = False) -> PipelineResult:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from training.quiet import quiet_libraries
+
+    quiet_libraries()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(prog="python -m cluster.pipeline", description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True, help="YAML file, e.g. configs/pipeline.yaml")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted search (Tuner.restore)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. serve.port=8001 name=try2")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
 
     from evaluation.registry import RegistryError
     from training.adapter import AdapterError
+    from training.captions import TriggerError
     from training.config import PreflightError
     from training.configuration import ConfigError, load_config
     from training.data import DatasetError
@@ -363,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(PipelineConfig, config_file(args.config), args.overrides)
         result = run(cfg, resume=args.resume)
-    except (ConfigError, DatasetError, PreflightError, AdapterError, RegistryError) as exc:
+    except (ConfigError, DatasetError, PreflightError, AdapterError, RegistryError, TriggerError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except StageFailed as exc:

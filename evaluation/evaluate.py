@@ -1,17 +1,21 @@
 """Evaluate a LoRA adapter on a fixed prompt suite, gate it, and register it in the MLflow model registry.
 
     python -m evaluation.evaluate --adapter runs/train/adapter --config configs/eval.yaml
+    python -m evaluation.evaluate --adapter runs/train/adapter --config configs/eval.yaml \\
+        data.train_path=data/ohwx data.heldout_path=data/ohwx/heldout  # another dataset: its own suite and model
     python -m evaluation.evaluate --adapter runs:/<run id>/best_adapter --config configs/eval.yaml
     python -m evaluation.evaluate --adapter models:/toy-sks-lora@champion --config configs/eval.yaml \\
         registry.enabled=false                                            # re-measure the champion
+    python -m evaluation.evaluate --adapter runs/train/adapter --config configs/eval-toy-sks.yaml  # concept word
     python -m evaluation.evaluate --adapter runs/train/adapter --config configs/eval.yaml \\
-        suite.images_per_prompt=1 generation.steps=10                     # tiny CPU run (~10 s)
+        auto_suite.images_per_prompt=1 generation.steps=10                # tiny CPU run (~20 s)
 
-Renders the suite with the base model and with the adapter (same seeds), scores both with CLIP, runs the
-gate (thresholds + "beats the champion"), writes ``<output_dir>/<sha256[:12]>/report.{md,html}``, grids and
-``metrics.json``, logs it all to an MLflow run, and registers the adapter: on a pass as the new ``champion``
-(the old one becomes ``previous``), on a fail tagged ``validation_status=rejected`` (or not at all).
-Exit code: 0 passed, 1 the gate failed, 2 bad input.
+Builds the suite from the dataset's captions unless the config has one (``evaluation.suite``), renders it with
+the base model and with the adapter (same seeds), scores both with CLIP, runs the gate (thresholds relative to
+the base model + "beats the champion"), writes ``<output_dir>/<sha256[:12]>/report.{md,html}``, grids,
+``suite.json`` and ``metrics.json``, logs it all to an MLflow run, and registers the adapter: on a pass as the
+new ``champion`` (the old one becomes ``previous``), on a fail tagged ``validation_status=rejected`` (or not at
+all). Exit code: 0 passed, 1 the gate failed, 2 bad input.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import torch
 
 from evaluation.config import EvalConfig
 from evaluation.gate import GateResult, run_gate
-from evaluation.metrics import ClipScorer
+from evaluation.metrics import ClipScorer, relative_metrics
 from evaluation.qa import SuiteImages, heldout_set, reference_embeddings, render_suite, score
 from evaluation.registry import (
     TAG_BASE,
@@ -47,6 +51,7 @@ from evaluation.registry import (
     stored_metrics,
 )
 from evaluation.report import write_report
+from evaluation.suite import materialise
 from training.adapter import AdapterError, base_model_id
 from training.configuration import ConfigError, load_config
 from training.data import DatasetError
@@ -73,11 +78,16 @@ class EvalResult:
 
 
 class Evaluator:
-    """The base pipeline and scorer, loaded once; base-model images and metrics computed once."""
+    """The base pipeline and scorer, loaded once; base-model images and metrics computed once.
+
+    ``cfg`` has its suite (``evaluation.suite.materialise``): every adapter is scored on the same prompts.
+    """
 
     def __init__(self, cfg: EvalConfig, base_model: str):
         from training.toy_world.sample import load_pipeline
 
+        if cfg.suite is None:
+            raise ValueError("Evaluator needs a config with its suite: pass evaluation.suite.materialise(cfg, …)")
         self.cfg, self.base_model = cfg, base_model
         device = None if cfg.generation.device == "auto" else cfg.generation.device
         if device == "cuda" and not torch.cuda.is_available():
@@ -96,6 +106,8 @@ class Evaluator:
         if self.heldout is not None:
             held, parts = self.heldout
             m["heldout_loss"] = held.loss(parts)
+        if base is not None:  # the base model's own metrics are measured first (in __init__)
+            m |= relative_metrics(m, self.base_metrics)
         return m
 
     def evaluate(self, adapter: FetchedAdapter, name: str, timed: bool) -> tuple[dict[str, float], SuiteImages]:
@@ -173,17 +185,23 @@ def register_result(cfg: EvalConfig, client, run_id: str, result: EvalResult, ch
 
 
 def run(cfg: EvalConfig, adapter_ref: str) -> EvalResult:
-    """Fetch + verify → render and score (base, adapter, champion) → gate → MLflow run → registry → report."""
+    """Fetch + verify → build the suite → render and score (base, adapter, champion) → gate → MLflow run →
+    registry → report. Everything after the suite is built (comparable key, report, suite.json, params, the
+    champion's comparison) uses the built suite and the resolved registry name.
+
+    Raises:
+        ConfigError: no trigger, a trigger that is not the adapter's, or a gate the built suite cannot measure.
+    """
     out_root = Path(cfg.output_dir).expanduser()
     uri = resolve_tracking_uri(cfg.mlflow.tracking_uri, out_root) if cfg.mlflow.enabled else None
     fetched = fetch_adapter(adapter_ref, out_root / "downloads", uri, expected_base=cfg.base_model)
     meta = fetched.meta
+    built = cfg.suite is None
+    cfg = materialise(cfg, meta.trigger)
+    if built:
+        log.info("suite built from the dataset: %d trigger prompts, %d prior prompts (trigger %r)",
+                 len(cfg.suite.prompts), len(cfg.suite.prior_prompts), cfg.suite.trigger)  # fmt: skip
     base_model = cfg.base_model or meta.base_model
-    if meta.trigger and meta.trigger != cfg.suite.trigger:
-        raise ConfigError(
-            [f"suite.trigger={cfg.suite.trigger!r} but the adapter was trained with {meta.trigger!r}; "
-             "use the suite of its dataset"], "eval",
-        )  # fmt: skip
     out_dir = out_root / meta.sha256[:12]
     adapter_info = {"ref": adapter_ref, "sha256": meta.sha256, "base_model": base_model, "path": str(fetched.path)}
     log.info("evaluating %s (sha256 %s…) on %s", adapter_ref, meta.sha256[:12], base_model)
@@ -206,7 +224,12 @@ def run(cfg: EvalConfig, adapter_ref: str) -> EvalResult:
     result.run_id = open_eval_run(cfg, uri, tags, meta.sha256)
     tracker = MlflowTracker(uri, result.run_id)
     try:
-        tracker.log_params(flatten(cfg.model_dump(mode="json", exclude={"suite"})) | {"suite.sha": cfg.suite.sha()})
+        suite_params = {
+            "suite.sha": cfg.suite.sha(),
+            "suite.built": str(built),
+            "suite.prompts": str(len(cfg.suite.prompts)),
+        }
+        tracker.log_params(flatten(cfg.model_dump(mode="json", exclude={"suite"})) | suite_params)
         logged = {k: v for k, v in metrics.items() if not math.isnan(v)}
         logged |= {f"base.{k}": v for k, v in evaluator.base_metrics.items() if not math.isnan(v)}
         if rival:

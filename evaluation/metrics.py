@@ -90,6 +90,39 @@ def clip_i(image_emb: torch.Tensor, reference_emb: torch.Tensor) -> float:
     return float((image_emb @ reference_emb.T).mean())
 
 
+def concept_gain(adapter_emb: torch.Tensor, base_emb: torch.Tensor, reference_emb: torch.Tensor) -> float:
+    """CLIP-I of the adapter's images minus CLIP-I of the base model's: how far the adapter moved toward the
+    training images (row i of both: the same prompt and seed). In cosine units; 0 = no closer than the base."""
+    return clip_i(adapter_emb, reference_emb) - clip_i(base_emb, reference_emb)
+
+
+def win_rate(adapter_emb: torch.Tensor, base_emb: torch.Tensor, reference_emb: torch.Tensor) -> float:
+    """Share of pairs (row i: the same prompt and seed) whose adapter image has a higher mean cosine to the
+    training images than the base model's image; a tie is not a win.
+
+    Args:
+        adapter_emb, base_emb: (n, d) normalised image embeddings, n >= 1.
+        reference_emb: (m, d) the training images.
+    """
+    if adapter_emb.shape != base_emb.shape or not len(adapter_emb):
+        raise ValueError(f"need paired non-empty embeddings, got {tuple(adapter_emb.shape)}, {tuple(base_emb.shape)}")
+    ours, theirs = (adapter_emb @ reference_emb.T).mean(dim=1), (base_emb @ reference_emb.T).mean(dim=1)
+    return float((ours > theirs).float().mean())
+
+
+def relative_metrics(adapter: dict[str, float], base: dict[str, float]) -> dict[str, float]:
+    """The metrics that compare two measured dicts: ``heldout_loss_ratio`` (adapter / base; NaN when the base's
+    loss is missing or not positive) and ``flexibility_delta`` (adapter - base); each only when the adapter's
+    value was measured."""
+    out = {}
+    if "heldout_loss" in adapter:
+        b = base.get("heldout_loss", math.nan)
+        out["heldout_loss_ratio"] = adapter["heldout_loss"] / b if b > 0 else math.nan
+    if "flexibility_hit_rate" in adapter:
+        out["flexibility_delta"] = adapter["flexibility_hit_rate"] - base.get("flexibility_hit_rate", math.nan)
+    return out
+
+
 def retrieval_accuracy(similarity: torch.Tensor, truth: list[int]) -> float:
     """Share of rows whose most similar column is the true one."""
     return int((similarity.argmax(dim=1) == torch.tensor(truth)).sum()) / len(truth)

@@ -21,7 +21,17 @@ from diffusers import DDPMScheduler, StableDiffusionPipeline
 from PIL import Image
 
 from evaluation.config import DataArgs, EvalConfig, SuiteArgs
-from evaluation.metrics import ClipScorer, clip_i, clip_t, finite_image, hit_rate, paired_similarity, percentile
+from evaluation.metrics import (
+    ClipScorer,
+    clip_i,
+    clip_t,
+    concept_gain,
+    finite_image,
+    hit_rate,
+    paired_similarity,
+    percentile,
+    win_rate,
+)
 
 
 @dataclass
@@ -121,10 +131,14 @@ def score(
     base: SuiteImages | None = None,
     references: torch.Tensor | None = None,
 ) -> dict[str, float]:
-    """Every metric of ``images`` (see ``evaluation.config.METRICS``); NaN where nothing could be measured.
+    """Every metric of ``images`` that the inputs allow (see ``evaluation.config.METRICS``); NaN where nothing
+    could be measured.
 
-    ``base``: the base model's images of the same suite and seeds, for ``concept_learned`` and
-    ``prior_similarity``. ``references``: CLIP embeddings of the training images, for ``clip_i``.
+    ``base``: the base model's images of the same suite and seeds, for the relative metrics
+    (``concept_learned``, ``concept_gain``, ``concept_win_rate``, ``prior_similarity``). ``references``: CLIP
+    embeddings of the training images, for ``clip_i``, ``concept_gain`` and ``concept_win_rate``. Without
+    ``suite.concept`` there is no ``clip_t``, ``concept_learned`` or ``concept_hit_rate``; with fewer than two
+    distinct contents ``flexibility_hit_rate`` is NaN (one option is always right).
     """
     trig = images.trigger
     n = suite.images_per_prompt
@@ -134,15 +148,18 @@ def score(
         m["latency_p50_s"] = percentile(trig.latencies, 50)
         m["latency_p95_s"] = percentile(trig.latencies, 95)
     if not ok:
-        return m | {"clip_t": math.nan, "flexibility": math.nan, "flexibility_hit_rate": math.nan}
+        return (
+            m
+            | {"flexibility": math.nan, "flexibility_hit_rate": math.nan}
+            | ({"clip_t": math.nan} if suite.concept is not None else {})
+        )
     img = scorer.images(_images(trig, ok))
-    spelled = [suite.spelled_out(trig.prompts[i]) for i in ok]
-    m["clip_t"] = clip_t(img, scorer.texts(spelled))
     contents = [suite.prompts[i // n].content for i in ok]
-    options = sorted({p.content for p in suite.prompts})
     m["flexibility"] = clip_t(img, scorer.texts(contents))
-    m["flexibility_hit_rate"] = hit_rate(img, scorer.texts(options), [options.index(c) for c in contents])
-    if suite.alternatives:
+    m["flexibility_hit_rate"] = _flexibility_hit_rate(scorer, suite, img, contents)
+    if suite.concept is not None:
+        m["clip_t"] = clip_t(img, scorer.texts([suite.spelled_out(trig.prompts[i]) for i in ok]))
+    if suite.concept is not None and suite.alternatives:
         words = [suite.concept, *suite.alternatives]  # the concept is option 0 for every image
         texts = [suite.spelled_out(trig.prompts[i], w) for i in ok for w in words]
         per_image = scorer.texts(texts).view(len(ok), len(words), -1)
@@ -150,17 +167,35 @@ def score(
     if references is not None and len(references):
         m["clip_i"] = clip_i(img, references)
     if base is not None:
-        base_ok = [i for i in ok if base.trigger.images[i] is not None]
-        if base_ok:
-            b_img = scorer.images(_images(base.trigger, base_ok))
+        m |= _relative(scorer, suite, img, ok, images, base, references)
+    return m
+
+
+def _flexibility_hit_rate(scorer: ClipScorer, suite: SuiteArgs, img: torch.Tensor, contents: list[str]) -> float:
+    options = sorted({p.content for p in suite.prompts})
+    if len(options) < 2:
+        return math.nan
+    return hit_rate(img, scorer.texts(options), [options.index(c) for c in contents])
+
+
+def _relative(scorer, suite, img, ok, images: SuiteImages, base: SuiteImages, references) -> dict[str, float]:
+    """The metrics against the base model's images of the same (prompt, seed) pairs (both generated)."""
+    m = {}
+    base_ok = [i for i in ok if base.trigger.images[i] is not None]
+    if base_ok:
+        b_img = scorer.images(_images(base.trigger, base_ok))
+        a_img = img[[ok.index(i) for i in base_ok]]
+        if suite.concept is not None:
             b_txt = scorer.texts([suite.spelled_out(base.trigger.prompts[i]) for i in base_ok])
-            a_img = img[[ok.index(i) for i in base_ok]]
             m["concept_learned"] = clip_t(a_img, b_txt) - clip_t(b_img, b_txt)
-        pairs = [i for i in images.prior.ok if base.prior.images[i] is not None]
-        if pairs:
-            a = scorer.images(_images(images.prior, pairs))
-            b = scorer.images(_images(base.prior, pairs))
-            m["prior_similarity"] = float(paired_similarity(a, b).mean())
+        if references is not None and len(references):
+            m["concept_gain"] = concept_gain(a_img, b_img, references)
+            m["concept_win_rate"] = win_rate(a_img, b_img, references)
+    pairs = [i for i in images.prior.ok if base.prior.images[i] is not None]
+    if pairs:
+        a = scorer.images(_images(images.prior, pairs))
+        b = scorer.images(_images(base.prior, pairs))
+        m["prior_similarity"] = float(paired_similarity(a, b).mean())
     return m
 
 
@@ -168,7 +203,9 @@ def reference_embeddings(scorer: ClipScorer, data: DataArgs, trigger: str) -> to
     """CLIP embeddings of (at most ``max_references``) training images, or None without ``train_path``."""
     if not data.train_path:
         return None
-    examples = _dataset(data.train_path, trigger, data.max_references)
+    from evaluation.suite import dataset_split
+
+    examples = dataset_split(data, trigger)[0][: data.max_references]
     images = []
     for e in examples:
         with Image.open(e.path) as im:
@@ -176,26 +213,19 @@ def reference_embeddings(scorer: ClipScorer, data: DataArgs, trigger: str) -> to
     return scorer.images(images)
 
 
-def _dataset(path: str, trigger: str, max_images: int | None = None):
-    from training.config import DataConfig
-    from training.data import validate_dataset
-
-    report = validate_dataset(DataConfig(path=path, trigger=trigger, min_images=1, max_images=max_images))
-    report.raise_if_errors()
-    return report.examples
-
-
 def heldout_set(pipe: StableDiffusionPipeline, data: DataArgs, trigger: str, resolution: int):
     """The held-out images encoded once, with their fixed noise and timesteps: ``(held, parts)``, then
     ``held.loss(parts)`` scores the pipeline as it stands (adapter active or not) — the same problems as
-    training's ``val_loss``, so the numbers compare with a trial's. None without ``data.heldout_path``."""
-    if not data.heldout_path:
+    training's ``val_loss``, so the numbers compare with a trial's. None without held-out images
+    (``data.heldout_path`` or ``data.holdout``)."""
+    if not (data.heldout_path or data.holdout):
         return None
+    from evaluation.suite import dataset_split
     from training.config import DataConfig, TrainConfig, ValidationArgs
     from training.heldout import HeldOut
     from training.model import Parts
 
-    examples = _dataset(data.heldout_path, trigger)
+    examples = dataset_split(data, trigger)[1]
     half = pipe.unet.dtype in (torch.float16, torch.bfloat16)
     parts = Parts(
         pipe,
@@ -208,7 +238,7 @@ def heldout_set(pipe: StableDiffusionPipeline, data: DataArgs, trigger: str, res
     )
     cfg = TrainConfig(
         base_model="unused",
-        data=DataConfig(path=data.heldout_path, resolution=resolution, trigger=trigger),
+        data=DataConfig(path=data.heldout_path or data.train_path, resolution=resolution, trigger=trigger),
         validation=ValidationArgs(seed=data.loss_seed, loss_timesteps=data.loss_timesteps),
     )
     return HeldOut(examples, cfg, parts), parts

@@ -31,10 +31,18 @@ TAG_STATUS = "validation_status"  # passed | rejected | rolled_back
 TAG_KEY = "eval.comparable_key"  # evaluations with the same key compare directly
 TAG_METRIC = "metric."  # metric.<name> = value measured by the evaluation that registered the version
 HISTORY_TAG = "lorafleet.champion_history"  # registered-model tag: JSON list of versions that were champion
+MODEL_TAG = "lorafleet.adapter_model"  # registered-model tag "true": a model whose versions are lorafleet adapters
+# MLflow's answers for a name that is not there (RESOURCE_DOES_NOT_EXIST: no model / version; INVALID_PARAMETER_VALUE:
+# "Registered model alias previous not found."); every other failure means the registry could not answer
+MISSING_CODES = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
 
 
 class RegistryError(ValueError):
-    pass
+    """The registry could not answer (unreachable, failed download, no tracking URI), or a reference is malformed."""
+
+
+class NotInRegistry(RegistryError):
+    """The registry answered: no such registered model, alias or version (retrying will not help)."""
 
 
 @dataclass
@@ -77,7 +85,8 @@ def resolve_version(client, ref: str):
     """The ``ModelVersion`` a ``models:/`` reference names.
 
     Raises:
-        RegistryError: no such model, alias or version.
+        NotInRegistry: the registry answered that there is no such model, alias or version.
+        RegistryError: the reference is malformed, or the registry could not be reached.
     """
     from mlflow.exceptions import MlflowException
 
@@ -85,8 +94,11 @@ def resolve_version(client, ref: str):
     try:
         return client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
     except MlflowException as exc:
-        what = f"alias {alias!r}" if alias else f"version {version}"
-        raise RegistryError(f"{ref}: registered model {name!r} has no {what} ({exc.message.splitlines()[0]})") from exc
+        first = (exc.message or str(exc)).splitlines()[0]
+        if exc.error_code in MISSING_CODES:
+            what = f"alias {alias!r}" if alias else f"version {version}"
+            raise NotInRegistry(f"{ref}: registered model {name!r} has no {what} ({first})") from exc
+        raise RegistryError(f"{ref}: the registry did not answer ({first[:300]})") from exc
 
 
 def _download(client, source: str, dst: Path, uri: str) -> Path:
@@ -193,14 +205,40 @@ def current(client, name: str, alias: str):
 def register(
     client, name: str, source: str, run_id: str, tags: dict[str, str], description: str = ""
 ) -> Any:  # ModelVersion
-    """A new version of ``name`` (created if missing) from ``source`` (``runs:/<run>/adapter``)."""
+    """A new version of ``name`` (created if missing) from ``source`` (``runs:/<run>/adapter``).
+
+    The registered model is tagged ``lorafleet.adapter_model=true`` (also when it existed untagged), so a Serve
+    app lists it among lorafleet's models and never mistakes another MLflow model for an adapter model.
+    """
     from mlflow.exceptions import MlflowException
 
     try:
-        client.get_registered_model(name)
+        model = client.get_registered_model(name)
     except MlflowException:
-        client.create_registered_model(name, description="LoRA adapters registered by lorafleet's evaluation gate")
+        client.create_registered_model(
+            name, tags={MODEL_TAG: "true"}, description="LoRA adapters registered by lorafleet's evaluation gate"
+        )
+    else:
+        if model.tags.get(MODEL_TAG) != "true":
+            client.set_registered_model_tag(name, MODEL_TAG, "true")
     return client.create_model_version(name, source, run_id=run_id, tags=tags, description=description)
+
+
+def adapter_models(client) -> list:  # list[RegisteredModel]
+    """Every registered model tagged ``lorafleet.adapter_model=true``, with its tags and aliases, by name.
+
+    Raises:
+        mlflow.exceptions.MlflowException: the registry could not be searched.
+    """
+    found, token = [], None
+    while True:
+        page = client.search_registered_models(
+            filter_string=f"tags.`{MODEL_TAG}` = 'true'", max_results=1000, page_token=token
+        )
+        found += list(page)
+        token = page.token
+        if not token:
+            return sorted(found, key=lambda m: m.name)
 
 
 def _history(client, name: str) -> list[str]:
@@ -225,7 +263,30 @@ def promote(client, name: str, version: str, alias: str = "champion", previous_a
         history.append(old)  # a champion set outside lorafleet
     history.append(str(version))
     client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history[-50:]))
+    client.set_registered_model_tag(name, MODEL_TAG, "true")  # a model registered before the tag existed
     return old
+
+
+def unservable(version) -> str | None:
+    """Why a version asked for by its number alone must not be served, or None.
+
+    A version the gate rejected, or one rolled back from champion, is refused while no alias holds it; an alias
+    is a deliberate choice (``lorafleet promote NAME VERSION [--force]``) and serves whatever it points at.
+    Versions without a ``validation_status`` tag (registered by hand) are served.
+    """
+    status = version.tags.get(TAG_STATUS)
+    if getattr(version, "aliases", None) or status not in ("rejected", "rolled_back"):
+        return None
+    name, number = version.name, version.version
+    if status == "rejected":
+        return (
+            f"{name} version {number} was rejected by the evaluation gate (its eval run's report says why) and is not "
+            f"served; to serve it anyway, promote it: lorafleet promote {name} {number} --force"
+        )
+    return (
+        f"{name} version {number} was rolled back from champion and is not served; to serve it again, promote it: "
+        f"lorafleet promote {name} {number}"
+    )
 
 
 def rollback(client, name: str, alias: str = "champion", previous_alias: str = "previous") -> tuple[str, str]:
@@ -296,7 +357,12 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("name")
     r.add_argument("--alias", default="champion")
     r.add_argument("--previous-alias", default="previous")
-    pr = sub.add_parser("promote", help="make a version the champion (the old one becomes previous)")
+    pr = sub.add_parser(
+        "promote",
+        help="make a version the champion (the old one becomes previous)",
+        epilog="A checkpoint picked from a trial's sample grids instead: lorafleet promote NAME --trial ID --epoch N "
+        "(evaluated, registered, then promoted; see evaluation/promote.py)",
+    )
     pr.add_argument("name")
     pr.add_argument("version")
     pr.add_argument("--alias", default="champion")

@@ -15,7 +15,7 @@ from typing import Any
 
 from PIL import Image
 
-from evaluation.config import METRICS, EvalConfig
+from evaluation.config import METRICS, RELATIVE, EvalConfig
 from evaluation.gate import GateResult
 from evaluation.qa import Rendered
 from training.toy_world.sample import image_grid
@@ -52,12 +52,13 @@ def _fmt(value: Any) -> str:
 
 
 def metric_rows(metrics: dict, base: dict, champion: dict | None) -> list[list[str]]:
+    """One row per measured metric: name, adapter, base model (relative metrics: "vs base"), [champion], better."""
     rows = []
     for name, direction in METRICS.items():
         if name not in metrics and name not in base:
             continue
         better = "higher" if direction == "max" else "lower"
-        row = [name, _fmt(metrics.get(name)), _fmt(base.get(name))]
+        row = [name, _fmt(metrics.get(name)), "vs base" if name in RELATIVE else _fmt(base.get(name))]
         if champion is not None:
             row.append(_fmt(champion["metrics"].get(name)))
         rows.append([*row, better])
@@ -161,7 +162,8 @@ def write_report(
         ["adapter", adapter["ref"]],
         ["sha256", adapter["sha256"]],
         ["base model", adapter["base_model"]],
-        ["trigger", f"{suite.trigger} = {suite.concept}"],
+        ["trigger", f"{suite.trigger} = {suite.concept}" if suite.concept else f"{suite.trigger} (no concept word)"],
+        ["suite", "hand-written (config)" if suite.concept else "built from the dataset's captions"],
         ["scorer", cfg.clip_model],
         ["generation", f"{g.steps} steps, guidance {g.guidance}, {seeds}, {prompts}"],
     ]
@@ -170,7 +172,12 @@ def write_report(
     blocks: list[Block] = [("table", None, facts), ("h2", "Gate"), ("p", gate.summary())]
     if check_rows:
         blocks.append(("table", ["check", "value", "threshold", "margin", "result"], check_rows))
-    blocks += [("h2", "Metrics"), ("table", header, metric_rows(metrics, base_metrics, champion))]
+    relative = (
+        "Relative metrics compare the adapter with the base model on the same prompts and seeds: concept_gain and "
+        "concept_win_rate against the training images (image-image CLIP similarity), heldout_loss_ratio, "
+        "flexibility_delta, prior_similarity (1 = prompts without the trigger untouched)."
+    )
+    blocks += [("h2", "Metrics"), ("table", header, metric_rows(metrics, base_metrics, champion)), ("p", relative)]
     captions = {
         "trigger": "Trigger prompts: base model (upper row of each pair) vs adapter (lower row), same seeds.",
         "prior": "Prompts without the trigger: base model vs adapter — the adapter should leave them alone.",

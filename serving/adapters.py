@@ -1,9 +1,12 @@
 """Which adapter a model name means, and which adapters a pipeline holds.
 
-``AdapterResolver`` turns the name a client sends (``champion``, a configured name, ``toy-sks-lora@champion``,
-``toy-sks-lora/3``) into a verified local folder: configured folders, ``runs:/`` and ``models:/`` references
-go through ``evaluation.registry.fetch_adapter`` (safetensors only, sha256 checked against the adapter's JSON
-and the registry's tag, base model checked). Clients never name paths.
+``AdapterResolver`` turns the name a client sends (``champion``, a configured name, a registered model's name
+``toy-ohwx-lora`` = its ``champion.alias``, ``toy-sks-lora@previous``, ``toy-sks-lora/3``) into a verified local
+folder: configured folders, ``runs:/`` and ``models:/`` references go through ``evaluation.registry.fetch_adapter``
+(safetensors only, sha256 checked against the adapter's JSON and the registry's tag, base model checked). Clients
+never name paths. A name the registry does not hold, and a version asked for by number that the gate rejected or
+that was rolled back (and no alias holds), is ``UnknownModel`` (404) at once; a registry that cannot be reached is
+``AdapterUnavailable`` (503, retryable) unless an earlier answer is still at hand.
 
 ``LoadedAdapters`` is the bounded LRU of adapters loaded into one pipeline: a miss loads with the plain diffusers
 call, an eviction deletes the adapter's layers (never fuse/unfuse: the replica is shared).
@@ -16,12 +19,22 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-from evaluation.registry import RegistryError, fetch_adapter
+from evaluation.registry import (
+    TAG_SHA,
+    NotInRegistry,
+    RegistryError,
+    client_for,
+    fetch_adapter,
+    parse_model_ref,
+    resolve_version,
+    unservable,
+)
+from serving.catalog import RegistryCatalog
 from serving.config import BASE, MODEL_NAME, ServeArgs, is_folder_ref, project_path
 from training.adapter import AdapterError, AdapterMeta, load_adapter
 
@@ -43,6 +56,7 @@ class ResolvedAdapter:
     path: Path  # verified local folder
     meta: AdapterMeta
     version: str | None = None  # registry version, for models:/ references
+    registered: str | None = None  # registered model, for models:/ references
 
     @property
     def key(self) -> str:
@@ -60,6 +74,7 @@ class AdapterResolver:
         self.ttl_s = args.champion.poll_s if ttl_s is None else ttl_s
         self._cache: dict[str, tuple[ResolvedAdapter, float]] = {}
         self._lock = threading.Lock()
+        self.catalog = RegistryCatalog(args)  # what /v1/models lists from the registry
 
     def configured(self) -> dict[str, str]:
         """Names served without asking: configured adapters and the champion."""
@@ -84,11 +99,12 @@ class AdapterResolver:
             return refs[name]
         if not MODEL_NAME.match(name):
             raise UnknownModel(
-                f"model {name[:80]!r} is not a model name: use 'base', one of {sorted(refs)}, "
+                f"model {name[:80]!r} is not a model name: use 'base', one of {sorted(refs)}, <registered model>, "
                 "<registered model>@<alias> or <registered model>/<version>"
             )
-        if ("@" in name or "/" in name) and self.args.allow_registry_refs and self.args.resolved_tracking_uri():
-            return f"models:/{name}"
+        if self.args.allow_registry_refs and self.args.resolved_tracking_uri():
+            # a bare registered model name means its champion alias
+            return f"models:/{name}" if "@" in name or "/" in name else f"models:/{name}@{self.args.champion.alias}"
         raise UnknownModel(f"model {name!r} is not served here; GET /v1/models lists 'base' and {sorted(refs)}")
 
     def resolve(self, name: str) -> ResolvedAdapter | None:
@@ -100,12 +116,22 @@ class AdapterResolver:
         if name == BASE:
             return None
         ref = self.ref_for(name)
-        with self._lock:
+        hit = self._cache.get(name)  # a fresh answer needs no lock: one slow fetch must not hold up the others
+        if hit and (hit[1] > time.monotonic() or not _moves(ref)):
+            return hit[0]
+        with self._lock:  # one fetch at a time (two names may download the same version into one folder)
             hit = self._cache.get(name)
             if hit and (hit[1] > time.monotonic() or not _moves(ref)):
                 return hit[0]
             try:
-                resolved = self._fetch(name, ref)
+                resolved = self._fetch(name, ref, gated=name not in self.configured())
+            except (NotInRegistry, UnknownModel) as exc:  # the registry answered: nothing to serve under this name
+                self._cache.pop(name, None)
+                if isinstance(exc, UnknownModel):
+                    raise
+                raise UnknownModel(
+                    f"model {name!r} is not served here: {exc}; GET /v1/models lists the models"
+                ) from exc
             except (RegistryError, AdapterUnavailable) as exc:
                 if hit:  # keep serving what we had while the registry is away
                     log.warning("keeping %s at %s: %s", name, hit[0].version or hit[0].ref, exc)
@@ -116,19 +142,33 @@ class AdapterResolver:
             self._cache[name] = (resolved, expires)
             return resolved
 
-    def _fetch(self, name: str, ref: str) -> ResolvedAdapter:
+    def _fetch(self, name: str, ref: str, gated: bool) -> ResolvedAdapter:
+        """Called under the lock. ``gated``: a client's own reference, so a version the gate rejected (or one rolled
+        back) that no alias holds is refused."""
         uri = self.args.resolved_tracking_uri()
         if ref.startswith(("runs:/", "models:/")) and not uri:
             raise AdapterUnavailable(f"{ref} needs MLflow: set tracking_uri in the serve config or MLFLOW_TRACKING_URI")
         if is_folder_ref(ref) and (why := self.args.outside_roots(Path(project_path(ref)))):
             raise AdapterError(why)  # checked again here: a symlink may have been swapped since start-up
-        f = fetch_adapter(ref, self.cache_dir, uri, expected_base=self.base_model)
-        return ResolvedAdapter(name, ref, f.path, f.meta, f.version)
+        if not ref.startswith("models:/"):
+            f = fetch_adapter(ref, self.cache_dir, uri, expected_base=self.base_model)
+            return ResolvedAdapter(name, ref, f.path, f.meta, f.version)
+        version = resolve_version(client_for(uri), ref)  # one metadata call; NotInRegistry when it names nothing
+        pinned = parse_model_ref(ref)[2] is not None
+        if gated and pinned and (why := unservable(version)):
+            raise UnknownModel(why)
+        number, sha = str(version.version), (version.tags or {}).get(TAG_SHA)
+        for other, _ in self._cache.values():  # the same version under any name: no second download
+            if other.registered == version.name and other.version == number and other.meta.sha256 == sha:
+                return replace(other, name=name, ref=ref)
+        f = fetch_adapter(f"models:/{version.name}/{number}", self.cache_dir, uri, expected_base=self.base_model)
+        return ResolvedAdapter(name, ref, f.path, f.meta, f.version, version.name)
 
     def refresh(self) -> dict[str, str]:
         """Look registry aliases up again now (the champion moved); returns name -> version or error."""
         with self._lock:  # expire every alias lookup
             self._cache = {n: (r, 0.0 if _moves(r.ref) else t) for n, (r, t) in self._cache.items()}
+        self.catalog.entries(force=True)
         out = {}
         for name in [n for n, r in self.configured().items() if _moves(r)]:
             try:
@@ -139,14 +179,14 @@ class AdapterResolver:
         return out
 
     def known(self) -> dict[str, ResolvedAdapter]:
-        """Names resolved so far (for /v1/models)."""
-        with self._lock:
-            return {name: r for name, (r, _) in self._cache.items()}
+        """Names resolved so far (for /v1/models; a snapshot taken without waiting for a fetch in progress)."""
+        return {name: r for name, (r, _) in dict(self._cache).items()}
 
 
 def _moves(ref: str) -> bool:
-    """References whose target can change: registry aliases."""
-    return ref.startswith("models:/") and "@" in ref
+    """References to look up again after ``ttl_s``: registry aliases move, and a pinned version's status can change
+    (rolled back); an unchanged version is not downloaded again."""
+    return ref.startswith("models:/")
 
 
 class LoadedAdapters:

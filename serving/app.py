@@ -22,13 +22,15 @@ from ray import serve
 from ray.serve import Application
 
 from serving.adapters import AdapterUnavailable, UnknownModel
-from serving.config import BASE, ServeArgs, project_path
+from serving.catalog import model_cards
+from serving.config import ServeArgs, project_path
 from serving.engine import Cancelled, Engine, ImageRequest, ImageResult, Prepared, RequestError
 from serving.http import Api
 from serving.images import png_bytes
 from serving.passes import PassQueue
 from serving.telemetry import GeneratorMetrics
 from training.adapter import AdapterError
+from training.quiet import quiet_libraries
 
 log = logging.getLogger("ray.serve")
 
@@ -67,6 +69,7 @@ class Generator:
     """Holds one engine; ``generate`` calls are batched by images per pass (``@serve.batch``)."""
 
     def __init__(self, args: ServeArgs | dict):
+        quiet_libraries()  # this replica's process: no library noise in the Serve logs
         self.args = ServeArgs.model_validate(args)
         # Every torch call of the replica runs on this one thread: with OpenMP teams started from two threads
         # (say, loading on one and generating on another), libgomp throttles its spin-waits once it manages more
@@ -211,46 +214,10 @@ class Generator:
             )
 
     async def models(self) -> dict:
-        return await asyncio.to_thread(self._models)  # the registry lookup must not stall the event loop
+        return await asyncio.to_thread(self._models)  # a registry read (at most once per poll_s) stays off the loop
 
     def _models(self) -> dict:
-        known = self.engine.resolver.known()
-        loaded = set(self.engine.adapters.keys())
-        cards = [{"id": BASE, "kind": "base", "ref": self.engine.args.base_model, "loaded": True}]
-        for name, ref in self.engine.resolver.configured().items():
-            r = known.get(name)
-            cards.append(
-                {"id": name, "ref": ref, "version": r.version if r else None, "loaded": bool(r) and r.key in loaded}
-            )
-        cards += self._registered(known, loaded)
-        return {"object": "list", "data": cards}
-
-    def _registered(self, known: dict, loaded: set) -> list[dict]:
-        """Versions of the champion's registered model, as ``name/version`` ids (when the registry answers)."""
-        uri, model = self.args.resolved_tracking_uri(), self.args.champion.model
-        if not (uri and model and self.args.allow_registry_refs):
-            return []
-        from evaluation.registry import client_for
-
-        try:
-            versions = client_for(uri).search_model_versions(f"name='{model}'")
-        except Exception:  # noqa: BLE001 - /v1/models still lists what is configured
-            return []
-        out = []
-        for v in sorted(versions, key=lambda v: int(v.version)):
-            vid = f"{model}/{v.version}"
-            r = known.get(vid)
-            aliases = ",".join(getattr(v, "aliases", []) or [])
-            out.append(
-                {
-                    "id": vid,
-                    "kind": "registry",
-                    "ref": aliases or None,
-                    "version": str(v.version),
-                    "loaded": bool(r) and r.key in loaded,
-                }
-            )
-        return out
+        return {"object": "list", "data": model_cards(self.engine.resolver, set(self.engine.adapters.keys()))}
 
     def stats(self) -> dict:
         return {"pid": os.getpid(), **self.metrics.snapshot(), "adapter_cache": self.engine.stats()}
@@ -277,7 +244,11 @@ def build_app(args: ServeArgs) -> Application:
         **replicas,
         max_ongoing_requests=d.max_ongoing_requests,
         max_queued_requests=d.max_queued_requests,
-        ray_actor_options={"num_cpus": d.num_cpus, "num_gpus": d.num_gpus},
+        ray_actor_options={
+            "num_cpus": d.num_cpus,
+            "num_gpus": d.num_gpus,
+            "runtime_env": {"env_vars": args.registry_env()},  # merged with the app's runtime_env by Ray
+        },
         user_config={"max_batch_size": b.max_batch_size, "batch_wait_timeout_s": b.batch_wait_timeout_s},
         health_check_period_s=10,
     ).bind(args.model_dump())

@@ -45,7 +45,8 @@ class Unauthorized(LorafleetError):
 
 
 class NotFound(LorafleetError):
-    """No such model (adapter) on this server."""
+    """No such model on this server: an unknown name, an alias or version the registry does not hold, or a version
+    the gate rejected (or one rolled back) asked for by number. Final: never retried."""
 
 
 class ServerBusy(LorafleetError):

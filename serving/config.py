@@ -124,11 +124,25 @@ class ServeArgs(_Section):
         "registry references and adapter_cache_dir are always allowed",
     )
     allow_registry_refs: bool = Field(
-        True, description="clients may ask for any registered version as <model>@<alias> or <model>/<version>"
+        True,
+        description="clients may ask for a registered model by name (its `champion.alias`), <model>@<alias> or "
+        "<model>/<version>, and /v1/models lists every lorafleet registered model's champion, aliases and gated "
+        "versions",
     )
     champion: ChampionArgs = Field(default_factory=ChampionArgs)
     default_model: str = Field("champion", description="served when a request names no model ('base' for none)")
     tracking_uri: str | None = Field(None, description="MLflow tracking/registry URI; null = $MLFLOW_TRACKING_URI")
+    registry_retries: int = Field(
+        2,
+        ge=0,
+        le=10,
+        description="HTTP retries per registry call in a replica, set as MLFLOW_HTTP_REQUEST_MAX_RETRIES in its "
+        "environment (MLflow's own default, 7 with backoff factor 2, waited about 4 minutes for a registry that was "
+        "down); a registry still down after them is a 503",
+    )
+    registry_timeout_s: int = Field(
+        10, ge=1, description="seconds one registry HTTP request may take (MLFLOW_HTTP_REQUEST_TIMEOUT in a replica)"
+    )
     adapter_cache_dir: str = Field("runs/serve/adapters", description="where registry downloads are kept")
     max_adapters: int = Field(4, ge=1, description="adapters held in a replica's memory at once (LRU)")
     defaults: GenerationDefaults = Field(default_factory=GenerationDefaults)
@@ -211,6 +225,15 @@ class ServeArgs(_Section):
 
     def resolved_tracking_uri(self) -> str | None:
         return self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or None
+
+    def registry_env(self) -> dict[str, str]:
+        """The MLflow client settings a replica runs with (``registry_retries``, ``registry_timeout_s``), as the
+        environment variables MLflow reads at every call; ``build_app`` puts them in the replicas' runtime_env."""
+        return {
+            "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(self.registry_retries),
+            "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",  # retries after 0, 2, 4 ... s instead of 0, 4, 8 ... s
+            "MLFLOW_HTTP_REQUEST_TIMEOUT": str(self.registry_timeout_s),
+        }
 
 
 def load_serve_args(path: str | Path = PROJECT_ROOT / "configs" / "serve.yaml", overrides: list[str] | None = None):

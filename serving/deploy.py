@@ -114,6 +114,9 @@ def smoke_test(
 
 
 def main(argv: list[str] | None = None) -> int:
+    from training.quiet import quiet_libraries
+
+    quiet_libraries()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(prog="python -m serving.deploy", description=__doc__.split("\n")[0])
     parser.add_argument("--config", default=str(PROJECT_ROOT / "configs" / "serve.yaml"), help="Serve config file")
@@ -122,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=None, help="HTTP port (default: the config's http_options)")
     parser.add_argument("--smoke", default=None, metavar="PROMPT", help="generate one image for PROMPT afterwards")
     parser.add_argument("overrides", nargs="*", help="dotted overrides of the application args, e.g. max_adapters=2")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     from training.configuration import ConfigError
 
     try:

@@ -83,14 +83,21 @@ class ImagesResponse(BaseModel):
 
 
 class ModelCard(BaseModel):
-    id: str
+    """One name a client may send as ``model``; registry fields say which registered version it serves."""
+
+    id: str = Field(description="the name to send as `model`")
     object: Literal["model"] = "model"
     created: int = 0
     owned_by: str = "lorafleet"
-    kind: Literal["base", "adapter", "registry"] = "adapter"
-    ref: str | None = None
-    version: str | None = None
-    loaded: bool = False
+    kind: Literal["base", "adapter", "registry"] = Field(
+        "adapter", description="base model, a name from the config (the champion too), or a registry name"
+    )
+    ref: str | None = Field(None, description="base model, or the adapter reference the name stands for")
+    registered_model: str | None = Field(None, description="the MLflow registered model (one per dataset)")
+    version: str | None = Field(None, description="registry version it serves")
+    aliases: list[str] = Field(default_factory=list, description="every alias that version holds")
+    status: str | None = Field(None, description="the gate's validation_status of that version (passed, ...)")
+    loaded: bool = Field(False, description="its adapter is in a replica's memory now")
 
 
 class ModelList(BaseModel):

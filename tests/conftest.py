@@ -28,6 +28,23 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _no_developer_cluster(tmp_path_factory) -> Path:
+    """Every test (and every module/session fixture) sees an empty lorafleet state dir, so a developer's running
+    `lorafleet up` cluster and its MLflow are never joined or written to."""
+    root = tmp_path_factory.mktemp("lorafleet-state")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LORAFLEET_STATE_DIR", str(root / "session"))
+        yield root
+
+
+@pytest.fixture(autouse=True)
+def _empty_state_dir(_no_developer_cluster, request, monkeypatch):
+    """A state dir of its own per test (not created until something writes there); a test that needs another sets
+    LORAFLEET_STATE_DIR itself (monkeypatch), which wins."""
+    monkeypatch.setenv("LORAFLEET_STATE_DIR", str(_no_developer_cluster / f"test-{id(request.node):x}"))
+
+
 @pytest.fixture(autouse=True)
 def _seeded():
     random.seed(0)
@@ -88,7 +105,7 @@ def train_config(toy_dataset, repo, tmp_path):
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real tracking server on 127.0.0.1 (SQLite + proxied artifacts in a temp dir), stopped by PID."""
-    from cluster.mlflow_server import start_mlflow_server
+    from training.mlflow_server import start_mlflow_server
 
     server = start_mlflow_server(tmp_path_factory.mktemp("mlflow"))
     yield server.uri

@@ -1,4 +1,6 @@
 import json
+import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -6,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from cluster.cli import main
+from training.cluster_state import ClusterState, Ports
 
 
 def test_help_lists_commands(capsys):
@@ -111,3 +114,119 @@ def test_rollback_needs_to_know_where_the_registry_is(capsys, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert main(["rollback", "toy-sks-lora"]) == 2
     assert "set MLFLOW_TRACKING_URI or pass --tracking-uri" in capsys.readouterr().err
+
+
+@pytest.fixture
+def up_with_mlflow(mlflow_server, tmp_path, monkeypatch) -> str:
+    """The state of a running `lorafleet up` whose MLflow is the session's real server (this process stands in for
+    the server's PID); no MLFLOW_TRACKING_URI in the environment."""
+    port = int(mlflow_server.rsplit(":", 1)[1])
+    ClusterState(str(tmp_path), Ports(mlflow=port), mlflow_pid=os.getpid()).save()
+    monkeypatch.setenv("LORAFLEET_STATE_DIR", str(tmp_path))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return mlflow_server
+
+
+@pytest.mark.slow  # the session's MLflow server starts in ~10 s
+def test_registry_commands_find_the_mlflow_of_up(up_with_mlflow, capsys, monkeypatch):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(up_with_mlflow, registry_uri=up_with_mlflow)
+    name = "cli-up-model"
+    if not client.search_registered_models(f"name = '{name}'"):
+        client.create_registered_model(name)
+    assert main(["registry", "show", name]) == 0  # was: "set MLFLOW_TRACKING_URI" while `up` ran
+    assert main(["rollback", name]) == 1  # the registry answered: nothing to roll back to
+    assert main(["promote", name, "7"]) == 1
+    err = capsys.readouterr().err
+    assert "set MLFLOW_TRACKING_URI" not in err and err.count("error:") == 2, err
+    assert "MLFLOW_TRACKING_URI" not in os.environ  # set for the sub-command only
+
+    seen = {}
+
+    def spy(module: str):
+        def main_(argv):
+            seen[module] = (os.environ.get("MLFLOW_TRACKING_URI"), argv)
+            return 0
+
+        return main_
+
+    for module in ("evaluation.evaluate", "evaluation.registry", "evaluation.publish", "training.train"):
+        monkeypatch.setattr(f"{module}.main", spy(module))
+    assert main(["evaluate", "--adapter", "a", "--config", "c.yaml"]) == 0
+    assert main(["publish", "models:/x@champion", "--repo-id", "me/x"]) == 0
+    assert main(["train", "--config", "c.yaml"]) == 0
+    assert {m: uri for m, (uri, _) in seen.items()} == dict.fromkeys(
+        ["evaluation.evaluate", "evaluation.publish", "training.train"], up_with_mlflow
+    )
+    # the user's choice wins: --tracking-uri, or MLFLOW_TRACKING_URI
+    assert main(["promote", name, "1", "--tracking-uri", "http://127.0.0.1:1"]) == 0
+    assert seen["evaluation.registry"] == (None, ["--tracking-uri", "http://127.0.0.1:1", "promote", name, "1"])
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:2")
+    assert main(["evaluate", "--adapter", "a", "--config", "c.yaml"]) == 0
+    assert seen["evaluation.evaluate"][0] == "http://127.0.0.1:2"
+
+
+def test_mlflow_of_up_only_when_its_server_runs(tmp_path, monkeypatch):
+    from cluster.cli import mlflow_of_up
+
+    ClusterState(str(tmp_path), Ports(mlflow=1), mlflow_pid=2**22 + 12345).save()  # a stopped `up`
+    monkeypatch.setenv("LORAFLEET_STATE_DIR", str(tmp_path))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with mlflow_of_up("registry", ["show", "x"]) as uri:
+        assert uri is None and "MLFLOW_TRACKING_URI" not in os.environ
+
+
+@pytest.mark.slow  # a fresh interpreter imports diffusers: ~10 s on 2 busy cores
+def test_no_torchvision_notice_on_cli_calls(tmp_path):
+    script = Path(sys.executable).parent / "lorafleet"
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | {"LORAFLEET_STATE_DIR": str(tmp_path)}
+    done = subprocess.run([str(script), "registry", "show", "x"], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 2 and "set MLFLOW_TRACKING_URI" in done.stderr  # it ran far enough to import diffusers
+    assert "requires torchvision" not in done.stderr, done.stderr
+
+
+def test_library_noise_is_dropped_and_nothing_else():
+    """The torchvision notice (every CLI call, every Ray worker) and diffusers' "No LoRA keys … text_encoder" (every
+    UNet-only adapter load) are dropped; other warnings of the same loggers still reach the log."""
+    from training.quiet import DROPPED, quiet_libraries
+
+    quiet_libraries()
+    quiet_libraries()  # idempotent
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage()[:40])
+
+    transformers_log = logging.getLogger("transformers.utils.import_utils")
+    lora = logging.getLogger("diffusers.loaders.lora_base")
+    assert len(transformers_log.filters) == 1
+    for logger in (transformers_log, lora):
+        logger.addHandler(Keep())
+    try:
+        transformers_log.warning(
+            "`CLIPImageProcessor` requires torchvision (not installed); falling back to `CLIPImageProcessorPil` for "
+            "backward compatibility. Install torchvision to use the default backend."
+        )
+        transformers_log.warning("`CLIPImageProcessor` requires torchvision (not installed); falling back to `Else`")
+        transformers_log.warning("some other transformers warning")
+        lora.warning("No LoRA keys associated to CLIPTextModel found with the prefix='text_encoder'. This is safe")
+        lora.warning("Loading adapter weights from state_dict led to unexpected keys")
+    finally:
+        for logger in (transformers_log, lora):
+            logger.handlers = [h for h in logger.handlers if not isinstance(h, Keep)]
+    assert seen == [
+        "`CLIPImageProcessor` requires torchvisio",
+        "some other transformers warning",
+        "Loading adapter weights from state_dict ",
+    ]
+    assert "diffusers.loaders.peft" in DROPPED
+
+
+def test_tests_never_see_a_developers_cluster(repo, tmp_path_factory):
+    from training.cluster_state import default_state_dir
+
+    state_dir = default_state_dir()
+    assert state_dir != repo / "runs" / "cluster" and state_dir.is_relative_to(tmp_path_factory.getbasetemp())
+    assert ClusterState.load() is None

@@ -20,6 +20,7 @@ from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 META_NAME = "lorafleet_adapter.json"
 
 
@@ -57,6 +58,8 @@ def base_model_id(name: str) -> str:
     folder name (``models/toy-sd`` and ``/abs/path/models/toy-sd`` are both ``toy-sd``).
     """
     path = Path(name).expanduser()
+    if not path.is_absolute() and not path.exists() and (PROJECT_ROOT / path).exists():
+        path = PROJECT_ROOT / path  # a project-relative folder (how adapters name the models they were trained on)
     looks_local = path.is_absolute() or name.startswith((".", "~")) or path.exists() or len(path.parts) != 2
     if not looks_local:
         return name
@@ -64,6 +67,19 @@ def base_model_id(name: str) -> str:
         if part.startswith("models--"):
             return part.removeprefix("models--").replace("--", "/")
     return (path.resolve() if path.exists() else path).name or name
+
+
+def portable_model_name(name: str) -> str:
+    """How an adapter names its base model so the name means the same model elsewhere: a hub id as it is, a folder
+    inside this project (also inside the copy ``ray job submit`` unpacks under /tmp/ray/session_…) relative to it
+    (``models/toy-sd``), any other folder as an absolute path."""
+    path = Path(name).expanduser()
+    if not path.is_absolute() and not path.exists():
+        return name  # a hub id (or a relative path that only the project knows)
+    try:
+        return path.resolve().relative_to(PROJECT_ROOT).as_posix()
+    except ValueError:
+        return str(path.resolve())
 
 
 def _unwrap(module: torch.nn.Module) -> torch.nn.Module:

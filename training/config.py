@@ -30,14 +30,44 @@ class DataConfig(_Section):
         None, description="DreamBooth: one caption for every image, e.g. 'a photo of sks dog'"
     )
     trigger: str | None = Field(None, description="trigger word; DreamBooth captions must contain it")
-    resolution: int = Field(64, ge=8, description="training side length in pixels (toy world 64, SD 1.x 512)")
+    resolution: int = Field(
+        64,
+        ge=8,
+        description="training size in pixels (toy world 64, SD 1.x 512): with buckets every bucket's area is at "
+        "most resolution² (the square bucket's side); without, the side of the square crop",
+    )
+    buckets: bool = Field(
+        True,
+        description="aspect-ratio bucketing: each image is resized to cover the bucket (w, h) nearest its aspect "
+        "ratio and cropped to it, batches hold one bucket; false = resize the short side and crop a square",
+    )
+    bucket_step: int | None = Field(
+        None,
+        ge=1,
+        description="bucket sides are multiples of this many pixels; null = the base model's granularity "
+        "(VAE factor × 2^(UNet down blocks − 1): toy-sd 16, SD 1.x 64); `lorafleet validate`, having no model, "
+        "guesses from the resolution (16 at 64 px, 64 from 256 px)",
+    )
+    max_aspect: float = Field(
+        2.0, ge=1.0, description="buckets range from 1:max_aspect (portrait) to max_aspect:1 (landscape)"
+    )
     crop: Literal["center", "random"] = Field(
-        "center", description="crop to a square after resizing the short side; 'random' disables the latent cache"
+        "center",
+        description="crop to the bucket (or square) after resizing to cover it; 'random' disables the latent cache",
     )
     random_flip: bool = Field(False, description="flip images horizontally at random (both flips are cached)")
     min_images: int = Field(4, ge=1, description="fewer valid images than this is an error")
     max_images: int | None = Field(None, ge=1, description="use only the first N images (sorted by name)")
     max_pixels: int = Field(4096 * 4096, ge=64 * 64, description="larger images are refused as decompression bombs")
+
+    @model_validator(mode="after")
+    def _bucket_fits(self) -> DataConfig:
+        if self.buckets and self.bucket_step and self.resolution < self.bucket_step:
+            raise ValueError(
+                f"data.resolution={self.resolution} is below data.bucket_step={self.bucket_step}: no bucket fits; "
+                "raise data.resolution or lower data.bucket_step"
+            )
+        return self
 
 
 class LoraArgs(_Section):
@@ -87,8 +117,16 @@ class OptimArgs(_Section):
 
 
 class ValidationArgs(_Section):
-    prompts: list[str] = Field(default_factory=list, description="prompts for the validation grid; empty disables")
+    prompts: list[str] = Field(
+        default_factory=list,
+        description="prompts of the sample grid (MLflow: samples/epoch_NNNN.png); empty disables",
+    )
     every_n_epochs: int = Field(5, ge=1, description="render the grid every N epochs (and after the last)")
+    log_adapters: bool = Field(
+        True,
+        description="log each grid's epoch adapter too (MLflow: checkpoints/epoch_NNNN/adapter), so a checkpoint "
+        "picked by eye can be promoted: `lorafleet promote <model> --trial <id> --epoch N`",
+    )
     steps: int = Field(20, ge=1, description="denoising steps per validation image")
     guidance: float = Field(4.0, ge=1.0, description="classifier-free guidance scale")
     seed: int = Field(0, description="image i uses seed + i, so grids compare across epochs; also seeds val_loss")

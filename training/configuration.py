@@ -5,13 +5,20 @@ cfg = load_config(TrainConfig, "configs/train.yaml", ["train.lr=1e-4", "data.max
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
-from typing import Any, TypeVar, get_origin
+from typing import Any, TypeVar, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ValidationError
+from pydantic.fields import FieldInfo
 
 M = TypeVar("M", bound=BaseModel)
+log = logging.getLogger(__name__)
+# A list field declared with ``json_schema_extra=MERGE`` (a stage's own dotted overrides) grows by a command-line
+# override instead of being replaced: the YAML's entries stay, the new ones come after them (so they win for the
+# same key); an empty list (``key=[]``) clears it.
+MERGE = {"merge": True}
 
 
 class ConfigError(ValueError):
@@ -26,11 +33,21 @@ def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
     *parents, leaf = path
     node = tree
     for part in parents:
-        child = node.setdefault(part, {})
+        if node.get(part) is None:  # a missing or null (optional) section starts empty
+            node[part] = {}
+        child = node[part]
         if not isinstance(child, dict):
             raise KeyError(part)
         node = child
     node[leaf] = value
+
+
+def _section(annotation: Any) -> type[BaseModel] | None:
+    """The section model of a field annotated ``X`` or ``X | None`` (an optional section), else None."""
+    options = [a for a in get_args(annotation) if a is not type(None)] if get_args(annotation) else [annotation]
+    if len(options) == 1 and isinstance(options[0], type) and issubclass(options[0], BaseModel):
+        return options[0]
+    return None
 
 
 def _is_mapping(annotation: Any) -> bool:
@@ -53,13 +70,40 @@ def _key_path(model: type[BaseModel] | None, key: str) -> tuple[list[str], str |
             return parts, f"{part!r} is not a key of {where}; known keys: {', '.join(node.model_fields)}"
         if depth == len(parts) - 1:
             return parts, None
-        sub = field.annotation
-        if _is_mapping(sub):
+        if _is_mapping(field.annotation):
             return [*parts[: depth + 1], ".".join(parts[depth + 1 :])], None
-        if not (isinstance(sub, type) and issubclass(sub, BaseModel)):
+        sub = _section(field.annotation)
+        if sub is None:
             return parts, f"{'.'.join(parts[: depth + 1])!r} is a value, not a section"
         node = sub
     return parts, None
+
+
+def _leaf_field(model: type[BaseModel] | None, path: list[str]) -> FieldInfo | None:
+    """The schema field a (valid) path ends at, or None below a mapping / without a model."""
+    node, field = model, None
+    for part in path:
+        if node is None or part not in node.model_fields:
+            return None
+        field = node.model_fields[part]
+        node = _section(field.annotation)
+    return field
+
+
+def _merges(model: type[BaseModel] | None, path: list[str]) -> bool:
+    field = _leaf_field(model, path)
+    return bool(
+        field is not None and isinstance(field.json_schema_extra, dict) and field.json_schema_extra.get("merge")
+    )
+
+
+def _get_path(tree: dict[str, Any], path: list[str]) -> Any:
+    node: Any = tree
+    for part in path:
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
 
 
 def key_problem(model: type[BaseModel], key: str) -> str | None:
@@ -72,7 +116,8 @@ def apply_overrides(
 ) -> tuple[dict[str, Any], list[str]]:
     """Apply ``key.sub=value`` strings (values parsed as YAML); return values + problems.
 
-    With ``model``, each key is checked against the schema so a typo is named as such.
+    With ``model``, each key is checked against the schema so a typo is named as such, and a list field marked
+    ``MERGE`` (e.g. ``tune.overrides``) is extended, not replaced; an empty list clears it. The merge is logged.
     """
     problems = []
     for item in overrides:
@@ -86,11 +131,18 @@ def apply_overrides(
             problems.append(f"override {item!r}: {why}")
             continue
         try:
-            _set_path(values, path, yaml.safe_load(raw) if raw.strip() else None)
-        except KeyError as exc:
-            problems.append(f"override {item!r}: {exc.args[0]!r} is a value, not a section")
+            value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError:
             problems.append(f"override {item!r}: the value is not valid YAML; quote it")
+            continue
+        before = _get_path(values, path)
+        if value and isinstance(value, list) and isinstance(before, list) and before and _merges(model, path):
+            log.info("%s: %s added to the config's %s (`%s=[]` clears them)", key, value, before, key)
+            value = [*before, *value]
+        try:
+            _set_path(values, path, value)
+        except KeyError as exc:
+            problems.append(f"override {item!r}: {exc.args[0]!r} is a value, not a section")
     return values, problems
 
 

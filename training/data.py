@@ -24,6 +24,7 @@ from typing import Literal
 
 from PIL import Image
 
+from training.buckets import Bucket, data_buckets, default_step, histogram, nearest_bucket, oriented_size
 from training.config import IMAGE_EXTENSIONS, DataConfig
 from training.remote import is_uri, local_copy
 
@@ -52,6 +53,8 @@ class DatasetReport:
     format: str
     examples: list[Example] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
+    buckets: dict[str, int] = field(default_factory=dict)  # usable images per bucket "WxH" (training's crop sizes)
+    bucket_rule: str = ""  # how the buckets were made, e.g. "data.resolution=64, bucket step 16, max aspect 2"
 
     @property
     def errors(self) -> list[Problem]:
@@ -63,6 +66,9 @@ class DatasetReport:
 
     def summary(self) -> str:
         lines = [f"dataset {self.root} ({self.format}): {len(self.examples)} usable images"]
+        if self.buckets:
+            counts = ", ".join(f"{b}: {n}" for b, n in self.buckets.items())
+            lines.append(f"  buckets ({self.bucket_rule}): {counts}")
         lines += [f"  {p.severity:7s} {p.file}: {p.message}" for p in self.problems]
         return "\n".join(lines)
 
@@ -88,8 +94,9 @@ class DatasetError(ValueError):
         super().__init__(f"{n} problem{'s' * (n != 1)} in the dataset; fix them and rerun:\n{report.summary()}")
 
 
-def _check_image(data: bytes, cfg: DataConfig) -> str | None:
-    """Why these image bytes cannot be trained on, or None. Decodes the whole image (catches truncation)."""
+def _check_image(data: bytes, cfg: DataConfig, buckets: list[Bucket]) -> tuple[str | None, Bucket | None]:
+    """(why these image bytes cannot be trained on or None, the image's bucket). Decodes the whole image (catches
+    truncation). Too small: the short side is below its bucket's short side (without buckets: data.resolution)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -99,17 +106,29 @@ def _check_image(data: bytes, cfg: DataConfig) -> str | None:
                     return (
                         f"{width}x{height} exceeds data.max_pixels={cfg.max_pixels} "
                         "(possible decompression bomb); downscale it or raise data.max_pixels"
-                    )
+                    ), None
                 img.load()
+                width, height = oriented_size(img)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        return "refused as a decompression bomb (too many pixels); downscale it"
+        return "refused as a decompression bomb (too many pixels); downscale it", None
     except Image.UnidentifiedImageError:
-        return "cannot be read as an image (corrupt, or not an image despite its extension); re-export or remove it"
+        return (
+            "cannot be read as an image (corrupt, or not an image despite its extension); re-export or remove it",
+            None,
+        )
     except OSError as exc:  # truncated or corrupt data
-        return f"corrupt or truncated image ({exc}); re-export it"
-    if min(width, height) < cfg.resolution:
-        return f"{width}x{height} is smaller than data.resolution={cfg.resolution}; use a larger image"
-    return None
+        return f"corrupt or truncated image ({exc}); re-export it", None
+    bucket = nearest_bucket((width, height), buckets)
+    short, need = min(width, height), min(bucket)
+    if short >= need:
+        return None, bucket
+    fix = "use a larger image or lower data.resolution"
+    if not cfg.buckets:
+        return f"{width}x{height}: short side {short} px is below data.resolution={cfg.resolution}; {fix}", bucket
+    return (
+        f"{width}x{height}: short side {short} px is below {need} px, the short side of its bucket "
+        f"{bucket[0]}x{bucket[1]} for data.resolution={cfg.resolution}; {fix}"
+    ), bucket
 
 
 def _read_text(path: Path) -> tuple[str | None, str | None]:
@@ -194,6 +213,9 @@ def validate_dataset(cfg: DataConfig) -> DatasetReport:
             msg = f"data.instance_prompt {cfg.instance_prompt!r} lacks the trigger {cfg.trigger!r}; add it"
             report.problems.append(Problem(".", "error", msg))
     captions = _metadata_captions(root, report) if fmt == "metadata" else {}
+    step = cfg.bucket_step or default_step(cfg.resolution)  # no model here: train.run resolves it first
+    buckets = data_buckets(cfg, step)
+    assigned: list[Bucket] = []
 
     seen: dict[str, str] = {}
     images = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
@@ -206,7 +228,8 @@ def validate_dataset(cfg: DataConfig) -> DatasetReport:
             )
             continue
         data = path.read_bytes()  # read once: decoded for the checks, hashed for duplicates
-        if (why := _check_image(data, cfg)) is not None:
+        why, bucket = _check_image(data, cfg, buckets)
+        if why is not None:
             report.problems.append(Problem(name, "error", why))
             continue
         if fmt == "metadata":
@@ -235,7 +258,15 @@ def validate_dataset(cfg: DataConfig) -> DatasetReport:
             report.problems.append(Problem(name, "warning", f"exact duplicate of {seen[digest]}; it counts twice"))
         seen.setdefault(digest, name)
         report.examples.append(Example(path, caption, digest))
+        assigned.append(bucket)
 
+    report.buckets = histogram(assigned)
+    report.bucket_rule = (
+        f"data.resolution={cfg.resolution}, bucket step {step}{'' if cfg.bucket_step else ' (no model at hand)'}, "
+        f"max aspect {cfg.max_aspect:g}"
+        if cfg.buckets
+        else f"data.buckets=false: {cfg.resolution}x{cfg.resolution} crops"
+    )
     for orphan in captions:
         report.problems.append(Problem(orphan, "error", "listed in metadata.jsonl but the file is missing"))
     for path in sorted(root.iterdir()):

@@ -4,6 +4,10 @@ The base model is frozen, so each image's VAE latent distribution and each capti
 embedding are computed once (``EncodedSource``); every step then costs only the UNet. Random
 crops need the pixels each step, so they go through ``PixelSource``, which encodes per step —
 as does a text-encoder LoRA, whose embeddings change while it trains.
+
+With ``data.buckets`` each image has an aspect-ratio bucket (``training.buckets``): it is resized to cover
+its bucket and cropped to it, the latent cache keeps one tensor per bucket, every batch holds one bucket,
+and ranks are sharded per bucket so they all run the same number of batches.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageOps
 
+from training.buckets import Bucket, assign_buckets, bucket_groups, histogram, shard_by_bucket, worker_step
 from training.config import DataConfig
 from training.data import Example
 from training.model import Parts
@@ -34,27 +39,33 @@ class Batch:
 
 
 def load_image(
-    path: str | Path, resolution: int, crop: str = "center", flip: bool = False, gen: torch.Generator | None = None
+    path: str | Path,
+    size: int | tuple[int, int],
+    crop: str = "center",
+    flip: bool = False,
+    gen: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Resize the short side to ``resolution``, crop a square (center or random), optionally mirror.
+    """Resize to cover ``size`` — (width, height), or an int for a square — crop to it (center or random), and
+    optionally mirror.
 
-    Returns a (3, resolution, resolution) float tensor in [-1, 1].
+    Returns a (3, height, width) float tensor in [-1, 1].
     """
+    width, height = (size, size) if isinstance(size, int) else size
     with Image.open(path) as img:
         img = ImageOps.exif_transpose(img).convert("RGB")
-    scale = resolution / min(img.size)
-    size = (max(resolution, round(img.width * scale)), max(resolution, round(img.height * scale)))
-    img = img.resize(size, Image.Resampling.BICUBIC) if size != img.size else img
-    dx, dy = img.width - resolution, img.height - resolution
+    scale = max(width / img.width, height / img.height)
+    resized = (max(width, round(img.width * scale)), max(height, round(img.height * scale)))
+    img = img.resize(resized, Image.Resampling.BICUBIC) if resized != img.size else img
+    dx, dy = img.width - width, img.height - height
     if crop == "random":
         left = int(torch.randint(0, dx + 1, (1,), generator=gen)) if dx else 0
         top = int(torch.randint(0, dy + 1, (1,), generator=gen)) if dy else 0
     else:
         left, top = dx // 2, dy // 2
-    img = img.crop((left, top, left + resolution, top + resolution))
+    img = img.crop((left, top, left + width, top + height))
     if flip:
         img = ImageOps.mirror(img)
-    tensor = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(resolution, resolution, 3)
+    tensor = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(height, width, 3)
     return tensor.permute(2, 0, 1).float().div(127.5).sub(1.0)
 
 
@@ -91,23 +102,52 @@ def encode_pixels(parts: Parts, pixels: torch.Tensor, batch_size: int = 16) -> t
     return torch.cat(means), torch.cat(stds)
 
 
-class PixelSource:
-    """Decodes and encodes every step: random crops and flips are drawn anew each time."""
+class _Source:
+    """Examples with their token ids, (cached) text embeddings and buckets, grouped for per-bucket batches."""
 
-    def __init__(self, examples: list[Example], data: DataConfig, parts: Parts, cache_text: bool):
+    def __init__(
+        self,
+        examples: list[Example],
+        data: DataConfig,
+        parts: Parts,
+        cache_text: bool,
+        buckets: list[Bucket] | None = None,
+    ):
         self.examples = examples
         self.data = data
+        if buckets is None:
+            buckets = assign_buckets([e.path for e in examples], data, worker_step(data, parts.pipe))
+        self.buckets = buckets  # (width, height) per example
+        self.groups = list(bucket_groups(buckets).values())  # indices per bucket, buckets sorted
         self.input_ids = tokenize(parts, [e.caption for e in examples])
         self.prompt_embeds = encode_text(parts, self.input_ids) if cache_text else None
 
     def __len__(self) -> int:
         return len(self.examples)
 
+    def batches_per_epoch(self, batch_size: int) -> int:
+        """Batches of one epoch: each bucket's images chunked on their own."""
+        return sum(batches_per_epoch(len(g), batch_size) for g in self.groups)
+
+    def histogram(self) -> dict[str, int]:
+        return histogram(self.buckets)
+
+    def _bucket(self, idx: list[int]) -> Bucket:
+        found = {self.buckets[i] for i in idx}
+        if len(found) != 1:
+            raise ValueError(f"a batch must hold one bucket; indices {idx} span {sorted(found)}")
+        return found.pop()
+
+
+class PixelSource(_Source):
+    """Decodes and encodes every step: random crops (within each image's bucket) and flips are drawn anew."""
+
     def batch(self, idx: list[int], gen: torch.Generator) -> Batch:
+        self._bucket(idx)
         flips = torch.rand(len(idx), generator=gen) < 0.5 if self.data.random_flip else [False] * len(idx)
         pixels = torch.stack(
             [
-                load_image(self.examples[i].path, self.data.resolution, self.data.crop, bool(f), gen)
+                load_image(self.examples[i].path, self.buckets[i], self.data.crop, bool(f), gen)
                 for i, f in zip(idx, flips)
             ]
         )
@@ -115,49 +155,78 @@ class PixelSource:
         return Batch(self.input_ids[idx], pixels=pixels, prompt_embeds=embeds)
 
 
-class EncodedSource:
-    """Latent distributions (both mirror images when ``data.random_flip``) and text embeddings, encoded once."""
+class EncodedSource(_Source):
+    """Latent distributions (both mirror images when ``data.random_flip``) and text embeddings, encoded once.
 
-    def __init__(self, examples: list[Example], data: DataConfig, parts: Parts, cache_text: bool):
-        self.data = data
-        self.input_ids = tokenize(parts, [e.caption for e in examples])
-        self.prompt_embeds = encode_text(parts, self.input_ids) if cache_text else None
+    One tensor per bucket: ``mean[bucket]`` is (n_bucket, views, C, h, w); ``row[i]`` is example i's row in it.
+    """
+
+    def __init__(
+        self,
+        examples: list[Example],
+        data: DataConfig,
+        parts: Parts,
+        cache_text: bool,
+        buckets: list[Bucket] | None = None,
+    ):
+        super().__init__(examples, data, parts, cache_text, buckets)
         flips = (False, True) if data.random_flip else (False,)
-        views = [
-            encode_pixels(parts, torch.stack([load_image(e.path, data.resolution, data.crop, f) for e in examples]))
-            for f in flips
-        ]
-        self.mean = torch.stack([v[0] for v in views], dim=1).cpu()  # (N, views, C, h, w)
-        self.std = torch.stack([v[1] for v in views], dim=1).cpu()
-
-    def __len__(self) -> int:
-        return len(self.input_ids)
+        self.views = len(flips)
+        self.mean: dict[Bucket, torch.Tensor] = {}
+        self.std: dict[Bucket, torch.Tensor] = {}
+        self.row = [0] * len(examples)
+        for members in self.groups:
+            bucket = self.buckets[members[0]]
+            views = [
+                encode_pixels(parts, torch.stack([load_image(examples[i].path, bucket, data.crop, f) for i in members]))
+                for f in flips
+            ]
+            self.mean[bucket] = torch.stack([v[0] for v in views], dim=1).cpu()
+            self.std[bucket] = torch.stack([v[1] for v in views], dim=1).cpu()
+            for r, i in enumerate(members):
+                self.row[i] = r
 
     def batch(self, idx: list[int], gen: torch.Generator) -> Batch:
-        views = self.mean.shape[1]
-        view = torch.randint(0, views, (len(idx),), generator=gen) if views > 1 else torch.zeros(len(idx), dtype=int)
+        bucket = self._bucket(idx)
+        rows = [self.row[i] for i in idx]
+        n = len(idx)
+        view = torch.randint(0, self.views, (n,), generator=gen) if self.views > 1 else torch.zeros(n, dtype=int)
         embeds = self.prompt_embeds[idx] if self.prompt_embeds is not None else None
-        return Batch(
-            self.input_ids[idx], latent_mean=self.mean[idx, view], latent_std=self.std[idx, view], prompt_embeds=embeds
-        )
+        mean, std = self.mean[bucket][rows, view], self.std[bucket][rows, view]
+        return Batch(self.input_ids[idx], latent_mean=mean, latent_std=std, prompt_embeds=embeds)
 
 
 def make_source(
-    examples: list[Example], data: DataConfig, parts: Parts, use_cache: bool
+    examples: list[Example], data: DataConfig, parts: Parts, use_cache: bool, *, rank: int = 0, world_size: int = 1
 ) -> PixelSource | EncodedSource:
+    """This rank's share of ``examples`` as a batch source, sharded per bucket (see ``shard_by_bucket``)."""
     cache_text = not parts.trains_text_encoder
-    return (EncodedSource if use_cache else PixelSource)(examples, data, parts, cache_text)
+    assigned = assign_buckets([e.path for e in examples], data, worker_step(data, parts.pipe))
+    mine = shard_by_bucket(assigned, rank, world_size)
+    cls = EncodedSource if use_cache else PixelSource
+    return cls([examples[i] for i in mine], data, parts, cache_text, [assigned[i] for i in mine])
 
 
 def epoch_batches(
     source: PixelSource | EncodedSource, batch_size: int, seed: int, epoch: int, rank: int = 0
 ) -> Iterator[Batch]:
-    """Shuffled batches of one epoch; the order depends only on (seed, epoch, rank), so resumes replay it."""
+    """Shuffled batches of one epoch, each of one bucket; the order depends only on (seed, epoch, rank), so
+    resumes replay it. One bucket: a permutation chunked in order. Several: each bucket's images permuted and
+    chunked, then the batches' order permuted."""
     gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch * 1_009 + rank)
-    order = torch.randperm(len(source), generator=gen).tolist()
-    for start in range(0, len(order), batch_size):
-        yield source.batch(order[start : start + batch_size], gen)
+    if len(source.groups) <= 1:
+        order = torch.randperm(len(source), generator=gen).tolist()
+        for start in range(0, len(order), batch_size):
+            yield source.batch(order[start : start + batch_size], gen)
+        return
+    chunks = []
+    for members in source.groups:
+        perm = [members[i] for i in torch.randperm(len(members), generator=gen).tolist()]
+        chunks += [perm[start : start + batch_size] for start in range(0, len(perm), batch_size)]
+    for j in torch.randperm(len(chunks), generator=gen).tolist():
+        yield source.batch(chunks[j], gen)
 
 
 def batches_per_epoch(n: int, batch_size: int) -> int:
+    """Batches of ``n`` images of one bucket (a source's total: ``source.batches_per_epoch``)."""
     return math.ceil(n / batch_size)

@@ -7,13 +7,19 @@ are scored on exactly the same problems and their ``val_loss`` values compare di
 
 held = HeldOut(examples, cfg, parts)
 held.loss(parts)   # plain MSE to the epsilon / v target, no min-SNR weighting, LoRA dropout off
+
+The images are bucketed as in training (``data.buckets``): each bucket's noise is drawn for all of its
+images in a fixed bucket order, so the problems are the same for any number of ranks.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
+from training.buckets import assign_buckets, bucket_groups, histogram, worker_step
 from training.config import PreflightError, TrainConfig
 from training.data import Example, validate_dataset
 from training.dataset import encode_pixels, encode_text, load_image, tokenize
@@ -55,31 +61,58 @@ def fixed_timesteps(num_train_timesteps: int, k: int) -> torch.Tensor:
     return ((torch.arange(k, dtype=torch.float64) + 0.5) * num_train_timesteps / k).long()
 
 
+@dataclass
+class _Chunk:
+    """One bucket's problems on this rank: k rows per image (one per fixed timestep)."""
+
+    latents: torch.Tensor  # (m·k, C, h, w), scaled posterior means
+    noise: torch.Tensor  # (m·k, C, h, w)
+    timesteps: torch.Tensor  # (m·k,)
+    input_ids: torch.Tensor  # (m·k, L)
+    embeds: torch.Tensor | None  # (m·k, L, D); None when the text encoder trains (re-encoded per call)
+
+
 class HeldOut:
-    """This rank's slice of the held-out set, encoded once (the VAE posterior mean, not a sample)."""
+    """This rank's slice of the held-out set, encoded once (the VAE posterior mean, not a sample).
+
+    Images go through training's bucketing (``data.buckets``); each bucket is scored as its own chunk.
+    """
 
     def __init__(self, examples: list[Example], cfg: TrainConfig, parts: Parts, rank: int = 0, world_size: int = 1):
         v, data = cfg.validation, cfg.data
         k = v.loss_timesteps
         self.count = len(examples) * k  # over all ranks, before slicing
         t = fixed_timesteps(parts.noise_scheduler.config.num_train_timesteps, k)
-        # drawn for the whole set, then sliced: the problems do not depend on the number of workers
+        # drawn for the whole set, bucket by bucket, then sliced: the problems do not depend on the number of workers
         gen = torch.Generator().manual_seed(v.seed)
-        mine = list(range(rank, len(examples), world_size))
-        self.size = len(mine) * k
-        if not mine:
-            return
-        pixels = torch.stack([load_image(examples[i].path, data.resolution, "center") for i in mine])
-        mean, _ = encode_pixels(parts, pixels)
-        latents = (mean * parts.vae.config.scaling_factor).cpu()
-        shape = (len(examples), k, *latents.shape[1:])
-        noise = torch.randn(shape, generator=gen)[mine]  # (n, k, C, h, w)
-        self.latents = latents.repeat_interleave(k, dim=0)
-        self.noise = noise.flatten(0, 1)
-        self.timesteps = t.repeat(len(mine))
-        ids = tokenize(parts, [examples[i].caption for i in mine])
-        self.input_ids = ids.repeat_interleave(k, dim=0)  # re-encoded per call when the text encoder trains
-        self.embeds = None if parts.trains_text_encoder else encode_text(parts, ids).cpu().repeat_interleave(k, dim=0)
+        assigned = assign_buckets([e.path for e in examples], data, worker_step(data, parts.pipe))
+        self.buckets = histogram(assigned)
+        self.chunks: list[_Chunk] = []
+        self.size = 0
+        vae = parts.vae.config
+        factor = 2 ** (len(vae.block_out_channels) - 1)
+        for (width, height), members in bucket_groups(assigned).items():
+            mine = [j for j, i in enumerate(members) if i % world_size == rank]
+            if not mine:  # still drawn: later buckets' noise must not depend on this rank's share
+                torch.randn((len(members), k, vae.latent_channels, height // factor, width // factor), generator=gen)
+                continue
+            picked = [examples[members[j]] for j in mine]
+            pixels = torch.stack([load_image(e.path, (width, height), "center") for e in picked])
+            mean, _ = encode_pixels(parts, pixels)
+            latents = (mean * vae.scaling_factor).cpu()
+            noise = torch.randn((len(members), k, *latents.shape[1:]), generator=gen)[mine]  # (n, k, C, h, w)
+            ids = tokenize(parts, [e.caption for e in picked])
+            embeds = None if parts.trains_text_encoder else encode_text(parts, ids).cpu().repeat_interleave(k, dim=0)
+            self.chunks.append(
+                _Chunk(
+                    latents.repeat_interleave(k, dim=0),
+                    noise.flatten(0, 1),
+                    t.repeat(len(mine)),
+                    ids.repeat_interleave(k, dim=0),
+                    embeds,
+                )
+            )
+            self.size += len(mine) * k
 
     @torch.no_grad()
     def loss(self, parts: Parts, batch_size: int = 32) -> float:
@@ -89,19 +122,26 @@ class HeldOut:
             unet, encoder = parts.raw_unet, parts.raw_text_encoder  # no DDP: ranks run different batch counts
             modes = unet.training, encoder.training
             unet.eval(), encoder.eval()  # LoRA dropout off
-            sched = parts.noise_scheduler
-            for i in range(0, self.size, batch_size):
-                sl = slice(i, i + batch_size)
-                latents, noise = self.latents[sl].to(parts.device), self.noise[sl].to(parts.device)
-                t = self.timesteps[sl].to(parts.device)
-                noisy = sched.add_noise(latents, noise, t)
-                if self.embeds is not None:
-                    embeds = self.embeds[sl].to(parts.device)
-                else:
-                    embeds = encoder(self.input_ids[sl].to(parts.device))[0]
-                target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(latents, noise, t)
-                with parts.autocast():
-                    pred = unet(noisy, t, encoder_hidden_states=embeds).sample
-                total += F.mse_loss(pred.float(), target.float(), reduction="sum").item() / noise[0].numel()
+            for chunk in self.chunks:
+                total += self._chunk_sum(parts, chunk, batch_size)
             unet.train(modes[0]), encoder.train(modes[1])
         return all_reduce_sum([total])[0] / self.count
+
+    @staticmethod
+    def _chunk_sum(parts: Parts, chunk: _Chunk, batch_size: int) -> float:
+        """Sum over one bucket's rows of the per-row mean squared error."""
+        total, sched = 0.0, parts.noise_scheduler
+        for i in range(0, len(chunk.timesteps), batch_size):
+            sl = slice(i, i + batch_size)
+            latents, noise = chunk.latents[sl].to(parts.device), chunk.noise[sl].to(parts.device)
+            t = chunk.timesteps[sl].to(parts.device)
+            noisy = sched.add_noise(latents, noise, t)
+            if chunk.embeds is not None:
+                embeds = chunk.embeds[sl].to(parts.device)
+            else:
+                embeds = parts.raw_text_encoder(chunk.input_ids[sl].to(parts.device))[0]
+            target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(latents, noise, t)
+            with parts.autocast():
+                pred = parts.raw_unet(noisy, t, encoder_hidden_states=embeds).sample
+            total += F.mse_loss(pred.float(), target.float(), reduction="sum").item() / noise[0].numel()
+        return total

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from diffusers.training_utils import compute_snr
 
 from training.config import OptimArgs, TrainConfig
-from training.dataset import Batch, EncodedSource, PixelSource, batches_per_epoch, epoch_batches
+from training.dataset import Batch, EncodedSource, PixelSource, epoch_batches
 from training.model import Parts
 from training.optim import build_optimizer, build_scheduler
 
@@ -162,7 +162,7 @@ def train_loop(
     epoch = state.epoch
     while epoch < epochs and not state.done:
         start, seen, loss_sum = time.perf_counter(), 0, 0.0
-        n_batches = batches_per_epoch(len(source), args.batch_size)
+        n_batches = source.batches_per_epoch(args.batch_size)  # per bucket: the same count on every rank
         for i, batch in enumerate(epoch_batches(source, args.batch_size, args.seed, epoch, rank)):
             syncing = (i + 1) % args.grad_accum == 0 or i + 1 == n_batches
             with _no_sync(models, syncing):

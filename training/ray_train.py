@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 from pathlib import Path
+from urllib.parse import urlparse
 
 import ray
 import ray.train
@@ -14,26 +15,58 @@ from ray._private import ray_constants
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from training.cluster_state import HOST, enable_token_auth, free_port, private_temp_dir, recorded_cluster
 from training.config import PreflightError, TrainConfig
+from training.quiet import quiet_libraries
 from training.tracking import tracker_for
 from training.worker import WorkerSpec, run_worker
 
 log = logging.getLogger(__name__)
 
 
-def init_ray() -> None:
-    """Join the cluster ``ray job submit`` points at (RAY_ADDRESS), or start a local one on loopback."""
+def init_ray() -> str:
+    """Connect this driver to a Ray cluster, explicitly; returns the GCS address it joined (logged in one line).
+
+    In order: ``$RAY_ADDRESS`` (inside a Ray job: the job's own cluster; else the user's choice) → the cluster
+    ``lorafleet up`` recorded, when it runs → a private local instance on loopback, in a temp dir of its own
+    (``training.cluster_state.private_temp_dir``). Never Ray's implicit "most recently started cluster" of
+    ``/tmp/ray``: another ``ray start --head`` on the machine would capture this driver's work.
+    """
     if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()
+        return ray.get_runtime_context().gcs_address
+    if address := os.environ.get("RAY_ADDRESS"):
+        if urlparse(address if "://" in address else f"ray://{address}").hostname in ("127.0.0.1", "localhost"):
+            _loopback_only()  # a head on loopback (`lorafleet up`): this driver's node is 127.0.0.1 too
+        enable_token_auth()
+        ray.init(address=address)
+        where = "$RAY_ADDRESS"
+    elif (state := recorded_cluster()) is not None:
+        _loopback_only()
+        enable_token_auth()  # `ray start` turned token auth on; an explicit address does not send the token by itself
+        ray.init(address=state.address)
+        where = f"lorafleet's cluster (`lorafleet up`, state in {state.state_dir})"
     else:
-        # Without this a local Ray also listens on every interface. Ray reads the variable once, when it is
-        # imported (this module imports it), so the constant it was read into is set too.
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        if os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0":
-            ray_constants.ENABLE_RAY_CLUSTER = False
-        ray.init(_node_ip_address="127.0.0.1", dashboard_host="127.0.0.1")
+        _loopback_only()
+        temp_dir = private_temp_dir()
+        # Ray's own workers (Train's PlacementGroupCleaner, the state API) look their cluster up when told no
+        # address, which fails or finds another cluster when several run on the machine: the dashboard this
+        # instance gets is named in the environment its processes inherit
+        port = free_port()
+        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://{HOST}:{port}"
+        ray.init(address="local", _temp_dir=str(temp_dir), _node_ip_address=HOST, dashboard_host=HOST,
+                 dashboard_port=port)  # fmt: skip
+        where = f"a private local instance (temp dir {temp_dir}; no `lorafleet up` cluster is running)"
+    joined = ray.get_runtime_context().gcs_address
+    log.info("Ray: joined %s at %s", where, joined)
+    return joined
+
+
+def _loopback_only() -> None:
+    # Without this a local Ray also listens on every interface. Ray reads the variable once, when it is
+    # imported (this module imports it), so the constant it was read into is set too.
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    if os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0":
+        ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def _report(metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
@@ -47,6 +80,7 @@ def train_fn_per_worker(config: dict) -> list[dict[str, float]]:
 
     Returns this worker's per-epoch metrics since it (re)started; Ray hands rank 0's to ``Result.return_value``.
     """
+    quiet_libraries()  # this worker's process: no library noise in the job log
     spec = WorkerSpec.from_dict(config["spec"])
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()

@@ -23,10 +23,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from training.adapter import verify_adapter
+from training.buckets import resolve_bucket_step
 from training.config import PreflightError, TrainConfig
 from training.configuration import ConfigError, load_config
 from training.data import DatasetError, validate_dataset
 from training.heldout import select_heldout
+from training.quiet import quiet_libraries
 from training.tracking import MlflowTracker, flatten, git_commit, resolve_tracking_uri, start_run
 from training.worker import ADAPTER_DIR, STATE_NAME, WorkerSpec
 
@@ -202,7 +204,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", required=True, help="YAML file, e.g. configs/train.yaml")
     parser.add_argument("--resume", action="store_true", help="continue the run's latest checkpoint")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4 data.max_images=8")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)
 
 
 def run(cfg: TrainConfig, *, resume: bool = False, callbacks: list | None = None) -> TrainResult:
@@ -210,6 +212,7 @@ def run(cfg: TrainConfig, *, resume: bool = False, callbacks: list | None = None
 
     ``callbacks`` go to the trainer's ``RunConfig`` (a Tune trial passes ``TuneReportCallback``).
     """
+    cfg = resolve_bucket_step(cfg)  # data.bucket_step: the base model's granularity, read before validating
     report = validate_dataset(cfg.data)
     log.info("%s", report.summary())
     report.raise_if_errors()  # nothing has been written yet
@@ -251,6 +254,7 @@ def run(cfg: TrainConfig, *, resume: bool = False, callbacks: list | None = None
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_libraries()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     try:

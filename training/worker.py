@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from training.adapter import AdapterMeta, load_into_training, save_adapter
+from training.adapter import AdapterMeta, load_into_training, portable_model_name, save_adapter
 from training.config import TrainConfig
 from training.data import Example
-from training.dataset import batches_per_epoch, make_source, shard
+from training.dataset import make_source
 from training.heldout import HeldOut
 from training.loop import TrainState, make_state, train_loop
 from training.model import Parts, add_lora, enable_gradient_checkpointing, load_parts, resolve_precision
@@ -30,6 +30,13 @@ from training.tracking import NullTracker
 log = logging.getLogger(__name__)
 STATE_NAME = "trainer_state.pt"
 ADAPTER_DIR = "adapter"
+
+
+def sample_path(epoch: int) -> str:
+    """Where an epoch's sample grid goes in the MLflow run (next to ``checkpoints/epoch_NNNN/adapter``)."""
+    return f"samples/epoch_{epoch:04d}.png"
+
+
 # sink(metrics, checkpoint_dir or None): Ray's report, or a test's list.append; the dir is gone afterwards
 Sink = Callable[[dict[str, float], Path | None], None]
 
@@ -87,7 +94,7 @@ def _localize(path: str, driver_cwd: Path) -> str:
 def adapter_meta(spec: WorkerSpec, state: TrainState) -> AdapterMeta:
     cfg = spec.cfg
     return AdapterMeta(
-        base_model=cfg.base_model,
+        base_model=portable_model_name(cfg.base_model),
         rank=cfg.lora.rank,
         alpha=cfg.lora.alpha or cfg.lora.rank,
         target_modules=list(cfg.lora.target_modules),
@@ -118,7 +125,7 @@ def read_checkpoint(directory: Path, parts: Parts, state: TrainState) -> None:
 
 
 def validation_grid(parts: Parts, cfg: TrainConfig) -> Image.Image:
-    """One image per ``validation.prompts`` entry, fixed seeds, as a grid (≤ 6 per row)."""
+    """One image per ``validation.prompts`` entry, fixed seeds (the same every epoch), as a grid (≤ 6 per row)."""
     v = cfg.validation
     was_training = parts.raw_unet.training
     parts.raw_unet.eval()
@@ -150,8 +157,9 @@ def run_worker(
     """Train this worker's shard to the end; checkpoint every ``ray.checkpoint_every_n_epochs`` and at the end."""
     cfg, tracker = spec.cfg, tracker or NullTracker()
     parts = build_worker_parts(cfg, torch.device(device))
-    source = make_source(shard(spec.examples, rank, world_size), cfg.data, parts, cfg.use_cache)
-    state = make_state(cfg, parts, batches_per_epoch(len(source), cfg.train.batch_size), rank)
+    source = make_source(spec.examples, cfg.data, parts, cfg.use_cache, rank=rank, world_size=world_size)
+    log.info("rank %d: %d images in buckets %s", rank, len(source), source.histogram())
+    state = make_state(cfg, parts, source.batches_per_epoch(cfg.train.batch_size), rank)
     if resume_from is not None:
         read_checkpoint(Path(resume_from), parts, state)
     parts.unet = prepare(parts.unet)  # DDP after loading: the wrapper shares the same parameters
@@ -164,22 +172,27 @@ def run_worker(
         if held:
             tracker.log_metrics({"val_loss": held.loss(parts)}, step=0)
         if validate:
-            tracker.log_image(validation_grid(parts, cfg), "validation/epoch_000.png")
+            tracker.log_image(validation_grid(parts, cfg), sample_path(0))
 
     def on_epoch_end(metrics: dict[str, float], st: TrainState) -> None:
         last = st.done or st.epoch >= cfg.train.epochs
         if held:
             metrics["val_loss"] = held.loss(parts)  # every rank: a collective
         tracker.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=st.epoch)
-        if validate and (last or st.epoch % cfg.validation.every_n_epochs == 0):
-            tracker.log_image(validation_grid(parts, cfg), f"validation/epoch_{st.epoch:03d}.png")
-        if not (last or st.epoch % cfg.ray.checkpoint_every_n_epochs == 0):
+        sampled = validate and (last or st.epoch % cfg.validation.every_n_epochs == 0)
+        if sampled:
+            tracker.log_image(validation_grid(parts, cfg), sample_path(st.epoch))
+        checkpoint = last or st.epoch % cfg.ray.checkpoint_every_n_epochs == 0
+        if not (checkpoint or (sampled and cfg.validation.log_adapters)):
             sink(metrics, None)
             return
         # every rank reports (Ray's report is a barrier); only rank 0 writes the checkpoint
         with tempfile.TemporaryDirectory(prefix="lorafleet-ckpt-") as tmp:
             ckpt = write_checkpoint(Path(tmp), parts, st, adapter_meta(spec, st)) if rank == 0 else None
-            sink(metrics, ckpt)
+            if ckpt is not None and sampled and cfg.validation.log_adapters:
+                # the adapter under the grid, so the user can promote the epoch they liked (evaluation.promote)
+                tracker.log_artifacts(ckpt / ADAPTER_DIR, f"checkpoints/epoch_{st.epoch:04d}/{ADAPTER_DIR}")
+            sink(metrics, ckpt if checkpoint else None)
 
     train_loop(cfg, parts, source, state, report=on_epoch_end, rank=rank, world_size=world_size)
     return parts, state

@@ -11,7 +11,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from training.config import TrainConfig, _Section
-from training.configuration import key_problem
+from training.configuration import MERGE, key_problem
 
 # what a trial reports each epoch that can be optimised (issue 5's quality score joins here)
 METRICS = {"val_loss": "min", "loss": "min"}
@@ -84,12 +84,15 @@ class EvaluationHook(_Section):
     overrides: list[str] = Field(
         default_factory=list,
         description="dotted overrides for it; data paths default to the search's own (trial.data.path, "
-        "trial.validation.data_path), MLflow to the search's server, with the evaluation a child of the study",
+        "trial.validation.data_path), MLflow to the search's server, with the evaluation a child of the study; "
+        "on the command line a list is added to these, `[]` clears them",
+        json_schema_extra=MERGE,
     )
 
 
 class TuneConfig(_Section):
     name: str = Field("search", description="the search's name: its folder under output_dir and the MLflow run name")
+    label: str | None = Field(None, description="the study's MLflow run name when it differs from name")
     output_dir: str = Field("runs/tune", description="searches live in <output_dir>/<name>")
     trial: TrainConfig = Field(..., description="the base training config every trial starts from")
     space: dict[str, ParamSpec] = Field(default_factory=dict, description="searched dotted keys (optuna/random)")

@@ -29,17 +29,28 @@ def eval_config(cfg: TuneConfig, run_dir: Path, uri: str | None, parent: str | N
         ConfigError: every problem of the evaluation config (checked before the search starts).
     """
     from evaluation.config import EvalConfig
+    from evaluation.suite import default_model_name
 
     t = cfg.trial
     here = localize if fetch else str
     derived = [f"data.train_path={here(t.data.path)}", f"output_dir={run_dir / 'eval'}"]
     if t.validation.data_path:
         derived.append(f"data.heldout_path={here(t.validation.data_path)}")
+    if t.validation.holdout:
+        derived.append(f"data.holdout={t.validation.holdout}")  # the same images, held out the same way
+    if t.data.instance_prompt:
+        derived.append(f"data.instance_prompt={json.dumps(t.data.instance_prompt)}")
     if uri is None:
         derived += ["mlflow.enabled=false", "registry.enabled=false"]
     else:
         derived += [f"mlflow.tracking_uri={uri}"] + ([f"mlflow.parent_run_id={parent}"] if parent else [])
-    return load_config(EvalConfig, cfg.evaluation.config, derived + list(cfg.evaluation.overrides))
+    overrides = derived + list(cfg.evaluation.overrides)
+    ecfg = load_config(EvalConfig, cfg.evaluation.config, overrides)
+    if ecfg.registry.model_name is None:  # named after the dataset as given (a URI's mirror has a hashed name)
+        ecfg = load_config(
+            EvalConfig, cfg.evaluation.config, [*overrides, f"registry.model_name={default_model_name(t.data.path)}"]
+        )
+    return ecfg
 
 
 def ranked_candidates(cfg: TuneConfig, summary: dict[str, Any], run_dir: Path, n: int) -> list[tuple[str, str]]:

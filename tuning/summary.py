@@ -20,7 +20,11 @@ from tuning.space import trial_config
 
 def close_child_runs(records: list[TrialRecord], uri: str | None) -> None:
     """Say how each trial ended in its MLflow run: Tune kills a trial's process when ASHA stops it — also
-    at its last epoch, when that is a rung or max_t — so the trial cannot always close its run itself."""
+    at its last epoch, when that is a rung or max_t — so the trial cannot always close its run itself.
+
+    A trial the scheduler stopped early ran as planned (that is how ASHA spends its budget): its run is FINISHED
+    with ``lorafleet.trial_status=stopped`` and ``lorafleet.stopped_early`` saying at which epoch, never FAILED or
+    KILLED (which the MLflow UI shows as errors)."""
     if uri is None:
         return
     from mlflow import MlflowClient
@@ -34,7 +38,9 @@ def close_child_runs(records: list[TrialRecord], uri: str | None) -> None:
             client.set_tag(r.run_id, "lorafleet.error", r.error or "")
             client.set_terminated(r.run_id, "FAILED")
         else:
-            client.set_terminated(r.run_id, "KILLED" if r.status == "stopped" else "FINISHED")
+            if r.status == "stopped":
+                client.set_tag(r.run_id, "lorafleet.stopped_early", f"by the scheduler after epoch {r.epochs}")
+            client.set_terminated(r.run_id, "FINISHED")
 
 
 def finish(

@@ -28,12 +28,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ray.tune import Callback
+
+from evaluation.promote import EVAL_CONFIG
 from evaluation.registry import RegistryError
 from training.adapter import AdapterError
+from training.buckets import resolve_bucket_step
+from training.cluster_state import up_mlflow
 from training.config import PreflightError
 from training.configuration import ConfigError, load_config
 from training.data import DatasetError, validate_dataset
 from training.heldout import select_heldout
+from training.quiet import quiet_libraries
 from training.tracking import MlflowTracker, flatten, git_commit, start_run
 from tuning.config import TuneConfig
 from tuning.handoff import eval_config, evaluate_best
@@ -112,6 +118,7 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
 
     from training.train import run as train_run
 
+    quiet_libraries()  # this trial's process: no library noise in the job log
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = TuneConfig.model_validate(setup.cfg)
     overrides = with_rules(suggestion(config, setup.points), cfg)
@@ -141,7 +148,7 @@ def trial_dirname(trial: Any) -> str:
 def preflight(cfg: TuneConfig, run_dir: Path, resume: bool) -> list[str]:
     """Every problem found before Ray starts: data, held-out set, trial configs, the run folder."""
     problems = []
-    report = validate_dataset(cfg.trial.data)
+    report = validate_dataset(resolve_bucket_step(cfg.trial).data)  # buckets of the base model's granularity
     log.info("%s", report.summary())
     report.raise_if_errors()
     select_heldout(cfg.trial, report.examples)  # raises with the fix
@@ -194,12 +201,20 @@ def open_parent(cfg: TuneConfig, run_dir: Path, uri: str | None, notes: list[str
     if commit := git_commit():
         tags["mlflow.source.git.commit"] = commit
     # trial.mlflow.parent_run_id (e.g. the pipeline's run) makes the study a child run; trials get the study
-    run_id = start_run(uri, cfg.trial.mlflow.experiment, cfg.name, tags, cfg.trial.mlflow.parent_run_id)
+    run_id = start_run(uri, cfg.trial.mlflow.experiment, cfg.label or cfg.name, tags, cfg.trial.mlflow.parent_run_id)
     tracker = MlflowTracker(uri, run_id)
     params = flatten(cfg.search.model_dump(mode="json"), "search.") | flatten(
         cfg.trial.model_dump(mode="json"), "trial."
     )
     tracker.log_params(params)
+    try:
+        # how this search's adapters are evaluated: `lorafleet promote --trial … --epoch …` evaluates a picked
+        # checkpoint the same way (evaluation.promote)
+        ecfg = eval_config(cfg, run_dir, uri, run_id, fetch=False)
+        (run_dir / EVAL_CONFIG).write_text(json.dumps(ecfg.model_dump(mode="json"), indent=2) + "\n")
+        tracker.log_artifact(run_dir / EVAL_CONFIG)
+    except ConfigError as exc:  # checked in the preflight when the search evaluates; here only a convenience
+        log.warning("evaluation config not logged (promote will need --config): %s", exc)
     space = {"space": cfg.model_dump(mode="json")["space"], "grid": cfg.grid, "dropped_on_this_hardware": notes}
     (run_dir / "search_space.json").write_text(json.dumps(space, indent=2) + "\n")
     tracker.log_artifact(run_dir / "search_space.json")
@@ -307,8 +322,48 @@ def build_tuner(cfg: TuneConfig, setup: TrialSetup, run_dir: Path, concurrency: 
             name=TUNE_DIR,
             storage_path=str(run_dir),
             failure_config=ray.tune.FailureConfig(max_failures=0, fail_fast=False),  # a failed trial stays failed
+            verbose=0,  # Tune's 9-line status table every 30 s made most of a job's log: one line per event instead
+            callbacks=[TrialProgress(cfg, setup.points, len(setup.points) or num_samples)],
         ),
     )
+
+
+class TrialProgress(Callback):
+    """The search's progress as one log line per trial event: started (its values), ended (completed or stopped
+    early by the scheduler, with the metric), failed (the error's last line)."""
+
+    def __init__(self, cfg: TuneConfig, points: list[dict[str, Any]], total: int):
+        self.cfg, self.points, self.total = cfg, points, total
+        self.started = 0
+        self.last: dict[str, dict[str, Any]] = {}
+        self.best: float | None = None
+
+    def _params(self, trial) -> dict[str, Any]:
+        return with_rules(suggestion(trial.config or {}, self.points), self.cfg)
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        self.started += 1
+        log.info("trial %s started (%d of %d): %s", trial.trial_id, self.started, self.total,
+                 trial_name("", self._params(trial)).strip())  # fmt: skip
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        self.last[trial.trial_id] = result
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        result = self.last.get(trial.trial_id, {})
+        metric, mode = self.cfg.search.metric, self.cfg.search.mode
+        value = result.get(metric)
+        planned = int(self._params(trial).get("train.epochs", self.cfg.trial.train.epochs))
+        epochs = int(result.get("epoch", 0))
+        how = "completed" if epochs >= planned else "stopped early by the scheduler"
+        if value is not None and (self.best is None or (value < self.best if mode == "min" else value > self.best)):
+            self.best = value
+        shown = "-" if value is None else f"{value:.4g}"
+        log.info("trial %s %s after %d/%d epochs: %s %s (best so far %s)", trial.trial_id, how, epochs, planned,
+                 metric, shown, "-" if self.best is None else f"{self.best:.4g}")  # fmt: skip
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        log.warning("trial %s failed; its error is in %s", trial.trial_id, trial.local_path or "the trial folder")
 
 
 def records_of(results, cfg: TuneConfig, run_dir: Path, points: list[dict[str, Any]]) -> list[TrialRecord]:
@@ -361,13 +416,13 @@ def run(cfg: TuneConfig, *, resume: bool = False) -> SearchResult:
     if not resume:
         (run_dir / CONFIG_NAME).write_text(json.dumps(cfg.model_dump(mode="json"), indent=2) + "\n")
 
-    from cluster.mlflow_server import start_mlflow_server
+    from training.mlflow_server import start_mlflow_server
     from training.ray_train import check_resources, init_ray
 
     server = None
     uri = None
     if cfg.trial.mlflow.enabled:
-        uri = cfg.trial.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+        uri = cfg.trial.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or up_mlflow()
         if not uri or uri.startswith("sqlite:"):
             # concurrent trials must not share one SQLite file: serve it (loopback) for the search's duration
             server = start_mlflow_server(Path(cfg.output_dir).expanduser() / "mlflow")
@@ -408,10 +463,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", required=True, help="YAML file, e.g. configs/tune.yaml")
     parser.add_argument("--resume", action="store_true", help="restore an interrupted search (Tuner.restore)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. search.num_samples=4 trial.train.lr=1e-4")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_libraries()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     try:

@@ -1,11 +1,13 @@
 """End to end on a real local cluster: `up` → the pipeline through `ray job submit` → a served champion → SDK
 images → the dashboard's REST API lists the job and the Serve application → stop/--resume → `down` leaves
-nothing behind. Slow (about 5 min on 2 cores) and run in CI."""
+nothing behind. A decoy Ray head (plain `ray start --head`, Ray's default temp dir) starts right after `up` and
+runs throughout: none of lorafleet's work may land on it. Slow (about 5 min on 2 cores) and run in CI."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -16,7 +18,8 @@ import httpx
 import pytest
 
 from cluster.jobs import EXCLUDES, Jobs
-from cluster.local import Ports, _group_alive, down, port_free, status, up
+from cluster.local import Ports, down, group_alive, port_free, status, up
+from tests.cluster.decoy import Decoy, decoy_head, short_tmpdir
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
@@ -28,7 +31,16 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def ray_tmpdir():
+    """TMPDIR for this module (and every process it starts): Ray's default temp dir, shared by lorafleet's head and
+    the decoy exactly like /tmp/ray, without capturing other people's `ray.init()` on this machine."""
+    with short_tmpdir() as tmpdir, pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TMPDIR", str(tmpdir))
+        yield tmpdir
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, ray_tmpdir):
     state_dir = tmp_path_factory.mktemp("cluster")
     ports = Ports(*(free_port() for _ in range(6)))
     state = up(state_dir, ports, num_cpus=4)  # 4 logical CPUs: the Serve replica and two trials fit at once
@@ -38,11 +50,28 @@ def cluster(tmp_path_factory):
     assert info["up"] and info["components"]["ray"]["dashboard"] == state.dashboard_url
     yield state
     down(state_dir)
+    if not state.temp_dir.startswith(str(state_dir)):  # the short /tmp/lorafleet-ray-<hash> (a long tmp path)
+        shutil.rmtree(state.temp_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
-def jobs(cluster) -> Jobs:
+def decoy(cluster, ray_tmpdir):
+    """Started after `up`: Ray's "most recently started cluster" on this machine (its dashboard for the state API)."""
+    with decoy_head(ray_tmpdir, dashboard=True) as head:
+        yield head
+
+
+@pytest.fixture(scope="module")
+def jobs(cluster, decoy) -> Jobs:
     return Jobs(cluster.dashboard_url, cluster.mlflow_uri)
+
+
+def assert_nothing_ran_on(decoy: Decoy) -> None:
+    from ray.util.state import list_actors, list_jobs, list_tasks
+
+    where = {"address": decoy.dashboard_url, "raise_on_missing_output": False}
+    found = {"jobs": list_jobs(**where), "actors": list_actors(**where), "tasks": list_tasks(**where)}
+    assert not any(found.values()), {k: [str(x)[:300] for x in v] for k, v in found.items() if v}
 
 
 def token_headers() -> dict[str, str]:
@@ -57,7 +86,7 @@ def wait_for(jobs: Jobs, job_id: str, timeout_s: float) -> str:
     return status
 
 
-def test_pipeline_through_ray_job_submit_serves_the_champion(cluster, jobs, repo, toy_world_data, tmp_path):
+def test_pipeline_through_ray_job_submit_serves_the_champion(cluster, decoy, jobs, repo, toy_world_data, tmp_path):
     data = toy_world_data["dotted"]
     serve_port = cluster.ports.serve
     env = {"MLFLOW_TRACKING_URI": cluster.mlflow_uri, "HF_HUB_OFFLINE": "1", "LORAFLEET_SUBMISSION_ID": "e2e-pipeline"}
@@ -128,7 +157,78 @@ def test_pipeline_through_ray_job_submit_serves_the_champion(cluster, jobs, repo
     assert main(argv) == 0
     models = httpx.get(f"http://127.0.0.1:{serve_port}/second/v1/models", timeout=30).json()["data"]
     assert {m["id"] for m in models} >= {"base", "champion"}
-    assert ml.get_model_version_by_alias("toy-sks-lora", "champion").version == version
+    assert ml.get_model_version_by_alias(stages["register"]["model"], "champion").version == version
+
+    # every job, trial and replica ran on lorafleet's cluster; the decoy started after `up` got nothing
+    from ray.util.state import list_actors
+
+    ours = {
+        a.class_name for a in list_actors(address=cluster.dashboard_url, limit=10000, raise_on_missing_output=False)
+    }
+    assert {"RayTrainWorker", "ServeReplica:lorafleet:Generator"} <= ours, ours
+    assert_nothing_ran_on(decoy)
+
+
+def test_a_second_dataset_configures_itself_and_is_served_next_to_the_first(cluster, decoy, jobs, tmp_path):
+    """A user's own concept — here one the toy CLIP has no word for (`framed`), behind their own trigger — through
+    one command with nothing but the dataset: the trigger is detected, the suite built from its captions, the gate
+    judges it against the base model, and `qpv-lora` is registered and served beside the first model. Then a
+    checkpoint picked from the trial's sample grids is promoted by hand."""
+    from mlflow import MlflowClient
+
+    from cluster.cli import main
+    from serving.client import Client
+    from training.toy_world.dataset import write_finetune_dataset
+
+    data = write_finetune_dataset(tmp_path / "qpv", trigger="qpv", concept="framed")
+    plumbing = [
+        f"output_dir={tmp_path / 'runs'}",
+        f"serve.port={cluster.ports.serve}",  # this test's ports/folders
+        'tune.overrides=["search.num_samples=1"]',
+        "evaluation.candidates=1",
+    ]  # and a 1-trial budget
+    argv = [
+        "submit",
+        "pipeline",
+        "--address",
+        cluster.dashboard_url,
+        "--tracking-uri",
+        cluster.mlflow_uri,
+        f"dataset={data}",
+        "--follow",
+        *plumbing,
+    ]  # flags among the overrides, as the README writes them
+    assert main(argv) == 0
+    job = max((j for j in jobs.list() if j.metadata.get("lorafleet.kind") == "pipeline"), key=lambda j: j.start_time)
+    stages = jobs.result(job.submission_id)["stages"]
+    assert stages["validate"]["trigger"] == "qpv"  # detected from the captions, not the toy default `sks`
+    assert stages["evaluate"]["passed"], stages["evaluate"]["gate"]
+    assert stages["register"]["model"] == "qpv-lora" and stages["smoke"]["model"] == "champion"
+    ml = MlflowClient(cluster.mlflow_uri)
+    assert ml.get_experiment_by_name("lorafleet-qpv") is not None
+    first = ml.get_registered_model("e2e-lora")  # the first test's model keeps its own champion
+    assert "champion" in first.aliases
+
+    with Client(f"http://127.0.0.1:{cluster.ports.serve}", timeout=120) as client:
+        ids = {m["id"] for m in client.models()}
+        assert {"qpv-lora", "e2e-lora", "champion", "base"} <= ids, ids
+        assert not any(i.startswith("qpv-lora/") and i != f"qpv-lora/{stages['register']['version']}" for i in ids)
+        drawn = client.generate("a red circle on a qpv background", adapter="qpv-lora", seed=1)
+    assert drawn[0].info["version"] == stages["register"]["version"]
+
+    # the trial logged a sample grid and its adapter every 4 epochs; promote the epoch-4 one by eye
+    trial = ml.search_runs(
+        [ml.get_experiment_by_name("lorafleet-qpv").experiment_id], "tags.`lorafleet.kind` = 'trial'"
+    )
+    assert len(trial) == 1
+    logged = {a.path for a in ml.list_artifacts(trial[0].info.run_id, "samples")}
+    assert {"samples/epoch_0000.png", "samples/epoch_0004.png"} <= logged
+    trial_id = trial[0].info.run_name.split()[0]
+    argv = ["promote", "qpv-lora", "--trial", trial_id, "--epoch", "4", "--force", "--tracking-uri", cluster.mlflow_uri]
+    assert main(argv) == 0
+    champion = ml.get_model_version_by_alias("qpv-lora", "champion")
+    assert int(champion.version) == int(stages["register"]["version"]) + 1
+    assert champion.tags["eval.comparable_key"] and champion.source.endswith("/adapter")
 
 
 def test_stop_saves_the_trials_and_resume_finishes_them(cluster, jobs, toy_world_data, tmp_path):
@@ -162,11 +262,13 @@ def test_stop_saves_the_trials_and_resume_finishes_them(cluster, jobs, toy_world
     assert list(stages) == ["validate", "tune"] and stages["tune"]["resumed"] is True
 
 
-def test_down_leaves_no_process_behind(cluster):
+def test_down_leaves_no_process_behind(cluster, decoy):
+    assert_nothing_ran_on(decoy)  # the stopped and resumed search too
     down(cluster.state_dir)
-    assert not _group_alive(cluster.ray_pid) and not _group_alive(cluster.mlflow_pid)
+    assert not group_alive(cluster.ray_pid) and not group_alive(cluster.mlflow_pid)
     assert all(port_free(p) for p in (cluster.ports.ray, cluster.ports.dashboard, cluster.ports.mlflow))
     assert all(port_free(p) for p in (cluster.ports.serve, cluster.ports.client))
     from ray._private.utils import read_ray_address
 
-    assert read_ray_address() != cluster.address  # a later ray.init() starts its own instance
+    assert read_ray_address(cluster.temp_dir) is None  # the head's own "latest cluster" file is gone
+    assert read_ray_address(str(decoy.temp_dir)) == decoy.gcs_address  # another cluster's file is not touched

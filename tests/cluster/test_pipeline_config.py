@@ -37,9 +37,28 @@ def test_the_tune_stage_gets_the_pipelines_data_output_and_evaluation(pipeline_c
     tcfg = Pipeline(cfg).tune_config()
     assert tcfg.name == "search" and tcfg.output_dir == str(tmp_path / "runs" / "pipeline" / "p1")
     assert tcfg.trial.data.path == "gs://bucket/toy"
-    assert tcfg.trial.validation.data_path == str(tmp_path / "data" / "toy-sks" / "heldout")
+    # no held-out folder known before the dataset is read: images are held out of it
+    assert tcfg.trial.validation.data_path is None and tcfg.trial.validation.holdout == cfg.holdout
     assert tcfg.search.num_samples == 3 and not tcfg.evaluation.enabled  # the pipeline runs it as its own stage
-    assert tcfg.evaluation.candidates == 3 and tcfg.evaluation.overrides == ["generation.steps=5"]
+    assert tcfg.evaluation.candidates == 3
+    assert tcfg.evaluation.overrides == ["registry.model_name=p1-lora", "generation.steps=5"]  # the user's come last
+    assert tcfg.trial.mlflow.experiment == "lorafleet-p1" and tcfg.label == "p1 search"
+
+
+def test_names_come_from_the_dataset_never_from_the_toy_default(pipeline_cfg, tmp_path, monkeypatch):
+    """Changing only dataset= used to train, score and register under toy-sks's names."""
+    monkeypatch.setenv("LORAFLEET_WORKDIR", str(tmp_path))
+    (tmp_path / "data" / "ohwx" / "heldout").mkdir(parents=True)
+    pipeline = Pipeline(pipeline_cfg("dataset=data/ohwx"))
+    assert (pipeline.name, pipeline.model_name, pipeline.experiment) == ("ohwx", "ohwx-lora", "lorafleet-ohwx")
+    assert pipeline.run_dir == tmp_path / "runs" / "pipeline" / "ohwx"
+    tcfg = pipeline.tune_config()
+    assert tcfg.trial.validation.data_path == str(tmp_path / "data" / "ohwx" / "heldout")  # <dataset>/heldout
+    assert "registry.model_name=ohwx-lora" in tcfg.evaluation.overrides
+    assert "sks" not in json.dumps(tcfg.evaluation.overrides)
+    named = Pipeline(pipeline_cfg("dataset=s3://bucket/sets/My Cats", "mlflow.experiment=mine"))
+    assert (named.name, named.model_name, named.experiment) == ("My-Cats", "My-Cats-lora", "mine")
+    assert Pipeline(pipeline_cfg("dataset=data/ohwx", "name=try2")).model_name == "try2-lora"
 
 
 def test_every_stage_config_problem_is_reported_before_anything_runs(pipeline_cfg, toy_dataset, tmp_path):
@@ -126,3 +145,69 @@ def test_checking_a_config_never_downloads_its_dataset(repo, monkeypatch):
     cfg = validate_config("pipeline", str(repo / "configs" / "pipeline.yaml"),
                           ["dataset=s3://bucket/toy-sks", "heldout=s3://bucket/toy-sks/heldout"])  # fmt: skip
     assert cfg.dataset == "s3://bucket/toy-sks"
+
+
+def test_a_failed_search_is_run_again_never_skipped(pipeline_cfg, tmp_path, monkeypatch):
+    """A rerun used to mark a failed tune stage 'skipped' and then crash with KeyError: 'evaluation'."""
+    import tuning.tune
+    from cluster.pipeline import StageFailed
+
+    pipeline = Pipeline(pipeline_cfg(f"output_dir={tmp_path}", "name=p"))
+    search = pipeline.search_dir
+    search.mkdir(parents=True)
+    (search / "best.json").write_text(json.dumps({"best": None, "trials": {"failed": 2}}))  # no usable trial
+    (search / "results.csv").write_text("trial_id,status\n")
+    (pipeline.run_dir / "pipeline.json").write_text(json.dumps({"stages": {"tune": {"status": "failed"}}}))
+    calls = []
+
+    def fake_run(tcfg, resume=False):
+        calls.append(resume)
+        search.mkdir(parents=True, exist_ok=True)
+        best = {"best": {"trial_id": "t1", "adapter": "x"}, "trials": {"completed": 1}}
+        (search / "best.json").write_text(json.dumps(best))
+        return tuning.tune.SearchResult(str(search), best, [], None, None)
+
+    monkeypatch.setattr(tuning.tune, "run", fake_run)
+    rerun = Pipeline(pipeline_cfg(f"output_dir={tmp_path}", "name=p"))
+    out = rerun.tune(rerun.tune_config())
+    assert calls == [False] and out["best"]["trial_id"] == "t1" and "skipped" not in out  # it ran, from scratch
+    assert json.loads((tmp_path / "p" / "search.failed-1" / "best.json").read_text())["best"] is None  # kept aside
+    # the finished search is skipped the next time
+    assert Pipeline(pipeline_cfg(f"output_dir={tmp_path}", "name=p")).tune(rerun.tune_config())["skipped"]
+
+    # a search that produced no adapter stops the evaluate stage with a message, not a KeyError
+    (search / "best.json").write_text(json.dumps({"best": None}))
+    empty = Pipeline(pipeline_cfg(f"output_dir={tmp_path}", "name=p"))
+    with pytest.raises(StageFailed, match="no adapter to evaluate"):
+        empty.evaluate(empty.tune_config())
+
+
+def test_the_validate_stage_reads_trigger_heldout_and_prompts_from_the_dataset(pipeline_cfg, tmp_path):
+    """A new user's own concept (`--trigger ohwx --concept striped`) with no hand-written config: the trigger is
+    detected from the captions (evidence logged), the held-out folder found, the prompts taken from its captions."""
+    from training.toy_world.dataset import write_finetune_dataset
+
+    data = write_finetune_dataset(tmp_path / "data" / "ohwx", trigger="ohwx", concept="striped", num_images=8)
+    pipeline = Pipeline(pipeline_cfg(f"dataset={data}", f"output_dir={tmp_path / 'runs'}"))
+    pipeline.run_dir.mkdir(parents=True)
+    out = pipeline.validate(pipeline.tune_config())
+    assert out["trigger"] == "ohwx" and "not a word of the tokenizer" in out["trigger_evidence"]
+    assert out["images"] == 8 and out["heldout"] == 12  # <dataset>/heldout: 6 held-out prompts x 2 images
+    facts = json.loads((pipeline.run_dir / "dataset.json").read_text())
+    assert facts["registered_model"] == "ohwx-lora" and facts["trigger_source"] == "captions"
+    assert facts["trigger_evidence"]["candidates"][0]["word"] == "ohwx"
+    held = {json.loads(line)["text"] for line in (data / "heldout" / "metadata.jsonl").read_text().splitlines()}
+    assert pipeline.derived["smoke_prompt"] in held  # a held-out caption: the concept on unseen content
+    assert set(pipeline.derived["sample_prompts"]) <= set(facts["suite_prompts"])
+    tcfg = pipeline.tune_config()  # what the trials and the evaluation now get
+    assert tcfg.trial.data.trigger == "ohwx" and tcfg.trial.validation.data_path == str(data / "heldout")
+    assert tcfg.trial.validation.prompts == pipeline.derived["sample_prompts"]
+    assert tcfg.trial.validation.every_n_epochs == 4 and tcfg.trial.validation.log_adapters
+    assert tcfg.evaluation.overrides[:2] == ["registry.model_name=ohwx-lora", "trigger=ohwx"]
+
+    # a trigger given by hand wins, and one that no caption contains is refused with the fix
+    from training.captions import TriggerError
+
+    again = Pipeline(pipeline_cfg(f"dataset={data}", f"output_dir={tmp_path / 'runs'}", "trigger=zzq"))
+    with pytest.raises(TriggerError, match="trigger"):
+        again.validate(again.tune_config())

@@ -1,7 +1,9 @@
-"""The default gate on real toy adapters: the trained one passes, broken ones fail with their reasons."""
+"""Evaluations of real toy adapters: the hand-written toy suite's gate (configs/eval-toy-sks.yaml) passes the trained
+adapter and fails broken ones with their reasons; the generic config builds its suite from the dataset."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -11,6 +13,7 @@ from PIL import Image
 from evaluation.evaluate import CANDIDATE, Evaluator, main, run
 from evaluation.gate import run_gate
 from evaluation.registry import fetch_adapter
+from evaluation.suite import materialise
 from tests.evaluation.conftest import SMALL_SUITE
 from training.adapter import AdapterError
 from training.toy_world.adapters import randomize_adapter
@@ -20,8 +23,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def default_config(repo, toy_world_data, tmp_path_factory):
-    """configs/eval.yaml as shipped (full suite, default gate), on the session's toy data; only the latency
-    bound is loosened: tests check behaviour, and a loaded CI machine is slower than the bound assumes."""
+    """configs/eval-toy-sks.yaml as shipped (full hand-written suite, its gate), on the session's toy data; only the
+    latency bound is loosened: tests check behaviour, and a loaded CI machine is slower than the bound assumes."""
     from evaluation.config import EvalConfig
     from training.configuration import load_config
 
@@ -35,7 +38,7 @@ def default_config(repo, toy_world_data, tmp_path_factory):
         "registry.enabled=false",
         "gate.checks.latency_p95_s={max: 600}",
     ]
-    return load_config(EvalConfig, repo / "configs" / "eval.yaml", overrides)
+    return load_config(EvalConfig, repo / "configs" / "eval-toy-sks.yaml", overrides)
 
 
 @pytest.fixture(scope="module")
@@ -106,11 +109,40 @@ def test_run_writes_the_report_without_mlflow(eval_config, toy_adapters):
         assert grid.size == (4 * 64, 2 * 64)  # 4 prompts: base row above, adapter row below
 
 
-def test_bad_input_is_a_clear_error_with_exit_code_2(repo, toy_adapters, tmp_path, capsys):
+def test_bad_input_is_a_clear_error_with_exit_code_2(repo, toy_adapters, toy_world_data, tmp_path, capsys):
     cfg = str(repo / "configs" / "eval.yaml")
     assert main(["--adapter", str(tmp_path / "missing"), "--config", cfg, "registry.enabled=false"]) == 2
     assert "is not a folder, runs:/… or models:/… reference" in capsys.readouterr().err
-    assert main(["--adapter", str(toy_adapters["good"]), "--config", cfg, "suite.trigger=ohwx"]) == 2
-    assert "suite.prompts must contain the trigger 'ohwx'" in capsys.readouterr().err
+    data = [f"data.train_path={toy_world_data['dotted']}", f"output_dir={tmp_path}", "registry.enabled=false"]
+    assert main(["--adapter", str(toy_adapters["good"]), "--config", cfg, *data, "trigger=ohwx"]) == 2
+    assert "trigger='ohwx' but the adapter was trained with 'sks'" in capsys.readouterr().err
     with pytest.raises(AdapterError, match="trained on base model 'toy-sd', not 'other/model'"):
         fetch_adapter(str(toy_adapters["good"]), tmp_path, expected_base="other/model")
+
+
+def test_the_generic_config_builds_its_suite_from_the_dataset_and_reports_relative_metrics(
+    repo, toy_world_data, toy_adapters, tmp_path
+):
+    from evaluation.config import EvalConfig
+    from training.configuration import load_config
+
+    data = toy_world_data["dotted"]
+    overrides = [f"clip_model={repo / 'models' / 'toy-clip'}", f"output_dir={tmp_path}", f"data.train_path={data}",
+                 f"data.heldout_path={data / 'heldout'}", "mlflow.enabled=false", "registry.enabled=false",
+                 "auto_suite.images_per_prompt=1", "auto_suite.max_prompts=4", "generation.steps=10",
+                 "gate.checks.latency_p95_s={max: 600}"]  # fmt: skip
+    cfg = load_config(EvalConfig, repo / "configs" / "eval.yaml", overrides)
+    result = run(cfg, str(toy_adapters["good"]))
+    out = Path(result.out_dir)
+    suite = json.loads((out / "suite.json").read_text())
+    assert suite["trigger"] == "sks" and suite["concept"] is None and len(suite["prompts"]) == 4
+    assert all(p["prompt"].endswith("sks background") for p in suite["prompts"])
+    assert {"concept_gain", "concept_win_rate", "heldout_loss_ratio", "flexibility_delta"} <= set(result.metrics)
+    assert "clip_t" not in result.metrics and "clip_t" not in result.base_metrics  # no concept word
+    assert result.metrics["heldout_loss_ratio"] == pytest.approx(
+        result.metrics["heldout_loss"] / result.base_metrics["heldout_loss"]
+    )
+    summary = json.loads((out / "metrics.json").read_text())
+    assert summary["comparable_key"] == materialise(cfg, "sks").comparable_key()  # the built suite's key
+    md = (out / "report.md").read_text()
+    assert "built from the dataset's captions" in md and "| concept_gain |" in md and "vs base" in md

@@ -10,7 +10,18 @@ import torch
 from PIL import Image
 
 from evaluation.config import SuiteArgs
-from evaluation.metrics import ClipScorer, clip_i, clip_t, finite_image, hit_rate, paired_similarity, percentile
+from evaluation.metrics import (
+    ClipScorer,
+    clip_i,
+    clip_t,
+    concept_gain,
+    finite_image,
+    hit_rate,
+    paired_similarity,
+    percentile,
+    relative_metrics,
+    win_rate,
+)
 from evaluation.qa import Rendered, SuiteImages, score
 from training.toy_world import world
 
@@ -143,3 +154,47 @@ def test_suite_validation_names_the_problem():
     with pytest.raises(ValueError, match="prior_prompts must not contain the trigger"):
         _suite(prior_prompts=["a red circle on a sks background"])
     assert _suite().spelled_out("a red circle on a sks background") == "a red circle on a dotted background"
+
+
+def _unit(*rows: list[float]) -> torch.Tensor:
+    t = torch.tensor(rows, dtype=torch.float32)
+    return t / t.norm(dim=-1, keepdim=True)
+
+
+def test_concept_gain_and_win_rate_compare_adapter_and_base_against_the_references():
+    refs = _unit([1, 0, 0], [1, 0.2, 0])
+    base = _unit([0, 1, 0], [0, 0, 1], [1, 0, 0])
+    adapter = _unit([1, 0.1, 0], [0, 0, -1], [1, 0, 0])  # nearer, as near (a tie), the same image
+    assert concept_gain(adapter, base, refs) == pytest.approx(clip_i(adapter, refs) - clip_i(base, refs))
+    assert concept_gain(adapter, base, refs) > 0.25 and concept_gain(base, adapter, refs) < -0.25
+    assert win_rate(adapter, base, refs) == pytest.approx(1 / 3)  # a tie and an equal image are not wins
+    assert win_rate(base, adapter, refs) == 0.0
+    assert concept_gain(base, base, refs) == 0.0 and win_rate(base, base, refs) == 0.0
+    with pytest.raises(ValueError, match="paired"):
+        win_rate(adapter[:2], base, refs)
+
+
+def test_relative_metrics_divide_the_loss_and_subtract_the_hit_rate():
+    adapter = {"heldout_loss": 0.04, "flexibility_hit_rate": 0.75}
+    rel = relative_metrics(adapter, {"heldout_loss": 0.2, "flexibility_hit_rate": 0.9})
+    assert rel == {"heldout_loss_ratio": pytest.approx(0.2), "flexibility_delta": pytest.approx(-0.15)}
+    assert math.isnan(relative_metrics(adapter, {"heldout_loss": 0.0})["heldout_loss_ratio"])
+    assert math.isnan(relative_metrics(adapter, {})["flexibility_delta"])
+    assert relative_metrics({"success_rate": 1.0}, {"heldout_loss": 0.2}) == {}  # nothing measured, nothing derived
+
+
+def test_a_suite_without_a_concept_word_is_judged_against_the_training_images(scorer):
+    suite = _suite(concept=None, alternatives=[])
+    base = SuiteImages(_rendered(suite, "white"), _rendered(suite, "", prior=True))
+    learned = SuiteImages(_rendered(suite, "dotted"), _rendered(suite, "", prior=True))
+    refs = scorer.images([_render(c, s, "dotted", seed=10 + i) for i, (c, s) in enumerate(COMBOS)])
+    m = score(scorer, suite, learned, base, refs)
+    assert not {"clip_t", "concept_learned", "concept_hit_rate"} & set(m)  # no word to spell the trigger out with
+    assert m["concept_gain"] > 0.1 and m["concept_win_rate"] == 1.0  # dotted images are nearer dotted references
+    back = score(scorer, suite, base, learned, refs)
+    assert back["concept_gain"] == pytest.approx(-m["concept_gain"]) and back["concept_win_rate"] == 0.0
+    assert m["flexibility_hit_rate"] >= 0.8 and m["prior_similarity"] == pytest.approx(1.0, abs=1e-5)
+    one = _suite(concept=None, alternatives=[], prompts=[{"prompt": "a sks circle", "content": "a circle"}] * 5)
+    assert math.isnan(score(scorer, one, learned)["flexibility_hit_rate"])  # one content: nothing to choose
+    with pytest.raises(ValueError, match="no concept word"):
+        suite.spelled_out("a red circle on a sks background")

@@ -167,3 +167,53 @@ def test_promote_and_rollback_on_a_sqlite_registry(tmp_path):
     assert [r["aliases"] for r in describe(client, "m")] == [["champion"], [], []]
     with pytest.raises(RegistryError, match="no earlier champion"):
         rollback(client, "m")
+
+
+def test_lorafleets_models_are_tagged_and_a_missing_name_is_told_from_a_registry_that_is_down(tmp_path, monkeypatch):
+    """register() tags the model (also one created before the tag); resolve_version raises NotInRegistry for a
+    name the registry does not hold and a plain RegistryError when the registry cannot be reached."""
+    from evaluation.registry import (
+        MODEL_TAG,
+        NotInRegistry,
+        adapter_models,
+        client_for,
+        register,
+        resolve_version,
+        rollback,
+        unservable,
+    )
+
+    client = client_for(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_id = client.create_run(client.create_experiment("e", artifact_location=tmp_path.as_uri())).info.run_id
+    client.create_registered_model("old-lora")  # registered by an earlier lorafleet, untagged
+    client.create_registered_model("not-ours")
+    for name in ("new-lora", "old-lora", "new-lora"):
+        register(client, name, f"runs:/{run_id}/adapter", run_id, {TAG_STATUS: "passed"})
+    assert [m.name for m in adapter_models(client)] == ["new-lora", "old-lora"]
+    assert client.get_registered_model("old-lora").tags[MODEL_TAG] == "true"
+
+    assert str(resolve_version(client, "models:/new-lora/2").version) == "2"
+    for ref in ("models:/nope@champion", "models:/new-lora@previous", "models:/new-lora/7", "models:/nope/1"):
+        with pytest.raises(NotInRegistry):
+            resolve_version(client, ref)
+
+    # gated versions: a rejected or rolled-back one is refused by number while no alias holds it
+    register(client, "new-lora", f"runs:/{run_id}/adapter", run_id, {TAG_STATUS: "rejected"})
+    assert "rejected by the evaluation gate" in unservable(client.get_model_version("new-lora", "3"))
+    assert unservable(client.get_model_version("new-lora", "2")) is None
+    from evaluation.registry import promote
+
+    promote(client, "new-lora", "1")
+    promote(client, "new-lora", "2")
+    rollback(client, "new-lora")
+    assert "rolled back" in unservable(client.get_model_version("new-lora", "2"))
+    promote(client, "new-lora", "3")  # on purpose (--force): the alias serves it
+    assert unservable(client.get_model_version("new-lora", "3")) is None
+
+    from training.mlflow_server import free_port
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    down = client_for(f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(RegistryError, match="the registry did not answer") as err:
+        resolve_version(down, "models:/new-lora@champion")
+    assert not isinstance(err.value, NotInRegistry)

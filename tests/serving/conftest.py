@@ -51,20 +51,29 @@ def engine(serve_args):
     return Engine.from_args(serve_args())
 
 
-def register_adapter(uri: str, name: str, adapter_dir: Path, alias: str | None = "champion") -> str:
+def register_adapter(
+    uri: str, name: str, adapter_dir: Path, alias: str | None = "champion", status: str | None = None
+) -> str:
     """Log ``adapter_dir`` as a run's artifacts, register it as a new version of ``name`` (with the sha256 and
-    base-model tags the evaluation writes) and point ``alias`` at it; returns the version."""
-    from evaluation.registry import TAG_BASE, TAG_SHA, client_for, promote, register
+    base-model tags the evaluation writes, and ``validation_status`` when given) and point ``alias`` at it;
+    returns the version. On a ``sqlite:///…/x.db`` registry the artifacts go next to the database file."""
+    from evaluation.registry import TAG_BASE, TAG_SHA, TAG_STATUS, client_for, promote, register
     from training.adapter import base_model_id, verify_adapter
 
     client = client_for(uri)
     exp = client.get_experiment_by_name("serving-tests")
-    exp_id = exp.experiment_id if exp else client.create_experiment("serving-tests")
+    if exp:
+        exp_id = exp.experiment_id
+    elif uri.startswith("sqlite:///"):
+        art = Path(uri.removeprefix("sqlite:///")).parent / "artifacts"
+        exp_id = client.create_experiment("serving-tests", artifact_location=art.as_uri())
+    else:
+        exp_id = client.create_experiment("serving-tests")
     run = client.create_run(exp_id)
     client.log_artifacts(run.info.run_id, str(adapter_dir), "adapter")
     client.set_terminated(run.info.run_id)
     meta = verify_adapter(adapter_dir)
-    tags = {TAG_SHA: meta.sha256, TAG_BASE: base_model_id(meta.base_model)}
+    tags = {TAG_SHA: meta.sha256, TAG_BASE: base_model_id(meta.base_model)} | ({TAG_STATUS: status} if status else {})
     version = str(register(client, name, f"runs:/{run.info.run_id}/adapter", run.info.run_id, tags).version)
     if alias:
         promote(client, name, version, alias)

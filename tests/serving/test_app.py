@@ -303,7 +303,51 @@ def test_replicas_follow_the_champion_without_dropping_requests(
         assert reload["models"] == {"champion": v1}
         assert client.generate(PROMPT, seed=1)[0].info["version"] == v1
         ids = [m["id"] for m in client.models()]
-        assert "champion" in ids and f"srv-champ/{v1}" in ids and f"srv-champ/{v2}" in ids
+        assert {"champion", "srv-champ", f"srv-champ/{v1}"} <= set(ids) and f"srv-champ/{v2}" not in ids  # rolled back
+
+
+def test_every_datasets_model_is_listed_and_a_missing_name_is_a_404_at_once(
+    serve_instance, module_args, tiny_adapters, mlflow_server
+):
+    from ray import serve
+
+    from evaluation.registry import client_for, rollback
+    from serving.client import Client, NotFound
+    from tests.serving.conftest import register_adapter
+    from training.mlflow_server import free_port as closed_port
+
+    sks, ohwx = "app-sks-lora", "app-ohwx-lora"  # two datasets' models: champions, an alias, gated versions
+    for adapter in ("ad0", "ad1"):
+        register_adapter(mlflow_server, sks, tiny_adapters[adapter], status="passed")
+    register_adapter(mlflow_server, sks, tiny_adapters["ad2"], alias=None, status="rejected")
+    for adapter in ("ad3", "ad0"):
+        register_adapter(mlflow_server, ohwx, tiny_adapters[adapter], status="passed")
+    rollback(client_for(mlflow_server), ohwx)
+    args = module_args(**{"champion.model": sks, "default_model": "champion", "tracking_uri": mlflow_server})
+    url = deploy(serve_instance, args, "fleet")
+    with Client(url) as client:
+        ids = [m["id"] for m in client.models()]
+        assert ids[:6] == ["base", "ad0", "ad1", "ad2", "ad3", "champion"]
+        assert [i for i in ids if i.startswith(("app-sks-", "app-ohwx-"))] == [
+            ohwx, f"{ohwx}/1", sks, f"{sks}@previous", f"{sks}/1", f"{sks}/2",
+        ]  # fmt: skip
+        assert client.generate(PROMPT, adapter=ohwx, seed=1)[0].info["version"] == "1"
+        for name, words in ((f"{sks}@challenger", "no alias 'challenger'"), (f"{sks}/3", "rejected by the evaluation"),
+                            (f"{ohwx}/2", "rolled back"), ("no-such-lora", "not served here")):  # fmt: skip
+            start = time.perf_counter()
+            with pytest.raises(NotFound, match=words):
+                client.generate(PROMPT, adapter=name)
+            assert time.perf_counter() - start < 2, name  # no retries: 404 is final
+    serve.delete("fleet")
+
+    # the registry down: 503 + Retry-After within seconds (registry_retries), the listing keeps the configured names
+    down = deploy(serve_instance, module_args(tracking_uri=f"http://127.0.0.1:{closed_port()}"), "down")
+    start = time.perf_counter()
+    r = httpx.post(f"{down}/v1/images/generations", json={"prompt": PROMPT, "model": f"{sks}@champion"}, timeout=90)
+    assert r.status_code == 503 and r.headers["retry-after"] == "1", r.text
+    assert time.perf_counter() - start < 15 and "registry did not answer" in r.json()["error"]["message"]
+    assert [m["id"] for m in httpx.get(f"{down}/v1/models", timeout=60).json()["data"]] == ["base", *tiny_adapters]
+    serve.delete("down")
 
 
 def test_a_client_that_goes_away_stops_its_generation(serve_instance, module_args):

@@ -46,7 +46,7 @@ def test_plain_diffusers_load_reproduces_the_trained_unet(trained):
 def test_metadata_names_the_adapter(trained):
     cfg, _, adapter = trained
     meta = verify_adapter(adapter)
-    assert (meta.rank, meta.alpha, meta.trigger, meta.base_model) == (4, 8, "sks", cfg.base_model)
+    assert (meta.rank, meta.alpha, meta.trigger, meta.base_model) == (4, 8, "sks", "models/toy-sd")  # portable
     assert meta.target_modules == ["to_q", "to_k", "to_v", "to_out.0"]
     assert len(meta.dataset_hash) == 64 and meta.training["step"] == 6
     keys = load_file(str(adapter / WEIGHTS_NAME)).keys()
@@ -89,3 +89,26 @@ def test_text_encoder_lora_round_trip(train_config, tmp_path):
     pipe = load_pipeline(cfg.base_model, device="cpu")
     load_adapter(pipe, tmp_path / "ckpt" / ADAPTER_DIR)
     assert np.abs(_images(pipe) - _images(parts.pipe)).max() <= 1.0
+
+
+def test_an_adapter_names_its_base_model_portably(repo, tmp_path, monkeypatch):
+    """The JSON's base_model pointed into the job's temporary /tmp/ray/session_… upload: it names the model as the
+    project does (hub id, or the project-relative folder)."""
+    import training.adapter as worker
+
+    assert worker.portable_model_name(str(repo / "models" / "toy-sd")) == "models/toy-sd"
+    assert worker.portable_model_name("models/toy-sd") == "models/toy-sd"
+    assert worker.portable_model_name("stable-diffusion-v1-5/stable-diffusion-v1-5") == (
+        "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    )
+    elsewhere = tmp_path / "my-model"
+    elsewhere.mkdir()
+    assert worker.portable_model_name(str(elsewhere)) == str(elsewhere)
+    # inside a job, the code runs from the uploaded copy of the project: its models are named relative to it
+    upload = tmp_path / "ray" / "session_1" / "runtime_resources" / "working_dir_files" / "_ray_pkg_1"
+    (upload / "models" / "toy-sd").mkdir(parents=True)
+    monkeypatch.setattr(worker, "PROJECT_ROOT", upload)
+    assert worker.portable_model_name(str(upload / "models" / "toy-sd")) == "models/toy-sd"
+    # and a project-relative name compares as the same base model from any working directory
+    monkeypatch.chdir(tmp_path)
+    assert worker.base_model_id("models/toy-sd") == worker.base_model_id(str(upload / "models" / "toy-sd"))

@@ -53,6 +53,7 @@ def test_every_shipped_config_validates_and_names_its_command(repo: Path):
         "train.yaml": TrainConfig,
         "tune.yaml": TuneConfig,
         "eval.yaml": EvalConfig,
+        "eval-toy-sks.yaml": EvalConfig,  # the toy world's hand-written (stricter) suite
         "serve.yaml": load_serve_args,  # a Ray Serve config file: its application's args are ServeArgs
         "pipeline.yaml": PipelineConfig,
     }
@@ -98,3 +99,31 @@ def test_every_class_of_bad_serving_value_is_listed_in_one_error(repo: Path):
     for needle in ("num_gpus 0.3 does not divide one GPU", "limits.max_n", "batching.max_batch_size",
                    "'replicas' is not a key of deployment", "device"):  # fmt: skip
         assert needle in text, needle
+
+
+def test_a_stages_overrides_on_the_command_line_add_to_the_configs(repo, caplog):
+    """`tune.overrides=[…]` used to replace the pipeline's own list (its 8-trial budget became 16 silently)."""
+    from cluster.config import PipelineConfig
+
+    yaml_file = repo / "configs" / "pipeline.yaml"
+    base = load_config(PipelineConfig, yaml_file).tune.overrides
+    assert base == ["search.num_samples=8"]
+    with caplog.at_level("INFO", logger="training.configuration"):
+        cfg = load_config(PipelineConfig, yaml_file, ['tune.overrides=["search.max_epochs=2"]'])
+    assert cfg.tune.overrides == ["search.num_samples=8", "search.max_epochs=2"]  # both apply; the later wins a tie
+    assert "added to the config's ['search.num_samples=8']" in caplog.text  # and the merge is stated
+    assert load_config(PipelineConfig, yaml_file, ["tune.overrides=[]"]).tune.overrides == []  # `[]` clears
+    # other lists are still replaced
+    assert load_config(ToyWorldConfig, None, ["vae.block_out_channels=[8]"]).vae.block_out_channels == [8]
+
+
+def test_dotted_overrides_reach_into_an_optional_section(repo):
+    """`suite.images_per_prompt=1` on a config whose suite is optional (null = built from the dataset)."""
+    from evaluation.config import EvalConfig
+
+    strict = load_config(EvalConfig, repo / "configs" / "eval-toy-sks.yaml", ["suite.images_per_prompt=1"])
+    assert strict.suite.images_per_prompt == 1 and len(strict.suite.prompts) == 18
+    generic = load_config(EvalConfig, repo / "configs" / "eval.yaml")
+    assert generic.suite is None  # built from the dataset when evaluating
+    with pytest.raises(ConfigError, match="suite"):  # a null section filled in part is validated as a whole
+        load_config(EvalConfig, repo / "configs" / "eval.yaml", ["suite.images_per_prompt=1"])

@@ -63,7 +63,7 @@ def test_every_bad_file_is_reported_by_name(tmp_path):
         "truncated.png": "truncated",
         "empty.png": "not an image",
         "text.jpg": "not an image",
-        "small.png": "smaller than data.resolution",
+        "small.png": "short side 32 px is below 64 px, the short side of its bucket 64x64",
         "huge.png": "decompression bomb",
         "nocaption.png": "no row in metadata.jsonl",
         "blank.png": "empty caption",

@@ -7,7 +7,7 @@ import torch
 from peft.tuners.lora import LoraLayer
 
 from training.data import validate_dataset
-from training.dataset import batches_per_epoch, make_source
+from training.dataset import make_source
 from training.loop import denoising_loss, make_state, train_loop
 from training.model import PrecisionError, add_lora, load_parts, resolve_precision
 from training.worker import WorkerSpec, build_worker_parts, run_worker
@@ -141,7 +141,7 @@ def test_text_encoder_lora_trains_through_uncached_embeddings(train_config):
     trainable_ids = {id(p) for p in parts.trainable}
     assert te_lora and all(id(p) in trainable_ids for p in te_lora)
     before = [p.detach().clone() for p in te_lora]
-    state = make_state(cfg, parts, batches_per_epoch(len(source), cfg.train.batch_size))
+    state = make_state(cfg, parts, source.batches_per_epoch(cfg.train.batch_size))
     train_loop(cfg, parts, source, state, report=lambda m, s: None)
     assert any(not torch.equal(a, b) for a, b in zip(before, te_lora))
 

@@ -37,7 +37,9 @@ def _history(client: MlflowClient, run_id: str, key: str) -> list[int]:
     return sorted(m.step for m in client.get_metric_history(run_id, key))
 
 
-def test_two_workers_train_log_and_write_a_loadable_adapter(local_ray, train_config, toy_dataset, mlflow_server):
+def test_two_workers_train_log_and_write_a_loadable_adapter(
+    local_ray, train_config, toy_dataset, mlflow_server, tmp_path
+):
     cfg = train_config(
         **{
             "ray.num_workers": 2,
@@ -63,6 +65,7 @@ def test_two_workers_train_log_and_write_a_loadable_adapter(local_ray, train_con
     meta = load_adapter(pipe, result.adapter_dir)
     tuned = np.asarray(generate(pipe, ["a red circle on a sks background"], steps=6)[0], dtype=float)
     assert meta.trigger == "sks" and np.abs(tuned - base).mean() > 0.5
+    assert meta.base_model == "models/toy-sd"  # portable: the project-relative folder, not this machine's path
 
     client = MlflowClient(mlflow_server)
     mlrun = client.get_run(result.run_id)
@@ -77,8 +80,13 @@ def test_two_workers_train_log_and_write_a_loadable_adapter(local_ray, train_con
     assert mlrun.data.tags["adapter_sha256"] == meta.sha256
     artifacts = {a.path for a in client.list_artifacts(result.run_id, "adapter")}
     assert artifacts == {"adapter/pytorch_lora_weights.safetensors", "adapter/lorafleet_adapter.json"}
-    grids = {a.path for a in client.list_artifacts(result.run_id, "validation")}
-    assert grids == {f"validation/epoch_{e:03d}.png" for e in (0, 2, 4)}
+    grids = {a.path for a in client.list_artifacts(result.run_id, "samples")}
+    assert grids == {f"samples/epoch_{e:04d}.png" for e in (0, 2, 4)}
+    # each grid's adapter is logged beside it, so a checkpoint picked by eye can be promoted
+    picked = {a.path for a in client.list_artifacts(result.run_id, "checkpoints")}
+    assert picked == {f"checkpoints/epoch_{e:04d}" for e in (2, 4)}
+    logged = client.download_artifacts(result.run_id, "checkpoints/epoch_0002/adapter", str(tmp_path / "picked"))
+    assert verify_adapter(logged).training["epoch"] == 2
 
 
 def _train_workers() -> list[psutil.Process]:
@@ -209,7 +217,7 @@ def test_an_unwritable_storage_path_is_refused_before_ray_starts(train_config, s
 def test_training_goes_on_while_mlflow_is_down_and_the_run_is_complete_afterwards(
     local_ray, train_config, tmp_path, caplog
 ):
-    from cluster.mlflow_server import start_mlflow_server
+    from training.mlflow_server import start_mlflow_server
 
     state = tmp_path / "mlflow-state"
     server = start_mlflow_server(state)
@@ -258,7 +266,8 @@ def test_training_goes_on_while_mlflow_is_down_and_the_run_is_complete_afterward
         assert sorted(m.step for m in client.get_metric_history(result.run_id, "loss")) == list(range(1, epochs + 1))
         assert "adapter_sha256" in run_info.data.tags
         gap = run_info.data.tags.get("lorafleet.mlflow_gap", "")  # images are not kept: the run says which
-        assert all(name.startswith("validation/epoch_") for name in gap.removeprefix("not logged: ").split(", ") if gap)
+        missing = gap.removeprefix("not logged: ").split(", ") if gap else []
+        assert all(name.startswith(("samples/epoch_", "checkpoints/epoch_")) for name in missing), gap
         print(f"MLflow down {outage:.1f} s over epochs {start + 1}..{start + 4}; every epoch's loss in the run; {gap}")
     finally:
         server.stop()

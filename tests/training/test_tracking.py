@@ -7,7 +7,7 @@ import time
 from mlflow import MlflowClient
 from PIL import Image
 
-from cluster.mlflow_server import start_mlflow_server
+from training.mlflow_server import start_mlflow_server
 from training.tracking import MlflowTracker, start_run
 
 

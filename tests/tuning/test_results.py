@@ -71,3 +71,27 @@ def test_plots_are_drawn_from_any_algorithms_trials(tune_config, tmp_path):
     grid, _ = for_hardware(tune_config("search.algorithm=grid"))
     gstudy = study_of(records[:4], grid)
     assert set(gstudy.trials[0].params) == {"lora.rank", "train.lr", "train.optimizer", "train.epochs"}
+
+
+def test_trials_the_scheduler_stopped_are_finished_runs_not_failures(tmp_path):
+    """ASHA-stopped trials showed as red failures in the MLflow UI; they ran as planned and say so."""
+    from mlflow import MlflowClient
+
+    from training.tracking import start_run
+    from tuning.summary import close_child_runs
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    ids = {s: start_run(uri, "e", s, {"lorafleet.kind": "trial"}) for s in ("completed", "stopped", "failed")}
+    records = [record(s, None if s == "failed" else 0.1, status=s) for s in ids]
+    for r in records:
+        r.run_id = ids[r.status]
+        r.error = "boom" if r.status == "failed" else None
+    close_child_runs(records, uri)
+    client = MlflowClient(uri)
+    runs = {s: client.get_run(i) for s, i in ids.items()}
+    assert {s: r.info.status for s, r in runs.items()} == {
+        "completed": "FINISHED", "stopped": "FINISHED", "failed": "FAILED",
+    }  # fmt: skip
+    assert runs["stopped"].data.tags["lorafleet.stopped_early"] == "by the scheduler after epoch 2"
+    assert runs["stopped"].data.tags["lorafleet.trial_status"] == "stopped"
+    assert "lorafleet.stopped_early" not in runs["completed"].data.tags

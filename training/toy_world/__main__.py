@@ -25,13 +25,18 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     b = sub.add_parser("build", help="train models/toy-clip and models/toy-sd from scratch")
+    p.set_defaults(build_parser=b)  # main re-parses build's arguments with options among the overrides
     b.add_argument("--config", default="configs/toy_world.yaml", help="YAML with ToyWorldConfig values")
     b.add_argument("overrides", nargs="*", help="dotted overrides, e.g. unet.steps=100")
 
     d = sub.add_parser("dataset", help="write a fine-tuning dataset (images + metadata.jsonl)")
     d.add_argument("out_dir", help="new or empty folder to write into")
     d.add_argument("--trigger", default="sks", help="rare word that will stand for the concept")
-    d.add_argument("--concept", default="dotted", help="background pattern to teach: striped, dotted, checkered")
+    d.add_argument(
+        "--concept",
+        default="dotted",
+        help="background to teach: striped, dotted, checkered, or framed (a style the toy CLIP scorer has no word for)",
+    )
     d.add_argument("--num-images", type=int, default=20)
     d.add_argument("--num-validation", type=int, default=6, help="held-out validation prompts")
     d.add_argument("--seed", type=int, default=0)
@@ -50,7 +55,16 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    from training.quiet import quiet_libraries
+
+    quiet_libraries()
+    parser = _parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "build":  # `build a=1 --config x b=2`: options among the dotted overrides
+        args = args.build_parser.parse_intermixed_args(argv[argv.index("build") + 1 :], namespace=args)
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "build":
         try:
             cfg = load_config(ToyWorldConfig, args.config, args.overrides)

@@ -41,10 +41,9 @@ def write_finetune_dataset(
     """
     out = Path(out_dir)
     problems = []
-    if concept not in world.PATTERNS:
-        problems.append(
-            f"concept {concept!r} is not a pattern of the toy world; use one of {', '.join(world.PATTERNS)}"
-        )
+    concepts = world.PATTERNS + world.HIDDEN_PATTERNS
+    if concept not in concepts:
+        problems.append(f"concept {concept!r} is not a pattern of the toy world; use one of {', '.join(concepts)}")
     if not _TRIGGER_RE.match(trigger):
         problems.append(f"trigger {trigger!r} must be one lower-case word of 2-16 letters/digits, e.g. 'sks'")
     elif trigger in {w for c in world.base_captions() for w in c.split()} | set(world.BACKGROUNDS):

@@ -32,6 +32,9 @@ SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 PLAIN_BACKGROUNDS: dict[str, tuple[int, int, int]] = {"white": (245, 245, 245), "black": (18, 18, 18)}
 PATTERNS: tuple[str, ...] = ("striped", "dotted", "checkered")
 BACKGROUNDS: tuple[str, ...] = (*PLAIN_BACKGROUNDS, *PATTERNS)
+# Patterns outside even the scorer's world: the toy CLIP was never shown them nor their names, so a fine-tune
+# that teaches one can only be judged by image-image similarity (a style the scorer has no word for).
+HIDDEN_PATTERNS: tuple[str, ...] = ("framed",)
 
 _PATTERN_LIGHT = (240, 240, 240)
 _PATTERN_DARK = (120, 120, 120)
@@ -96,8 +99,8 @@ def sample_scene(
 def _background(name: str, side: int) -> Image.Image:
     if name in PLAIN_BACKGROUNDS:
         return Image.new("RGB", (side, side), PLAIN_BACKGROUNDS[name])
-    if name not in PATTERNS:
-        raise ValueError(f"unknown background {name!r}; choose one of {', '.join(BACKGROUNDS)}")
+    if name not in PATTERNS + HIDDEN_PATTERNS:
+        raise ValueError(f"unknown background {name!r}; choose one of {', '.join(BACKGROUNDS + HIDDEN_PATTERNS)}")
     img = Image.new("RGB", (side, side), _PATTERN_LIGHT)
     draw = ImageDraw.Draw(img)
     cell = 8 * _SUPERSAMPLE  # patterns align with the 8x8-pixel cells a VAE latent covers
@@ -110,6 +113,9 @@ def _background(name: str, side: int) -> Image.Image:
             elif name == "dotted":
                 r = cell // 4
                 c = cell // 2
+                draw.ellipse([x + c - r, y + c - r, x + c + r, y + c + r], fill=_PATTERN_DARK)
+            elif name == "framed" and not (2 * cell <= x < side - 2 * cell and 2 * cell <= y < side - 2 * cell):
+                r, c = cell // 4, cell // 2  # dotted cells along a 16-pixel frame around a plain centre
                 draw.ellipse([x + c - r, y + c - r, x + c + r, y + c + r], fill=_PATTERN_DARK)
     return img
 

@@ -1,0 +1,168 @@
+"""Which registry names a Serve app lists: every lorafleet registered model's champion, its other aliases and its
+gated versions, read from MLflow at most once per ``champion.poll_s`` seconds (and at once on ``POST /admin/reload``).
+
+    catalog = RegistryCatalog(args)     # reads nothing until asked
+    catalog.entries()                   # [Entry(id="toy-ohwx-lora", model="toy-ohwx-lora", version="2", ...), ...]
+    model_cards(resolver, loaded_keys)  # the cards of GET /v1/models
+
+For each registered model tagged ``lorafleet.adapter_model=true`` (``evaluation.registry.register`` tags it), plus
+the configured champion's model and the models configured ``models:/`` references name:
+
+| id | when |
+| --- | --- |
+| ``<model>`` | it has a ``champion.alias`` alias (the bare name means that alias) |
+| ``<model>@<alias>`` | every other alias (previous, challenger, ...) |
+| ``<model>/<version>`` | the version passed the gate (``validation_status=passed``) or holds an alias |
+
+Rejected and rolled-back versions that hold no alias are never listed (and asking for one by number is a 404,
+``evaluation.registry.unservable``); versions without a status tag are served when asked for but not listed.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, replace
+
+from serving.config import BASE, MODEL_NAME, ServeArgs
+
+log = logging.getLogger(__name__)
+RETRY_FAILED_S = 5.0  # with poll_s = 0 (reload only), a listing that failed is tried again after this long
+
+
+@dataclass(frozen=True)
+class Entry:
+    id: str  # the name a client sends
+    ref: str  # the models:/ reference it stands for
+    model: str  # registered model
+    version: str
+    aliases: tuple[str, ...]  # every alias the version holds
+    status: str | None  # validation_status tag: passed | rejected | rolled_back; None when untagged
+    sha256: str | None  # adapter_sha256 tag: the key of the adapter once loaded
+
+    def card(self) -> dict:
+        return {"registered_model": self.model, "version": self.version, "aliases": list(self.aliases),
+                "status": self.status}  # fmt: skip
+
+
+class RegistryCatalog:
+    """A cached listing of the registry; thread-safe, one read at a time (callers meanwhile wait for it)."""
+
+    def __init__(self, args: ServeArgs):
+        self.uri = args.resolved_tracking_uri()
+        self.enabled = bool(self.uri and args.allow_registry_refs)
+        self.alias = args.champion.alias
+        self.ttl_s = args.champion.poll_s
+        refs = [r for r in args.adapters.values() if r.startswith("models:/")]
+        self.always = sorted({*([args.champion.model] if args.champion.model else []), *(_model_of(r) for r in refs)})
+        self.taken = {BASE, *args.adapters, *([args.champion.name] if args.champion.model else [])}
+        self.error: str | None = None  # why the last read failed (the listing before it is kept)
+        self._entries: list[Entry] = []
+        self._refs: dict[str, Entry] = {}  # models:/m@alias and models:/m/version -> what it points at
+        self._expires = float("-inf")
+        self._lock = threading.Lock()
+
+    def entries(self, force: bool = False) -> list[Entry]:
+        """The listed ids, read again when older than ``champion.poll_s`` s (0: only when ``force``)."""
+        self._read(force)
+        return self._entries
+
+    def describe(self, ref: str) -> Entry | None:
+        """What a ``models:/`` reference pointed at when the registry was last read (aliases and unlisted versions
+        included), or None."""
+        self._read(False)
+        return self._refs.get(ref)
+
+    def _read(self, force: bool) -> None:
+        if not self.enabled:
+            return
+        with self._lock:
+            now = time.monotonic()
+            if not force and now < self._expires:
+                return
+            try:
+                self._entries, self._refs = self._listing()
+                self.error = None
+                self._expires = now + self.ttl_s if self.ttl_s > 0 else float("inf")
+            except Exception as exc:  # noqa: BLE001 - the registry is away: keep the last listing, retry later
+                self.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+                log.warning("registry listing failed, keeping the last one: %s", self.error)
+                self._expires = now + (self.ttl_s or RETRY_FAILED_S)
+
+    def _listing(self) -> tuple[list[Entry], dict[str, Entry]]:
+        from mlflow.exceptions import MlflowException
+
+        from evaluation.registry import MISSING_CODES, adapter_models, client_for
+
+        client = client_for(self.uri)
+        models = {m.name: m for m in adapter_models(client)}
+        for name in self.always:  # configured models, tagged or not (registered before the tag existed)
+            if name not in models:
+                try:
+                    models[name] = client.get_registered_model(name)
+                except MlflowException as exc:
+                    if exc.error_code not in MISSING_CODES:
+                        raise
+        entries: list[Entry] = []
+        refs: dict[str, Entry] = {}
+        for name in sorted(models):
+            if MODEL_NAME.match(name) and "@" not in name and "/" not in name:  # a name a client can send
+                listed, described = self._model(client, models[name])
+                entries += listed
+                refs.update(described)
+        return entries, refs
+
+    def _model(self, client, model) -> tuple[list[Entry], dict[str, Entry]]:
+        """One registered model's listed entries and every reference to it."""
+        from evaluation.registry import TAG_SHA, TAG_STATUS
+
+        name = model.name
+        versions = {str(v.version): v for v in client.search_model_versions(f"name='{name}'")}
+        held: dict[str, list[str]] = {}  # version -> its aliases (search results carry none)
+        for alias, number in (model.aliases or {}).items():
+            held.setdefault(str(number), []).append(alias)
+
+        def entry(ident: str, ref: str, number: str) -> Entry:
+            v = versions[number]
+            tags = v.tags or {}
+            return Entry(ident, ref, name, number, tuple(sorted(held.get(number, []))), tags.get(TAG_STATUS),
+                         tags.get(TAG_SHA))  # fmt: skip
+
+        listed, refs = [], {}
+        for alias, number in sorted((model.aliases or {}).items(), key=lambda a: (a[0] != self.alias, a[0])):
+            if str(number) not in versions:
+                continue
+            refs[f"models:/{name}@{alias}"] = e = entry(f"{name}@{alias}", f"models:/{name}@{alias}", str(number))
+            if alias == self.alias and name not in self.taken:
+                listed.append(replace(e, id=name))  # the bare name means this alias
+            elif MODEL_NAME.match(e.id):
+                listed.append(e)
+        for number in sorted(versions, key=int):
+            refs[f"models:/{name}/{number}"] = e = entry(f"{name}/{number}", f"models:/{name}/{number}", number)
+            if e.status == "passed" or e.aliases:
+                listed.append(e)
+        return listed, refs
+
+
+def _model_of(ref: str) -> str:
+    body = ref.removeprefix("models:/")
+    return body.rsplit("@", 1)[0] if "@" in body else body.rsplit("/", 1)[0]
+
+
+def model_cards(resolver, loaded: set[str]) -> list[dict]:
+    """The ``GET /v1/models`` cards: ``base``, the configured names (the champion among them), then the registry's
+    entries. ``resolver`` is the engine's ``AdapterResolver``; ``loaded`` the keys (sha256) of loaded adapters."""
+    known = resolver.known()
+    cards = [{"id": BASE, "kind": "base", "ref": resolver.args.base_model, "loaded": True}]
+    for name, ref in resolver.configured().items():
+        r = known.get(name)
+        card = {"id": name, "kind": "adapter", "ref": ref, "version": r.version if r else None}
+        e = resolver.catalog.describe(ref) if ref.startswith("models:/") else None
+        if e is not None and (r is None or r.version == e.version):  # what it serves, as the registry describes it
+            card |= e.card()
+        card["loaded"] = bool(r and r.key in loaded) or bool(e and e.sha256 in loaded)
+        cards.append(card)
+    for e in resolver.catalog.entries():
+        cards.append({"id": e.id, "kind": "registry", "ref": e.ref, **e.card(), "loaded": e.sha256 in loaded})
+    return cards

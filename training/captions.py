@@ -1,0 +1,241 @@
+"""The trigger word, read from a dataset's captions: the word in every caption that the base model does not know.
+
+A LoRA's trigger is a word the base model has no meaning for (``sks``, ``ohwx``, ``zyx42``), put in every
+caption so the new concept attaches to it. Two signals from the base model's own tokenizer say how unknown
+a word is, with no word list of our own beyond English function words:
+
+- split: a word that the tokenizer cuts into several sub-word pieces is not in its vocabulary (the toy
+  tokenizer splits ``sks`` into ``s k s``; it keeps ``background`` whole) — the more pieces per letter, the
+  more unknown;
+- rarity: CLIP's BPE vocabulary lists merges in the order they were learned, most frequent first, so a
+  single-token word's id says how rare it is (in SD's CLIP, ``sks</w>`` is id 48136 of 49408, while
+  ``a``, ``photo``, ``of``, ``dog`` sit below 2000). Words in the most frequent quarter are common words,
+  never triggers.
+
+    choice = choose_trigger(captions, load_tokenizer("models/toy-sd"))
+    choice.describe()   # "trigger 'sks' (in 20/20 captions; 3 sub-word tokens, not a word of the tokenizer) — ..."
+    choice.evidence     # JSON-able: every candidate, its share, tokens, rank, and why the winner won
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+log = logging.getLogger(__name__)
+FIX = "set trigger=<word> (pipeline) or data.trigger=<word> (training)"
+# a known word whose id lies in the most frequent quarter of the merges is a common word, not a trigger
+COMMON_BELOW = 0.25
+# two candidates of the same kind (both split, or both whole) closer than this in score are ambiguous
+MARGIN = 0.25
+_WORD = re.compile(r"[^\W_]+")  # letters and digits: punctuation and underscores end a word
+# English function words (articles, pronouns, prepositions, conjunctions, auxiliaries): a closed class, so a
+# list; the toy tokenizer splits 'of' and 'the' into pieces, yet they are never triggers
+_FUNCTION_WORDS = """a an the this that these those some any each every no of in on at to from by with without for
+into onto over under above below behind near next beside between among through across against along around about
+and or but nor so yet as than then if while when where which who whom whose what how why
+is are was were be been being am has have had do does did will would can could should may might must
+it its he she they them their his her him we us our you your me my mine one ones there here
+up down out off very too also just not only all both more most other such own same"""
+FUNCTION_WORDS = frozenset(_FUNCTION_WORDS.split())
+
+
+class TriggerError(ValueError):
+    """No trigger could be chosen; the message names the evidence and the fix (``FIX``)."""
+
+    def __init__(self, message: str, evidence: dict[str, Any]):
+        self.evidence = evidence
+        super().__init__(f"{message}; {FIX}")
+
+
+@dataclass(frozen=True)
+class TriggerChoice:
+    trigger: str
+    source: str  # "config" | "instance_prompt" | "captions"
+    evidence: dict[str, Any]  # JSON-able: captions counted, ranked candidates, why this one won
+
+    def describe(self) -> str:
+        """One line for a log or a report, with the runner-up when detection chose."""
+        ev = self.evidence
+        if self.source == "config":
+            line = f"trigger {self.trigger!r} (set by config; in {ev['found_in']}/{ev['captions']} captions)"
+            detected = ev.get("detected")
+            if detected == self.trigger.lower():
+                return f"{line} — detection agrees"
+            return f"{line} — detection would pick {detected!r}" if detected else f"{line} — detection found none"
+        ranked = ev["candidates"]
+        best = ranked[0]
+        where = f"from instance_prompt {ev['instance_prompt']!r}; " if self.source == "instance_prompt" else ""
+        line = f"trigger {self.trigger!r} ({where}in {best['captions']}/{ev['captions']} captions; {_kind(best)})"
+        if len(ranked) < 2:
+            return f"{line} — no other candidate"
+        nxt = ranked[1]
+        return f"{line} — next: {nxt['word']!r} ({nxt['captions']}/{ev['captions']}, {_kind(nxt, short=True)})"
+
+
+def _kind(c: dict[str, Any], short: bool = False) -> str:
+    if not c["known"]:
+        return f"{len(c['tokens'])} sub-word tokens" + ("" if short else ", not a word of the tokenizer")
+    if c["common"]:
+        return "a known word"
+    return f"a rare known word (token id {c['token_ids'][0]})"
+
+
+def load_tokenizer(base_model: str) -> Any:
+    """The base model's first tokenizer (subfolder ``tokenizer``) from a diffusers folder or a hub id
+    (with ``HF_HUB_OFFLINE=1``: the HF cache). Reads no weights.
+
+    Raises:
+        OSError: it cannot be loaded; the message names base_model and the fix.
+    """
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(base_model, subfolder="tokenizer")
+    except (OSError, ValueError) as exc:
+        raise OSError(
+            f"cannot load the tokenizer of base_model {base_model!r} (subfolder 'tokenizer'): {exc}. Point "
+            f"base_model at a diffusers folder or a hub id in the HF cache, or {FIX} to skip detection"
+        ) from exc
+
+
+def caption_words(caption: str) -> list[str]:
+    """Lower-cased words with punctuation stripped, digits kept: ``'Ohwx, zyx42!'`` -> ``['ohwx', 'zyx42']``."""
+    return _WORD.findall(caption.lower())
+
+
+class _Vocab:
+    """Where a tokenizer's merge-learned tokens start and how many there are (CLIP: bytes first, then merges)."""
+
+    def __init__(self, tokenizer: Any):
+        vocab = tokenizer.get_vocab()
+        specials = set(tokenizer.all_special_tokens)
+        self.size = len(vocab)
+        self.base = sum(1 for t in vocab if t not in specials and len(t.removesuffix("</w>")) == 1)
+        self.merges = max(self.size - self.base - len(specials & vocab.keys()), 1)
+
+    def rarity(self, token_id: int) -> float:
+        """0 for the most frequent merge (and single characters), 1 for the last one learned."""
+        return min(max((token_id - self.base) / max(self.merges - 1, 1), 0.0), 1.0)
+
+
+def _profile(word: str, count: int, n: int, tokenizer: Any, vocab: _Vocab) -> dict[str, Any]:
+    tokens = tokenizer.tokenize(word)
+    ids = [int(i) for i in tokenizer.convert_tokens_to_ids(tokens)]
+    known = len(tokens) == 1
+    rarity = vocab.rarity(ids[0]) if known else 1.0
+    # split words rank above whole ones (score > 1), by pieces per letter; whole words by rarity
+    score = rarity if known else 1.0 + len(tokens) / len(word)
+    return {
+        "word": word,
+        "captions": count,
+        "share": round(count / n, 4),
+        "tokens": tokens,
+        "token_ids": ids,
+        "known": known,
+        "rarity": round(rarity, 4),
+        "common": known and rarity < COMMON_BELOW,
+        "score": round(score, 4),
+    }
+
+
+def detect_trigger(captions: list[str], tokenizer: Any, *, min_share: float = 1.0) -> TriggerChoice:
+    """The most trigger-like word found in at least ``min_share`` of ``captions`` (see the module docstring).
+
+    Raises:
+        TriggerError: no captions; no candidate in enough captions; only common known words; or two
+            candidates of the same kind too close to tell apart. ``.evidence`` holds the counts.
+    """
+    n = len(captions)
+    counts = Counter(w for c in captions for w in set(caption_words(c)))
+    common = [{"word": w, "captions": c, "share": round(c / n, 4)} for w, c in counts.most_common(10)] if n else []
+    evidence: dict[str, Any] = {"captions": n, "min_share": min_share, "common_words": common, "candidates": []}
+    if not n:
+        raise TriggerError("no captions to detect the trigger from", evidence)
+    needed = max(1, math.ceil(min_share * n - 1e-9))
+    evidence["needed"] = needed
+    words = [w for w, c in counts.items() if c >= needed and len(w) > 1 and not w.isdigit()]
+    words = [w for w in words if w not in FUNCTION_WORDS]
+    vocab = _Vocab(tokenizer)
+    ranked = sorted(
+        (_profile(w, counts[w], n, tokenizer, vocab) for w in words), key=lambda c: (-c["score"], c["word"])
+    )
+    for rank, c in enumerate(ranked, start=1):
+        c["rank"] = rank
+    evidence["candidates"] = ranked
+    shares = ", ".join(f"{c['word']!r} {c['captions']}/{n}" for c in common[:6])
+    if not ranked:
+        raise TriggerError(
+            f"no word other than function words is in {needed}/{n} captions (most common: {shares}); "
+            "put the trigger in every caption",
+            evidence,
+        )
+    best = ranked[0]
+    if best["common"]:
+        listed = ", ".join(f"{c['word']!r} (token id {c['token_ids'][0]})" for c in ranked[:5])
+        raise TriggerError(
+            f"every word in {needed}/{n} captions is a common word of the base tokenizer ({listed}); "
+            "a trigger is a word the base model does not know, e.g. 'sks' — add one to every caption",
+            evidence,
+        )
+    if len(ranked) > 1 and ranked[1]["known"] == best["known"] and best["score"] - ranked[1]["score"] < MARGIN:
+        second = ranked[1]
+        raise TriggerError(
+            f"ambiguous trigger: {best['word']!r} and {second['word']!r} are both in {needed}/{n} captions and "
+            f"equally unknown to the base tokenizer ({_kind(best)} vs {_kind(second)})",
+            evidence,
+        )
+    if best["known"]:
+        why = f"a single token of the rarest {1 - best['rarity']:.0%} of the tokenizer's merges"
+    else:
+        why = f"split into {len(best['tokens'])} pieces ({'|'.join(best['tokens'])}): not a word of the tokenizer"
+    runner = f"; runner-up {ranked[1]['word']!r} scores {ranked[1]['score']}" if len(ranked) > 1 else ""
+    evidence["reason"] = f"{best['word']!r} is in {best['captions']}/{n} captions and {why}{runner}"
+    return TriggerChoice(best["word"], "captions", evidence)
+
+
+def _found_in(trigger: str, captions: list[str]) -> int:
+    phrase = f" {' '.join(caption_words(trigger))} "
+    return sum(phrase in f" {' '.join(caption_words(c))} " for c in captions)
+
+
+def choose_trigger(
+    captions: list[str], tokenizer: Any, *, configured: str | None = None, instance_prompt: str | None = None
+) -> TriggerChoice:
+    """The run's trigger: ``configured`` when given (it must appear in a caption), else detected from the
+    captions — for DreamBooth (``instance_prompt``) the captions are that one prompt. Logs the choice.
+
+    Raises:
+        TriggerError: ``configured`` is in no caption, or detection fails (see ``detect_trigger``).
+    """
+    if instance_prompt:
+        captions = [instance_prompt]
+    if configured:
+        found = _found_in(configured, captions)
+        evidence: dict[str, Any] = {"captions": len(captions), "configured": configured, "found_in": found}
+        if instance_prompt:
+            evidence["instance_prompt"] = instance_prompt
+        if not found:
+            where = (
+                f"instance_prompt {instance_prompt!r}" if instance_prompt else f"any of the {len(captions)} captions"
+            )
+            raise TriggerError(f"the configured trigger {configured!r} is not in {where}; fix the captions", evidence)
+        try:
+            detected = detect_trigger(captions, tokenizer)
+            evidence["detected"] = detected.trigger
+            evidence["detection"] = detected.evidence
+        except TriggerError as exc:
+            evidence["detected"] = None
+            evidence["detection_error"] = str(exc)
+        choice = TriggerChoice(configured, "config", evidence)
+    else:
+        choice = detect_trigger(captions, tokenizer)
+        if instance_prompt:
+            evidence = dict(choice.evidence, instance_prompt=instance_prompt)
+            choice = TriggerChoice(choice.trigger, "instance_prompt", evidence)
+    log.info("%s", choice.describe())
+    return choice
