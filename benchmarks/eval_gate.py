@@ -5,13 +5,13 @@
     python benchmarks/eval_gate.py --adapter runs/train/adapter      # also score an adapter of data/toy-sks (sks)
 
 For each concept — dotted, striped, checkered (patterns the toy CLIP knows by name) and framed (a dotted frame
-around a plain centre, which the toy CLIP never saw nor has a word for) — each behind its own trigger, it writes
-the toy dataset into a temporary folder and trains with ``configs/train.yaml``'s recipe on one plain worker:
-(trained) 30 epochs, (1 epoch) the same cut short, (wrong concept) 30 epochs on another pattern's images with
-this concept's trigger, (random weights) the trained adapter's shapes with noise. Each is scored by one
-``Evaluator`` per dataset (``configs/eval.yaml``: the suite built from the dataset's captions, the relative
-gate; MLflow and the registry off) against one rendering of the base model. Prints every metric and verdict,
-then each check's margins: how far the worst trained adapter clears it, and how far the broken adapters it
+around a plain centre, which the toy CLIP never saw nor has a word for) — each behind its own trigger, it writes the
+toy dataset into a temporary folder and trains on one plain worker with ``CALIBRATION_RECIPE`` (configs/train.yaml
+at rank 16, alpha 4): (trained) 60 epochs, (1 epoch) the same cut short, (wrong concept) 60 epochs on another
+pattern's images with this concept's trigger, (random weights) the trained adapter's shapes with noise. Each is
+scored by one ``Evaluator`` per dataset (``configs/eval.yaml``: the suite built from the dataset's captions, the
+relative gate; MLflow and the registry off) against one rendering of the base model. Prints every metric and
+verdict, then each check's margins: how far the worst trained adapter clears it, and how far the broken adapters it
 catches fall short, and every verdict other than "trained passes, broken fails". Writes
 ``runs/benchmarks/eval_gate.json``.
 """
@@ -32,7 +32,7 @@ from evaluation.registry import fetch_adapter
 from evaluation.suite import materialise
 from training.adapter import verify_adapter
 from training.configuration import load_config
-from training.toy_world.adapters import randomize_adapter, train_toy_adapter
+from training.toy_world.adapters import CALIBRATION_RECIPE, randomize_adapter, train_toy_adapter
 from training.toy_world.dataset import write_finetune_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,9 +54,9 @@ def adapters(root: Path, concept: str, trigger: str) -> tuple[Path, dict[str, Pa
     if not wrong.is_dir():
         write_finetune_dataset(wrong, trigger=trigger, concept=w)
     recipes = {  # kind: (output folder, training data, dotted overrides)
-        "trained": (root / f"{concept}-trained", data, {}),
-        "1 epoch": (root / f"{concept}-1-epoch", data, {"train.epochs": "1"}),
-        "wrong concept": (root / f"{concept}-wrong", wrong, {}),
+        "trained": (root / f"{concept}-trained", data, CALIBRATION_RECIPE),
+        "1 epoch": (root / f"{concept}-1-epoch", data, CALIBRATION_RECIPE | {"train.epochs": "1"}),
+        "wrong concept": (root / f"{concept}-wrong", wrong, CALIBRATION_RECIPE),
     }
     trig = {"data.trigger": trigger}  # configs/train.yaml names sks: the adapter's metadata records this one
     out = {}

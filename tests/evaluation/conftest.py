@@ -48,10 +48,10 @@ def eval_config(repo, toy_world_data, tmp_path):
 
 @pytest.fixture(scope="session")
 def gate_adapters(repo, tmp_path_factory) -> dict[str, dict[str, Path]]:
-    """Per concept of ``GATE_CONCEPTS``: its dataset ("data") and adapters trained with configs/train.yaml's
-    recipe — "trained", "1 epoch", "wrong concept" (its trigger, another pattern's images), "random weights"
-    (trained's shapes, noise weights). About 25 s per concept on 2 CPU cores."""
-    from training.toy_world.adapters import randomize_adapter, train_toy_adapter
+    """Per concept of ``GATE_CONCEPTS``: its dataset ("data") and adapters trained with ``CALIBRATION_RECIPE`` —
+    "trained", "1 epoch", "wrong concept" (its trigger, another pattern's images), "random weights" (trained's
+    shapes, noise weights). About 50 s per concept on 2 CPU cores."""
+    from training.toy_world.adapters import CALIBRATION_RECIPE, randomize_adapter, train_toy_adapter
     from training.toy_world.dataset import write_finetune_dataset
 
     root = tmp_path_factory.mktemp("gate")
@@ -60,7 +60,8 @@ def gate_adapters(repo, tmp_path_factory) -> dict[str, dict[str, Path]]:
         data = write_finetune_dataset(root / f"{trigger}-{concept}", trigger=trigger, concept=concept)
         wrong = write_finetune_dataset(root / f"{trigger}-as-{WRONG_CONCEPT[concept]}", trigger=trigger,
                                        concept=WRONG_CONCEPT[concept])  # fmt: skip
-        trig = {"data.trigger": trigger}  # configs/train.yaml names sks: the adapter's metadata records this one
+        # configs/train.yaml names sks: the adapter's metadata records this one
+        trig = {"data.trigger": trigger} | CALIBRATION_RECIPE
         trained = train_toy_adapter(repo, data, root / f"{concept}-trained", **trig)
         out[concept] = {
             "data": data,
