@@ -66,7 +66,7 @@ def gate_adapters(repo, tmp_path_factory) -> dict[str, dict[str, Path]]:
         out[concept] = {
             "data": data,
             "trained": trained,
-            "1 epoch": train_toy_adapter(repo, data, root / f"{concept}-1-epoch", **trig, **{"train.epochs": "1"}),
+            "1 epoch": train_toy_adapter(repo, data, root / f"{concept}-1-epoch", **(trig | {"train.epochs": "1"})),
             "wrong concept": train_toy_adapter(repo, wrong, root / f"{concept}-wrong", **trig),
             "random weights": randomize_adapter(trained, root / f"{concept}-random"),
         }
