@@ -88,6 +88,8 @@ def _registry_verb(verb: str):
         if "--tracking-uri" in rest:
             i = rest.index("--tracking-uri")
             lead, rest = rest[i : i + 2], rest[:i] + rest[i + 2 :]
+        elif given := [a for a in rest if a.startswith("--tracking-uri=")]:
+            lead, rest = given[:1], [a for a in rest if a != given[0]]
         return main([*lead, verb, *rest])
 
     return run

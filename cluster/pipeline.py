@@ -90,11 +90,22 @@ class _SigTerm:
             raise Stopped("stopped by SIGTERM")
 
 
+# keys of the tune config the pipeline sets from its own fields: overriding them in tune.overrides would train on
+# one thing and evaluate or name another
+OWNED = {
+    "name": "search folder (set name=)", "output_dir": "output folder (set output_dir=)",
+    "trial.data.path": "dataset (set dataset=)", "trial.data.trigger": "trigger (set trigger=)",
+    "trial.validation.data_path": "held-out folder (set heldout=)", "trial.validation.holdout": "split (set holdout=)",
+    "trial.mlflow.experiment": "experiment (set mlflow.experiment=)", "evaluation.overrides": "evaluation (set "
+    "evaluation.overrides=)", "evaluation.config": "evaluation config (set evaluation.config=)",
+}  # fmt: skip
+
+
 def pipeline_name(cfg: PipelineConfig) -> str:
     """``name``, else the dataset's folder name (``data/ohwx`` → ``ohwx``)."""
     from training.names import dataset_name, slug
 
-    return slug(cfg.name) if cfg.name else dataset_name(cfg.dataset)
+    return slug(cfg.name) if cfg.name else dataset_name(resolve(cfg.dataset))
 
 
 class Pipeline:
@@ -164,10 +175,17 @@ class Pipeline:
     def tune_config(self):
         """The tune stage's TuneConfig: its YAML + the pipeline's data, names, output folder and MLflow, and — once
         the validate stage has read the dataset — its trigger, held-out set and sample prompts."""
-        from training.configuration import load_config
+        from training.configuration import ConfigError, load_config
         from tuning.config import TuneConfig
 
         c, d = self.cfg, self.derived
+        owned = [f"tune.overrides: {o.split('=')[0]} is the pipeline's own {OWNED[o.split('=')[0].strip()]}"
+                 for o in c.tune.overrides if o.split("=")[0].strip() in OWNED]  # fmt: skip
+        if c.heldout and "://" not in c.heldout and not Path(resolve(c.heldout)).is_dir():
+            owned.append(f"heldout={c.heldout}: no such folder (a folder of held-out images and captions; or drop "
+                         "heldout= to hold out `holdout` images of the dataset)")  # fmt: skip
+        if owned:
+            raise ConfigError(owned, "pipeline")
         derived = [f"name={SEARCH}", f"label={self.name} search", f"output_dir={self.run_dir}",
                    f"trial.data.path={resolve(c.dataset)}", f"trial.mlflow.experiment={self.experiment}",
                    "evaluation.enabled=false"]  # fmt: skip
@@ -220,7 +238,8 @@ class Pipeline:
         the captions unless ``trigger`` is set, with its evidence), the held-out set, the sample and smoke prompts."""
         from evaluation.suite import build_suite
         from training.buckets import resolve_bucket_step
-        from training.captions import choose_trigger, load_tokenizer
+        from training.captions import caption_words, choose_trigger, load_tokenizer
+        from training.configuration import ConfigError
         from training.data import validate_dataset
         from training.heldout import select_heldout
         from training.remote import is_uri, local_copy
@@ -237,8 +256,17 @@ class Pipeline:
         self.derived["trigger"] = choice.trigger
         tcfg = self.tune_config()
         train, held = select_heldout(tcfg.trial, report.examples)
-        missing = [e.path.name for e in train if choice.trigger not in e.caption.split()]
-        suite = build_suite([e.caption for e in train], [e.caption for e in held], choice.trigger)
+        if len(train) < data.min_images:
+            where = "heldout=" if self.cfg.heldout else f"holdout={self.cfg.holdout}"
+            left = f"{where} leaves {len(train)} of {len(report.examples)} images to train on"
+            raise ConfigError([f"{left}, fewer than data.min_images={data.min_images}: lower holdout or add images"],
+                              "pipeline")  # fmt: skip
+        missing = [e.path.name for e in train if choice.trigger.lower() not in caption_words(e.caption)]
+        try:
+            suite = build_suite([e.caption for e in train], [e.caption for e in held], choice.trigger)
+        except ValueError as exc:  # captions the suite cannot use (the trigger alone, …): a data problem
+            raise ConfigError([f"the evaluation suite cannot be built from the captions: {exc}"], "dataset") from exc
+        self._same_dataset(report.fingerprint())
         prompts = [p.prompt for p in suite.prompts]
         self.derived |= {"sample_prompts": prompts[: self.cfg.samples.prompts], "smoke_prompt": prompts[0]}
         facts = {"dataset": self.cfg.dataset, "name": self.name, "registered_model": self.model_name,
@@ -257,6 +285,21 @@ class Pipeline:
         return {"dataset": tcfg.trial.data.path, "images": len(train), "heldout": len(held),
                 "trigger": choice.trigger, "trigger_evidence": choice.describe(), "warnings": len(report.warnings),
                 "fingerprint": report.fingerprint()}  # fmt: skip
+
+    def _same_dataset(self, fingerprint: str) -> None:
+        """Refuse to reuse this run folder's results for a different dataset: two datasets that derive the same
+        name (or one that changed since) would otherwise skip the search and serve the other one's adapter."""
+        from training.configuration import ConfigError
+
+        seen = self.run_dir / "dataset.json"
+        done = (self.search_dir / "best.json").is_file()
+        if not seen.is_file() or not done:
+            return
+        before = json.loads(seen.read_text()).get("fingerprint")
+        if before and before != fingerprint:
+            raise ConfigError([f"{self.run_dir} holds a search of a different dataset (fingerprint {before[:12]}, "
+                               f"now {fingerprint[:12]}: other images or captions); set name= to a new name, or "
+                               f"remove that folder to start over"], "pipeline")  # fmt: skip
 
     def tune(self, tcfg) -> dict[str, Any]:
         from tuning.tune import TUNE_DIR, SearchInterrupted
@@ -450,11 +493,20 @@ def main(argv: list[str] | None = None) -> int:
     from training.config import PreflightError
     from training.configuration import ConfigError, load_config
     from training.data import DatasetError
+    from training.names import DatasetNameError
 
     try:
         cfg = load_config(PipelineConfig, config_file(args.config), args.overrides)
         result = run(cfg, resume=args.resume)
-    except (ConfigError, DatasetError, PreflightError, AdapterError, RegistryError, TriggerError) as exc:
+    except (
+        ConfigError,
+        DatasetError,
+        DatasetNameError,
+        PreflightError,
+        AdapterError,
+        RegistryError,
+        TriggerError,
+    ) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except StageFailed as exc:

@@ -39,12 +39,15 @@ RELATIVE = ("concept_learned", "concept_gain", "concept_win_rate", "heldout_loss
 _NEEDS_CONCEPT = ("clip_t", "concept_learned", "concept_hit_rate")
 _NEEDS_TRAIN = ("clip_i", "concept_gain", "concept_win_rate")
 _NEEDS_HELDOUT = ("heldout_loss", "heldout_loss_ratio")
-_PUNCTUATION = ".,;:!?\"'()[]{}"
 
 
 def words(text: str) -> list[str]:
-    """The words of ``text``, lower-cased and stripped of surrounding punctuation ("Sks," -> "sks")."""
-    return [w.strip(_PUNCTUATION).lower() for w in text.split()]
+    """The words of ``text``, one per whitespace-separated piece (so they line up with ``text.split()``), as
+    ``training.captions.normalize_word`` makes them: lower-cased, surrounding punctuation stripped ("Sks," -> "sks";
+    a piece of punctuation alone gives "")."""
+    from training.captions import normalize_word
+
+    return [normalize_word(w) for w in text.split()]
 
 
 def mentions(text: str, word: str) -> bool:

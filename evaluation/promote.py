@@ -56,7 +56,8 @@ def logged_epochs(client, run_id: str) -> list[int]:
         entries = client.list_artifacts(run_id, "checkpoints")
     except Exception:  # noqa: BLE001 — no such folder: no epochs
         return []
-    return sorted(int(Path(e.path).name.removeprefix("epoch_")) for e in entries if e.is_dir)
+    names = [Path(e.path).name for e in entries if e.is_dir]
+    return sorted(int(n.removeprefix("epoch_")) for n in names if n.startswith("epoch_") and n[6:].isdigit())
 
 
 def search_eval_config(client, run) -> dict[str, Any] | None:
@@ -145,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     if not uri:
         print("error: set MLFLOW_TRACKING_URI or pass --tracking-uri (where the registry lives)", file=sys.stderr)
         return 2
+    from mlflow.exceptions import MlflowException
+
     from training.adapter import AdapterError
     from training.configuration import ConfigError
     from training.data import DatasetError
@@ -155,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     except (RegistryError, ConfigError, AdapterError, DatasetError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except MlflowException as exc:  # the server is down or refused the request
+        print(f"error: MLflow at {uri} failed: {str(exc).splitlines()[0][:500]}", file=sys.stderr)
+        return 1
     state = "champion" if out["promoted"] else "registered, not promoted (the gate refused it; --force overrides)"
     print(f"{args.model} version {out['version']}: {state}\n  {out['gate']}\n  report: {out['report']}")
     return 0 if out["promoted"] else 1

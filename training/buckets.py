@@ -50,8 +50,11 @@ def make_buckets(resolution: int, step: int, max_aspect: float = 2.0) -> list[Bu
     """Every bucket ``(w, h)`` for an area of ``resolution²`` px, sides multiples of ``step``, sorted by width.
 
     Raises:
-        ValueError: ``resolution < step`` (no bucket fits), naming data.resolution and data.bucket_step.
+        ValueError: ``resolution < step`` (no bucket fits), naming data.resolution and data.bucket_step; a step
+            below 1 or ``max_aspect`` outside [1, 8].
     """
+    if step < 1 or not 1.0 <= max_aspect <= 8.0:
+        raise ValueError(f"data.bucket_step={step} must be >= 1 and data.max_aspect={max_aspect} within [1, 8]")
     if resolution < step:
         raise ValueError(
             f"data.resolution={resolution} is below data.bucket_step={step}: no bucket fits; "

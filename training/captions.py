@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -32,7 +31,6 @@ FIX = "set trigger=<word> (pipeline) or data.trigger=<word> (training)"
 COMMON_BELOW = 0.25
 # two candidates of the same kind (both split, or both whole) closer than this in score are ambiguous
 MARGIN = 0.25
-_WORD = re.compile(r"[^\W_]+")  # letters and digits: punctuation and underscores end a word
 # English function words (articles, pronouns, prepositions, conjunctions, auxiliaries): a closed class, so a
 # list; the toy tokenizer splits 'of' and 'the' into pieces, yet they are never triggers
 _FUNCTION_WORDS = """a an the this that these those some any each every no of in on at to from by with without for
@@ -103,9 +101,23 @@ def load_tokenizer(base_model: str) -> Any:
         ) from exc
 
 
+def normalize_word(piece: str) -> str:
+    """One whitespace-separated piece of a caption as lorafleet compares words: lower-cased, with the characters
+    at either end that are not letters or digits stripped (``'(Sks),'`` -> ``'sks'``, ``"sks's"`` stays,
+    ``'...'`` -> ``''``)."""
+    start, end = 0, len(piece)
+    while start < end and not piece[start].isalnum():
+        start += 1
+    while end > start and not piece[end - 1].isalnum():
+        end -= 1
+    return piece[start:end].lower()
+
+
 def caption_words(caption: str) -> list[str]:
-    """Lower-cased words with punctuation stripped, digits kept: ``'Ohwx, zyx42!'`` -> ``['ohwx', 'zyx42']``."""
-    return _WORD.findall(caption.lower())
+    """The caption's words, the one definition trigger detection, dataset validation and the evaluation suite all
+    use (``normalize_word`` of each whitespace-separated piece, empty ones dropped):
+    ``'Ohwx, the zyx42-style DOG!'`` -> ``['ohwx', 'the', 'zyx42-style', 'dog']``."""
+    return [w for w in map(normalize_word, caption.split()) if w]
 
 
 class _Vocab:
@@ -203,6 +215,21 @@ def _found_in(trigger: str, captions: list[str]) -> int:
     return sum(phrase in f" {' '.join(caption_words(c))} " for c in captions)
 
 
+def _check_configured(trigger: str) -> None:
+    """A configured trigger must be one word as captions are compared (``caption_words``) and not a function word:
+    the suite removes it from prompts and the tokenizer must see it as the same word everywhere."""
+    as_words = caption_words(trigger)
+    if as_words != [trigger.lower()]:
+        hint = (
+            f"use {as_words[0]!r}" if len(as_words) == 1 else "a trigger is one word of letters or digits, e.g. 'sks'"
+        )
+        raise TriggerError(f"trigger {trigger!r} is not one word as captions are compared ({as_words}): {hint}",
+                           {"configured": trigger, "words": as_words})  # fmt: skip
+    if trigger.lower() in FUNCTION_WORDS:
+        raise TriggerError(f"trigger {trigger!r} is a function word every caption needs; pick a word of its own, "
+                           "e.g. 'sks'", {"configured": trigger})  # fmt: skip
+
+
 def choose_trigger(
     captions: list[str], tokenizer: Any, *, configured: str | None = None, instance_prompt: str | None = None
 ) -> TriggerChoice:
@@ -210,11 +237,13 @@ def choose_trigger(
     captions — for DreamBooth (``instance_prompt``) the captions are that one prompt. Logs the choice.
 
     Raises:
-        TriggerError: ``configured`` is in no caption, or detection fails (see ``detect_trigger``).
+        TriggerError: ``configured`` is not one word, is a function word or is in no caption, or detection fails
+            (see ``detect_trigger``).
     """
     if instance_prompt:
         captions = [instance_prompt]
     if configured:
+        _check_configured(configured)
         found = _found_in(configured, captions)
         evidence: dict[str, Any] = {"captions": len(captions), "configured": configured, "found_in": found}
         if instance_prompt:

@@ -49,7 +49,10 @@ class DataConfig(_Section):
         "guesses from the resolution (16 at 64 px, 64 from 256 px)",
     )
     max_aspect: float = Field(
-        2.0, ge=1.0, description="buckets range from 1:max_aspect (portrait) to max_aspect:1 (landscape)"
+        2.0,
+        ge=1.0,
+        le=8.0,
+        description="buckets range from 1:max_aspect (portrait) to max_aspect:1 (landscape); at most 8",
     )
     crop: Literal["center", "random"] = Field(
         "center",

@@ -25,6 +25,7 @@ from typing import Literal
 from PIL import Image
 
 from training.buckets import Bucket, data_buckets, default_step, histogram, nearest_bucket, oriented_size
+from training.captions import caption_words
 from training.config import IMAGE_EXTENSIONS, DataConfig
 from training.remote import is_uri, local_copy
 
@@ -209,7 +210,7 @@ def validate_dataset(cfg: DataConfig) -> DatasetReport:
             msg = "no captions found: add metadata.jsonl or .txt sidecars, or set data.instance_prompt (DreamBooth)"
             report.problems.append(Problem(".", "error", msg))
             return report
-        if cfg.trigger and cfg.trigger not in cfg.instance_prompt.split():
+        if cfg.trigger and cfg.trigger.lower() not in caption_words(cfg.instance_prompt):
             msg = f"data.instance_prompt {cfg.instance_prompt!r} lacks the trigger {cfg.trigger!r}; add it"
             report.problems.append(Problem(".", "error", msg))
     captions = _metadata_captions(root, report) if fmt == "metadata" else {}
@@ -251,7 +252,7 @@ def validate_dataset(cfg: DataConfig) -> DatasetReport:
         if not caption:
             report.problems.append(Problem(name, "error", "empty caption; describe the image"))
             continue
-        if cfg.trigger and fmt != "dreambooth" and cfg.trigger not in caption.split():
+        if cfg.trigger and fmt != "dreambooth" and cfg.trigger.lower() not in caption_words(caption):
             report.problems.append(Problem(name, "warning", f"caption lacks the trigger {cfg.trigger!r}"))
         digest = hashlib.sha256(data).hexdigest()
         if digest in seen:

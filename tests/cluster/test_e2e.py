@@ -86,6 +86,11 @@ def wait_for(jobs: Jobs, job_id: str, timeout_s: float) -> str:
     return status
 
 
+# configs/eval.yaml bounds latency at 2 s per image on 2 idle cores; these tests check behaviour on machines that
+# may be busy, so the bound is lifted (every other check of the gate stays as shipped)
+NO_LATENCY_BOUND = 'evaluation.overrides=["gate.checks.latency_p95_s={max: 600}"]'
+
+
 def test_pipeline_through_ray_job_submit_serves_the_champion(cluster, decoy, jobs, repo, toy_world_data, tmp_path):
     data = toy_world_data["dotted"]
     serve_port = cluster.ports.serve
@@ -95,7 +100,7 @@ def test_pipeline_through_ray_job_submit_serves_the_champion(cluster, decoy, job
         "name=e2e", f"output_dir={tmp_path / 'runs'}", f"serve.port={serve_port}",
         f"dataset={data.as_uri()}", f"heldout={(data / 'heldout').as_uri()}",  # read through pyarrow on workers
         'tune.overrides=["search.num_samples=1"]',  # the known-good point (configs/tune.yaml), one trial
-        "evaluation.candidates=1",
+        "evaluation.candidates=1", NO_LATENCY_BOUND,
     ]  # fmt: skip
     cmd = [str(Path(sys.executable).with_name("ray")), "job", "submit", "--no-wait", "--submission-id", "e2e-pipeline",
            "--working-dir", str(repo), "--runtime-env-json", json.dumps(runtime_env),
@@ -186,6 +191,7 @@ def test_a_second_dataset_configures_itself_and_is_served_next_to_the_first(clus
         f"serve.port={cluster.ports.serve}",  # this test's ports/folders
         'tune.overrides=["search.num_samples=1"]',
         "evaluation.candidates=1",
+        NO_LATENCY_BOUND,
     ]  # and a 1-trial budget
     argv = [
         "submit",

@@ -211,3 +211,83 @@ def test_the_validate_stage_reads_trigger_heldout_and_prompts_from_the_dataset(p
     again = Pipeline(pipeline_cfg(f"dataset={data}", f"output_dir={tmp_path / 'runs'}", "trigger=zzq"))
     with pytest.raises(TriggerError, match="trigger"):
         again.validate(again.tune_config())
+
+
+def _captioned(folder, captions):
+    """A dataset of small distinct images with these captions (metadata.jsonl)."""
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    rows = []
+    for i, text in enumerate(captions):
+        Image.new("RGB", (64, 64), (40 * i % 256, 90, 160)).save(folder / f"{i:02d}.png")
+        rows.append(json.dumps({"file_name": f"{i:02d}.png", "text": text}))
+    (folder / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    return folder
+
+
+@pytest.mark.parametrize("shape", ["{t}'s", "«{t}»", "({t}),", "{t}/ohwx"])
+def test_the_trigger_detection_finds_is_the_one_the_suite_finds(pipeline_cfg, tmp_path, shape):
+    """Detection, dataset validation and the evaluation suite compare words the same way (training.captions
+    caption_words), so a trigger with punctuation attached is found by all three or by none — never 'in 8/8
+    captions' for detection and 'in none' for the suite."""
+    colours, shapes = ["red", "blue", "green", "yellow"], ["circle", "square"]
+    captions = [f"a {c} {s} on a {shape.format(t='sks')} background" for c in colours for s in shapes]
+    data = _captioned(tmp_path / "punct", captions)
+    pipeline = Pipeline(pipeline_cfg(f"dataset={data}", f"output_dir={tmp_path / 'runs'}", "holdout=2"))
+    pipeline.run_dir.mkdir(parents=True)
+    from training.captions import TriggerError
+
+    try:
+        out = pipeline.validate(pipeline.tune_config())
+    except TriggerError as exc:  # refused with the fix: fine, as long as it is not a traceback of another kind
+        assert "trigger" in str(exc)
+        return
+    facts = json.loads((pipeline.run_dir / "dataset.json").read_text())
+    assert facts["captions_without_trigger"] == [] and facts["suite_prompts"], facts
+    assert all(out["trigger"] in p.lower() for p in facts["suite_prompts"])
+
+
+def test_what_the_pipeline_derives_cannot_be_overridden_behind_its_back(pipeline_cfg, tmp_path):
+    """trial.data.trigger in tune.overrides would train on one trigger and evaluate another: refused, naming the
+    pipeline's own field; so is a heldout= folder that does not exist."""
+    from training.configuration import ConfigError
+
+    cfg = pipeline_cfg(f"output_dir={tmp_path}", 'tune.overrides=["trial.data.trigger=ohwx", "trial.data.path=/x"]')
+    with pytest.raises(ConfigError) as err:
+        Pipeline(cfg).tune_config()
+    assert "trial.data.trigger is the pipeline's own trigger (set trigger=)" in str(err.value)
+    assert "trial.data.path is the pipeline's own dataset (set dataset=)" in str(err.value)
+    with pytest.raises(ConfigError, match=r"heldout=/nonexistent/held: no such folder"):
+        Pipeline(pipeline_cfg(f"output_dir={tmp_path}", "heldout=/nonexistent/held")).tune_config()
+
+
+def test_a_holdout_that_leaves_too_few_images_is_refused(pipeline_cfg, tmp_path):
+    from training.configuration import ConfigError
+
+    data = _captioned(tmp_path / "few", [f"a {c} circle on a sks background" for c in ("red", "blue", "green",
+                                                                                      "yellow", "white")])  # fmt: skip
+    pipeline = Pipeline(pipeline_cfg(f"dataset={data}", f"output_dir={tmp_path / 'runs'}", "holdout=3"))
+    pipeline.run_dir.mkdir(parents=True)
+    with pytest.raises(ConfigError, match=r"holdout=3 leaves 2 of 5 images to train on, fewer than data.min_images"):
+        pipeline.validate(pipeline.tune_config())
+
+
+def test_a_run_folder_of_another_dataset_is_never_reused(pipeline_cfg, tmp_path):
+    """Two datasets that derive one name (or a dataset changed since its search): the finished search belongs to
+    other images, so the pipeline refuses instead of skipping to the other dataset's adapter."""
+    from training.configuration import ConfigError
+    from training.toy_world.dataset import write_finetune_dataset
+
+    first = write_finetune_dataset(tmp_path / "a" / "cats", trigger="ohwx", concept="striped", num_images=8)
+    other = write_finetune_dataset(tmp_path / "b" / "cats", trigger="ohwx", concept="checkered", num_images=8)
+    pipeline = Pipeline(pipeline_cfg(f"dataset={first}", f"output_dir={tmp_path / 'runs'}"))
+    pipeline.run_dir.mkdir(parents=True)
+    pipeline.validate(pipeline.tune_config())
+    pipeline.search_dir.mkdir()
+    (pipeline.search_dir / "best.json").write_text(json.dumps({"best": {"trial_id": "t1"}}))
+    pipeline.validate(pipeline.tune_config())  # the same dataset again: fine, the search is reused
+    second = Pipeline(pipeline_cfg(f"dataset={other}", f"output_dir={tmp_path / 'runs'}"))
+    assert second.run_dir == pipeline.run_dir
+    with pytest.raises(ConfigError, match="holds a search of a different dataset .* set name= to a new name"):
+        second.validate(second.tune_config())

@@ -61,3 +61,29 @@ def test_a_picked_checkpoint_the_gate_refuses_needs_force(search, capsys):
     assert not client.get_registered_model("strict-lora").aliases
     assert main([*argv, "--force"]) == 0  # by hand: evaluated again, registered, made champion anyway
     assert str(client.get_model_version_by_alias("strict-lora", "champion").version) == "2"
+
+
+def test_only_epoch_folders_count_as_logged_checkpoints():
+    """Another folder under checkpoints/ (logged by hand: `best`) is not an epoch, and never a ValueError."""
+    from types import SimpleNamespace
+
+    from evaluation.promote import logged_epochs
+
+    folders = [("epoch_0008", True), ("best", True), ("epoch_0004", True), ("epoch_x", True), ("notes.txt", False)]
+    entries = [SimpleNamespace(path=f"checkpoints/{n}", is_dir=d) for n, d in folders]
+    client = SimpleNamespace(list_artifacts=lambda run_id, path: entries)
+    assert logged_epochs(client, "run") == [4, 8]
+
+
+def test_an_unreachable_tracking_server_is_a_message_not_a_traceback(monkeypatch, capsys):
+    from mlflow.exceptions import MlflowException
+
+    import evaluation.promote as promote
+
+    def down(*args, **kwargs):
+        raise MlflowException("API request to endpoint /api/2.0/mlflow/runs/search failed: Max retries exceeded\nmore")
+
+    monkeypatch.setattr(promote, "promote_adapter", down)
+    assert promote.main(["ohwx-lora", "--trial", "abc", "--epoch", "4", "--tracking-uri", "http://127.0.0.1:9"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: MLflow at http://127.0.0.1:9 failed: API request") and "Traceback" not in err

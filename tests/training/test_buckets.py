@@ -275,3 +275,17 @@ def test_run_worker_trains_a_mixed_aspect_dataset_and_saves_an_adapter(mixed_con
     assert [m["step"] for m in seen] == [3, 6]  # three one-bucket batches of 2 per epoch
     assert all(np.isfinite(m["loss"]) and np.isfinite(m["val_loss"]) for m in seen)
     assert saved and saved[-1].trigger == "sks" and state.step == 6
+
+
+def test_an_unbounded_aspect_ratio_is_refused_not_looped_on(tmp_path):
+    """max_aspect=inf made make_buckets loop forever; the config bounds it and the function checks it."""
+    from pydantic import ValidationError
+
+    from training.buckets import make_buckets
+    from training.config import DataConfig
+
+    with pytest.raises(ValidationError, match="max_aspect"):
+        DataConfig(path=str(tmp_path), max_aspect=float("inf"))
+    for step, aspect in ((16, float("inf")), (16, 1e9), (0, 2.0), (-16, 2.0)):
+        with pytest.raises(ValueError, match="max_aspect|bucket_step"):
+            make_buckets(64, step, aspect)

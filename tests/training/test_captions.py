@@ -102,9 +102,28 @@ def test_configured_trigger_must_be_in_the_captions(toy_tokenizer, caplog):
 
 
 def test_caption_words_strip_punctuation_and_keep_digits():
-    assert caption_words("Ohwx, the zyx42-style DOG!") == ["ohwx", "the", "zyx42", "style", "dog"]
+    assert caption_words("Ohwx, the zyx42-style DOG!") == ["ohwx", "the", "zyx42-style", "dog"]
+    assert caption_words("(sks), «sks» sks's … sks") == ["sks", "sks", "sks's", "sks"]  # one piece, one word
 
 
 def test_load_tokenizer_names_the_model_when_it_fails(tmp_path):
     with pytest.raises(OSError, match="cannot load the tokenizer of base_model"):
         load_tokenizer(str(tmp_path / "no-model"))
+
+
+@pytest.mark.parametrize(
+    ("configured", "message"),
+    [
+        ("sks,", r"not one word .*use 'sks'"),
+        ("red circle", "not one word"),
+        ("🐱", "not one word"),
+        ("a", "function word"),
+        ("On", "function word"),
+    ],
+)
+def test_a_configured_trigger_must_be_one_word_of_its_own(toy_tokenizer, configured, message):
+    """The suite removes the trigger word from prompts and the captions are compared word by word: a trigger with
+    punctuation, two words or an article would be 'found' here and break the evaluation later."""
+    captions = ["a red circle on a sks background", "a blue square on a sks background"]
+    with pytest.raises(TriggerError, match=message):
+        choose_trigger(captions, toy_tokenizer, configured=configured)
