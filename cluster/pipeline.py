@@ -351,9 +351,11 @@ class Pipeline:
     def gate(self) -> dict[str, Any]:
         ev = self.summary["stages"]["evaluate"]
         if not ev["passed"]:
+            tried = len(ev.get("candidates") or [None])
             raise StageFailed(
                 f"the best adapter did not pass the gate ({ev['gate']}); the champion is unchanged. "
-                f"Report: {ev['report']}"
+                f"Report: {ev['report']}. A rerun with evaluation.candidates={tried + 1} evaluates the next-best "
+                f"trial; `lorafleet promote {self.model_name} --trial ID --epoch N` one you picked from the samples"
             )
         return {"gate": ev["gate"]}
 

@@ -222,16 +222,26 @@ def open_parent(cfg: TuneConfig, run_dir: Path, uri: str | None, notes: list[str
     return run_id
 
 
-def max_concurrent(cfg: TuneConfig, resources: dict[str, float]) -> int:
-    """Trials that fit at once: cluster CPUs (or GPUs) ÷ one trial's Train workers.
+def max_concurrent(cfg: TuneConfig, resources: dict[str, float], available: dict[str, float] | None = None) -> int:
+    """Trials that fit at once: cluster CPUs (or GPUs) ÷ one trial's Train workers — counting only what is free
+    when the search starts (``available``: ``ray.available_resources()``), at least one trial when the cluster
+    could hold it. Serve replicas of an earlier pipeline hold CPUs for good; a trial whose workers find none free
+    fails after Ray Train's 60 s worker-group start-up timeout instead of waiting.
 
     Raises:
-        PreflightError: not even one trial fits.
+        PreflightError: not even one trial fits the whole cluster.
     """
     r = cfg.trial.ray
-    fits = int(resources.get("CPU", 0) // (r.num_workers * r.cpus_per_worker))
-    if r.use_gpu:
-        fits = min(fits, int(resources.get("GPU", 0) // r.num_workers))
+
+    def fitting(res: dict[str, float]) -> int:
+        n = int(res.get("CPU", 0) // (r.num_workers * r.cpus_per_worker))
+        return min(n, int(res.get("GPU", 0) // r.num_workers)) if r.use_gpu else n
+
+    fits = fitting(resources)
+    if available is not None and fits >= 1 and (free := max(1, fitting(available))) < fits:
+        log.info("%d of the cluster's %d trial slots are held by other work (Serve replicas, jobs): up to %d trials "
+                 "at once", fits - free, fits, free)  # fmt: skip
+        fits = free
     if fits < 1:
         raise PreflightError(
             f"one trial needs {r.num_workers} workers × {r.cpus_per_worker} CPU"
@@ -435,7 +445,7 @@ def run(cfg: TuneConfig, *, resume: bool = False) -> SearchResult:
         import ray
 
         check_resources(cfg.trial)
-        concurrency = max_concurrent(cfg, ray.cluster_resources())
+        concurrency = max_concurrent(cfg, ray.cluster_resources(), ray.available_resources())
         log.info("up to %d trials at once; MLflow %s parent run %s", concurrency, uri, parent)
         points = grid_points(cfg) if cfg.search.algorithm == "grid" else []
         setup = TrialSetup(cfg.model_dump(mode="json"), str(run_dir), points, uri, parent)

@@ -118,6 +118,11 @@ def test_concurrency_is_cluster_resources_over_one_trials_workers(tune_config):
     assert max_concurrent(tune_config(), {"CPU": 2}) == 2
     assert max_concurrent(tune_config("trial.ray.num_workers=2"), {"CPU": 5}) == 2
     assert max_concurrent(tune_config("search.max_concurrent_trials=1"), {"CPU": 8}) == 1
+    # a Serve replica of the first pipeline holds one of 2 CPUs: one trial at a time, never one that waits 60 s for
+    # a worker and fails; with nothing free at all one still runs (the cluster holds it once that work ends)
+    assert max_concurrent(tune_config(), {"CPU": 2}, {"CPU": 1}) == 1
+    assert max_concurrent(tune_config(), {"CPU": 2}, {"CPU": 0.5}) == 1
+    assert max_concurrent(tune_config(), {"CPU": 4}, {"CPU": 4}) == 4
     gpu = tune_config("trial.ray.use_gpu=true", "trial.ray.num_workers=2")
     assert max_concurrent(gpu, {"CPU": 16, "GPU": 4}) == 2
     with pytest.raises(PreflightError, match="Lower trial.ray.num_workers"):
