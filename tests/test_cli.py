@@ -222,6 +222,16 @@ def test_library_noise_is_dropped_and_nothing_else():
         "Loading adapter weights from state_dict ",
     ]
     assert "diffusers.loaders.peft" in DROPPED
+    import os
+    import warnings
+
+    assert os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] == "false"  # no download bars in job logs
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        quiet_libraries()  # installs its filter in front of the default one
+        warnings.warn("Already found a `peft_config` attribute in the model.", UserWarning, stacklevel=1)
+        warnings.warn("another UserWarning", UserWarning, stacklevel=1)
+    assert [str(w.message) for w in caught] == ["another UserWarning"]
 
 
 def test_tests_never_see_a_developers_cluster(repo, tmp_path_factory):

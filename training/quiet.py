@@ -20,7 +20,9 @@ Nothing else is silenced: other warnings of these libraries still reach the log.
 from __future__ import annotations
 
 import logging
+import os
 import re
+import warnings
 
 
 class _DropMessages(logging.Filter):
@@ -49,6 +51,10 @@ DROPPED = {
 def quiet_libraries() -> None:
     """Install the filters above and turn the loading progress bars off (idempotent; safe before the libraries
     are imported, since the filters attach to loggers by name)."""
+    # MLflow's artifact download bars fill job logs (promote, evaluate of models:/ refs) with carriage returns
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # evaluation and serving hold several adapters on one UNet on purpose (PEFT warns on the second one)
+    warnings.filterwarnings("ignore", message=r"Already found a `peft_config` attribute", category=UserWarning)
     for name, pattern in DROPPED.items():
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropMessages) and f.pattern.pattern == pattern for f in logger.filters):
