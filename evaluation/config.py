@@ -295,20 +295,25 @@ class EvalConfig(_Section):
 
     def comparable_key(self) -> str:
         """Evaluations with equal keys scored the same images the same way: their metrics compare directly.
-        Local paths count by their content's location, not their spelling (relative = absolute).
+        Local paths count by their content's location, not their spelling (relative = absolute); the scorer
+        inside the project counts by its project-relative path.
 
         Raises:
             ValueError: the suite is not built yet (``evaluation.suite.materialise`` builds it).
         """
         if self.suite is None:
             raise ValueError("the suite is built at evaluation time: materialise the config first")
+        from training.adapter import portable_model_name
+
         data = self.data.model_dump()
         for key in ("train_path", "heldout_path"):
             data[key] = _where(data[key])
         parts = {
             "suite": self.suite.sha(),
             "generation": self.generation.model_dump(exclude={"batch_size", "device"}),
-            "clip": _where(self.clip_model),
+            # the scorer by a name that is the same in a job's unpacked copy of the project and in the checkout
+            # (models/toy-clip), so `lorafleet promote` on the laptop compares with the pipeline's evaluations
+            "clip": portable_model_name(self.clip_model),
             "data": data,
         }
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -69,10 +70,17 @@ def base_model_id(name: str) -> str:
     return (path.resolve() if path.exists() else path).name or name
 
 
+# where `ray job submit --working-dir` unpacks a project: <temp dir>/session_…/runtime_resources/working_dir_files/
+# _ray_pkg_<hash>/<project-relative path>
+_RAY_WORKING_DIR = re.compile(r"/working_dir_files/_ray_pkg_[0-9a-f]+/(.+?)/?$")
+
+
 def portable_model_name(name: str) -> str:
     """How an adapter names its base model so the name means the same model elsewhere: a hub id as it is, a folder
     inside this project (also inside the copy ``ray job submit`` unpacks under /tmp/ray/session_…) relative to it
     (``models/toy-sd``), any other folder as an absolute path."""
+    if unpacked := _RAY_WORKING_DIR.search(name.replace("\\", "/")):
+        return unpacked.group(1)  # a job's copy of a project (this one or the one a driver ran from)
     path = Path(name).expanduser()
     if not path.is_absolute() and not path.exists():
         return name  # a hub id (or a relative path that only the project knows)

@@ -116,6 +116,10 @@ def test_materialise_builds_the_suite_and_names_the_model_after_the_dataset(repo
     assert done.trigger == "ohwx" and done.registry.model_name == "My-ohwx-set-lora"
     assert len(done.suite.prompts) == 18 and done.suite.trigger == "ohwx" and done.suite.concept is None
     assert done.comparable_key() == materialise(cfg, "ohwx").comparable_key()
+    # the scorer in a job's unpacked copy of the project is the same scorer: `promote` on the laptop compares with
+    # the pipeline's evaluation instead of re-evaluating the champion
+    job_copy = "/tmp/ray/session_1/runtime_resources/working_dir_files/_ray_pkg_0a1b/models/toy-clip"
+    assert done.model_copy(update={"clip_model": job_copy}).comparable_key() == done.comparable_key()
     assert materialise(_config(repo, ohwx_data, "auto_suite.max_prompts=6"), "ohwx").comparable_key() != (
         done.comparable_key()
     )

@@ -112,3 +112,7 @@ def test_an_adapter_names_its_base_model_portably(repo, tmp_path, monkeypatch):
     # and a project-relative name compares as the same base model from any working directory
     monkeypatch.chdir(tmp_path)
     assert worker.base_model_id("models/toy-sd") == worker.base_model_id(str(upload / "models" / "toy-sd"))
+    # a job's copy seen from outside it (a laptop reading a config the job logged): still the project's name
+    monkeypatch.undo()
+    job_copy = "/tmp/ray/session_2/runtime_resources/working_dir_files/_ray_pkg_3ad27e7e4ffd2d2a/models/toy-clip/"
+    assert worker.portable_model_name(job_copy) == "models/toy-clip"
