@@ -98,6 +98,13 @@ def _registry_verb(verb: str):
 def _promote(args: list[str]) -> int:
     """``promote NAME VERSION`` moves the alias (evaluation.registry); ``promote NAME --trial ID --epoch N`` or
     ``--adapter REF`` evaluates and registers a checkpoint picked by eye first (evaluation.promote)."""
+    if args[:1] in (["-h"], ["--help"]) or args == ["help"]:
+        print("lorafleet promote NAME VERSION [--force]       move the champion alias to a registered version\n"
+              "lorafleet promote NAME --trial ID --epoch N   evaluate + register a checkpoint picked from the sample "
+              "grids\n")  # fmt: skip
+        from evaluation.promote import main
+
+        return main(["--help"])
     if any(a.split("=")[0] in ("--trial", "--epoch", "--adapter", "--config") for a in args):
         from evaluation.promote import main
 

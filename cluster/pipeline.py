@@ -351,9 +351,12 @@ class Pipeline:
     def gate(self) -> dict[str, Any]:
         ev = self.summary["stages"]["evaluate"]
         if not ev["passed"]:
-            tried = len(ev.get("candidates") or [None])
+            candidates = ev.get("candidates") or [{"trial_id": ev.get("trial_id"), "gate": ev["gate"]}]
+            tried = len(candidates)
+            verdicts = "; ".join(f"candidate {i} (trial {c.get('trial_id')}): {c.get('gate')}"
+                                 for i, c in enumerate(candidates, start=1))  # fmt: skip
             raise StageFailed(
-                f"the best adapter did not pass the gate ({ev['gate']}); the champion is unchanged. "
+                f"no adapter passed the gate — {verdicts}; the champion is unchanged. "
                 f"Report: {ev['report']}. A rerun with evaluation.candidates={tried + 1} evaluates the next-best "
                 f"trial; `lorafleet promote {self.model_name} --trial ID --epoch N` one you picked from the samples"
             )

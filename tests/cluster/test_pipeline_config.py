@@ -291,3 +291,22 @@ def test_a_run_folder_of_another_dataset_is_never_reused(pipeline_cfg, tmp_path)
     assert second.run_dir == pipeline.run_dir
     with pytest.raises(ConfigError, match="holds a search of a different dataset .* set name= to a new name"):
         second.validate(second.tune_config())
+
+
+def test_a_refused_gate_names_every_candidates_verdict_and_the_way_on(pipeline_cfg, tmp_path):
+    """The message showed the last candidate's verdict as 'the best adapter's': the best one, refused only on
+    latency, read as if it had not learned the concept."""
+    from cluster.pipeline import StageFailed
+
+    pipeline = Pipeline(pipeline_cfg(f"output_dir={tmp_path}", "name=qpv"))
+    pipeline.summary["stages"]["evaluate"] = {
+        "passed": False, "gate": "gate FAILED: concept_gain >= 0.11: 0.1003", "report": "r.html",
+        "candidates": [{"trial_id": "best1", "passed": False, "gate": "gate FAILED: latency_p95_s <= 2: 2.585"},
+                       {"trial_id": "next2", "passed": False, "gate": "gate FAILED: concept_gain >= 0.11: 0.1003"}],
+    }  # fmt: skip
+    with pytest.raises(StageFailed) as err:
+        pipeline.gate()
+    text = str(err.value)
+    assert "candidate 1 (trial best1): gate FAILED: latency_p95_s <= 2: 2.585" in text
+    assert "candidate 2 (trial next2): gate FAILED: concept_gain" in text
+    assert "evaluation.candidates=3" in text and "lorafleet promote qpv-lora --trial ID --epoch N" in text
