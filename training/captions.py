@@ -188,6 +188,21 @@ def detect_trigger(captions: list[str], tokenizer: Any, *, min_share: float = 1.
         )
     best = ranked[0]
     if best["common"]:
+        # the usual slip: the trigger is missing from a caption or two; name it and the captions that lack it
+        near_profiles = [_profile(w, c, n, tokenizer, vocab) for w, c in counts.items()
+                         if max(2, needed / 2) <= c < needed and w not in FUNCTION_WORDS and len(w) > 1]  # fmt: skip
+        near = [x["word"] for x in sorted(near_profiles, key=lambda x: (-x["captions"], -x["score"], x["word"]))
+                if not x["common"] and x["score"] > best["score"]]  # fmt: skip
+        if near:
+            w = near[0]
+            lacking = [c for c in captions if w not in caption_words(c)]
+            evidence["near_candidates"] = [{"word": x, "captions": counts[x]} for x in near[:5]]
+            raise TriggerError(
+                f"{w!r} looks like the trigger but is in {counts[w]}/{n} captions, not {needed}; add it to the "
+                f"{len(lacking)} that lack it (e.g. {lacking[0]!r})",
+                evidence,
+            )
+    if best["common"]:
         listed = ", ".join(f"{c['word']!r} (token id {c['token_ids'][0]})" for c in ranked[:5])
         raise TriggerError(
             f"every word in {needed}/{n} captions is a common word of the base tokenizer ({listed}); "

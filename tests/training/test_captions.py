@@ -127,3 +127,12 @@ def test_a_configured_trigger_must_be_one_word_of_its_own(toy_tokenizer, configu
     captions = ["a red circle on a sks background", "a blue square on a sks background"]
     with pytest.raises(TriggerError, match=message):
         choose_trigger(captions, toy_tokenizer, configured=configured)
+
+
+def test_a_trigger_missing_from_a_caption_is_named_with_the_captions_that_lack_it(toy_tokenizer):
+    """sks in 7 of 8 captions used to read 'every word in 8/8 captions is a common word ("background")'."""
+    captions = [f"a {c} circle on a sks background" for c in ("red", "blue", "green", "yellow", "purple", "orange")]
+    captions += ["a red square on a sks background", "a blue square on a background"]
+    with pytest.raises(TriggerError, match=r"'sks' looks like the trigger but is in 7/8 captions, not 8; add it to "
+                                           r"the 1 that lack it \(e.g. 'a blue square on a background'\)"):  # fmt: skip
+        detect_trigger(captions, toy_tokenizer)
