@@ -30,7 +30,7 @@ from training.data import DatasetError, validate_dataset
 from training.heldout import select_heldout
 from training.quiet import quiet_libraries
 from training.tracking import MlflowTracker, flatten, git_commit, resolve_tracking_uri, start_run
-from training.worker import ADAPTER_DIR, STATE_NAME, WorkerSpec
+from training.worker import ADAPTER_DIR, WorkerSpec, trainer_state_is_whole
 
 log = logging.getLogger("training.train")
 
@@ -129,14 +129,14 @@ def storage_fault(exc: BaseException, run_dir: Path) -> CheckpointWriteError | N
 
 
 def complete_checkpoints(run_dir: Path) -> list[Path]:
-    """Checkpoint folders whose adapter verifies (sha256 included) and whose trainer state is there, oldest first."""
+    """Checkpoint folders whose adapter verifies and whose trainer state matches its manifest (sha256), oldest first."""
     out = []
     for ckpt in sorted(run_dir.glob("epoch_*")) if run_dir.is_dir() else []:
         try:
             verify_adapter(ckpt / ADAPTER_DIR)
         except Exception:  # noqa: BLE001 - a partial or corrupt checkpoint is not complete
             continue
-        if (ckpt / STATE_NAME).is_file() and (ckpt / STATE_NAME).stat().st_size > 0:
+        if trainer_state_is_whole(ckpt):
             out.append(ckpt)
     return out
 

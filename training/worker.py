@@ -6,6 +6,7 @@ tests and the benchmark call it with plain values.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
@@ -16,7 +17,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from training.adapter import AdapterMeta, load_into_training, portable_model_name, save_adapter
+from training.adapter import AdapterMeta, file_sha256, load_into_training, portable_model_name, save_adapter
 from training.config import TrainConfig
 from training.data import Example
 from training.dataset import make_source
@@ -29,6 +30,7 @@ from training.tracking import NullTracker
 
 log = logging.getLogger(__name__)
 STATE_NAME = "trainer_state.pt"
+STATE_MANIFEST = "trainer_state.json"  # {"sha256", "bytes"} of trainer_state.pt: a truncated copy is not a checkpoint
 ADAPTER_DIR = "adapter"
 
 
@@ -106,14 +108,42 @@ def adapter_meta(spec: WorkerSpec, state: TrainState) -> AdapterMeta:
 
 
 def write_checkpoint(directory: Path, parts: Parts, state: TrainState, meta: AdapterMeta) -> Path:
-    """adapter/ (the deliverable format) + trainer_state.pt (optimizer, schedule, step, epoch, RNG)."""
+    """adapter/ (the deliverable format) + trainer_state.pt (optimizer, schedule, step, epoch, RNG) + its
+    manifest trainer_state.json (sha256 and size), so that a copy cut short by a full disk is never resumed from."""
     te = parts.text_encoder if parts.trains_text_encoder else None
     try:
         save_adapter(directory / ADAPTER_DIR, parts.unet, meta, text_encoder=te)
         torch.save(state.state_dict(), directory / STATE_NAME)
+        manifest = {"sha256": file_sha256(directory / STATE_NAME), "bytes": (directory / STATE_NAME).stat().st_size}
+        (directory / STATE_MANIFEST).write_text(json.dumps(manifest))
     except OSError as exc:  # safetensors and torch name neither the folder nor always the errno
         raise OSError(exc.errno, f"[Errno {exc.errno}] cannot write checkpoint files in {directory}: {exc}") from exc
     return directory
+
+
+def trainer_state_is_whole(directory: Path) -> bool:
+    """True when ``trainer_state.pt`` is there and matches its manifest's sha256 and size.
+
+    A storage copy that hit a full disk can leave a non-empty but truncated state file next to a whole
+    adapter; only the manifest tells them apart. Checkpoints written before the manifest existed are
+    accepted when ``torch.load`` reads them (a truncated zip archive does not load).
+    """
+    path = directory / STATE_NAME
+    if not path.is_file():
+        return False
+    try:
+        manifest = json.loads((directory / STATE_MANIFEST).read_text())
+    except FileNotFoundError:
+        try:
+            torch.load(path, weights_only=True, map_location="cpu")
+        except Exception:  # noqa: BLE001 - any unreadable state is "not whole"
+            return False
+        return True
+    except (OSError, ValueError):
+        return False
+    if not isinstance(manifest, dict) or path.stat().st_size != manifest.get("bytes"):
+        return False
+    return file_sha256(path) == manifest.get("sha256")
 
 
 def read_checkpoint(directory: Path, parts: Parts, state: TrainState) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -61,6 +62,25 @@ def test_tampered_weights_are_refused(trained):
     weights.write_bytes(bytes(data))
     with pytest.raises(AdapterError, match="sha256"):
         verify_adapter(adapter)
+
+
+def test_a_checkpoint_whose_trainer_state_was_cut_short_is_not_complete(trained, tmp_path):
+    """A copy that hit a full disk after the adapter leaves a non-empty, truncated trainer_state.pt; whichever
+    order the storage copy writes files in, that checkpoint is never offered to resume from."""
+    from training.train import complete_checkpoints
+    from training.worker import STATE_MANIFEST, STATE_NAME
+
+    ckpt = tmp_path / "ckpt"
+    run_dir = tmp_path / "run"
+    shutil.copytree(ckpt, run_dir / "epoch_0001")
+    shutil.copytree(ckpt, run_dir / "epoch_0002")
+    state = run_dir / "epoch_0002" / STATE_NAME
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+    assert [p.name for p in complete_checkpoints(run_dir)] == ["epoch_0001"]
+    (run_dir / "epoch_0002" / STATE_MANIFEST).unlink()  # written before the manifest: must still load
+    assert [p.name for p in complete_checkpoints(run_dir)] == ["epoch_0001"]
+    (run_dir / "epoch_0001" / STATE_MANIFEST).unlink()
+    assert [p.name for p in complete_checkpoints(run_dir)] == ["epoch_0001"]
 
 
 def test_pickle_adapters_are_refused(trained, tiny_pipe):
