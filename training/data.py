@@ -44,8 +44,36 @@ class Problem:
 @dataclass(frozen=True)
 class Example:
     path: Path
-    caption: str
+    caption: str  # exactly as trained (after reading, BOM/whitespace handling)
     sha256: str = ""  # of the image file's bytes
+    repeats: int = 1  # times seen per epoch (kohya's ``<repeats>_<name>`` folders); 1 = once
+    prior: bool = False  # a class (regularisation) image for DreamBooth prior preservation, not the concept
+    conversions: tuple[str, ...] = ()  # what was done to the pixels on reading, e.g. "I;16 -> L (scaled 1/257)"
+
+    def to_row(self) -> dict:
+        """JSON-able form (``WorkerSpec`` hands it to Ray workers); ``from_row`` reads it back."""
+        row = {"path": str(self.path), "caption": self.caption, "sha256": self.sha256}
+        if self.repeats != 1:
+            row["repeats"] = self.repeats
+        if self.prior:
+            row["prior"] = True
+        if self.conversions:
+            row["conversions"] = list(self.conversions)
+        return row
+
+    @classmethod
+    def from_row(cls, row: dict | list, path: Path | None = None) -> Example:
+        """Inverse of ``to_row`` (also reads the older ``[path, caption, sha256]`` triples); ``path`` overrides."""
+        if isinstance(row, list):
+            row = dict(zip(("path", "caption", "sha256"), row, strict=False))
+        return cls(
+            path if path is not None else Path(row["path"]),
+            row["caption"],
+            row.get("sha256", ""),
+            int(row.get("repeats", 1)),
+            bool(row.get("prior", False)),
+            tuple(row.get("conversions", ())),
+        )
 
 
 @dataclass
@@ -77,7 +105,8 @@ class DatasetReport:
         """sha256 over every usable (file name, image digest, caption): names this exact training set."""
         h = hashlib.sha256()
         for ex in self.examples:
-            h.update(f"{ex.path.name}\0{ex.sha256}\0{ex.caption}\n".encode())
+            extra = (f"\0repeats={ex.repeats}" if ex.repeats != 1 else "") + ("\0prior" if ex.prior else "")
+            h.update(f"{ex.path.name}\0{ex.sha256}\0{ex.caption}{extra}\n".encode())
         return h.hexdigest()
 
     def raise_if_errors(self) -> None:

@@ -55,8 +55,8 @@ class WorkerSpec:
     def to_dict(self) -> dict:
         return {
             "cfg": self.cfg.model_dump(mode="json"),
-            "examples": [[str(e.path), e.caption, e.sha256] for e in self.examples],
-            "heldout": [[str(e.path), e.caption, e.sha256] for e in self.heldout],
+            "examples": [e.to_row() for e in self.examples],
+            "heldout": [e.to_row() for e in self.heldout],
             "dataset_hash": self.dataset_hash,
             "driver_cwd": os.getcwd(),
             # dataset URIs: the driver's mirror folder -> the URI each worker mirrors on its own node
@@ -81,8 +81,12 @@ class WorkerSpec:
                     return Path(mine) / Path(path).relative_to(root)
             return Path(_localize(path, cwd))
 
-        examples = [Example(here(p), c, h) for p, c, h in d["examples"]]
-        heldout = [Example(here(p), c, h) for p, c, h in d.get("heldout", [])]
+        def localized(row: dict | list) -> Example:
+            ex = Example.from_row(row)
+            return Example.from_row(row, path=here(str(ex.path)))
+
+        examples = [localized(r) for r in d["examples"]]
+        heldout = [localized(r) for r in d.get("heldout", [])]
         return cls(cfg, examples, d["dataset_hash"], heldout)
 
 
