@@ -58,18 +58,37 @@ def served(repo, toy_good_adapter, mlflow_server, tmp_path_factory):
             pytest.fail(f"serve run did not become ready:\n{(tmp / 'serve.log').read_text()[-3000:]}")
         yield {"url": url, "version": version, "pid": proc.pid}
     finally:
-        family = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+        family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
         proc.send_signal(signal.SIGINT)  # serve run shuts Serve and its local Ray down on Ctrl-C
         try:
             proc.wait(timeout=90)
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
-        time.sleep(2)
-        left = [p for p in family if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
-        for pid in left:
-            os.kill(pid, signal.SIGKILL)
-        assert not left, f"processes left behind by serve run: {left}"
+
+        # Ray's own processes (raylet, GCS, workers) exit after `serve run` does: on a busy machine that takes a
+        # while, so wait on the condition (every one gone or a zombie) with a generous limit, not a fixed sleep
+        def running() -> list[psutil.Process]:
+            out = []
+            for p in family:
+                try:
+                    if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                        out.append(p)
+                except psutil.NoSuchProcess:
+                    pass
+            return out
+
+        deadline = time.time() + 90
+        while running() and time.time() < deadline:
+            time.sleep(0.5)
+        left = []
+        for p in running():
+            try:
+                left.append(f"{p.pid} {' '.join(p.cmdline())[:120]}")
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        assert not left, f"processes left behind by serve run 90 s after it exited: {left}"
 
 
 def test_curl_gets_a_png_from_the_champion(served):
