@@ -116,6 +116,7 @@ def validate_class_images(cfg: TrainConfig) -> DatasetReport | None:
                 report.problems.append(
                     Problem(name, "warning", f"class caption contains the trigger {trigger!r}; it teaches the concept")
                 )
+    log.info("%s (weight train.prior_loss_weight=%g)", report.summary(), cfg.train.prior_loss_weight)
     report.raise_if_errors()
     return report
 
