@@ -243,6 +243,7 @@ class Pipeline:
         from training.data import validate_dataset
         from training.heldout import select_heldout
         from training.remote import is_uri, local_copy
+        from training.training_set import run_fingerprint, validate_class_images
 
         data = resolve_bucket_step(tcfg.trial).data  # aspect-ratio buckets of the base model's granularity
         report = validate_dataset(data.model_copy(update={"trigger": None}))  # the trigger is not known yet
@@ -266,14 +267,18 @@ class Pipeline:
             suite = build_suite([e.caption for e in train], [e.caption for e in held], choice.trigger)
         except ValueError as exc:  # captions the suite cannot use (the trigger alone, …): a data problem
             raise ConfigError([f"the evaluation suite cannot be built from the captions: {exc}"], "dataset") from exc
-        self._same_dataset(report.fingerprint())
+        classes = validate_class_images(resolve_bucket_step(tcfg.trial))  # after the trigger, split and suite
+        fingerprint = run_fingerprint(report, classes)  # the class images change the model too
+        self._same_dataset(fingerprint)
         prompts = [p.prompt for p in suite.prompts]
         self.derived |= {"sample_prompts": prompts[: self.cfg.samples.prompts], "smoke_prompt": prompts[0]}
         facts = {"dataset": self.cfg.dataset, "name": self.name, "registered_model": self.model_name,
                  "trigger": choice.trigger, "trigger_source": choice.source, "trigger_evidence": choice.evidence,
                  "captions_without_trigger": missing, "images": len(train), "heldout": len(held),
                  "heldout_from": tcfg.trial.validation.data_path or f"{tcfg.trial.validation.holdout} held out of "
-                 "the dataset", "suite_prompts": prompts, "fingerprint": report.fingerprint()}  # fmt: skip
+                 "the dataset", "suite_prompts": prompts, "fingerprint": fingerprint,
+                 "class_images": len(classes.examples) if classes else 0,
+                 "prior_loss_weight": tcfg.trial.train.prior_loss_weight if classes else None}  # fmt: skip
         (self.run_dir / "dataset.json").write_text(json.dumps(facts, indent=2, default=str) + "\n")
         if self.run_id:
             from training.tracking import MlflowTracker
@@ -284,7 +289,7 @@ class Pipeline:
             tracker.log_artifact(self.run_dir / "dataset.json")
         return {"dataset": tcfg.trial.data.path, "images": len(train), "heldout": len(held),
                 "trigger": choice.trigger, "trigger_evidence": choice.describe(), "warnings": len(report.warnings),
-                "fingerprint": report.fingerprint()}  # fmt: skip
+                "fingerprint": fingerprint, "class_images": len(classes.examples) if classes else 0}  # fmt: skip
 
     def _same_dataset(self, fingerprint: str) -> None:
         """Refuse to reuse this run folder's results for a different dataset: two datasets that derive the same

@@ -30,6 +30,18 @@ class DataConfig(_Section):
         None, description="DreamBooth: one caption for every image, e.g. 'a photo of sks dog'"
     )
     trigger: str | None = Field(None, description="trigger word; DreamBooth captions must contain it")
+    class_data_dir: str | None = Field(
+        None,
+        description="DreamBooth prior preservation (diffusers' --class_data_dir, kohya's reg_data_dir): a folder of "
+        "class (regularisation) images of the concept's class without the trigger, in any layout data.path takes; "
+        "they train with weight train.prior_loss_weight and are balanced to the instance images × repeats per epoch "
+        "(kohya). lorafleet does not generate them: render them with the base model first",
+    )
+    class_prompt: str | None = Field(
+        None,
+        description="caption of every class image when data.class_data_dir has no captions (diffusers' "
+        "--class_prompt), e.g. 'a photo of a dog'; must not contain the trigger",
+    )
     resolution: int = Field(
         64,
         ge=8,
@@ -108,6 +120,18 @@ class OptimArgs(_Section):
     )
     snr_gamma: float | None = Field(5.0, gt=0, description="min-SNR loss weighting gamma; null = plain MSE")
     noise_offset: float = Field(0.0, ge=0, description="add this much per-channel offset noise (0 disables)")
+    with_prior_preservation: bool | None = Field(
+        None,
+        description="train on data.class_data_dir's class images too (diffusers' --with_prior_preservation); "
+        "null = on exactly when data.class_data_dir is set (kohya's reg_data_dir); true needs data.class_data_dir; "
+        "false ignores it",
+    )
+    prior_loss_weight: float = Field(
+        1.0,
+        ge=0,
+        description="loss weight of class images (diffusers' and kohya's --prior_loss_weight); instance images "
+        "weigh 1; 0 = class images are seen but give no gradient",
+    )
     cache_latents: bool | None = Field(
         None, description="encode images/captions once before training; null = on unless data.crop=random"
     )
@@ -213,7 +237,19 @@ class TrainConfig(_Section):
                 "train.cache_latents=true cannot be combined with data.crop=random (each step needs a new crop); "
                 "set train.cache_latents=null/false or data.crop=center"
             )
+        prior = get("train.with_prior_preservation", None)
+        if prior is True and not get("data.class_data_dir", None):
+            problems.append(
+                "train.with_prior_preservation=true needs class images: set data.class_data_dir to a folder of "
+                "images of the class (and data.class_prompt unless they have captions), or drop it"
+            )
         return problems
+
+    @property
+    def prior_preservation(self) -> bool:
+        """Whether class images train (``train.with_prior_preservation``, null = when data.class_data_dir is set)."""
+        wanted = self.train.with_prior_preservation
+        return bool(self.data.class_data_dir) if wanted is None else wanted
 
     @property
     def storage_path(self) -> str:

@@ -8,6 +8,12 @@ as does a text-encoder LoRA, whose embeddings change while it trains.
 With ``data.buckets`` each image has an aspect-ratio bucket (``training.buckets``): it is resized to cover
 its bucket and cropped to it, the latent cache keeps one tensor per bucket, every batch holds one bucket,
 and ranks are sharded per bucket so they all run the same number of batches.
+
+Repeats (kohya's ``<repeats>_<name>`` folders, ``Example.repeats``) are a sampling weight, as kohya's
+``num_repeats``: an epoch is every image × its repeats, so an image with ``repeats=3`` is drawn three times per
+epoch. The sources hold each image once (one latent-cache entry, one caption embedding) and a list of *slots*
+(an image index per draw); buckets, sharding, batch counts and so the LR schedule count slots. Class images
+(``Example.prior``, DreamBooth prior preservation) ride along with a per-sample flag the loss weighs.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ class Batch:
     latent_mean: torch.Tensor | None = None  # (B, C, h, w), unscaled VAE posterior
     latent_std: torch.Tensor | None = None
     prompt_embeds: torch.Tensor | None = None  # (B, L, D) cached text-encoder output
+    prior: torch.Tensor | None = None  # (B,) bool: class (regularisation) images, weighted by train.prior_loss_weight
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -102,8 +109,14 @@ def encode_pixels(parts: Parts, pixels: torch.Tensor, batch_size: int = 16) -> t
     return torch.cat(means), torch.cat(stds)
 
 
+def expand_repeats(examples: list[Example]) -> list[int]:
+    """The slots of one epoch: example ``i`` listed ``examples[i].repeats`` times (kohya's num_repeats)."""
+    return [i for i, e in enumerate(examples) for _ in range(e.repeats)]
+
+
 class _Source:
-    """Examples with their token ids, (cached) text embeddings and buckets, grouped for per-bucket batches."""
+    """Examples (each once) with their token ids, (cached) text embeddings and buckets, and the epoch's slots
+    (example indices, an image listed once per repeat) grouped by bucket for per-bucket batches."""
 
     def __init__(
         self,
@@ -112,18 +125,32 @@ class _Source:
         parts: Parts,
         cache_text: bool,
         buckets: list[Bucket] | None = None,
+        slots: list[int] | None = None,
     ):
         self.examples = examples
         self.data = data
         if buckets is None:
             buckets = assign_buckets([e.path for e in examples], data, worker_step(data, parts.pipe))
         self.buckets = buckets  # (width, height) per example
-        self.groups = list(bucket_groups(buckets).values())  # indices per bucket, buckets sorted
+        self.slots = expand_repeats(examples) if slots is None else slots  # example index per draw of an epoch
+        groups = bucket_groups([buckets[i] for i in self.slots])  # positions in slots per bucket, buckets sorted
+        self.groups = [[self.slots[j] for j in members] for members in groups.values()]  # example indices
+        self.prior = torch.tensor([e.prior for e in examples], dtype=torch.bool)
         self.input_ids = tokenize(parts, [e.caption for e in examples])
         self.prompt_embeds = encode_text(parts, self.input_ids) if cache_text else None
 
     def __len__(self) -> int:
+        """Samples per epoch on this rank: images × repeats (each image is held and encoded once)."""
+        return len(self.slots)
+
+    @property
+    def num_images(self) -> int:
+        """Distinct images on this rank (instance and class)."""
         return len(self.examples)
+
+    def _prior(self, idx: list[int]) -> torch.Tensor | None:
+        """The batch's class-image flags; None when this source holds no class image."""
+        return self.prior[idx] if bool(self.prior.any()) else None
 
     def batches_per_epoch(self, batch_size: int) -> int:
         """Batches of one epoch: each bucket's images chunked on their own."""
@@ -152,7 +179,7 @@ class PixelSource(_Source):
             ]
         )
         embeds = self.prompt_embeds[idx] if self.prompt_embeds is not None else None
-        return Batch(self.input_ids[idx], pixels=pixels, prompt_embeds=embeds)
+        return Batch(self.input_ids[idx], pixels=pixels, prompt_embeds=embeds, prior=self._prior(idx))
 
 
 class EncodedSource(_Source):
@@ -168,15 +195,15 @@ class EncodedSource(_Source):
         parts: Parts,
         cache_text: bool,
         buckets: list[Bucket] | None = None,
+        slots: list[int] | None = None,
     ):
-        super().__init__(examples, data, parts, cache_text, buckets)
+        super().__init__(examples, data, parts, cache_text, buckets, slots)
         flips = (False, True) if data.random_flip else (False,)
         self.views = len(flips)
         self.mean: dict[Bucket, torch.Tensor] = {}
         self.std: dict[Bucket, torch.Tensor] = {}
         self.row = [0] * len(examples)
-        for members in self.groups:
-            bucket = self.buckets[members[0]]
+        for bucket, members in bucket_groups(self.buckets).items():  # each image once, whatever its repeats
             views = [
                 encode_pixels(parts, torch.stack([load_image(examples[i].path, bucket, data.crop, f) for i in members]))
                 for f in flips
@@ -193,29 +220,42 @@ class EncodedSource(_Source):
         view = torch.randint(0, self.views, (n,), generator=gen) if self.views > 1 else torch.zeros(n, dtype=int)
         embeds = self.prompt_embeds[idx] if self.prompt_embeds is not None else None
         mean, std = self.mean[bucket][rows, view], self.std[bucket][rows, view]
-        return Batch(self.input_ids[idx], latent_mean=mean, latent_std=std, prompt_embeds=embeds)
+        return Batch(
+            self.input_ids[idx], latent_mean=mean, latent_std=std, prompt_embeds=embeds, prior=self._prior(idx)
+        )
 
 
 def make_source(
     examples: list[Example], data: DataConfig, parts: Parts, use_cache: bool, *, rank: int = 0, world_size: int = 1
 ) -> PixelSource | EncodedSource:
-    """This rank's share of ``examples`` as a batch source, sharded per bucket (see ``shard_by_bucket``)."""
+    """This rank's share of ``examples`` as a batch source.
+
+    The epoch's slots (each example × its ``repeats``) are sharded per bucket (see ``shard_by_bucket``), so
+    every rank runs the same number of batches; the source keeps each image it drew at least once a single
+    time (cached once) and lists it once per slot.
+    """
     cache_text = not parts.trains_text_encoder
     assigned = assign_buckets([e.path for e in examples], data, worker_step(data, parts.pipe))
-    mine = shard_by_bucket(assigned, rank, world_size)
+    slots = expand_repeats(examples)
+    mine = [slots[j] for j in shard_by_bucket([assigned[i] for i in slots], rank, world_size)]
+    held = sorted(set(mine))
+    local = {i: k for k, i in enumerate(held)}
     cls = EncodedSource if use_cache else PixelSource
-    return cls([examples[i] for i in mine], data, parts, cache_text, [assigned[i] for i in mine])
+    return cls(
+        [examples[i] for i in held], data, parts, cache_text, [assigned[i] for i in held], [local[i] for i in mine]
+    )
 
 
 def epoch_batches(
     source: PixelSource | EncodedSource, batch_size: int, seed: int, epoch: int, rank: int = 0
 ) -> Iterator[Batch]:
-    """Shuffled batches of one epoch, each of one bucket; the order depends only on (seed, epoch, rank), so
-    resumes replay it. One bucket: a permutation chunked in order. Several: each bucket's images permuted and
-    chunked, then the batches' order permuted."""
+    """Shuffled batches of one epoch (every slot once: an image with ``repeats=r`` r times), each of one bucket;
+    the order depends only on (seed, epoch, rank), so resumes replay it. One bucket: a permutation chunked in
+    order. Several: each bucket's slots permuted and chunked, then the batches' order permuted."""
     gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch * 1_009 + rank)
     if len(source.groups) <= 1:
-        order = torch.randperm(len(source), generator=gen).tolist()
+        members = source.groups[0] if source.groups else []  # example indices, one per slot (repeats)
+        order = [members[i] for i in torch.randperm(len(members), generator=gen).tolist()]
         for start in range(0, len(order), batch_size):
             yield source.batch(order[start : start + batch_size], gen)
         return
@@ -225,6 +265,16 @@ def epoch_batches(
         chunks += [perm[start : start + batch_size] for start in range(0, len(perm), batch_size)]
     for j in torch.randperm(len(chunks), generator=gen).tolist():
         yield source.batch(chunks[j], gen)
+
+
+def planned_batches(assigned: list[Bucket], examples: list[Example], batch_size: int, world_size: int = 1) -> int:
+    """Batches per epoch on every rank before any model is loaded — what ``make_source(...).batches_per_epoch``
+    gives: each example's slots (× repeats) in its bucket (``assigned[i]``), dealt to ``world_size`` ranks.
+    The LR schedule and ``train.max_steps`` count these."""
+    counts: dict[Bucket, int] = {}
+    for bucket, e in zip(assigned, examples, strict=True):
+        counts[bucket] = counts.get(bucket, 0) + e.repeats
+    return sum(batches_per_epoch(math.ceil(n / world_size), batch_size) for n in counts.values())
 
 
 def batches_per_epoch(n: int, batch_size: int) -> int:

@@ -105,11 +105,44 @@ def denoising_loss(parts: Parts, batch: Batch, args: OptimArgs, gen: torch.Gener
     with parts.autocast():
         pred = parts.unet(noisy, timesteps, encoder_hidden_states=embeds).sample
     per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-    if args.snr_gamma is None:
-        return per_sample.mean()
-    snr = compute_snr(parts.noise_scheduler, timesteps)
-    weights = torch.clamp(snr, max=args.snr_gamma) / (snr if prediction == "epsilon" else snr + 1)
-    return (per_sample * weights).mean()
+    snr_weights = None
+    if args.snr_gamma is not None:
+        snr = compute_snr(parts.noise_scheduler, timesteps)
+        snr_weights = torch.clamp(snr, max=args.snr_gamma) / (snr if prediction == "epsilon" else snr + 1)
+    return weighted_loss(per_sample, batch.prior, args.prior_loss_weight, snr_weights)
+
+
+def weighted_loss(
+    per_sample: torch.Tensor,
+    prior: torch.Tensor | None,
+    prior_loss_weight: float,
+    snr_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The batch loss: mean over samples of ``loss_i × w_i × snr_i``.
+
+    ``w_i`` is ``prior_loss_weight`` for a class image (``prior[i]``) and 1 for an instance image — kohya-ss
+    sd-scripts' prior preservation (``train_util.BaseDataset.__getitem__`` sets ``loss_weights`` to
+    ``prior_loss_weight if image_info.is_reg else 1.0``; ``train_network.py`` multiplies the per-sample loss by
+    them before its ``.mean()``). It works with buckets and repeats because class images are ordinary samples.
+    diffusers' ``train_dreambooth_lora.py`` instead pairs every instance image with a class image in a
+    2·B batch and adds ``instance_loss + prior_loss_weight · prior_loss``: the same weighting, twice this value for
+    half-and-half batches. With ``prior_loss_weight=0`` class images contribute exactly zero gradient.
+
+    Args:
+        per_sample: (B,) loss of each sample (MSE averaged over C, H, W).
+        prior: (B,) bool, True for class images; None = no class image in the batch.
+        prior_loss_weight: ``train.prior_loss_weight`` (≥ 0).
+        snr_weights: (B,) min-SNR weights, or None for plain MSE.
+
+    Returns:
+        A scalar tensor.
+    """
+    if prior is not None:
+        weights = torch.where(prior.to(per_sample.device), prior_loss_weight, 1.0).to(per_sample.dtype)
+        per_sample = per_sample * weights
+    if snr_weights is not None:
+        per_sample = per_sample * snr_weights
+    return per_sample.mean()
 
 
 def all_reduce_sum(values: list[float]) -> list[float]:

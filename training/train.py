@@ -27,9 +27,9 @@ from training.buckets import resolve_bucket_step
 from training.config import PreflightError, TrainConfig
 from training.configuration import ConfigError, load_config
 from training.data import DatasetError, validate_dataset
-from training.heldout import select_heldout
 from training.quiet import quiet_libraries
 from training.tracking import MlflowTracker, flatten, git_commit, resolve_tracking_uri, start_run
+from training.training_set import build_worker_spec, describe_epoch, epoch_counts
 from training.worker import ADAPTER_DIR, WorkerSpec, trainer_state_is_whole
 
 log = logging.getLogger("training.train")
@@ -182,9 +182,22 @@ def open_run(cfg: TrainConfig, spec: WorkerSpec, resume: bool) -> tuple[str | No
         name = cfg.mlflow.run_name or cfg.run_name
         run_id = start_run(uri, cfg.mlflow.experiment, name, tags, cfg.mlflow.parent_run_id, local)
         tracker = MlflowTracker(uri, run_id)
-        tracker.log_params(flatten(cfg.model_dump(mode="json")) | {"data.num_images": str(len(spec.examples))})
+        counts = {f"data.{k}": str(v) for k, v in epoch_counts(spec.examples).items()}  # images, × repeats, class
+        tracker.log_params(flatten(cfg.model_dump(mode="json")) | counts)
     marker.write_text(json.dumps({"run_id": run_id, "tracking_uri": uri}) + "\n")
     return uri, run_id
+
+
+def planned_spec_batches(cfg: TrainConfig, spec: WorkerSpec) -> int | None:
+    """Batches per epoch on each worker, as the workers will count them (repeats and class images included);
+    None when the bucket step is only known on the workers (the base model's configs could not be read)."""
+    from training.buckets import assign_buckets
+    from training.dataset import planned_batches
+
+    if cfg.data.buckets and not cfg.data.bucket_step:
+        return None
+    assigned = assign_buckets([e.path for e in spec.examples], cfg.data, cfg.data.bucket_step or 1)
+    return planned_batches(assigned, spec.examples, cfg.train.batch_size, cfg.ray.num_workers)
 
 
 def export_adapter(checkpoint_dir: Path, output_dir: Path) -> Path:
@@ -218,8 +231,8 @@ def run(cfg: TrainConfig, *, resume: bool = False, callbacks: list | None = None
     report.raise_if_errors()  # nothing has been written yet
     if problems := preflight(cfg, resume):
         raise PreflightError("cannot start training:\n  - " + "\n  - ".join(problems))
-    train_examples, heldout = select_heldout(cfg, report.examples)
-    spec = WorkerSpec(cfg, train_examples, report.fingerprint(), heldout)
+    spec = build_worker_spec(cfg, report)  # held-out split on the instance images, then the class images
+    log.info("%s", describe_epoch(cfg, spec.examples, planned_spec_batches(cfg, spec)))
     output_dir = Path(cfg.output_dir).expanduser().resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     uri, run_id = open_run(cfg, spec, resume)

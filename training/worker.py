@@ -61,7 +61,9 @@ class WorkerSpec:
             "driver_cwd": os.getcwd(),
             # dataset URIs: the driver's mirror folder -> the URI each worker mirrors on its own node
             "mirrors": {
-                str(local_copy(u)): u for u in (self.cfg.data.path, self.cfg.validation.data_path) if is_uri(u)
+                str(local_copy(u)): u
+                for u in (self.cfg.data.path, self.cfg.validation.data_path, self.cfg.data.class_data_dir)
+                if is_uri(u)
             },  # fmt: skip
         }
 
@@ -192,8 +194,14 @@ def run_worker(
     cfg, tracker = spec.cfg, tracker or NullTracker()
     parts = build_worker_parts(cfg, torch.device(device))
     source = make_source(spec.examples, cfg.data, parts, cfg.use_cache, rank=rank, world_size=world_size)
-    log.info("rank %d: %d images in buckets %s", rank, len(source), source.histogram())
     state = make_state(cfg, parts, source.batches_per_epoch(cfg.train.batch_size), rank)
+    n_class = sum(e.prior for e in source.examples)
+    log.info(
+        "rank %d: %d images (%d class images, weight train.prior_loss_weight=%g) in buckets %s; %d samples per "
+        "epoch with repeats = %d batches of <= %d; %d optimizer steps in all",
+        *(rank, source.num_images, n_class, cfg.train.prior_loss_weight, source.histogram(), len(source)),
+        *(source.batches_per_epoch(cfg.train.batch_size), cfg.train.batch_size, state.total_steps),
+    )
     if resume_from is not None:
         read_checkpoint(Path(resume_from), parts, state)
     parts.unet = prepare(parts.unet)  # DDP after loading: the wrapper shares the same parameters

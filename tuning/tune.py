@@ -38,9 +38,9 @@ from training.cluster_state import up_mlflow
 from training.config import PreflightError
 from training.configuration import ConfigError, load_config
 from training.data import DatasetError, validate_dataset
-from training.heldout import select_heldout
 from training.quiet import quiet_libraries
 from training.tracking import MlflowTracker, flatten, git_commit, start_run
+from training.training_set import build_worker_spec, describe_epoch
 from tuning.config import TuneConfig
 from tuning.handoff import eval_config, evaluate_best
 from tuning.results import TrialRecord
@@ -148,10 +148,12 @@ def trial_dirname(trial: Any) -> str:
 def preflight(cfg: TuneConfig, run_dir: Path, resume: bool) -> list[str]:
     """Every problem found before Ray starts: data, held-out set, trial configs, the run folder."""
     problems = []
-    report = validate_dataset(resolve_bucket_step(cfg.trial).data)  # buckets of the base model's granularity
+    trial = resolve_bucket_step(cfg.trial)  # buckets of the base model's granularity
+    report = validate_dataset(trial.data)
     log.info("%s", report.summary())
     report.raise_if_errors()
-    select_heldout(cfg.trial, report.examples)  # raises with the fix
+    spec = build_worker_spec(trial, report)  # the held-out split and the class images: raise with the fix
+    log.info("%s", describe_epoch(trial, spec.examples))
     points = choice_points(cfg) + cfg.search.points_to_evaluate
     if cfg.search.algorithm == "grid":
         points += grid_points(cfg)
@@ -184,7 +186,8 @@ def absolute_paths(cfg: TuneConfig) -> TuneConfig:
     """Trials run in Tune's trial folders: relative paths that exist here are made absolute."""
     data = cfg.model_dump(mode="json")
     t = data["trial"]
-    for holder, key in ((t, "base_model"), (t["data"], "path"), (t["validation"], "data_path")):
+    paths = ((t, "base_model"), (t["data"], "path"), (t["data"], "class_data_dir"), (t["validation"], "data_path"))
+    for holder, key in paths:
         if holder[key] and not Path(holder[key]).is_absolute() and Path(holder[key]).exists():
             holder[key] = str(Path(holder[key]).resolve())
     return TuneConfig.model_validate(data)
