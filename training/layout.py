@@ -288,15 +288,16 @@ def _kohya(root: Path, cfg: DataConfig, files: list[Path], captions: dict, layou
 
 
 def _describe_images(root: Path, images: list[Path]) -> str:
-    subs = sorted({p.relative_to(root).parts[0] for p in images if len(p.relative_to(root).parts) > 1})
+    """E.g. ``found 3 images: 1 in the folder itself, 2 in sub-folders a/, b/``."""
+    depth = [len(p.relative_to(root).parts) for p in images]
+    subs = sorted({p.relative_to(root).parts[0] for p, d in zip(images, depth) if d > 1})
     where = []
-    if len(subs) < len(images):
-        top = sum(1 for p in images if len(p.relative_to(root).parts) == 1)
-        where.append(f"{top} in the folder itself" if subs else "")
+    if top := depth.count(1):
+        where.append(f"{top} in the folder itself")
     if subs:
         shown = ", ".join(f"{s}/" for s in subs[:5]) + (f" and {len(subs) - 5} more" if len(subs) > 5 else "")
-        where.append(f"in sub-folders {shown}")
-    return f"found {len(images)} images {' and '.join(w for w in where if w)}".rstrip()
+        where.append(f"{len(images) - top} in sub-folders {shown}")
+    return f"found {len(images)} images: {', '.join(where)}"
 
 
 def find_layout(root: Path, cfg: DataConfig, prompt_key: str = "data.instance_prompt",
