@@ -300,3 +300,29 @@ def test_class_images_without_captions_need_a_class_prompt_without_the_trigger(t
     assert [e.caption for e in ok.examples if e.prior] == ["a photo of a thing"] * 6
     bad = _report(root, trigger="sks", class_data_dir=str(tmp_path / "reg"), class_prompt="a sks thing")
     assert "contains the trigger 'sks'" in bad.errors[0].message
+
+
+# -- every reader agrees ------------------------------------------------------------------------------------------
+
+
+def test_evaluation_reads_the_dataset_as_training_does(repo, tmp_path):
+    """The search hands its data.caption_column (and image_column, caption_extension) to the evaluation, whose
+    ``dataset_split`` then sees the same images with the same captions as training."""
+    from evaluation.suite import dataset_split
+    from training.configuration import load_config
+    from tuning.config import TuneConfig
+    from tuning.handoff import eval_config
+
+    root = tmp_path / "d"
+    _images(root, [f"{i}.png" for i in range(6)])
+    rows = "".join(json.dumps({"file_name": f"{i}.png", "caption": c}) + "\n" for i, c in enumerate(CAPTIONS))
+    (root / "metadata.jsonl").write_bytes(rows.encode("utf-8-sig"))
+    overrides = [f"output_dir={tmp_path / 'tune'}", f"trial.base_model={repo / 'models' / 'toy-sd'}",
+                 f"trial.data.path={root}", "trial.data.caption_column=caption"]  # fmt: skip
+    cfg = load_config(TuneConfig, repo / "configs" / "tune.yaml", overrides)
+    ecfg = eval_config(cfg, tmp_path / "tune", None, None, fetch=False)
+    assert ecfg.data.caption_column == "caption"
+    train, _ = dataset_split(ecfg.data.model_copy(update={"heldout_path": None}), "sks")
+    assert [(e.path, e.caption) for e in train] == [
+        (e.path, e.caption) for e in _report(root, caption_column="caption").examples
+    ]
