@@ -231,6 +231,11 @@ class TrainConfig(_Section):
                 f"train.mixed_precision: {get('train.mixed_precision', '')} needs GPU workers; set ray.use_gpu=true "
                 "or train.mixed_precision=auto (fp32 on CPU)"
             )
+        if get("data.class_prompt", None) and not get("data.class_data_dir", None):
+            problems.append(
+                "data.class_prompt is set but data.class_data_dir is not: set the folder of class images "
+                "(prior preservation) or drop data.class_prompt"
+            )
         if get("validation.data_path", None) and get("validation.holdout", 0):
             problems.append(
                 "validation.data_path and validation.holdout are alternatives; set one (holdout=0 with a data_path)"

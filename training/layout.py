@@ -339,6 +339,9 @@ def find_layout(root: Path, cfg: DataConfig, prompt_key: str = "data.instance_pr
                      f"a caption file ({cfg.caption_extension}) next to each image, kohya <repeats>_<name> folders "
                      f"(the name is the caption), or set {prompt_key} (DreamBooth: one caption for all)")  # fmt: skip
         layout.fatal = True
+    if fmt != "kohya" and (own := kohya_folder(root.name)) and own[0] != 1:
+        msg = f"the folder is named like a kohya <repeats>_<name> folder, but {own[0]} repeats apply only to"
+        layout.warn(".", f"{msg} sub-folders: point data.path at its parent ({root.parent}) to use them")
     for path in captions.values():
         layout.warn(_rel(root, path), f"caption file without an image of the same name ({', '.join(IMAGE_EXTENSIONS)})")
     for path in files:

@@ -326,3 +326,22 @@ def test_evaluation_reads_the_dataset_as_training_does(repo, tmp_path):
     assert [(e.path, e.caption) for e in train] == [
         (e.path, e.caption) for e in _report(root, caption_column="caption").examples
     ]
+
+
+def test_pointing_at_a_kohya_folder_itself_says_where_its_repeats_apply(tmp_path):
+    root = _sidecar_dataset(tmp_path / "10_sks dotted", "clean")
+    report = _report(root)
+    assert report.format == "sidecar" and {e.repeats for e in report.examples} == {1}
+    assert f"point data.path at its parent ({tmp_path})" in _problems(report)["."].message
+
+
+def test_a_symlinked_sub_folder_is_named_not_silently_dropped(tmp_path):
+    root = _sidecar_dataset(tmp_path / "d", "clean")
+    _images(tmp_path / "elsewhere", ["e.png"], start=20)
+    (root / "more").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    assert "symlinked folder, not followed" in _problems(_report(root))["more/"].message
+
+
+def test_a_class_prompt_without_class_images_is_a_config_error(train_config):
+    with pytest.raises(ValueError, match="data.class_prompt is set but data.class_data_dir is not"):
+        train_config(**{"data.class_prompt": "a photo of a thing"})
