@@ -249,7 +249,7 @@ class Pipeline:
         report = validate_dataset(data.model_copy(update={"trigger": None}))  # the trigger is not known yet
         log.info("%s", report.summary())
         report.raise_if_errors()
-        choice = choose_trigger([e.caption for e in report.examples], load_tokenizer(tcfg.trial.base_model),
+        choice = choose_trigger([e.caption for e in report.instances], load_tokenizer(tcfg.trial.base_model),
                                 configured=self.cfg.trigger, instance_prompt=data.instance_prompt)  # fmt: skip
         log.info("%s", choice.describe())
         if not self.cfg.heldout and is_uri(self.cfg.dataset) and (local_copy(data.path) / "heldout").is_dir():
@@ -257,14 +257,15 @@ class Pipeline:
         self.derived["trigger"] = choice.trigger
         tcfg = self.tune_config()
         train, held = select_heldout(tcfg.trial, report.examples)
-        if len(train) < data.min_images:
+        concept = [e for e in train if not e.prior]  # class images (prior preservation) lack the trigger by design
+        if len(concept) < data.min_images:
             where = "heldout=" if self.cfg.heldout else f"holdout={self.cfg.holdout}"
-            left = f"{where} leaves {len(train)} of {len(report.examples)} images to train on"
+            left = f"{where} leaves {len(concept)} of {len(report.instances)} images to train on"
             raise ConfigError([f"{left}, fewer than data.min_images={data.min_images}: lower holdout or add images"],
                               "pipeline")  # fmt: skip
-        missing = [e.path.name for e in train if choice.trigger.lower() not in caption_words(e.caption)]
+        missing = [e.path.name for e in concept if choice.trigger.lower() not in caption_words(e.caption)]
         try:
-            suite = build_suite([e.caption for e in train], [e.caption for e in held], choice.trigger)
+            suite = build_suite([e.caption for e in concept], [e.caption for e in held], choice.trigger)
         except ValueError as exc:  # captions the suite cannot use (the trigger alone, …): a data problem
             raise ConfigError([f"the evaluation suite cannot be built from the captions: {exc}"], "dataset") from exc
         classes = validate_class_images(resolve_bucket_step(tcfg.trial))  # after the trigger, split and suite

@@ -155,6 +155,9 @@ class DataArgs(_Section):
     instance_prompt: str | None = Field(
         None, description="DreamBooth folders (images only): the caption of every image, e.g. 'a photo of sks dog'"
     )
+    caption_column: str = Field("text", min_length=1, description="as training's data.caption_column")
+    image_column: str = Field("file_name", min_length=1, description="as training's data.image_column")
+    caption_extension: str = Field(".txt", pattern=r"^\.[^./\\]+$", description="as training's data.caption_extension")
     holdout: int = Field(
         0,
         ge=0,

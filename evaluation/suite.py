@@ -189,7 +189,10 @@ def dataset_split(data: DataArgs, trigger: str | None = None) -> tuple[list, lis
     from training.heldout import split_holdout
 
     def examples(path: str) -> list:
-        cfg = DataConfig(path=path, trigger=trigger, min_images=1, instance_prompt=data.instance_prompt)
+        layout = {
+            k: getattr(data, k) for k in ("instance_prompt", "caption_column", "image_column", "caption_extension")
+        }
+        cfg = DataConfig(path=path, trigger=trigger, min_images=1, **layout)  # read as training reads it
         report = validate_dataset(cfg)
         report.raise_if_errors()
         return report.examples

@@ -21,13 +21,40 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
-    path: str = Field(..., description="dataset folder: images + metadata.jsonl, or images + .txt captions")
-    format: Literal["auto", "metadata", "sidecar", "dreambooth"] = Field(
+    path: str = Field(
+        ...,
+        description="dataset folder: images + metadata.jsonl, images + .txt captions (sub-folders too), or kohya's "
+        "<repeats>_<name> folders",
+    )
+    format: Literal["auto", "metadata", "kohya", "sidecar", "dreambooth"] = Field(
         "auto",
-        description="auto: metadata.jsonl if present, else .txt sidecars, else dreambooth (needs instance_prompt)",
+        description="auto: metadata.jsonl if present, else kohya if a sub-folder is named <repeats>_<name> "
+        "(e.g. '10_sks dog'), else caption files next to the images, else dreambooth (needs instance_prompt)",
+    )
+    caption_column: str = Field(
+        "text", min_length=1, description="metadata.jsonl key holding the caption (diffusers' --caption_column)"
+    )
+    image_column: str = Field(
+        "file_name",
+        min_length=1,
+        description="metadata.jsonl key naming the image, relative to data.path (diffusers' --image_column)",
+    )
+    caption_extension: str = Field(
+        ".txt",
+        pattern=r"^\.[^./\\]+$",
+        description="extension of caption files next to the images, matched in any letter case (kohya's "
+        "--caption_extension; e.g. '.caption')",
     )
     instance_prompt: str | None = Field(
         None, description="DreamBooth: one caption for every image, e.g. 'a photo of sks dog'"
+    )
+    class_data_dir: str | None = Field(
+        None,
+        description="class (regularisation) images for DreamBooth prior preservation (diffusers' --class_data_dir, "
+        "kohya's --reg_data_dir): a local folder in any layout above; its images are marked prior",
+    )
+    class_prompt: str | None = Field(
+        None, description="caption of class images that have none, e.g. 'a photo of a dog' (diffusers' --class_prompt)"
     )
     trigger: str | None = Field(None, description="trigger word; DreamBooth captions must contain it")
     class_data_dir: str | None = Field(
@@ -227,6 +254,11 @@ class TrainConfig(_Section):
             problems.append(
                 f"train.mixed_precision: {get('train.mixed_precision', '')} needs GPU workers; set ray.use_gpu=true "
                 "or train.mixed_precision=auto (fp32 on CPU)"
+            )
+        if get("data.class_prompt", None) and not get("data.class_data_dir", None):
+            problems.append(
+                "data.class_prompt is set but data.class_data_dir is not: set the folder of class images "
+                "(prior preservation) or drop data.class_prompt"
             )
         if get("validation.data_path", None) and get("validation.holdout", 0):
             problems.append(

@@ -1,44 +1,32 @@
 """Read and validate a fine-tuning dataset folder before anything is trained or written.
 
-Three layouts, as users bring them:
-
-- ``metadata.jsonl`` with one ``{"file_name": ..., "text": ...}`` per image (🤗 imagefolder,
-  diffusers' ``train_text_to_image_lora.py``);
-- ``.txt`` caption sidecars (``0001.png`` + ``0001.txt``, kohya-style);
-- DreamBooth: images only, one ``instance_prompt`` containing the trigger word.
-
-``validate_dataset`` opens every file once and returns a report listing every problem by
-file; errors stop the job (``DatasetError``), warnings are logged. It only reads.
+The layouts users bring (``metadata.jsonl``, kohya ``<repeats>_<name>`` folders, caption files next to the
+images, DreamBooth's one ``instance_prompt``) are found by ``training.layout``; class images for prior
+preservation come from ``data.class_data_dir`` in any of them. ``validate_dataset`` opens every image once and
+returns a report listing every problem by file; errors stop the job (``DatasetError``), warnings are logged. It
+only reads. Every reader of the dataset (training, held-out split, evaluation, the pipeline) uses the report's
+``examples``, so they all see the same images with the same captions.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-import json
 import logging
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
 
 from PIL import Image
 
 from training.buckets import Bucket, data_buckets, default_step, histogram, nearest_bucket, oriented_size
 from training.captions import caption_words
-from training.config import IMAGE_EXTENSIONS, DataConfig
+from training.config import DataConfig
+from training.layout import Candidate, Problem, find_layout
 from training.remote import is_uri, local_copy
 
 log = logging.getLogger(__name__)
-Severity = Literal["error", "warning"]
-_SKIP = {"metadata.jsonl", "validation_prompts.txt", "toy_dataset.json"}
-
-
-@dataclass(frozen=True)
-class Problem:
-    file: str  # path relative to the dataset root ("." for the folder itself)
-    severity: Severity
-    message: str
+__all__ = ["DatasetError", "DatasetReport", "Example", "Problem", "validate_dataset"]
 
 
 @dataclass(frozen=True)
@@ -84,6 +72,12 @@ class DatasetReport:
     problems: list[Problem] = field(default_factory=list)
     buckets: dict[str, int] = field(default_factory=dict)  # usable images per bucket "WxH" (training's crop sizes)
     bucket_rule: str = ""  # how the buckets were made, e.g. "data.resolution=64, bucket step 16, max aspect 2"
+    groups: dict[str, tuple[int, int]] = field(default_factory=dict)  # kohya folder -> (usable images, repeats)
+
+    @property
+    def instances(self) -> list[Example]:
+        """The concept's examples (captions with the trigger); ``examples`` also holds class images (``prior``)."""
+        return [e for e in self.examples if not e.prior]
 
     @property
     def errors(self) -> list[Problem]:
@@ -94,7 +88,10 @@ class DatasetReport:
         return [p for p in self.problems if p.severity == "warning"]
 
     def summary(self) -> str:
-        lines = [f"dataset {self.root} ({self.format}): {len(self.examples)} usable images"]
+        lines = [f"dataset {self.root} ({self.format}): {len(self.instances)} usable images"]
+        if priors := len(self.examples) - len(self.instances):
+            lines[0] += f" + {priors} class images (prior preservation)"
+        lines += [f"  {g}: {n} images × {r} repeats" for g, (n, r) in self.groups.items()]
         if self.buckets:
             counts = ", ".join(f"{b}: {n}" for b, n in self.buckets.items())
             lines.append(f"  buckets ({self.bucket_rule}): {counts}")
@@ -102,11 +99,16 @@ class DatasetReport:
         return "\n".join(lines)
 
     def fingerprint(self) -> str:
-        """sha256 over every usable (file name, image digest, caption): names this exact training set."""
+        """sha256 over every usable (path inside the dataset, image digest, caption, repeats, prior): names this
+        exact training set (a flat folder's paths are its file names, so older fingerprints stay valid)."""
         h = hashlib.sha256()
         for ex in self.examples:
             extra = (f"\0repeats={ex.repeats}" if ex.repeats != 1 else "") + ("\0prior" if ex.prior else "")
-            h.update(f"{ex.path.name}\0{ex.sha256}\0{ex.caption}{extra}\n".encode())
+            try:
+                name = ex.path.relative_to(self.root).as_posix()
+            except ValueError:  # a class image outside the dataset folder
+                name = ex.path.name
+            h.update(f"{name}\0{ex.sha256}\0{ex.caption}{extra}\n".encode())
         return h.hexdigest()
 
     def raise_if_errors(self) -> None:
@@ -161,45 +163,6 @@ def _check_image(data: bytes, cfg: DataConfig, buckets: list[Bucket]) -> tuple[s
     ), bucket
 
 
-def _read_text(path: Path) -> tuple[str | None, str | None]:
-    try:
-        return path.read_text(encoding="utf-8").strip(), None
-    except UnicodeDecodeError:
-        return None, "caption file is not UTF-8 text; re-save it as UTF-8"
-
-
-def _metadata_captions(root: Path, report: DatasetReport) -> dict[str, str]:
-    captions: dict[str, str] = {}
-    for n, line in enumerate((root / "metadata.jsonl").read_bytes().splitlines(), start=1):
-        where = f"metadata.jsonl:{n}"
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line.decode("utf-8"))
-        except UnicodeDecodeError:
-            report.problems.append(Problem(where, "error", "not UTF-8 text; re-save metadata.jsonl as UTF-8"))
-            continue
-        except json.JSONDecodeError:
-            report.problems.append(Problem(where, "error", 'not a JSON object; write {"file_name": ..., "text": ...}'))
-            continue
-        if not isinstance(row, dict) or not isinstance(row.get("file_name"), str):
-            report.problems.append(Problem(where, "error", "needs a string 'file_name' naming an image"))
-            continue
-        text = row.get("text")
-        captions[row["file_name"]] = text.strip() if isinstance(text, str) else ""
-    return captions
-
-
-def _detect_format(root: Path, cfg: DataConfig) -> str:
-    if cfg.format != "auto":
-        return cfg.format
-    if (root / "metadata.jsonl").is_file():
-        return "metadata"
-    if any(p.suffix == ".txt" and p.name not in _SKIP for p in root.iterdir()):
-        return "sidecar"
-    return "dreambooth"
-
-
 def _inside(root: Path, path: Path) -> bool:
     try:
         path.resolve().relative_to(root.resolve())
@@ -229,30 +192,22 @@ def validate_dataset(cfg: DataConfig) -> DatasetReport:
             )
         report.problems.append(Problem(".", "error", msg))
         return report
-    fmt = _detect_format(root, cfg)
-    report = DatasetReport(root, fmt)
-    if fmt == "metadata" and not (root / "metadata.jsonl").is_file():
-        report.problems.append(Problem(".", "error", "data.format=metadata but there is no metadata.jsonl"))
-        return report
-    if fmt == "dreambooth":
-        if not cfg.instance_prompt:
-            msg = "no captions found: add metadata.jsonl or .txt sidecars, or set data.instance_prompt (DreamBooth)"
-            report.problems.append(Problem(".", "error", msg))
-            return report
-        if cfg.trigger and cfg.trigger.lower() not in caption_words(cfg.instance_prompt):
-            msg = f"data.instance_prompt {cfg.instance_prompt!r} lacks the trigger {cfg.trigger!r}; add it"
-            report.problems.append(Problem(".", "error", msg))
-    captions = _metadata_captions(root, report) if fmt == "metadata" else {}
+    class_root = Path(cfg.class_data_dir).expanduser() if cfg.class_data_dir else None
+    layout = find_layout(root, cfg, skip=(class_root,) if class_root else ())
+    fmt = layout.format
+    report = DatasetReport(root, fmt, problems=layout.problems)
+    prompt = cfg.instance_prompt
+    if fmt == "dreambooth" and cfg.trigger and prompt and cfg.trigger.lower() not in caption_words(prompt):
+        msg = f"data.instance_prompt {prompt!r} lacks the trigger {cfg.trigger!r}; add it"
+        report.problems.append(Problem(".", "error", msg))
     step = cfg.bucket_step or default_step(cfg.resolution)  # no model here: train.run resolves it first
     buckets = data_buckets(cfg, step)
     assigned: list[Bucket] = []
-
     seen: dict[str, str] = {}
-    images = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
-    for path in images[: cfg.max_images] if cfg.max_images else images:
-        name = path.name
-        row_caption = captions.pop(name, None)  # claimed even if the image is rejected below
-        if path.is_symlink() and not _inside(root, path):
+    candidates = layout.candidates[: cfg.max_images] if cfg.max_images else layout.candidates
+    for cand in [*candidates, *_class_candidates(cfg, class_root, report)]:
+        path, name = cand.path, cand.name
+        if path.is_symlink() and not _inside(root if not cand.prior else class_root, path):
             report.problems.append(
                 Problem(name, "error", "symlink pointing outside the dataset folder; copy the file in")
             )
@@ -262,32 +217,24 @@ def validate_dataset(cfg: DataConfig) -> DatasetReport:
         if why is not None:
             report.problems.append(Problem(name, "error", why))
             continue
-        if fmt == "metadata":
-            caption = row_caption
-            if caption is None:
-                report.problems.append(Problem(name, "error", "no row in metadata.jsonl; add one or remove the image"))
-                continue
-        elif fmt == "sidecar":
-            sidecar = path.with_suffix(".txt")
-            if not sidecar.is_file():
-                report.problems.append(Problem(name, "error", f"missing caption file {sidecar.name}"))
-                continue
-            caption, why = _read_text(sidecar)
-            if why:
-                report.problems.append(Problem(sidecar.name, "error", why))
-                continue
-        else:
-            caption = cfg.instance_prompt or ""
+        caption = cand.caption
+        if caption is None:
+            if cand.why:  # "" = a problem names it already (its caption file, its metadata row)
+                report.problems.append(Problem(name, "error", cand.why))
+            continue
         if not caption:
             report.problems.append(Problem(name, "error", "empty caption; describe the image"))
             continue
-        if cfg.trigger and fmt != "dreambooth" and cfg.trigger.lower() not in caption_words(caption):
+        if cfg.trigger and fmt != "dreambooth" and not cand.prior and cfg.trigger.lower() not in caption_words(caption):
             report.problems.append(Problem(name, "warning", f"caption lacks the trigger {cfg.trigger!r}"))
         digest = hashlib.sha256(data).hexdigest()
         if digest in seen:
             report.problems.append(Problem(name, "warning", f"exact duplicate of {seen[digest]}; it counts twice"))
         seen.setdefault(digest, name)
-        report.examples.append(Example(path, caption, digest))
+        report.examples.append(Example(path, caption, digest, cand.repeats, cand.prior))
+        if cand.group:
+            count, repeats = report.groups.get(cand.group, (0, cand.repeats))
+            report.groups[cand.group] = (count + 1, repeats)
         assigned.append(bucket)
 
     report.buckets = histogram(assigned)
@@ -297,12 +244,29 @@ def validate_dataset(cfg: DataConfig) -> DatasetReport:
         if cfg.buckets
         else f"data.buckets=false: {cfg.resolution}x{cfg.resolution} crops"
     )
-    for orphan in captions:
-        report.problems.append(Problem(orphan, "error", "listed in metadata.jsonl but the file is missing"))
-    for path in sorted(root.iterdir()):
-        if path.is_file() and path.suffix.lower() not in (*IMAGE_EXTENSIONS, ".txt") and path.name not in _SKIP:
-            report.problems.append(Problem(path.name, "warning", "not an image or caption; ignored"))
-    if len(report.examples) < cfg.min_images:
-        msg = f"only {len(report.examples)} usable images; data.min_images={cfg.min_images} — add images or lower it"
+    instances = len(report.instances)
+    if instances < cfg.min_images and not layout.fatal:
+        msg = f"only {instances} usable images; data.min_images={cfg.min_images} — add images or lower it"
         report.problems.append(Problem(".", "error", msg))
     return report
+
+
+def _class_candidates(cfg: DataConfig, class_root: Path | None, report: DatasetReport) -> list[Candidate]:
+    """The class (regularisation) images of ``data.class_data_dir`` as prior candidates, named ``class:<path>``
+    in problems; problems of that folder join ``report``'s."""
+    if class_root is None:
+        return []
+    where = f"data.class_data_dir {cfg.class_data_dir}"
+    if not class_root.is_dir():
+        report.problems.append(Problem(".", "error", f"{where} is not a folder; point it at the class images"))
+        return []
+    sub = cfg.model_copy(update={"format": "auto", "instance_prompt": cfg.class_prompt, "class_data_dir": None})
+    layout = find_layout(class_root, sub, prompt_key="data.class_prompt")
+    report.problems += [Problem(f"class:{p.file}", p.severity, p.message) for p in layout.problems]
+    if cfg.trigger and cfg.class_prompt and cfg.trigger.lower() in caption_words(cfg.class_prompt):
+        msg = f"data.class_prompt {cfg.class_prompt!r} contains the trigger {cfg.trigger!r}; class images show the "
+        report.problems.append(Problem(".", "error", msg + "class without the concept: drop the trigger from it"))
+    return [
+        replace(c, name=f"class:{c.name}", prior=True, group=f"class:{c.group}" if c.group else "class")
+        for c in layout.candidates
+    ]

@@ -28,14 +28,16 @@ from training.model import Parts
 
 
 def split_holdout(examples: list[Example], n: int) -> tuple[list[Example], list[Example]]:
-    """Take ``n`` images, evenly spaced over the sorted list, out of training: (train, held out)."""
+    """Take ``n`` images, evenly spaced over the sorted list of the concept's images, out of training:
+    (train, held out). Class images (``Example.prior``) are never held out: they stay in training."""
     if n <= 0:
         return examples, []
-    if n >= len(examples):
+    concept = [i for i, e in enumerate(examples) if not e.prior]
+    if n >= len(concept):
         raise PreflightError(
-            f"validation.holdout={n} would leave no training images (the dataset has {len(examples)}); lower it"
+            f"validation.holdout={n} would leave no training images (the dataset has {len(concept)}); lower it"
         )
-    picked = {round(i * len(examples) / n) for i in range(n)}
+    picked = {concept[round(i * len(concept) / n)] for i in range(n)}
     train = [e for i, e in enumerate(examples) if i not in picked]
     return train, [e for i, e in enumerate(examples) if i in picked]
 
@@ -49,7 +51,8 @@ def select_heldout(cfg: TrainConfig, examples: list[Example]) -> tuple[list[Exam
     """
     v = cfg.validation
     if v.data_path:
-        folder = cfg.data.model_copy(update={"path": v.data_path, "min_images": 1, "max_images": None})
+        update = {"path": v.data_path, "min_images": 1, "max_images": None, "class_data_dir": None}
+        folder = cfg.data.model_copy(update=update)  # class images train; they are never held out
         report = validate_dataset(folder)
         report.raise_if_errors()
         return examples, report.examples
