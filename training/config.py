@@ -48,14 +48,6 @@ class DataConfig(_Section):
     instance_prompt: str | None = Field(
         None, description="DreamBooth: one caption for every image, e.g. 'a photo of sks dog'"
     )
-    class_data_dir: str | None = Field(
-        None,
-        description="class (regularisation) images for DreamBooth prior preservation (diffusers' --class_data_dir, "
-        "kohya's --reg_data_dir): a local folder in any layout above; its images are marked prior",
-    )
-    class_prompt: str | None = Field(
-        None, description="caption of class images that have none, e.g. 'a photo of a dog' (diffusers' --class_prompt)"
-    )
     trigger: str | None = Field(None, description="trigger word; DreamBooth captions must contain it")
     class_data_dir: str | None = Field(
         None,

@@ -2,7 +2,8 @@
 
 The layouts users bring (``metadata.jsonl``, kohya ``<repeats>_<name>`` folders, caption files next to the
 images, DreamBooth's one ``instance_prompt``) are found by ``training.layout``; class images for prior
-preservation come from ``data.class_data_dir`` in any of them. ``validate_dataset`` opens every image once and
+preservation (``data.class_data_dir``, in any of them) are read by ``training.training_set`` with this same
+function, after the trigger and the held-out split are settled. ``validate_dataset`` opens every image once and
 returns a report listing every problem by file; errors stop the job (``DatasetError``), warnings are logged. It
 only reads. Every reader of the dataset (training, held-out split, evaluation, the pipeline) uses the report's
 ``examples``, so they all see the same images with the same captions.
@@ -14,7 +15,7 @@ import hashlib
 import io
 import logging
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
@@ -22,7 +23,7 @@ from PIL import Image
 from training.buckets import Bucket, data_buckets, default_step, histogram, nearest_bucket, oriented_size
 from training.captions import caption_words
 from training.config import DataConfig
-from training.layout import Candidate, Problem, find_layout
+from training.layout import Problem, find_layout
 from training.remote import is_uri, local_copy
 
 log = logging.getLogger(__name__)
@@ -192,7 +193,7 @@ def validate_dataset(cfg: DataConfig) -> DatasetReport:
             )
         report.problems.append(Problem(".", "error", msg))
         return report
-    class_root = Path(cfg.class_data_dir).expanduser() if cfg.class_data_dir else None
+    class_root = Path(cfg.class_data_dir).expanduser() if cfg.class_data_dir else None  # may sit inside root
     layout = find_layout(root, cfg, skip=(class_root,) if class_root else ())
     fmt = layout.format
     report = DatasetReport(root, fmt, problems=layout.problems)
@@ -205,9 +206,9 @@ def validate_dataset(cfg: DataConfig) -> DatasetReport:
     assigned: list[Bucket] = []
     seen: dict[str, str] = {}
     candidates = layout.candidates[: cfg.max_images] if cfg.max_images else layout.candidates
-    for cand in [*candidates, *_class_candidates(cfg, class_root, report)]:
+    for cand in candidates:
         path, name = cand.path, cand.name
-        if path.is_symlink() and not _inside(root if not cand.prior else class_root, path):
+        if path.is_symlink() and not _inside(root, path):
             report.problems.append(
                 Problem(name, "error", "symlink pointing outside the dataset folder; copy the file in")
             )
@@ -249,24 +250,3 @@ def validate_dataset(cfg: DataConfig) -> DatasetReport:
         msg = f"only {instances} usable images; data.min_images={cfg.min_images} — add images or lower it"
         report.problems.append(Problem(".", "error", msg))
     return report
-
-
-def _class_candidates(cfg: DataConfig, class_root: Path | None, report: DatasetReport) -> list[Candidate]:
-    """The class (regularisation) images of ``data.class_data_dir`` as prior candidates, named ``class:<path>``
-    in problems; problems of that folder join ``report``'s."""
-    if class_root is None:
-        return []
-    where = f"data.class_data_dir {cfg.class_data_dir}"
-    if not class_root.is_dir():
-        report.problems.append(Problem(".", "error", f"{where} is not a folder; point it at the class images"))
-        return []
-    sub = cfg.model_copy(update={"format": "auto", "instance_prompt": cfg.class_prompt, "class_data_dir": None})
-    layout = find_layout(class_root, sub, prompt_key="data.class_prompt")
-    report.problems += [Problem(f"class:{p.file}", p.severity, p.message) for p in layout.problems]
-    if cfg.trigger and cfg.class_prompt and cfg.trigger.lower() in caption_words(cfg.class_prompt):
-        msg = f"data.class_prompt {cfg.class_prompt!r} contains the trigger {cfg.trigger!r}; class images show the "
-        report.problems.append(Problem(".", "error", msg + "class without the concept: drop the trigger from it"))
-    return [
-        replace(c, name=f"class:{c.name}", prior=True, group=f"class:{c.group}" if c.group else "class")
-        for c in layout.candidates
-    ]

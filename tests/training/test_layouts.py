@@ -9,7 +9,6 @@ from PIL import Image
 
 from training.config import DataConfig
 from training.data import validate_dataset
-from training.heldout import split_holdout
 from training.textfile import TextFileError, decode_text
 
 CAPTIONS = [f"a photo of sks dotted thing {i}" for i in range(6)]
@@ -278,28 +277,37 @@ def test_forced_formats_that_do_not_fit(tmp_path):
 # -- class images (prior preservation) ----------------------------------------------------------------------------
 
 
-def test_class_images_are_prior_examples_never_held_out(tmp_path):
+def test_class_images_are_prior_examples_never_held_out(tmp_path, train_config):
+    """A kohya class folder (``1_dotted thing``: caption from its name) joins training after the held-out split."""
+    from training.training_set import build_worker_spec
+
     root = _sidecar_dataset(tmp_path / "d", "clean")
     _images(tmp_path / "reg" / "1_dotted thing", [f"r{i}.png" for i in range(6)], start=50)
-    report = _clean(_report(root, trigger="sks", class_data_dir=str(tmp_path / "reg")))
-    assert [e.prior for e in report.examples] == [False] * 6 + [True] * 6
-    assert {e.caption for e in report.examples if e.prior} == {"dotted thing"}
-    assert len(report.instances) == 6 and "+ 6 class images" in report.summary()
-    train, held = split_holdout(report.examples, 2)
-    assert len(held) == 2 and not any(e.prior for e in held) and sum(e.prior for e in train) == 6
-    plain = _report(root)
-    assert report.fingerprint() != plain.fingerprint(), "class images are part of what is trained"
+    cfg = train_config(
+        **{"data.path": str(root), "data.class_data_dir": str(tmp_path / "reg"), "validation.holdout": 2}
+    )
+    report = _clean(validate_dataset(cfg.data))
+    assert len(report.examples) == 6 and not any(e.prior for e in report.examples)  # the concept's images only
+    spec = build_worker_spec(cfg, report)
+    assert len(spec.heldout) == 2 and not any(e.prior for e in spec.heldout)
+    classes = [e for e in spec.examples if e.prior]
+    assert {e.caption for e in classes} == {"dotted thing"} and sum(e.repeats for e in classes) == 4  # = 6 - 2
+    assert spec.dataset_hash != report.fingerprint(), "class images are part of what is trained"
 
 
-def test_class_images_without_captions_need_a_class_prompt_without_the_trigger(tmp_path):
+def test_class_images_without_captions_need_a_class_prompt_without_the_trigger(tmp_path, train_config):
+    from training.data import DatasetError
+    from training.training_set import validate_class_images
+
     root = _sidecar_dataset(tmp_path / "d", "clean")
     _images(tmp_path / "reg", [f"r{i}.png" for i in range(6)], start=50)
-    missing = _report(root, class_data_dir=str(tmp_path / "reg"))
-    assert "data.class_prompt" in _problems(missing)["class:."].message
-    ok = _clean(_report(root, class_data_dir=str(tmp_path / "reg"), class_prompt="a photo of a thing"))
-    assert [e.caption for e in ok.examples if e.prior] == ["a photo of a thing"] * 6
-    bad = _report(root, trigger="sks", class_data_dir=str(tmp_path / "reg"), class_prompt="a sks thing")
-    assert "contains the trigger 'sks'" in bad.errors[0].message
+    base = {"data.path": str(root), "data.class_data_dir": str(tmp_path / "reg")}
+    with pytest.raises(DatasetError, match="data.class_prompt"):
+        validate_class_images(train_config(**base))
+    ok = validate_class_images(train_config(**base, **{"data.class_prompt": "a photo of a thing"}))
+    assert [e.caption for e in ok.examples] == ["a photo of a thing"] * 6 and all(e.prior for e in ok.examples)
+    with pytest.raises(DatasetError, match="contains the trigger 'sks'"):
+        validate_class_images(train_config(**base, **{"data.class_prompt": "a sks thing"}))
 
 
 # -- every reader agrees ------------------------------------------------------------------------------------------
