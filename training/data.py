@@ -14,19 +14,16 @@ file; errors stop the job (``DatasetError``), warnings are logged. It only reads
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from PIL import Image
-
-from training.buckets import Bucket, data_buckets, default_step, histogram, nearest_bucket, oriented_size
+from training.buckets import Bucket, data_buckets, default_step, histogram, nearest_bucket
 from training.captions import caption_words
 from training.config import IMAGE_EXTENSIONS, DataConfig
+from training.images import Decoded, ImageReadError, open_rgb
 from training.remote import is_uri, local_copy
 
 log = logging.getLogger(__name__)
@@ -99,6 +96,11 @@ class DatasetReport:
             counts = ", ".join(f"{b}: {n}" for b, n in self.buckets.items())
             lines.append(f"  buckets ({self.bucket_rule}): {counts}")
         lines += [f"  {p.severity:7s} {p.file}: {p.message}" for p in self.problems]
+        lines += [  # what was done to each file's pixels (training.images.open_rgb), so no conversion is silent
+            f"  convert {_relative(ex.path, self.root)}: {'; '.join(ex.conversions)}"
+            for ex in self.examples
+            if ex.conversions
+        ]
         return "\n".join(lines)
 
     def fingerprint(self) -> str:
@@ -117,6 +119,14 @@ class DatasetReport:
             raise DatasetError(self)
 
 
+def _relative(path: Path, root: Path) -> str:
+    """``path`` as the report names files: relative to the dataset root where it lies inside it."""
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return str(path)
+
+
 class DatasetError(ValueError):
     def __init__(self, report: DatasetReport):
         self.report = report
@@ -124,41 +134,33 @@ class DatasetError(ValueError):
         super().__init__(f"{n} problem{'s' * (n != 1)} in the dataset; fix them and rerun:\n{report.summary()}")
 
 
-def _check_image(data: bytes, cfg: DataConfig, buckets: list[Bucket]) -> tuple[str | None, Bucket | None]:
-    """(why these image bytes cannot be trained on or None, the image's bucket). Decodes the whole image (catches
-    truncation). Too small: the short side is below its bucket's short side (without buckets: data.resolution)."""
+def _check_image(
+    data: bytes, cfg: DataConfig, buckets: list[Bucket]
+) -> tuple[str | None, Bucket | None, Decoded | None]:
+    """(why these image bytes cannot be trained on or None, the image's bucket, the decoded image). Decodes the
+    whole image as training will (``training.images.open_rgb``: catches truncation, records the conversions). Too
+    small: the short side is below its bucket's short side (without buckets: data.resolution)."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as img:
-                width, height = img.size
-                if width * height > cfg.max_pixels:
-                    return (
-                        f"{width}x{height} exceeds data.max_pixels={cfg.max_pixels} "
-                        "(possible decompression bomb); downscale it or raise data.max_pixels"
-                    ), None
-                img.load()
-                width, height = oriented_size(img)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        return "refused as a decompression bomb (too many pixels); downscale it", None
-    except Image.UnidentifiedImageError:
-        return (
-            "cannot be read as an image (corrupt, or not an image despite its extension); re-export or remove it",
-            None,
-        )
-    except OSError as exc:  # truncated or corrupt data
-        return f"corrupt or truncated image ({exc}); re-export it", None
+        decoded = open_rgb(data, cfg.background_rgb, cfg.max_pixels)
+    except ImageReadError as exc:
+        return str(exc), None, None
+    width, height = decoded.image.size  # as displayed (EXIF orientation applied)
     bucket = nearest_bucket((width, height), buckets)
     short, need = min(width, height), min(bucket)
     if short >= need:
-        return None, bucket
+        return None, bucket, decoded
     fix = "use a larger image or lower data.resolution"
     if not cfg.buckets:
-        return f"{width}x{height}: short side {short} px is below data.resolution={cfg.resolution}; {fix}", bucket
+        why = f"{width}x{height}: short side {short} px is below data.resolution={cfg.resolution}; {fix}"
+        return why, bucket, decoded
     return (
-        f"{width}x{height}: short side {short} px is below {need} px, the short side of its bucket "
-        f"{bucket[0]}x{bucket[1]} for data.resolution={cfg.resolution}; {fix}"
-    ), bucket
+        (
+            f"{width}x{height}: short side {short} px is below {need} px, the short side of its bucket "
+            f"{bucket[0]}x{bucket[1]} for data.resolution={cfg.resolution}; {fix}"
+        ),
+        bucket,
+        decoded,
+    )
 
 
 def _read_text(path: Path) -> tuple[str | None, str | None]:
@@ -258,7 +260,7 @@ def validate_dataset(cfg: DataConfig) -> DatasetReport:
             )
             continue
         data = path.read_bytes()  # read once: decoded for the checks, hashed for duplicates
-        why, bucket = _check_image(data, cfg, buckets)
+        why, bucket, decoded = _check_image(data, cfg, buckets)
         if why is not None:
             report.problems.append(Problem(name, "error", why))
             continue
@@ -287,7 +289,10 @@ def validate_dataset(cfg: DataConfig) -> DatasetReport:
         if digest in seen:
             report.problems.append(Problem(name, "warning", f"exact duplicate of {seen[digest]}; it counts twice"))
         seen.setdefault(digest, name)
-        report.examples.append(Example(path, caption, digest))
+        if decoded.frames > 1:
+            msg = f"animated ({decoded.frames} frames): only the first frame is trained on; export it as a still"
+            report.problems.append(Problem(name, "warning", msg))
+        report.examples.append(Example(path, caption, digest, conversions=decoded.conversions))
         assigned.append(bucket)
 
     report.buckets = histogram(assigned)
