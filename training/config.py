@@ -70,11 +70,15 @@ class DataConfig(_Section):
     max_images: int | None = Field(None, ge=1, description="use only the first N images (sorted by name)")
     max_pixels: int = Field(4096 * 4096, ge=64 * 64, description="larger images are refused as decompression bombs")
 
-    @field_validator("background")
+    @field_validator("background", mode="before")
     @classmethod
-    def _known_colour(cls, value: str) -> str:
+    def _known_colour(cls, value: Any) -> str:
         from training.images import parse_colour
 
+        if value is None:  # `background: #7f7f7f` unquoted: YAML reads a comment, i.e. null
+            raise ValueError("no colour given; quote a hex colour (YAML reads # as a comment): '#7f7f7f'")
+        if not isinstance(value, str):
+            raise ValueError(f"{value!r} is not a colour; write a name (white, black) or a quoted hex '#7f7f7f'")
         parse_colour(value)  # raises ValueError naming the value and what to write
         return value
 
