@@ -14,13 +14,11 @@ import html
 import re
 from pathlib import Path
 
-import torch
 from PIL import Image
 
 from training.buckets import Bucket, assign_buckets, default_step
 from training.config import DataConfig
 from training.data import DatasetReport, Example
-from training.dataset import load_image
 
 GENERATOR = "lorafleet validate --preview"  # marks a folder this module wrote (so a rerun may replace it)
 _OURS = re.compile(r"\d{4,}\.(png|txt)|index\.html")
@@ -58,6 +56,10 @@ def describe(report: DatasetReport, cfg: DataConfig) -> list[dict]:
 
 def as_trained(ex: Example, bucket: Bucket, cfg: DataConfig) -> Image.Image:
     """``ex``'s pixels exactly as ``load_image`` feeds them to the VAE (centre crop, no flip), back in 8-bit RGB."""
+    import torch  # here, not at the top: `validate --json` stays free of torch and diffusers
+
+    from training.dataset import load_image
+
     t = load_image(ex.path, bucket, "center", background=cfg.background_rgb)  # (3, H, W) in [-1, 1]
     pixels = t.add(1.0).mul(127.5).round().clamp(0, 255).to(torch.uint8)
     return Image.fromarray(pixels.permute(1, 2, 0).numpy(), "RGB")
