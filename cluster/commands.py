@@ -108,23 +108,65 @@ def status(argv: list[str]) -> int:
 
 
 def validate(argv: list[str]) -> int:
-    from training.config import DataConfig
-    from training.data import validate_dataset
+    from pydantic import BaseModel
 
-    p = _parser("validate", "Check a dataset folder (or s3:// gs:// file:// URI) file by file; writes nothing.")
+    from training.config import DataConfig
+    from training.configuration import ConfigError, validate_values
+    from training.data import validate_dataset
+    from training.preview import describe, write_preview
+
+    class _Data(BaseModel):  # so a problem is named as in a config file: data.background
+        data: DataConfig
+
+    p = _parser(
+        "validate",
+        "Check a dataset folder (or s3:// gs:// file:// URI) file by file; writes nothing unless --preview. "
+        "Any data.* setting of the training config may follow, e.g. `validate DIR data.background=black`.",
+    )
     p.add_argument("path", help="images + metadata.jsonl, or images + .txt captions")
+    p.add_argument("overrides", nargs="*", metavar="data.KEY=VALUE", help="data settings as in a training config")
     p.add_argument("--trigger", help="the trigger word captions must contain")
     p.add_argument("--resolution", type=int, default=512, help="training resolution (images smaller are flagged)")
-    p.add_argument("--json", action="store_true", help="machine-readable report")
-    a = p.parse_args(argv)
-    report = validate_dataset(DataConfig(path=a.path, trigger=a.trigger, resolution=a.resolution))
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="machine-readable report: every usable image with its caption as trained, size, mode, repeats, "
+        "bucket and the conversions applied",
+    )
+    p.add_argument(
+        "--preview",
+        metavar="OUT",
+        help="write each usable image as the model sees it (converted, resized, cropped to its bucket) to "
+        "OUT/0001.png with its caption in OUT/0001.txt, and OUT/index.html to browse them",
+    )
+    a = p.parse_intermixed_args(argv)  # settings may come after the options too
+    overrides = [o if o.startswith("data.") else f"data.{o}" for o in a.overrides]
+    values = {"data": {"path": a.path, "trigger": a.trigger, "resolution": a.resolution}}
+    try:
+        cfg = validate_values(_Data, values, overrides, "lorafleet validate").data
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    report = validate_dataset(cfg)
     if a.json:
         print(json.dumps({"root": str(report.root), "format": report.format, "images": len(report.examples),
-                          "fingerprint": report.fingerprint(),
+                          "fingerprint": report.fingerprint(), "buckets": report.buckets,
+                          "bucket_rule": report.bucket_rule, "examples": describe(report, cfg),
                           "problems": [vars(x) for x in report.problems]}, indent=2))  # fmt: skip
     else:
         print(report.summary())
         print("ok" if not report.errors else f"{len(report.errors)} error(s): fix them and run validate again")
+    if a.preview:
+        try:
+            written = write_preview(report, cfg, a.preview)
+        except FileExistsError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        where = Path(a.preview) / "index.html"
+        print(
+            f"preview: {len(written)} images as the model sees them in {where}",
+            file=sys.stderr if a.json else sys.stdout,
+        )
     return 1 if report.errors else 0
 
 

@@ -206,11 +206,9 @@ def reference_embeddings(scorer: ClipScorer, data: DataArgs, trigger: str) -> to
     from evaluation.suite import dataset_split
 
     examples = dataset_split(data, trigger)[0][: data.max_references]
-    images = []
-    for e in examples:
-        with Image.open(e.path) as im:
-            images.append(im.convert("RGB"))
-    return scorer.images(images)
+    from training.images import open_rgb
+
+    return scorer.images([open_rgb(e.path).image for e in examples])  # as training decodes them (white background)
 
 
 def heldout_set(pipe: StableDiffusionPipeline, data: DataArgs, trigger: str, resolution: int):

@@ -7,7 +7,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+# files read as images (case-insensitive); what each mode becomes: training/images.py. HEIC/HEIF are listed so
+# that they are named and refused with the conversion to make, not skipped as "not an image"
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".avif", ".heic", ".heif")
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "sgd")
 SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
@@ -90,9 +92,33 @@ class DataConfig(_Section):
         description="crop to the bucket (or square) after resizing to cover it; 'random' disables the latent cache",
     )
     random_flip: bool = Field(False, description="flip images horizontally at random (both flips are cached)")
+    background: str = Field(
+        "white",
+        description="colour transparent pixels (RGBA, LA, palette or tRNS transparency) are composited on: a Pillow "
+        "colour name or hex, e.g. 'white', 'black', '#7f7f7f'",
+    )
     min_images: int = Field(4, ge=1, description="fewer valid images than this is an error")
     max_images: int | None = Field(None, ge=1, description="use only the first N images (sorted by name)")
     max_pixels: int = Field(4096 * 4096, ge=64 * 64, description="larger images are refused as decompression bombs")
+
+    @field_validator("background", mode="before")
+    @classmethod
+    def _known_colour(cls, value: Any) -> str:
+        from training.images import parse_colour
+
+        if value is None:  # `background: #7f7f7f` unquoted: YAML reads a comment, i.e. null
+            raise ValueError("no colour given; quote a hex colour (YAML reads # as a comment): '#7f7f7f'")
+        if not isinstance(value, str):
+            raise ValueError(f"{value!r} is not a colour; write a name (white, black) or a quoted hex '#7f7f7f'")
+        parse_colour(value)  # raises ValueError naming the value and what to write
+        return value
+
+    @property
+    def background_rgb(self) -> tuple[int, int, int]:
+        """``background`` as (r, g, b), 0..255."""
+        from training.images import parse_colour
+
+        return parse_colour(self.background)
 
     @model_validator(mode="after")
     def _bucket_fits(self) -> DataConfig:

@@ -12,17 +12,14 @@ only reads. Every reader of the dataset (training, held-out split, evaluation, t
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image
-
-from training.buckets import Bucket, data_buckets, default_step, histogram, nearest_bucket, oriented_size
+from training.buckets import Bucket, data_buckets, default_step, histogram, nearest_bucket
 from training.captions import caption_words
 from training.config import DataConfig
+from training.images import Decoded, ImageReadError, open_rgb
 from training.layout import Problem, find_layout
 from training.remote import is_uri, local_copy
 
@@ -37,7 +34,7 @@ class Example:
     sha256: str = ""  # of the image file's bytes
     repeats: int = 1  # times seen per epoch (kohya's ``<repeats>_<name>`` folders); 1 = once
     prior: bool = False  # a class (regularisation) image for DreamBooth prior preservation, not the concept
-    conversions: tuple[str, ...] = ()  # what was done to the pixels on reading, e.g. "I;16 -> L (scaled 1/257)"
+    conversions: tuple[str, ...] = ()  # done to the pixels on reading, e.g. "RGBA composited on white (255, 255, 255)"
 
     def to_row(self) -> dict:
         """JSON-able form (``WorkerSpec`` hands it to Ray workers); ``from_row`` reads it back."""
@@ -97,14 +94,20 @@ class DatasetReport:
             counts = ", ".join(f"{b}: {n}" for b, n in self.buckets.items())
             lines.append(f"  buckets ({self.bucket_rule}): {counts}")
         lines += [f"  {p.severity:7s} {p.file}: {p.message}" for p in self.problems]
+        lines += [  # what was done to each file's pixels (training.images.open_rgb), so no conversion is silent
+            f"  convert {_relative(ex.path, self.root)}: {'; '.join(ex.conversions)}"
+            for ex in self.examples
+            if ex.conversions
+        ]
         return "\n".join(lines)
 
     def fingerprint(self) -> str:
-        """sha256 over every usable (path inside the dataset, image digest, caption, repeats, prior): names this
-        exact training set (a flat folder's paths are its file names, so older fingerprints stay valid)."""
+        """sha256 over every usable (path inside the dataset, image digest, caption, repeats, prior, pixel
+        conversions): names this exact training set (a flat folder of RGB images hashes as it always did)."""
         h = hashlib.sha256()
         for ex in self.examples:
             extra = (f"\0repeats={ex.repeats}" if ex.repeats != 1 else "") + ("\0prior" if ex.prior else "")
+            extra += f"\0{'; '.join(ex.conversions)}" if ex.conversions else ""  # e.g. the data.background used
             try:
                 name = ex.path.relative_to(self.root).as_posix()
             except ValueError:  # a class image outside the dataset folder
@@ -120,6 +123,14 @@ class DatasetReport:
             raise DatasetError(self)
 
 
+def _relative(path: Path, root: Path) -> str:
+    """``path`` as the report names files: relative to the dataset root where it lies inside it."""
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return str(path)
+
+
 class DatasetError(ValueError):
     def __init__(self, report: DatasetReport):
         self.report = report
@@ -127,41 +138,33 @@ class DatasetError(ValueError):
         super().__init__(f"{n} problem{'s' * (n != 1)} in the dataset; fix them and rerun:\n{report.summary()}")
 
 
-def _check_image(data: bytes, cfg: DataConfig, buckets: list[Bucket]) -> tuple[str | None, Bucket | None]:
-    """(why these image bytes cannot be trained on or None, the image's bucket). Decodes the whole image (catches
-    truncation). Too small: the short side is below its bucket's short side (without buckets: data.resolution)."""
+def _check_image(
+    data: bytes, cfg: DataConfig, buckets: list[Bucket]
+) -> tuple[str | None, Bucket | None, Decoded | None]:
+    """(why these image bytes cannot be trained on or None, the image's bucket, the decoded image). Decodes the
+    whole image as training will (``training.images.open_rgb``: catches truncation, records the conversions). Too
+    small: the short side is below its bucket's short side (without buckets: data.resolution)."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as img:
-                width, height = img.size
-                if width * height > cfg.max_pixels:
-                    return (
-                        f"{width}x{height} exceeds data.max_pixels={cfg.max_pixels} "
-                        "(possible decompression bomb); downscale it or raise data.max_pixels"
-                    ), None
-                img.load()
-                width, height = oriented_size(img)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        return "refused as a decompression bomb (too many pixels); downscale it", None
-    except Image.UnidentifiedImageError:
-        return (
-            "cannot be read as an image (corrupt, or not an image despite its extension); re-export or remove it",
-            None,
-        )
-    except OSError as exc:  # truncated or corrupt data
-        return f"corrupt or truncated image ({exc}); re-export it", None
+        decoded = open_rgb(data, cfg.background_rgb, cfg.max_pixels)
+    except ImageReadError as exc:
+        return str(exc), None, None
+    width, height = decoded.image.size  # as displayed (EXIF orientation applied)
     bucket = nearest_bucket((width, height), buckets)
     short, need = min(width, height), min(bucket)
     if short >= need:
-        return None, bucket
+        return None, bucket, decoded
     fix = "use a larger image or lower data.resolution"
     if not cfg.buckets:
-        return f"{width}x{height}: short side {short} px is below data.resolution={cfg.resolution}; {fix}", bucket
+        why = f"{width}x{height}: short side {short} px is below data.resolution={cfg.resolution}; {fix}"
+        return why, bucket, decoded
     return (
-        f"{width}x{height}: short side {short} px is below {need} px, the short side of its bucket "
-        f"{bucket[0]}x{bucket[1]} for data.resolution={cfg.resolution}; {fix}"
-    ), bucket
+        (
+            f"{width}x{height}: short side {short} px is below {need} px, the short side of its bucket "
+            f"{bucket[0]}x{bucket[1]} for data.resolution={cfg.resolution}; {fix}"
+        ),
+        bucket,
+        decoded,
+    )
 
 
 def _inside(root: Path, path: Path) -> bool:
@@ -214,7 +217,7 @@ def validate_dataset(cfg: DataConfig) -> DatasetReport:
             )
             continue
         data = path.read_bytes()  # read once: decoded for the checks, hashed for duplicates
-        why, bucket = _check_image(data, cfg, buckets)
+        why, bucket, decoded = _check_image(data, cfg, buckets)
         if why is not None:
             report.problems.append(Problem(name, "error", why))
             continue
@@ -232,7 +235,10 @@ def validate_dataset(cfg: DataConfig) -> DatasetReport:
         if digest in seen:
             report.problems.append(Problem(name, "warning", f"exact duplicate of {seen[digest]}; it counts twice"))
         seen.setdefault(digest, name)
-        report.examples.append(Example(path, caption, digest, cand.repeats, cand.prior))
+        if decoded.frames > 1:
+            msg = f"animated ({decoded.frames} frames): only the first frame is trained on; export it as a still"
+            report.problems.append(Problem(name, "warning", msg))
+        report.examples.append(Example(path, caption, digest, cand.repeats, cand.prior, decoded.conversions))
         if cand.group:
             count, repeats = report.groups.get(cand.group, (0, cand.repeats))
             report.groups[cand.group] = (count + 1, repeats)

@@ -29,6 +29,7 @@ from PIL import Image, ImageOps
 from training.buckets import Bucket, assign_buckets, bucket_groups, histogram, shard_by_bucket, worker_step
 from training.config import DataConfig
 from training.data import Example
+from training.images import WHITE, open_rgb
 from training.model import Parts
 
 
@@ -51,15 +52,19 @@ def load_image(
     crop: str = "center",
     flip: bool = False,
     gen: torch.Generator | None = None,
+    background: tuple[int, int, int] = WHITE,
 ) -> torch.Tensor:
-    """Resize to cover ``size`` — (width, height), or an int for a square — crop to it (center or random), and
-    optionally mirror.
+    """Decode with ``training.images.open_rgb`` (16-bit scaled, transparency on ``background``, EXIF orientation,
+    first frame), resize to cover ``size`` — (width, height), or an int for a square — crop to it (center or
+    random), and optionally mirror.
 
-    Returns a (3, height, width) float tensor in [-1, 1].
+    Returns a (3, height, width) float tensor in [-1, 1] (``(tensor + 1) * 127.5`` gives the 8-bit pixels back).
+
+    Raises:
+        ImageReadError: the file cannot be decoded (validation refuses such files first).
     """
     width, height = (size, size) if isinstance(size, int) else size
-    with Image.open(path) as img:
-        img = ImageOps.exif_transpose(img).convert("RGB")
+    img = open_rgb(path, background).image
     scale = max(width / img.width, height / img.height)
     resized = (max(width, round(img.width * scale)), max(height, round(img.height * scale)))
     img = img.resize(resized, Image.Resampling.BICUBIC) if resized != img.size else img
@@ -174,7 +179,9 @@ class PixelSource(_Source):
         flips = torch.rand(len(idx), generator=gen) < 0.5 if self.data.random_flip else [False] * len(idx)
         pixels = torch.stack(
             [
-                load_image(self.examples[i].path, self.buckets[i], self.data.crop, bool(f), gen)
+                load_image(
+                    self.examples[i].path, self.buckets[i], self.data.crop, bool(f), gen, self.data.background_rgb
+                )
                 for i, f in zip(idx, flips)
             ]
         )
@@ -203,9 +210,13 @@ class EncodedSource(_Source):
         self.mean: dict[Bucket, torch.Tensor] = {}
         self.std: dict[Bucket, torch.Tensor] = {}
         self.row = [0] * len(examples)
+        bg = data.background_rgb
         for bucket, members in bucket_groups(self.buckets).items():  # each image once, whatever its repeats
             views = [
-                encode_pixels(parts, torch.stack([load_image(examples[i].path, bucket, data.crop, f) for i in members]))
+                encode_pixels(
+                    parts,
+                    torch.stack([load_image(examples[i].path, bucket, data.crop, f, background=bg) for i in members]),
+                )
                 for f in flips
             ]
             self.mean[bucket] = torch.stack([v[0] for v in views], dim=1).cpu()

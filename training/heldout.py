@@ -100,7 +100,9 @@ class HeldOut:
                 torch.randn((len(members), k, vae.latent_channels, height // factor, width // factor), generator=gen)
                 continue
             picked = [examples[members[j]] for j in mine]
-            pixels = torch.stack([load_image(e.path, (width, height), "center") for e in picked])
+            pixels = torch.stack(
+                [load_image(e.path, (width, height), "center", background=data.background_rgb) for e in picked]
+            )
             mean, _ = encode_pixels(parts, pixels)
             latents = (mean * vae.scaling_factor).cpu()
             noise = torch.randn((len(members), k, *latents.shape[1:]), generator=gen)[mine]  # (n, k, C, h, w)
