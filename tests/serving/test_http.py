@@ -235,7 +235,7 @@ def decode_png(data: bytes) -> Image.Image:
 def test_response_format_url_returns_links_on_the_request_host_that_serve_the_same_png(server):
     body = {"prompt": PROMPT, "n": 2, "seed": 5}
     inline = server.http.post("/v1/images/generations", json=body).json()
-    host = {"host": "gpu7:8000"}
+    host = {"host": "gpu7:8000", "x-forwarded-host": "elsewhere.example"}  # no trusted proxy: the Host header
     r = server.http.post("/v1/images/generations", json={**body, "response_format": "url"}, headers=host)
     assert r.status_code == 200, r.text
     data = r.json()["data"]
