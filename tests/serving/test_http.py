@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import codecs
 import inspect
 import io
 from types import SimpleNamespace
@@ -217,6 +218,29 @@ def test_invalid_json_gets_400_naming_the_position(server, content, where):
     r = server.http.post("/v1/images/generations", content=content, headers={"content-type": "application/json"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "body", r.text
     assert "not valid JSON" in r.json()["error"]["message"] and where in r.json()["error"]["message"], r.text
+
+
+def test_a_json_body_with_a_utf8_byte_order_mark_reads_as_without_it(server):
+    """PowerShell 5's `Out-File -Encoding utf8` writes a BOM, and `curl --data-binary @body.json` sends it. RFC 8259
+    lets a parser ignore it; Python's json does for bytes (json.detect_encoding: utf-8-sig), which FastAPI reads."""
+    body = b'{"prompt": "a red circle on a sks background", "seed": 3}'
+    plain = exchange_raw(server, body)
+    assert plain[0] == 200 and exchange_raw(server, codecs.BOM_UTF8 + body) == plain
+    inside = server.http.post(
+        "/v1/images/generations",
+        content=b'{"prompt": "sks",' + codecs.BOM_UTF8 + b' "n": 1}',
+        headers={"content-type": "application/json"},
+    )
+    assert inside.status_code == 400 and "line 1 column 18" in inside.json()["error"]["message"], inside.text
+
+
+def exchange_raw(server, content: bytes) -> tuple[int, dict, dict | None]:
+    """As ``exchange``, for raw JSON bytes."""
+    before = len(server.gen.requests)
+    r = server.http.post("/v1/images/generations", content=content, headers={"content-type": "application/json"})
+    got = server.gen.requests[before:]
+    answer = {k: v for k, v in r.json().items() if k != "created"}
+    return r.status_code, answer, ({**vars(got[0]), "request_id": None} if got else None)
 
 
 def test_an_empty_body_is_a_400_saying_it_is_missing(server):
