@@ -215,6 +215,18 @@ class Api:
             raise ApiError(e["status"], e["message"], e["param"], d.retry_after_s if e["status"] == 503 else None)
         return out
 
+    async def _images(self, method: str, *args):
+        """A call to the ImageUrls store; a store replica that is gone or being replaced is a 503, not a 500."""
+        d = self.args.deployment
+        try:
+            return await getattr(self.images, method).remote(*args)
+        except (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError, BackPressureError) as exc:
+            log.warning("image store call %s failed: %s", method, type(exc).__name__)
+            raise ApiError(
+                503, f"the image store did not answer; retry after {d.retry_after_s} s or ask for response_format "
+                "'b64_json'", None, d.retry_after_s,
+            ) from exc  # fmt: skip
+
     # ---- routes ----------------------------------------------------------------------------------------------
     @web.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page(self) -> HTMLResponse:
@@ -242,7 +254,7 @@ class Api:
         self._auth(request)
         out = await self._call(body.to_request())
         if body.response_format == "url":
-            kept = await self.images.put.remote(out["images"])
+            kept = await self._images("put", out["images"])
             if "error" in kept:
                 raise ApiError(507, kept["error"], "response_format")
             data = [
@@ -271,7 +283,7 @@ class Api:
     )
     async def image(self, request: Request, image_id: str) -> Response:
         self._auth(request)
-        png = await self.images.get.remote(image_id) if IMAGE_ID.match(image_id) else None
+        png = await self._images("get", image_id) if IMAGE_ID.match(image_id) else None
         if png is None:
             urls = self.args.image_urls
             raise ApiError(

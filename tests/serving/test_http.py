@@ -71,7 +71,8 @@ class FakeClock:
 
 @pytest.fixture
 def server(monkeypatch):
-    """``SimpleNamespace(http=TestClient, gen=FakeGenerator, clock=FakeClock, args=ServeArgs)`` with an API key."""
+    """``SimpleNamespace(http=TestClient, gen=FakeGenerator, clock=FakeClock, args=ServeArgs, urls=ImageUrls)``
+    with an API key."""
     from fastapi.testclient import TestClient
     from ray import serve
 
@@ -94,7 +95,7 @@ def server(monkeypatch):
     api = ingress(Remote(gen), args, Remote(urls))
     monkeypatch.setattr(serve, "get_replica_context", lambda: SimpleNamespace(servable_object=api))
     with TestClient(web, headers=AUTH) as http:
-        yield SimpleNamespace(http=http, gen=gen, clock=clock, args=args)
+        yield SimpleNamespace(http=http, gen=gen, clock=clock, args=args, urls=urls)
 
 
 def request_models() -> list[type]:
@@ -287,6 +288,25 @@ def test_an_image_url_needs_the_api_key_and_expires(server):
     assert unknown.status_code == 404 and unknown.json()["error"]["param"] == "image_id", unknown.text
     for odd in ("/v1/images/..%2F..%2Fetc%2Fpasswd.png", "/v1/images/x.png", "/v1/images/%00.png"):
         assert server.http.get(odd).status_code == 404, odd
+
+
+def test_an_image_store_that_is_gone_is_a_503_not_a_500(server, monkeypatch):
+    from ray.exceptions import RayActorError
+
+    r = server.http.post("/v1/images/generations", json={"prompt": PROMPT, "response_format": "url"})
+    path = r.json()["data"][0]["url"].removeprefix("http://testserver")
+
+    def gone(*args):
+        raise RayActorError()
+
+    monkeypatch.setattr(server.urls, "put", gone)
+    monkeypatch.setattr(server.urls, "get", gone)
+    for r in (
+        server.http.post("/v1/images/generations", json={"prompt": PROMPT, "response_format": "url"}),
+        server.http.get(path),
+    ):
+        assert r.status_code == 503 and r.headers["retry-after"] == "1", r.text
+        assert "image store" in r.json()["error"]["message"], r.text
 
 
 def test_the_oldest_image_urls_are_dropped_beyond_max_images(server):
