@@ -26,6 +26,7 @@ from serving.catalog import model_cards
 from serving.config import ServeArgs, project_path
 from serving.engine import Cancelled, Engine, ImageRequest, ImageResult, Prepared, RequestError
 from serving.http import Api
+from serving.image_store import ImageStore, ImageStoreFull
 from serving.images import png_bytes
 from serving.passes import PassQueue
 from serving.telemetry import GeneratorMetrics
@@ -231,6 +232,28 @@ class Generator:
             stop.set()
 
 
+@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0})
+class ImageUrls:
+    """The images of ``response_format: "url"`` for every ingress replica (one replica; why one, in
+    serving/image_store.py): ``put`` keeps one request's PNGs, ``get`` reads one back or None."""
+
+    def __init__(self, image_urls: dict):
+        self.store = ImageStore(**image_urls)
+
+    def put(self, pngs: list[bytes]) -> dict:
+        """``{"images": [(id, expires_at unix s), ...]}``, or ``{"error": message}`` when they cannot fit."""
+        try:
+            return {"images": [(s.id, s.expires_at) for s in self.store.put(pngs)]}
+        except ImageStoreFull as exc:
+            return {"error": str(exc)}
+
+    def get(self, image_id: str) -> bytes | None:
+        return self.store.get(image_id)
+
+    def stats(self) -> dict:
+        return self.store.stats()
+
+
 def build_app(args: ServeArgs) -> Application:
     """The application ``serve run configs/serve.yaml`` starts: ``Api`` (HTTP) -> ``Generator`` replicas."""
     args = ServeArgs.model_validate(args) if isinstance(args, dict) else args
@@ -258,6 +281,7 @@ def build_app(args: ServeArgs) -> Application:
         * (d.max_ongoing_requests + max(d.max_queued_requests, 0))
         * (d.num_replicas if isinstance(d.num_replicas, int) else 4),
     )
+    images = ImageUrls.bind(args.image_urls.model_dump())
     return Api.options(max_ongoing_requests=room, max_queued_requests=room, ray_actor_options={"num_cpus": 0}).bind(
-        generator, args.model_dump()
+        generator, args.model_dump(), images
     )

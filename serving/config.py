@@ -82,6 +82,16 @@ class BatchingArgs(_Section):
     )
 
 
+class ImageUrlArgs(_Section):
+    """Images kept for ``response_format: "url"`` (serving/image_store.py: one store for all ingress replicas)."""
+
+    ttl_s: float = Field(3600.0, gt=0, description="seconds a returned image URL works (OpenAI's: one hour)")
+    max_images: int = Field(1000, ge=1, description="images kept at most; the oldest are dropped first")
+    max_bytes: int = Field(
+        256 * 2**20, ge=2**20, description="PNG bytes kept at most (the store's memory); the oldest are dropped first"
+    )
+
+
 class DeploymentArgs(_Section):
     num_replicas: int | Literal["auto"] = Field(1, description="generator replicas; 'auto' uses autoscaling_config")
     autoscaling_config: dict[str, Any] | None = Field(
@@ -153,6 +163,7 @@ class ServeArgs(_Section):
         "LORAFLEET_API_KEY", description="env var holding the API key; when set, all but /healthz need Bearer auth"
     )
     warmup: bool = Field(True, description="generate one image before the replica reports ready")
+    image_urls: ImageUrlArgs = Field(default_factory=ImageUrlArgs)
 
     @field_validator("adapters")
     @classmethod
@@ -183,6 +194,12 @@ class ServeArgs(_Section):
             problems.append(f"defaults.size {self.defaults.size} is outside limits.min_size..limits.max_size")
         if self.defaults.steps > lim.max_steps:
             problems.append(f"defaults.steps {self.defaults.steps} > limits.max_steps {lim.max_steps}")
+        urls, largest = self.image_urls, lim.max_n * (lim.max_size**2 * 3 + 2**16)  # raw RGB + PNG overhead
+        if urls.max_images < lim.max_n or urls.max_bytes < largest:
+            problems.append(
+                f"image_urls (max_images {urls.max_images}, max_bytes {urls.max_bytes}) cannot hold one request's "
+                f"images (limits.max_n {lim.max_n} of up to {lim.max_size}² px, ~{largest} bytes); raise them"
+            )
         if d.autoscaling_config and d.num_replicas != "auto":
             problems.append("deployment.autoscaling_config is set: also set deployment.num_replicas to 'auto'")
         if d.num_replicas == "auto" and not d.autoscaling_config:

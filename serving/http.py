@@ -1,12 +1,18 @@
 """The HTTP face of the Serve app: OpenAI-compatible images API, a raw-PNG route, health, admin and a web page.
 
 Errors use OpenAI's body (``{"error": {"message", "type", "param", "code"}}``): bad input is 400 (never 500),
-an unknown model 404, a refused adapter 422, a missing key 401, a full queue 503 with ``Retry-After``, a
-generation slower than ``deployment.request_timeout_s`` 504.
+a body not sent as JSON 415, an unknown model or image 404, a refused adapter 422, a missing key 401, a full queue
+503 with ``Retry-After``, a generation slower than ``deployment.request_timeout_s`` 504.
+
+Request bodies are JSON only (``Content-Type: application/json``), as OpenAI's API: a body sent as a form
+(``curl -d``), ``text/plain`` or with no type is refused with 415 naming the type it came with, even when its text
+is valid JSON — the type decides how a body is read, and a browser may post forms and text/plain from any web
+page without asking first (no CORS preflight), which would let other sites draw on a server that has no API key.
 """
 
 import asyncio
 import base64
+import email.message
 import hmac
 import json
 import logging
@@ -24,6 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.config import ServeArgs
 from serving.engine import ImageRequest
+from serving.image_store import IMAGE_ID
 from serving.schemas import GenerationBody, ImageData, ImagesResponse, ModelList, error_body
 
 log = logging.getLogger("ray.serve")
@@ -97,18 +104,62 @@ async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
     return JSONResponse(error_body(exc.status, exc.message, exc.param), status_code=exc.status, headers=headers)
 
 
+def is_json_type(content_type: str | None) -> bool:
+    """``application/json`` or ``application/<x>+json`` (parameters such as charset allowed): the Content-Types
+    FastAPI reads a body as JSON for."""
+    if not content_type:
+        return False
+    message = email.message.Message()
+    message["content-type"] = content_type
+    subtype = message.get_content_subtype()
+    return message.get_content_maintype() == "application" and (subtype == "json" or subtype.endswith("+json"))
+
+
+def _not_json(content_type: str | None, body: object) -> str:
+    try:
+        json.loads(body)
+        parses = " (its text is valid JSON: only the header is wrong)"
+    except (TypeError, ValueError):
+        parses = ""
+    sent = f"with Content-Type {content_type!r}" if content_type else "without a Content-Type"
+    return (
+        f"the request body was sent {sent}{parses}; this API reads JSON bodies only: send the header "
+        "'Content-Type: application/json' (curl: -H 'Content-Type: application/json', or --json instead of -d, "
+        "which sends application/x-www-form-urlencoded)"
+    )
+
+
+def _json_position(doc: object, pos: object) -> str:
+    """`line L column C (char N)` of a JSON parse error, as Python's json module words it."""
+    if not isinstance(pos, int):
+        return ""
+    text = doc.decode("utf-8", "replace") if isinstance(doc, bytes) else doc if isinstance(doc, str) else ""
+    line = text.count("\n", 0, pos) + 1
+    column = pos - text.rfind("\n", 0, pos)
+    return f" at line {line} column {column} (char {pos})"
+
+
 @web.exception_handler(RequestValidationError)
 async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-    """Pydantic's complaints as one 400 naming every field (malformed JSON included)."""
+    """Pydantic's complaints as one 400 naming every field (malformed JSON at its position); a body that came
+    without a JSON Content-Type is a 415 naming the type it came with."""
+    errors = exc.errors()
+    content_type = request.headers.get("content-type")
+    sent_body = isinstance(exc.body, (bytes, str)) and bool(exc.body)
+    if sent_body and not is_json_type(content_type) and any(e["loc"][:1] == ("body",) for e in errors):
+        return JSONResponse(error_body(415, _not_json(content_type, exc.body), "Content-Type"), status_code=415)
     problems, first = [], None
-    for err in exc.errors():
+    for err in errors:
         loc = [str(x) for x in err["loc"] if x not in ("body", "query")]
         field = ".".join(loc) or "body"
         msg = err["msg"]
         if err["type"] == "json_invalid":
-            field, msg = "body", f"is not valid JSON ({err.get('ctx', {}).get('error', 'parse error')})"
+            where = _json_position(exc.body, err["loc"][1] if len(err["loc"]) > 1 else None)
+            field, msg = "body", f"is not valid JSON: {err.get('ctx', {}).get('error', 'parse error')}{where}"
         elif err["type"] == "model_attributes_type":
             field, msg = "body", "must be a JSON object"
+        elif err["type"] == "missing" and field == "body":
+            msg = "missing: send a JSON object with the header 'Content-Type: application/json'"
         first = first or field
         if err["type"] == "extra_forbidden":
             msg = "is not a field of this request; remove it"
@@ -124,8 +175,9 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
 @serve.deployment
 @serve.ingress(web)
 class Api:
-    def __init__(self, generator: DeploymentHandle, args: ServeArgs | dict):
+    def __init__(self, generator: DeploymentHandle, args: ServeArgs | dict, images: DeploymentHandle):
         self.gen = generator
+        self.images = images  # serving.app.ImageUrls: the one store of response_format "url" images
         self.args = ServeArgs.model_validate(args)
         self.key = self.args.api_key()
         self.epoch = 0
@@ -163,6 +215,18 @@ class Api:
             raise ApiError(e["status"], e["message"], e["param"], d.retry_after_s if e["status"] == 503 else None)
         return out
 
+    async def _images(self, method: str, *args):
+        """A call to the ImageUrls store; a store replica that is gone or being replaced is a 503, not a 500."""
+        d = self.args.deployment
+        try:
+            return await getattr(self.images, method).remote(*args)
+        except (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError, BackPressureError) as exc:
+            log.warning("image store call %s failed: %s", method, type(exc).__name__)
+            raise ApiError(
+                503, f"the image store did not answer; retry after {d.retry_after_s} s or ask for response_format "
+                "'b64_json'", None, d.retry_after_s,
+            ) from exc  # fmt: skip
+
     # ---- routes ----------------------------------------------------------------------------------------------
     @web.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page(self) -> HTMLResponse:
@@ -189,13 +253,48 @@ class Api:
     async def generations(self, body: GenerationBody, request: Request) -> ImagesResponse:
         self._auth(request)
         out = await self._call(body.to_request())
-        data = [
-            ImageData(b64_json=base64.b64encode(png).decode(), seed=seed, revised_prompt=body.prompt)
-            for png, seed in zip(out["images"], out["seeds"])
-        ]
+        if body.response_format == "url":
+            kept = await self._images("put", out["images"])
+            if "error" in kept:
+                raise ApiError(507, kept["error"], "response_format")
+            data = [
+                ImageData(
+                    url=str(request.url_for("image", image_id=image_id)),
+                    expires_at=int(expires_at),
+                    seed=seed,
+                    revised_prompt=body.prompt,
+                )
+                for (image_id, expires_at), seed in zip(kept["images"], out["seeds"])
+            ]
+        else:
+            data = [
+                ImageData(b64_json=base64.b64encode(png).decode(), seed=seed, revised_prompt=body.prompt)
+                for png, seed in zip(out["images"], out["seeds"])
+            ]
         return ImagesResponse(
             created=int(time.time()), data=data, model=out["model"], version=out["version"], size=out["size"]
         )
+
+    @web.get(
+        "/v1/images/{image_id}.png",
+        name="image",
+        response_class=Response,
+        summary="an image made with response_format 'url' (same API key; kept image_urls.ttl_s seconds)",
+    )
+    async def image(self, request: Request, image_id: str) -> Response:
+        self._auth(request)
+        png = await self._images("get", image_id) if IMAGE_ID.match(image_id) else None
+        if png is None:
+            urls = self.args.image_urls
+            raise ApiError(
+                404,
+                f"no image {image_id[:64]!r} here: images made with response_format 'url' are kept {urls.ttl_s:g} s "
+                f"(image_urls.ttl_s) and at most {urls.max_images} of them, oldest dropped first; this one expired, "
+                "was dropped or never existed — generate it again (same seed, same image) or ask for "
+                "response_format 'b64_json'",
+                "image_id",
+            )
+        return Response(png, media_type="image/png", headers={"Cache-Control": "private, no-transform"})
 
     @web.get("/v1/generate", response_class=Response, summary="one image as raw image/png")
     async def generate_png(

@@ -91,6 +91,13 @@ def test_http_round_trip(main_app):
         assert np.abs(same - decode(out["data"][0])).max() <= 1
         assert "OpenAPI" in http.get("/docs").text or "swagger" in http.get("/docs").text.lower()
         assert "<form" in http.get("/").text
+        # response_format url through the real proxy and route prefix: a link on this host, the same image
+        linked = http.post("/v1/images/generations", json={**body, "n": 1, "response_format": "url", "user": None})
+        url = linked.json()["data"][0]["url"]
+        assert linked.status_code == 200 and url.startswith(f"{main_app}/v1/images/"), linked.text
+        assert http.get(url).content == base64.b64decode(out["data"][0]["b64_json"])
+        form = http.post("/v1/images/generations", content=b'{"prompt": "sks"}')  # no JSON Content-Type
+        assert form.status_code == 415 and form.json()["error"]["param"] == "Content-Type", form.text
 
 
 BAD = [
@@ -105,7 +112,8 @@ BAD = [
     ({"prompt": PROMPT, "guidance": "NaN"}, 400, "guidance"),
     ({"prompt": PROMPT, "seed": -1}, 400, "seed"),
     ({"prompt": PROMPT, "n": "two"}, 400, "n"),
-    ({"prompt": PROMPT, "response_format": "url"}, 400, "response_format"),
+    ({"prompt": PROMPT, "response_format": "jpeg"}, 400, "response_format"),
+    ({"prompt": PROMPT, "stream": True}, 400, "stream"),
     ({"prompt": PROMPT, "colour": "red"}, 400, "colour"),
     ({"n": 1}, 400, "prompt"),
     ({"prompt": PROMPT, "model": "nope"}, 404, "model"),
