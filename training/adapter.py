@@ -75,6 +75,8 @@ def read_meta(meta_path: Path) -> AdapterMeta:
         raw = json.loads(meta_path.read_text(encoding="utf-8-sig"))  # a BOM from a Windows editor is fine
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise AdapterError(f"{meta_path} is not valid JSON ({exc}); fix the file or re-create the adapter") from exc
+    except OSError as exc:
+        raise AdapterError(f"{meta_path} cannot be read ({exc})") from exc
     if not isinstance(raw, dict):
         raise AdapterError(f"{meta_path} must hold a JSON object, not {type(raw).__name__}")
     version = raw.get("schema_version", SCHEMA_VERSION)
