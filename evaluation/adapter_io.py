@@ -181,8 +181,9 @@ def main_export(argv: list[str] | None = None) -> int:
     from evaluation.registry import RegistryError, fetch_adapter
 
     ref = a.ref
-    if not Path(ref).expanduser().is_dir() and not ref.startswith(("models:/", "runs:/")):
-        ref = f"models:/{ref}" if ("@" in ref or "/" in ref) else f"models:/{ref}@champion"
+    registry_name = re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}(@[A-Za-z0-9][A-Za-z0-9_-]*|/[0-9]+)?", ref)
+    if registry_name and not Path(ref).expanduser().is_dir():  # NAME, NAME@ALIAS, NAME/VERSION; else a folder
+        ref = f"models:/{ref}" if registry_name.group(1) else f"models:/{ref}@champion"
     staging = Path(tempfile.mkdtemp(prefix="lorafleet-export-"))
     try:
         fetched = fetch_adapter(ref, staging, _tracking_uri(a.tracking_uri))
