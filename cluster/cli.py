@@ -14,6 +14,8 @@
     lorafleet promote toy-sks-lora 3            # champion -> version 3 (the old one becomes previous)
     lorafleet rollback toy-sks-lora             # champion back to the previous one
     lorafleet publish models:/toy-sks-lora@champion --repo-id you/toy-sks-lora --push
+    lorafleet import-adapter my_lora.safetensors --name my-style --trigger ohwx   # a LoRA trained elsewhere
+    lorafleet export-adapter my-style@champion --format kohya my_style.safetensors
     lorafleet quality --grid docs/toy_sd_samples.png
 
 Each sub-command hands its arguments to the module that owns the job, so
@@ -118,6 +120,18 @@ def _publish(args: list[str]) -> int:
     return main(args)
 
 
+def _import_adapter(args: list[str]) -> int:
+    from evaluation.adapter_io import main_import
+
+    return main_import(args)
+
+
+def _export_adapter(args: list[str]) -> int:
+    from evaluation.adapter_io import main_export
+
+    return main_export(args)
+
+
 def _quality(args: list[str]) -> int:
     from evaluation.toy_quality import main
 
@@ -139,12 +153,19 @@ COMMANDS = {
     ),
     "rollback": (_registry_verb("rollback"), "move the champion alias back to the previous one: `rollback NAME`"),
     "publish": (_publish, "push an adapter + model card to the Hugging Face Hub (python -m evaluation.publish)"),
+    "import-adapter": (
+        _import_adapter,
+        "bring your own LoRA (diffusers, kohya/A1111, PEFT): `import-adapter FILE --name NAME [--trigger W]`",
+    ),
+    "export-adapter": (_export_adapter, "write an adapter for A1111/ComfyUI: `export-adapter REF --format kohya OUT`"),
     "quality": (_quality, "measure the toy world's quality bar (python -m evaluation.toy_quality)"),
 }
 
 
 # the sub-commands that read $MLFLOW_TRACKING_URI when neither --tracking-uri nor their config names a server
-MLFLOW_COMMANDS = ("train", "tune", "evaluate", "registry", "promote", "rollback", "publish")
+MLFLOW_COMMANDS = (
+    "train", "tune", "evaluate", "registry", "promote", "rollback", "publish", "import-adapter", "export-adapter",
+)  # fmt: skip
 
 
 @contextlib.contextmanager

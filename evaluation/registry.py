@@ -29,6 +29,7 @@ TAG_SHA = "adapter_sha256"
 TAG_BASE = "base_model"
 TAG_STATUS = "validation_status"  # passed | rejected | rolled_back
 TAG_KEY = "eval.comparable_key"  # evaluations with the same key compare directly
+TAG_SOURCE = "source"  # imported: a LoRA trained elsewhere (lorafleet import-adapter); trained versions carry none
 TAG_METRIC = "metric."  # metric.<name> = value measured by the evaluation that registered the version
 HISTORY_TAG = "lorafleet.champion_history"  # registered-model tag: JSON list of versions that were champion
 MODEL_TAG = "lorafleet.adapter_model"  # registered-model tag "true": a model whose versions are lorafleet adapters
@@ -222,6 +223,25 @@ def register(
         if model.tags.get(MODEL_TAG) != "true":
             client.set_registered_model_tag(name, MODEL_TAG, "true")
     return client.create_model_version(name, source, run_id=run_id, tags=tags, description=description)
+
+
+def register_folder(
+    client, name: str, folder: Path, tags: dict[str, str], experiment: str, description: str = ""
+) -> Any:  # ModelVersion
+    """Log ``folder`` as a run's ``adapter`` artifacts in ``experiment`` (created if missing) and register it as a new
+    version of ``name`` with ``tags`` plus the ``adapter_sha256``/``base_model`` tags ``fetch_adapter`` checks.
+
+    Raises:
+        AdapterError: ``folder`` fails verification (nothing is logged).
+    """
+    meta = verify_adapter(folder)
+    found = client.get_experiment_by_name(experiment)
+    exp_id = found.experiment_id if found else client.create_experiment(experiment)
+    run = client.create_run(exp_id, run_name=f"{name} {meta.sha256[:12]}", tags={"lorafleet.adapter": name})
+    client.log_artifacts(run.info.run_id, str(folder), "adapter")
+    client.set_terminated(run.info.run_id)
+    tags = {TAG_SHA: meta.sha256, TAG_BASE: base_model_id(meta.base_model), **tags}
+    return register(client, name, f"runs:/{run.info.run_id}/adapter", run.info.run_id, tags, description)
 
 
 def adapter_models(client) -> list:  # list[RegisteredModel]

@@ -1,10 +1,15 @@
 """The adapter on disk: diffusers' LoRA format (safetensors) plus a small JSON that names and pins it.
 
     <dir>/pytorch_lora_weights.safetensors   # StableDiffusionPipeline.save_lora_weights
-    <dir>/lorafleet_adapter.json             # base model, rank, alpha, targets, trigger, dataset hash, sha256
+    <dir>/lorafleet_adapter.json             # schema_version, base model, rank, alpha, targets, trigger, sha256, …
 
-Any diffusers user loads it with ``pipe.load_lora_weights(dir)``; ``load_adapter`` does the same after
-checking that the file is safetensors and that its sha256 matches the JSON.
+Any diffusers user loads it with ``pipe.load_lora_weights(dir)``; ``load_adapter`` does the same after checking that
+the file is safetensors, that its sha256 matches the JSON and that its keys fit the base model. The weights may also
+be in kohya/A1111's or PEFT's layout (``training/lora_formats.py`` reads them with diffusers' and PEFT's own code);
+an adapter that injects no LoRA layer is refused, never served as the bare base model.
+
+``lorafleet_adapter.json`` is versioned (``schema_version``, ``AdapterMeta``): keys this version does not know are
+kept (and written back), missing optional keys take their defaults, a wrong type is an ``AdapterError`` naming the key.
 """
 
 from __future__ import annotations
@@ -12,35 +17,82 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import StableDiffusionPipeline
 from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft, convert_unet_state_dict_to_peft
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from training.lora_formats import LoraFormatError, drop, load_lora, read_lora
 
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 META_NAME = "lorafleet_adapter.json"
 
 
+SCHEMA_VERSION = 1  # of lorafleet_adapter.json; a file with a higher one was written by a newer lorafleet
+
+
 class AdapterError(ValueError):
-    pass
+    """An adapter folder or file that cannot be served: bad metadata, weights, hash, layout or fit (HTTP 422)."""
 
 
-@dataclass
-class AdapterMeta:
-    base_model: str
-    rank: int
-    alpha: float
-    target_modules: list[str]
-    text_encoder: bool = False
-    trigger: str | None = None
-    dataset_hash: str | None = None
-    sha256: str = ""
-    weights: str = WEIGHTS_NAME
-    training: dict = field(default_factory=dict)  # step, epoch, config summary
+class AdapterMeta(BaseModel):
+    """``lorafleet_adapter.json``, schema version 1. Unknown keys (a ``license``, a tool's own notes) are kept in
+    ``model_extra`` and written back; every key but ``base_model`` has a default."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+
+    schema_version: int = Field(SCHEMA_VERSION, ge=1, description="version of this JSON's schema")
+    base_model: str = Field(description="the base model it was trained on: hub id or project-relative folder")
+    rank: int | None = Field(None, ge=1, description="LoRA rank r (None: not known, e.g. mixed ranks)")
+    alpha: float | None = Field(None, gt=0, description="LoRA alpha; scale = alpha / rank")
+    target_modules: list[str] = Field(default_factory=list, description="module names the LoRA wraps")
+    text_encoder: bool = Field(False, description="the file also holds text-encoder LoRA weights")
+    trigger: str | None = Field(None, description="the word its captions taught (e.g. sks)")
+    dataset_hash: str | None = Field(None, description="sha256 fingerprint of the training dataset")
+    sha256: str = Field("", description="sha256 of the weights file; checked before every load")
+    weights: str = Field(WEIGHTS_NAME, description="the weights file in this folder (safetensors only)")
+    training: dict[str, Any] = Field(default_factory=dict, description="step, epoch, config summary")
+    source: str = Field("trained", description="trained (by lorafleet) or imported (lorafleet import-adapter)")
+    source_format: str = Field("diffusers", description="layout the weights came in: diffusers | kohya | peft")
+
+    def to_json(self) -> str:
+        """The JSON text, unknown keys included."""
+        return json.dumps(self.model_dump(mode="json"), indent=2) + "\n"
+
+
+def read_meta(meta_path: Path) -> AdapterMeta:
+    """Parse and validate ``lorafleet_adapter.json``.
+
+    Raises:
+        AdapterError: not JSON, not an object, a newer schema_version, or a key of the wrong type (named).
+    """
+    try:
+        raw = json.loads(meta_path.read_text(encoding="utf-8-sig"))  # a BOM from a Windows editor is fine
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AdapterError(f"{meta_path} is not valid JSON ({exc}); fix the file or re-create the adapter") from exc
+    except OSError as exc:
+        raise AdapterError(f"{meta_path} cannot be read ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise AdapterError(f"{meta_path} must hold a JSON object, not {type(raw).__name__}")
+    version = raw.get("schema_version", SCHEMA_VERSION)
+    if isinstance(version, int) and version > SCHEMA_VERSION:
+        raise AdapterError(
+            f"{meta_path}: schema_version {version} was written by a newer lorafleet (this one reads "
+            f"{SCHEMA_VERSION}); upgrade lorafleet"
+        )
+    try:
+        return AdapterMeta.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"key {'.'.join(map(str, e['loc'])) or '(top level)'!r}: {e['msg']} (got {e.get('input')!r:.60})"
+            for e in exc.errors()
+        )
+        raise AdapterError(f"{meta_path}: {problems}; fix the key (see training/adapter.py AdapterMeta)") from exc
 
 
 def file_sha256(path: Path) -> str:
@@ -95,24 +147,27 @@ def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
 
 
 def save_adapter(
-    out_dir: str | Path, unet: torch.nn.Module, meta: AdapterMeta, text_encoder: torch.nn.Module | None = None
+    out_dir: str | Path,
+    unet: torch.nn.Module | None,
+    meta: AdapterMeta,
+    text_encoder: torch.nn.Module | None = None,
+    adapter_name: str = "default",
 ) -> Path:
-    """Write the LoRA weights of ``unet`` (and ``text_encoder``) in diffusers format, then the JSON with their hash."""
+    """Write the LoRA weights of ``adapter_name`` in ``unet`` (and ``text_encoder``) in diffusers format with their
+    LoraConfig as metadata, then the JSON with their hash. Returns ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    unet = _unwrap(unet)
-    kwargs = {
-        "unet_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
-        "unet_lora_adapter_metadata": unet.peft_config["default"].to_dict(),
-    }
-    if text_encoder is not None:
-        text_encoder = _unwrap(text_encoder)
-        kwargs["text_encoder_lora_layers"] = convert_state_dict_to_diffusers(get_peft_model_state_dict(text_encoder))
-        kwargs["text_encoder_lora_adapter_metadata"] = text_encoder.peft_config["default"].to_dict()
+    kwargs = {}
+    for part, model in (("unet", unet), ("text_encoder", text_encoder)):
+        if model is not None:
+            model = _unwrap(model)
+            state = get_peft_model_state_dict(model, adapter_name=adapter_name)
+            kwargs[f"{part}_lora_layers"] = convert_state_dict_to_diffusers(state)
+            kwargs[f"{part}_lora_adapter_metadata"] = model.peft_config[adapter_name].to_dict()
     StableDiffusionPipeline.save_lora_weights(out, weight_name=WEIGHTS_NAME, safe_serialization=True, **kwargs)
     meta.sha256 = file_sha256(out / WEIGHTS_NAME)
     meta.weights = WEIGHTS_NAME
-    (out / META_NAME).write_text(json.dumps(asdict(meta), indent=2) + "\n")
+    (out / META_NAME).write_text(meta.to_json())
     return out
 
 
@@ -126,8 +181,10 @@ def verify_adapter(adapter_dir: str | Path) -> AdapterMeta:
     meta_path = root / META_NAME
     if not meta_path.is_file():
         raise AdapterError(f"{root} has no {META_NAME}: not a lorafleet adapter folder (train one with training.train)")
-    meta = AdapterMeta(**json.loads(meta_path.read_text()))
+    meta = read_meta(meta_path)
     weights = root / meta.weights
+    if Path(meta.weights).name != meta.weights:
+        raise AdapterError(f"{meta_path}: key 'weights' must be a file name in {root}, not a path ({meta.weights!r})")
     if weights.suffix != ".safetensors" or any(root.glob("*.bin")) or any(root.glob("*.pt")):
         raise AdapterError(
             f"{root}: only safetensors adapters are loaded (pickle files can run code); convert it with "
@@ -145,25 +202,28 @@ def verify_adapter(adapter_dir: str | Path) -> AdapterMeta:
 
 
 def load_adapter(pipe: StableDiffusionPipeline, adapter_dir: str | Path, adapter_name: str = "default") -> AdapterMeta:
-    """Verify, then ``pipe.load_lora_weights`` — the plain diffusers call any user makes."""
+    """Verify, check the weights against ``pipe``'s modules, then load them with diffusers' loaders; the weights may
+    be in diffusers, kohya/A1111 or PEFT layout (``training.lora_formats``).
+
+    Raises:
+        AdapterError: verification failed; no key matches a module of ``pipe`` (naming the first keys); a module's
+            shapes differ; every up weight is zero; or no LoRA layer was injected. Nothing stays loaded then.
+    """
     meta = verify_adapter(adapter_dir)
+    label = f"adapter {Path(adapter_dir).name!r} ({adapter_dir})"
     try:
-        pipe.load_lora_weights(str(adapter_dir), weight_name=meta.weights, adapter_name=adapter_name)
+        lora = read_lora(Path(adapter_dir) / meta.weights)
+        load_lora(pipe, lora, adapter_name, label)
+    except LoraFormatError as exc:
+        raise AdapterError(f"{exc} (base model here: {base_model_id(meta.base_model)!r})") from exc
     except Exception as exc:  # noqa: BLE001 - shapes or keys that do not fit this base model
-        _drop_partial(pipe, adapter_name)
+        drop(pipe, adapter_name)
         first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         raise AdapterError(
             f"{adapter_dir}: the weights do not fit base model {base_model_id(meta.base_model)!r} as loaded here "
             f"({type(exc).__name__}: {first}); it was made for another model or architecture — retrain it on this one"
         ) from exc
     return meta
-
-
-def _drop_partial(pipe: StableDiffusionPipeline, adapter_name: str) -> None:
-    """Remove what a failed load injected under ``adapter_name``, so the pipeline serves as before."""
-    parts = (pipe.unet, getattr(pipe, "text_encoder", None))
-    if any(adapter_name in (getattr(part, "peft_config", None) or {}) for part in parts if part is not None):
-        pipe.delete_adapters(adapter_name)
 
 
 def load_into_training(adapter_dir: str | Path, unet: torch.nn.Module, text_encoder: torch.nn.Module | None) -> None:
