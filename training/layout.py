@@ -336,7 +336,9 @@ def _metadata(root: Path, cfg: DataConfig, files: list[Path], layout: Layout) ->
         layout.candidates.append(Candidate(path, name, caption, why))
     for key, (line, _) in rows.items():
         target = root / key
-        if target.is_file() and not _is_image(target):
+        if target.is_dir():
+            why = "but it is a folder, not an image file"
+        elif target.is_file() and not _is_image(target):
             why = f"is not one of the image types read ({', '.join(IMAGE_EXTENSIONS)})"
         elif target.is_file():
             why = "is in a folder that is not training data (heldout/, __MACOSX/ or a hidden folder)"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from training.buckets import Bucket, assign_buckets, default_step
+from training.buckets import Bucket, assign_buckets, default_step, oriented_size
 from training.config import DataConfig
 from training.data import DatasetReport, Example
 from training.layout import PREVIEW_MARK
@@ -42,14 +42,15 @@ def _name(ex: Example, root: Path) -> str:
 
 
 def describe(report: DatasetReport, cfg: DataConfig) -> list[dict]:
-    """One JSON-able row per usable image: file (relative to the root), caption exactly as trained, stored size
-    [width, height] and Pillow mode, repeats, prior (class image), bucket "WxH", and the conversions applied."""
+    """One JSON-able row per usable image: file (relative to the root), caption exactly as trained, size
+    [width, height] as viewers show it (EXIF orientation applied) and ``stored_size`` as in the file, Pillow mode,
+    repeats, prior (class image), bucket "WxH", and the conversions applied."""
     rows = []
     for ex, (w, h) in zip(report.examples, example_buckets(report, cfg)):
         with Image.open(ex.path) as img:  # the header only
-            size, mode = list(img.size), img.mode
+            size, stored, mode = list(oriented_size(img)), list(img.size), img.mode
         rows.append({
-            "file": _name(ex, report.root), "caption": ex.caption, "size": size, "mode": mode,
+            "file": _name(ex, report.root), "caption": ex.caption, "size": size, "stored_size": stored, "mode": mode,
             "repeats": ex.repeats, "prior": ex.prior, "bucket": f"{w}x{h}", "conversions": list(ex.conversions),
         })  # fmt: skip
     return rows

@@ -23,10 +23,11 @@ import hashlib
 import logging
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
-from training.captions import caption_words
+from training.captions import caption_length_problems, caption_words, load_tokenizer
 from training.config import IMAGE_EXTENSIONS, DataConfig, TrainConfig
-from training.data import DatasetReport, Example, Problem, validate_dataset
+from training.data import DatasetError, DatasetReport, Example, Problem, validate_dataset
 from training.heldout import select_heldout
 from training.loop import optimizer_steps
 from training.remote import is_uri
@@ -188,14 +189,49 @@ def run_fingerprint(report: DatasetReport, classes: DatasetReport | None) -> str
     return hashlib.sha256(f"{report.fingerprint()}\0class\0{classes.fingerprint()}".encode()).hexdigest()
 
 
+def check_caption_lengths(cfg: TrainConfig, report: DatasetReport, tokenizer: Any = None) -> list[Problem]:
+    """Captions of ``report`` (class images too) that the base model's tokenizer cuts (``caption_length_problems``):
+    warnings are logged, and returned with the errors. Needs the tokenizer, so it runs on the driver
+    (``build_worker_spec``, the pipeline's validate stage, ``lorafleet validate --base-model``), not in
+    ``validate_dataset``. When ``tokenizer`` is None it is loaded from ``cfg.base_model``; if that fails the check
+    is skipped with a warning (the workers name the model problem when they load it).
+
+    Raises:
+        DatasetError: a caption's trigger lies past the tokenizer's limit (it would never be trained).
+    """
+    if tokenizer is None:
+        try:
+            tokenizer = load_tokenizer(cfg.base_model)
+        except OSError as exc:
+            log.warning("caption lengths not checked: %s", exc)
+            return []
+    names = [(_name(e.path, report.root), e.caption) for e in report.examples]
+    problems = caption_length_problems(names, tokenizer, cfg.data.trigger)
+    for p in problems:
+        if p.severity == "warning":
+            log.warning("%s: %s", p.file, p.message)
+    if any(p.severity == "error" for p in problems):
+        raise DatasetError(DatasetReport(report.root, report.format, [], problems))
+    return problems
+
+
+def _name(path: Path, root: Path) -> str:
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return str(path)
+
+
 def build_worker_spec(cfg: TrainConfig, report: DatasetReport) -> WorkerSpec:
     """The workers' examples: ``report``'s images less the held-out ones, then the balanced class images.
 
     Raises:
-        DatasetError: the held-out folder or the class images have problems.
+        DatasetError: the held-out folder or the class images have problems, or a caption's trigger lies past the
+            base model's token limit (``check_caption_lengths``).
         PreflightError: ``validation.holdout`` leaves no training images.
     """
     train, heldout = select_heldout(cfg, report.examples)
+    check_caption_lengths(cfg, report)
     classes = validate_class_images(cfg)
     used = balance_class_examples(train, classes.examples) if classes else []
     if classes and len(used) < len(classes.examples):
