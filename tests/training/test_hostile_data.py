@@ -364,3 +364,15 @@ def test_json_size_is_the_oriented_size(tmp_path, capsys):
     rc, out = _validate_json(capsys, root)
     row = next(r for r in out["examples"] if r["file"] == "i0.png")
     assert row["size"] == [128, 96] and row["stored_size"] == [96, 128]
+
+
+def test_evaluation_reads_transparent_references_on_data_background(tmp_path):
+    from PIL import Image
+
+    from evaluation.config import DataArgs
+    from evaluation.suite import dataset_split
+
+    root = _sidecars(tmp_path / "d")
+    Image.new("RGBA", (96, 96), (255, 0, 0, 0)).save(root / "i0.png")  # fully transparent
+    train, _ = dataset_split(DataArgs(train_path=str(root), background="#404040"), "sks")
+    assert "RGBA alpha composited on (64, 64, 64)" in train[0].conversions
