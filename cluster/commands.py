@@ -107,13 +107,48 @@ def status(argv: list[str]) -> int:
     return 0 if info["up"] else 1
 
 
+def _validate_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
+    """``validate``'s settings as ``data.*`` keys, and why any cannot be: a ``data.path`` (the positional folder
+    is the path) or a key of another section (``train.lr``: validate reads only the dataset)."""
+    from training.config import DataConfig
+
+    keys, problems = [], []
+    for item in overrides:
+        key = item.partition("=")[0].strip()
+        head = key.split(".")[0]
+        if head != "data" and head not in DataConfig.model_fields and "." in key:
+            problems.append(f"{item!r}: validate takes only data.* settings (the dataset's); {key} is for training")
+            continue
+        full = item if head == "data" else f"data.{item}"
+        if full.partition("=")[0].strip() == "data.path":
+            problems.append(f"{item!r}: the dataset folder is validate's first argument; drop data.path")
+            continue
+        keys.append(full)
+    return keys, problems
+
+
+def _settings_error(problems: list[str], as_json: bool) -> int:
+    """Exit status 2 for invalid settings, the problems on stderr, or with ``--json`` as JSON on stdout (so a
+    script reading stdout learns why)."""
+    from training.configuration import ConfigError
+
+    if as_json:
+        rows = [{"file": ".", "severity": "error", "message": m} for m in problems]
+        print(json.dumps({"error": "invalid settings", "problems": rows}, indent=2))
+    else:
+        print(f"error: {ConfigError(problems, 'lorafleet validate')}", file=sys.stderr)
+    return 2
+
+
 def validate(argv: list[str]) -> int:
     from pydantic import BaseModel
 
     from training.config import DataConfig
     from training.configuration import ConfigError, validate_values
     from training.data import validate_dataset
+    from training.layout import Problem
     from training.preview import describe, write_preview
+    from training.training_set import check_class_images, run_fingerprint
 
     class _Data(BaseModel):  # so a problem is named as in a config file: data.background
         data: DataConfig
@@ -121,12 +156,18 @@ def validate(argv: list[str]) -> int:
     p = _parser(
         "validate",
         "Check a dataset folder (or s3:// gs:// file:// URI) file by file; writes nothing unless --preview. "
-        "Any data.* setting of the training config may follow, e.g. `validate DIR data.background=black`.",
+        "Any data.* setting of the training config may follow, e.g. `validate DIR data.background=black`; "
+        "data.class_data_dir's class images are checked as training checks them.",
     )
     p.add_argument("path", help="images + metadata.jsonl, or images + .txt captions")
     p.add_argument("overrides", nargs="*", metavar="data.KEY=VALUE", help="data settings as in a training config")
     p.add_argument("--trigger", help="the trigger word captions must contain")
     p.add_argument("--resolution", type=int, default=512, help="training resolution (images smaller are flagged)")
+    p.add_argument(
+        "--base-model",
+        help="diffusers folder or cached hub id: also check caption lengths against its tokenizer (warning when "
+        "cut, error when the trigger is cut off) and data.bucket_step against its granularity",
+    )
     p.add_argument(
         "--json",
         action="store_true",
@@ -137,20 +178,49 @@ def validate(argv: list[str]) -> int:
         "--preview",
         metavar="OUT",
         help="write each usable image as the model sees it (converted, resized, cropped to its bucket) to "
-        "OUT/0001.png with its caption in OUT/0001.txt, and OUT/index.html to browse them",
+        "OUT/0001.png with its caption in OUT/0001.txt, and OUT/index.html to browse them (outside the dataset)",
     )
     a = p.parse_intermixed_args(argv)  # settings may come after the options too
-    overrides = [o if o.startswith("data.") else f"data.{o}" for o in a.overrides]
+    overrides, problems = _validate_overrides(a.overrides)
     values = {"data": {"path": a.path, "trigger": a.trigger, "resolution": a.resolution}}
+    cfg = None
     try:
         cfg = validate_values(_Data, values, overrides, "lorafleet validate").data
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        problems += [p for p in exc.problems if p not in problems]
+    if cfg is not None and a.base_model and cfg.buckets:  # the model's own step, as training resolves it
+        from training.buckets import check_step, model_granularity
+
+        try:
+            model_step = model_granularity(a.base_model)
+            problems += check_step(cfg.bucket_step or model_step, model_step, cfg.resolution)
+            cfg = cfg.model_copy(update={"bucket_step": cfg.bucket_step or model_step})
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            problems.append(f"--base-model {a.base_model}: cannot read its unet/vae config ({exc})")
+    if problems:
+        return _settings_error(problems, a.json)
     report = validate_dataset(cfg)
+    fingerprint = report.fingerprint()
+    if cfg.class_data_dir:  # as training reads them (training_set.check_class_images)
+        classes = check_class_images(cfg)
+        fingerprint = run_fingerprint(report, classes)
+        report.examples += classes.examples
+        report.problems += [Problem("data.class_data_dir" + ("" if x.file == "." else f"/{x.file}"), x.severity,
+                                    x.message) for x in classes.problems]  # fmt: skip
+    if a.base_model:
+        from training.captions import caption_length_problems, load_tokenizer
+
+        try:
+            tokenizer = load_tokenizer(a.base_model)
+        except OSError as exc:
+            report.problems.append(Problem(".", "error", f"--base-model: {exc}"))
+        else:
+            names = [(r["file"], ex.caption) for r, ex in zip(describe(report, cfg), report.examples)]
+            report.problems += caption_length_problems(names, tokenizer, cfg.trigger)
     if a.json:
-        print(json.dumps({"root": str(report.root), "format": report.format, "images": len(report.examples),
-                          "fingerprint": report.fingerprint(), "buckets": report.buckets,
+        print(json.dumps({"root": str(report.root), "format": report.format, "images": len(report.instances),
+                          "class_images": len(report.examples) - len(report.instances),
+                          "fingerprint": fingerprint, "buckets": report.buckets,
                           "bucket_rule": report.bucket_rule, "examples": describe(report, cfg),
                           "problems": [vars(x) for x in report.problems]}, indent=2))  # fmt: skip
     else:
@@ -159,7 +229,7 @@ def validate(argv: list[str]) -> int:
     if a.preview:
         try:
             written = write_preview(report, cfg, a.preview)
-        except FileExistsError as exc:
+        except (FileExistsError, ValueError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         where = Path(a.preview) / "index.html"

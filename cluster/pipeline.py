@@ -243,19 +243,21 @@ class Pipeline:
         from training.data import validate_dataset
         from training.heldout import select_heldout
         from training.remote import is_uri, local_copy
-        from training.training_set import run_fingerprint, validate_class_images
+        from training.training_set import check_caption_lengths, run_fingerprint, validate_class_images
 
         data = resolve_bucket_step(tcfg.trial).data  # aspect-ratio buckets of the base model's granularity
         report = validate_dataset(data.model_copy(update={"trigger": None}))  # the trigger is not known yet
         log.info("%s", report.summary())
         report.raise_if_errors()
-        choice = choose_trigger([e.caption for e in report.instances], load_tokenizer(tcfg.trial.base_model),
+        tokenizer = load_tokenizer(tcfg.trial.base_model)
+        choice = choose_trigger([e.caption for e in report.instances], tokenizer,
                                 configured=self.cfg.trigger, instance_prompt=data.instance_prompt)  # fmt: skip
         log.info("%s", choice.describe())
         if not self.cfg.heldout and is_uri(self.cfg.dataset) and (local_copy(data.path) / "heldout").is_dir():
             self.derived["heldout"] = f"{self.cfg.dataset.rstrip('/')}/heldout"  # the mirror has one: so has the URI
         self.derived["trigger"] = choice.trigger
         tcfg = self.tune_config()
+        check_caption_lengths(tcfg.trial, report, tokenizer)  # the trigger past the token limit: never trained
         train, held = select_heldout(tcfg.trial, report.examples)
         concept = [e for e in train if not e.prior]  # class images (prior preservation) lack the trigger by design
         if len(concept) < data.min_images:

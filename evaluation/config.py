@@ -156,6 +156,9 @@ class DataArgs(_Section):
         None, description="DreamBooth folders (images only): the caption of every image, e.g. 'a photo of sks dog'"
     )
     caption_column: str = Field("text", min_length=1, description="as training's data.caption_column")
+    background: str = Field(
+        "white", description="as training's data.background: transparent reference images are composited on it"
+    )
     image_column: str = Field("file_name", min_length=1, description="as training's data.image_column")
     caption_extension: str = Field(".txt", pattern=r"^\.[^./\\]+$", description="as training's data.caption_extension")
     holdout: int = Field(

@@ -206,9 +206,10 @@ def reference_embeddings(scorer: ClipScorer, data: DataArgs, trigger: str) -> to
     from evaluation.suite import dataset_split
 
     examples = dataset_split(data, trigger)[0][: data.max_references]
-    from training.images import open_rgb
+    from training.images import open_rgb, parse_colour
 
-    return scorer.images([open_rgb(e.path).image for e in examples])  # as training decodes them (white background)
+    background = parse_colour(data.background)  # as training decodes them (data.background, handed over)
+    return scorer.images([open_rgb(e.path, background).image for e in examples])
 
 
 def heldout_set(pipe: StableDiffusionPipeline, data: DataArgs, trigger: str, resolution: int):

@@ -190,7 +190,8 @@ def dataset_split(data: DataArgs, trigger: str | None = None) -> tuple[list, lis
 
     def examples(path: str) -> list:
         layout = {
-            k: getattr(data, k) for k in ("instance_prompt", "caption_column", "image_column", "caption_extension")
+            k: getattr(data, k)
+            for k in ("instance_prompt", "caption_column", "image_column", "caption_extension", "background")
         }
         cfg = DataConfig(path=path, trigger=trigger, min_images=1, **layout)  # read as training reads it
         report = validate_dataset(cfg)

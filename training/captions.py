@@ -25,6 +25,8 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
+from training.layout import Problem
+
 log = logging.getLogger(__name__)
 FIX = "set trigger=<word> (pipeline) or data.trigger=<word> (training)"
 # a known word whose id lies in the most frequent quarter of the merges is a common word, not a trigger
@@ -283,3 +285,36 @@ def choose_trigger(
             choice = TriggerChoice(choice.trigger, "instance_prompt", evidence)
     log.info("%s", choice.describe())
     return choice
+
+
+def caption_length_problems(captions: list[tuple[str, str]], tokenizer: Any, trigger: str | None) -> list[Problem]:
+    """Captions the base model's tokenizer cuts: training tokenizes with ``truncation=True`` at
+    ``tokenizer.model_max_length`` (CLIP: 77 tokens with the start and end tokens; the toy model: 32), so the
+    words past the limit are never seen.
+
+    Args:
+        captions: (file name as problems name it, caption exactly as trained).
+        tokenizer: the base model's tokenizer (``load_tokenizer``).
+        trigger: the trigger word, or None.
+
+    Returns:
+        A ``Problem`` per cut caption: an error when the trigger's first occurrence lies past the
+        limit (it would never be trained), else a warning with the token count and the limit.
+    """
+    limit = int(tokenizer.model_max_length)
+    out = []
+    for name, caption in captions:
+        n = len(tokenizer(caption, truncation=False).input_ids)  # with the start and end tokens
+        if n <= limit:
+            continue
+        msg = f"caption is {n} tokens, the base model reads {limit} (with start and end tokens): the rest is cut"
+        words = caption.split()
+        at = next((i for i, w in enumerate(words) if trigger and normalize_word(w) == trigger.lower()), None)
+        if at is not None:  # tokens up to and including the trigger, with the start token; the end token takes one
+            upto = len(tokenizer(" ".join(words[: at + 1]), truncation=False).input_ids) - 1
+            if upto > limit - 1:
+                why = f"the trigger {trigger!r} lies past the cut (token {upto}), so it would never be trained"
+                out.append(Problem(name, "error", f"{msg}, and {why}: move the trigger to the front or shorten it"))
+                continue
+        out.append(Problem(name, "warning", f"{msg}; shorten it or put what matters first"))
+    return out

@@ -113,6 +113,13 @@ class DataConfig(_Section):
         parse_colour(value)  # raises ValueError naming the value and what to write
         return value
 
+    @field_validator("caption_extension")
+    @classmethod
+    def _not_an_image_extension(cls, value: str) -> str:
+        if value.lower() in IMAGE_EXTENSIONS:
+            raise ValueError(f"{value!r} is an image extension; caption files are text, e.g. '.txt' or '.caption'")
+        return value
+
     @property
     def background_rgb(self) -> tuple[int, int, int]:
         """``background`` as (r, g, b), 0..255."""

@@ -114,7 +114,8 @@ def key_problem(model: type[BaseModel], key: str) -> str | None:
 def apply_overrides(
     values: dict[str, Any], overrides: list[str], model: type[BaseModel] | None = None
 ) -> tuple[dict[str, Any], list[str]]:
-    """Apply ``key.sub=value`` strings (values parsed as YAML); return values + problems.
+    """Apply ``key.sub=value`` strings (values parsed as YAML, except that one starting with ``#`` is text, not a
+    YAML comment); return values + problems.
 
     With ``model``, each key is checked against the schema so a typo is named as such, and a list field marked
     ``MERGE`` (e.g. ``tune.overrides``) is extended, not replaced; an empty list clears it. The merge is logged.
@@ -130,8 +131,8 @@ def apply_overrides(
         if why:
             problems.append(f"override {item!r}: {why}")
             continue
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else None
+        try:  # a value starting with '#' is text: the shell has stripped the quotes of data.background='#7f7f7f'
+            value = raw.strip() if raw.lstrip().startswith("#") else yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError:
             problems.append(f"override {item!r}: the value is not valid YAML; quote it")
             continue

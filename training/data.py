@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from training.buckets import Bucket, data_buckets, default_step, histogram, near
 from training.captions import caption_words
 from training.config import DataConfig
 from training.images import Decoded, ImageReadError, open_rgb
-from training.layout import Problem, find_layout
+from training.layout import DatasetFileError, Problem, find_layout, read_dataset_file
 from training.remote import is_uri, local_copy
 
 log = logging.getLogger(__name__)
@@ -167,12 +168,28 @@ def _check_image(
     )
 
 
-def _inside(root: Path, path: Path) -> bool:
-    try:
-        path.resolve().relative_to(root.resolve())
-        return True
-    except ValueError:
-        return False
+_CONTROL_NAMES = {"\x1b": "ESC, a terminal escape", "\x07": "BEL", "\u200b": "ZERO WIDTH SPACE",
+                  "\u202e": "RIGHT-TO-LEFT OVERRIDE", "\ufeff": "BYTE ORDER MARK"}  # fmt: skip
+
+
+def invisible_characters(caption: str) -> list[str]:
+    """Where ``caption`` holds characters a viewer does not show but the tokenizer reads: control (Unicode
+    category Cc, tab excepted), format (Cf: zero-width space U+200B, RTL override U+202E, BOM U+FEFF…), private
+    use (Co) and unassigned (Cn) code points — e.g. ``["U+200B (ZERO WIDTH SPACE) at character 13"]``.
+    They split a trigger into other tokens (``s\u200bks`` is not ``sks``) while the caption looks right."""
+    found = []
+    for i, ch in enumerate(caption, start=1):
+        if ch != "\t" and unicodedata.category(ch) in ("Cc", "Cf", "Co", "Cn"):
+            name = _CONTROL_NAMES.get(ch) or unicodedata.name(ch, unicodedata.category(ch))
+            found.append(f"U+{ord(ch):04X} ({name}) at character {i}")
+    return found
+
+
+def kept_fraction(size: tuple[int, int], bucket: Bucket) -> float:
+    """The share of an image of ``size`` (w, h) that training keeps: it is resized to cover ``bucket`` and
+    cropped to it (``training.dataset.load_image``), so ``bucket area / resized area``, in (0, 1]."""
+    scale = max(bucket[0] / size[0], bucket[1] / size[1])
+    return bucket[0] * bucket[1] / (max(bucket[0], size[0] * scale) * max(bucket[1], size[1] * scale))
 
 
 def validate_dataset(cfg: DataConfig) -> DatasetReport:
@@ -211,12 +228,11 @@ def validate_dataset(cfg: DataConfig) -> DatasetReport:
     candidates = layout.candidates[: cfg.max_images] if cfg.max_images else layout.candidates
     for cand in candidates:
         path, name = cand.path, cand.name
-        if path.is_symlink() and not _inside(root, path):
-            report.problems.append(
-                Problem(name, "error", "symlink pointing outside the dataset folder; copy the file in")
-            )
+        try:  # one rule for every dataset file: no link out of the folder, no FIFO, no OSError escapes
+            data = read_dataset_file(root, path)  # read once: decoded for the checks, hashed for duplicates
+        except DatasetFileError as exc:
+            report.problems.append(Problem(name, "error", str(exc)))
             continue
-        data = path.read_bytes()  # read once: decoded for the checks, hashed for duplicates
         why, bucket, decoded = _check_image(data, cfg, buckets)
         if why is not None:
             report.problems.append(Problem(name, "error", why))
@@ -229,6 +245,16 @@ def validate_dataset(cfg: DataConfig) -> DatasetReport:
         if not caption:
             report.problems.append(Problem(name, "error", "empty caption; describe the image"))
             continue
+        if hidden := invisible_characters(caption):
+            msg = f"caption has invisible characters the tokenizer reads: {', '.join(hidden[:5])}; delete them"
+            report.problems.append(Problem(name, "warning", msg))
+        kept = kept_fraction(decoded.image.size, bucket)
+        if kept < 0.5:
+            w, h = decoded.image.size
+            fix = "raise data.max_aspect (at most 8) or crop it yourself" if cfg.buckets else "set data.buckets=true"
+            report.problems.append(Problem(name, "warning", f"{w}x{h} is cropped to bucket {bucket[0]}x{bucket[1]}: "
+                                           f"training sees {kept:.0%} of it (data.max_aspect={cfg.max_aspect:g}); "
+                                           f"{fix}"))  # fmt: skip
         if cfg.trigger and fmt != "dreambooth" and not cand.prior and cfg.trigger.lower() not in caption_words(caption):
             report.problems.append(Problem(name, "warning", f"caption lacks the trigger {cfg.trigger!r}"))
         digest = hashlib.sha256(data).hexdigest()

@@ -19,17 +19,77 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from training.config import IMAGE_EXTENSIONS, DataConfig
-from training.textfile import TextFileError, decode_line, decode_text, split_lines
+from training.textfile import TextFileError, check_encoding, decode_line, decode_text, split_lines
 
 Severity = Literal["error", "warning"]
 SKIP_FILES = frozenset({"metadata.jsonl", "validation_prompts.txt", "toy_dataset.json"})
 SKIP_DIRS = frozenset({"heldout", "__macosx"})  # compared case-folded
 _DRIVE = re.compile(r"^[A-Za-z]:")
+PREVIEW_MARK = "lorafleet validate --preview"  # in index.html of a folder ``training.preview`` wrote
+MAX_CAPTION_BYTES = 64 * 1024  # a caption file larger than this is not a caption (SD reads 77 tokens, ~300 bytes)
+# Upper bound of a kohya folder's repeats: an epoch draws images × repeats samples, and sd-scripts users set 1-100
+# (its docs: 10-20 for ~20 images). 1000 × 100 images is 100 000 samples per epoch already; above it is a typo.
+MAX_REPEATS = 1000
+
+
+class DatasetFileError(ValueError):
+    """A dataset file that cannot be read; the message (without the file name) says why and what to do."""
+
+
+def read_dataset_file(root: Path, path: Path, max_bytes: int | None = None) -> bytes:
+    """The bytes of ``path``, a file of the dataset folder ``root``, by one rule for every file (images, caption
+    files, ``metadata.jsonl``): a symlink must resolve to a file inside ``root``; only regular files are read (a
+    FIFO would block, a folder named ``x.png`` is not an image); no ``OSError`` escapes.
+
+    Args:
+        root: the dataset folder (``data.path`` or ``data.class_data_dir``).
+        path: the file, under ``root``.
+        max_bytes: refuse a larger file (captions: ``MAX_CAPTION_BYTES``); None = no limit.
+
+    Raises:
+        DatasetFileError: broken or outside symlink, not a regular file, unreadable (permission, I/O), too large;
+            the message says what to do.
+    """
+    try:
+        if path.is_symlink():
+            target = os.readlink(path)
+            if not path.exists():
+                raise DatasetFileError(f"broken symlink -> {target}; remove it or restore its target")
+            try:
+                path.resolve().relative_to(root.resolve())
+            except ValueError:
+                raise DatasetFileError(
+                    f"symlink pointing outside the dataset folder (-> {target}); copy the file in"
+                ) from None
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):
+            kind = "a folder" if stat.S_ISDIR(info.st_mode) else "a FIFO" if stat.S_ISFIFO(info.st_mode) else (
+                "a socket or device")  # fmt: skip
+            raise DatasetFileError(f"is {kind}, not a file; rename or remove it")
+        if max_bytes is not None and info.st_size > max_bytes:
+            raise DatasetFileError(
+                f"{info.st_size} bytes, more than {max_bytes // 1024} KiB: not a caption; write one short line"
+            )
+        return path.read_bytes()
+    except DatasetFileError:
+        raise
+    except OSError as exc:
+        raise DatasetFileError(f"cannot be read ({exc.strerror or exc}); fix its permissions or remove it") from None
+
+
+def is_preview(folder: Path) -> bool:
+    """Whether ``folder`` holds a preview ``lorafleet validate --preview`` wrote (its index.html carries the mark)."""
+    index = folder / "index.html"
+    try:
+        return index.is_file() and PREVIEW_MARK in index.read_text(encoding="utf-8", errors="replace")[:2048]
+    except OSError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -88,18 +148,29 @@ def _is_caption(path: Path, cfg: DataConfig) -> bool:
 
 def _walk(root: Path, layout: Layout, skip: set[Path]) -> list[Path]:
     """Every file under ``root`` (sorted by relative path), not entering skipped folders; symlinked folders
-    are not followed (a warning names them)."""
+    are not followed and earlier previews (``is_preview``) are not read (a warning names them); a folder that
+    cannot be listed is an error naming it."""
     files: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(root):
+
+    def unreadable(exc: OSError) -> None:
+        where = Path(exc.filename) if exc.filename else root
+        rel = where.relative_to(root).as_posix() if where != root else "."
+        layout.error(f"{rel}/", f"cannot list this folder ({exc.strerror or exc}); fix its permissions or remove it")
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable):
         here = Path(dirpath)
         keep = []
         for d in sorted(dirnames):
             sub = here / d
             if d.startswith(".") or d.casefold() in SKIP_DIRS or sub.resolve() in skip:
                 continue
+            rel = sub.relative_to(root).as_posix()
             if sub.is_symlink():
-                rel = sub.relative_to(root).as_posix()
                 layout.warn(f"{rel}/", "symlinked folder, not followed; copy its files into the dataset folder")
+                continue
+            if is_preview(sub):
+                layout.warn(f"{rel}/", "a `lorafleet validate --preview` folder, not read (its images are copies); "
+                            "move it out of the dataset folder")  # fmt: skip
                 continue
             keep.append(d)
         dirnames[:] = keep
@@ -115,7 +186,7 @@ def detect_format(root: Path, cfg: DataConfig, files: list[Path]) -> str:
     """``cfg.format``, or for ``auto``: metadata.jsonl → kohya folders → caption files → dreambooth."""
     if cfg.format != "auto":
         return cfg.format
-    if (root / "metadata.jsonl").is_file():
+    if os.path.lexists(root / "metadata.jsonl"):  # a broken link too: read_metadata names it
         return "metadata"
     if any(kohya_folder(p.relative_to(root).parts[0]) for p in files if len(p.relative_to(root).parts) > 1):
         return "kohya"
@@ -124,15 +195,24 @@ def detect_format(root: Path, cfg: DataConfig, files: list[Path]) -> str:
     return "dreambooth"
 
 
-def read_caption_file(path: Path, name: str, layout: Layout) -> str | None:
-    """The caption in a caption file: its first non-blank line, stripped (sd-scripts reads the first line);
-    further lines are ignored with a warning. None if the file is not UTF-8 (an error names it)."""
+def read_caption_file(root: Path, path: Path, name: str, layout: Layout) -> str | None:
+    """The caption in a caption file: its first non-blank line, stripped (sd-scripts reads the first line; a blank
+    first line is warned about, as kohya would train an empty caption); further lines are ignored with a warning.
+    None if the file cannot be read (``read_dataset_file``) or is not UTF-8 (an error names it)."""
     try:
-        text = decode_text(path.read_bytes(), name)
+        text = decode_text(read_dataset_file(root, path, MAX_CAPTION_BYTES), name)
+    except DatasetFileError as exc:
+        layout.error(name, str(exc))
+        return None
     except TextFileError as exc:
         layout.error(name, f"{exc}".removeprefix(f"{name}: ").replace("re-save it", "re-save the caption file"))
         return None
-    lines = [line.strip() for line in text.split("\n") if line.strip()]
+    raw = [line.strip() for line in text.split("\n")]
+    lines = [line for line in raw if line]
+    if lines and not raw[0]:
+        n = raw.index(lines[0]) + 1
+        layout.warn(name, f"line 1 is blank; the caption is line {n} (kohya reads line 1, an empty caption): "
+                    "remove the blank line")  # fmt: skip
     if len(lines) > 1:
         layout.warn(name, f"{len(lines)} lines; only the first is the caption (as kohya reads it): join them")
     return lines[0] if lines else ""
@@ -165,7 +245,16 @@ def read_metadata(root: Path, cfg: DataConfig, layout: Layout) -> dict[str, tupl
     columns: dict[str, None] = {}
     with_caption = 0
     lacking: list[tuple[str, dict]] = []  # rows without the caption column: one error each, or one for all
-    for n, raw in enumerate(split_lines((root / "metadata.jsonl").read_bytes()), start=1):
+    folded: dict[str, str] = {}  # casefolded key -> key: rows naming one file in two letter cases
+    try:
+        data = read_dataset_file(root, root / "metadata.jsonl")
+        check_encoding(data, "metadata.jsonl")
+    except (DatasetFileError, TextFileError) as exc:
+        msg = str(exc).removeprefix("metadata.jsonl: ").replace("re-save it", "re-save metadata.jsonl")
+        layout.error("metadata.jsonl", msg)
+        layout.fatal = True
+        return rows
+    for n, raw in enumerate(split_lines(data), start=1):
         where = f"metadata.jsonl:{n}"
         if not raw.strip():
             continue
@@ -193,11 +282,26 @@ def read_metadata(root: Path, cfg: DataConfig, layout: Layout) -> dict[str, tupl
         if key in rows:
             layout.error(where, f"{key} is also on line {rows[key][0]}; keep one row per image")
             continue
+        other = folded.get(key.casefold())
+        if other is not None and not ((root / key).is_file() and (root / other).is_file()
+                                      and not (root / key).samefile(root / other)):  # fmt: skip
+            layout.error(where, f"duplicate row: {key} names the same image as {other} on line {rows[other][0]} "
+                         "(letter case differs); keep one row per image")  # fmt: skip
+            continue
+        folded.setdefault(key.casefold(), key)
         caption = row.get(cap_col)
         if cap_col in row:
             with_caption += 1
+        if isinstance(caption, str) and len(caption.encode()) > MAX_CAPTION_BYTES:
+            layout.error(where, f"{cap_col!r} is {len(caption.encode())} bytes, more than "
+                         f"{MAX_CAPTION_BYTES // 1024} KiB: not a caption; write one short line")  # fmt: skip
+            rows[key] = (n, None)
+            continue
         if isinstance(caption, str):
             rows[key] = (n, caption.strip())
+            if "\n" in caption.strip() or "\r" in caption.strip():
+                msg = f"the {cap_col!r} has line breaks; it is trained as written (the tokenizer reads them as spaces)"
+                layout.warn(where, f"{msg}, while a caption file gives only its first line: join the lines")
             continue
         rows[key] = (n, None)
         if cap_col in row:
@@ -232,7 +336,9 @@ def _metadata(root: Path, cfg: DataConfig, files: list[Path], layout: Layout) ->
         layout.candidates.append(Candidate(path, name, caption, why))
     for key, (line, _) in rows.items():
         target = root / key
-        if target.is_file() and not _is_image(target):
+        if target.is_dir():
+            why = "but it is a folder, not an image file"
+        elif target.is_file() and not _is_image(target):
             why = f"is not one of the image types read ({', '.join(IMAGE_EXTENSIONS)})"
         elif target.is_file():
             why = "is in a folder that is not training data (heldout/, __MACOSX/ or a hidden folder)"
@@ -246,11 +352,26 @@ def _captioned(root: Path, cfg: DataConfig, images: list[Path], layout: Layout, 
     """Candidates for ``images`` whose caption is the caption file next to them, else ``fallback`` (warned
     about when other images of the folder have caption files: likely a forgotten one)."""
     mixed = fallback and any((p.parent, p.stem.casefold()) in captions for p in images)
+    stems: dict[tuple[Path, str], list[Path]] = {}
+    for path in images:
+        stems.setdefault((path.parent, path.stem.casefold()), []).append(path)
     for path in images:
         name = _rel(root, path)
-        sidecar = captions.pop((path.parent, path.stem.casefold()), None)
+        stem = (path.parent, path.stem.casefold())
+        sharing = stems[stem]
+        if len(sharing) > 1 and (stem in captions or not fallback):
+            shared = captions.get(stem)
+            what = f"the caption file {_rel(root, shared)}" if shared else "one caption file name"
+            others = ", ".join(_rel(root, p) for p in sharing if p != path)
+            layout.candidates.append(Candidate(path, name, None, f"shares {what} with {others}: which image it "
+                                               "describes is unclear; rename one image (and give it its own caption "
+                                               "file)", repeats, group))  # fmt: skip
+            if path == sharing[-1]:
+                captions.pop(stem, None)  # named in these errors, not "without an image"
+            continue
+        sidecar = captions.pop(stem, None)
         if sidecar is not None:
-            caption = read_caption_file(sidecar, _rel(root, sidecar), layout)
+            caption = read_caption_file(root, sidecar, _rel(root, sidecar), layout)
             layout.candidates.append(Candidate(path, name, caption, "" if caption is None else None, repeats, group))
         elif fallback:
             layout.candidates.append(Candidate(path, name, fallback, None, repeats, group))
@@ -264,13 +385,24 @@ def _captioned(root: Path, cfg: DataConfig, images: list[Path], layout: Layout, 
 
 def _kohya(root: Path, cfg: DataConfig, files: list[Path], captions: dict, layout: Layout) -> None:
     folders: dict[str, list[Path]] = {}
+    nested: dict[str, list[Path]] = {}  # sub-folders of a kohya folder: sd-scripts reads only images directly inside
     for path in (p for p in files if _is_image(p)):
         parts = path.relative_to(root).parts
         if len(parts) == 1:
             msg = "image outside every <repeats>_<name> folder (kohya layout); move it into one (e.g. 1_<name>/)"
             layout.error(parts[0], msg)
             continue
+        if len(parts) > 2 and kohya_folder(parts[0]):
+            nested.setdefault("/".join(parts[:-1]), []).append(path)
+            continue
         folders.setdefault(parts[0], []).append(path)
+    for sub, images in nested.items():
+        for p in images:
+            captions.pop((p.parent, p.stem.casefold()), None)
+        top = sub.split("/")[0]
+        layout.warn(f"{sub}/", f"{len(images)} images in a sub-folder of the kohya folder {top}/ are not trained: "
+                    f"kohya reads only the images directly inside each <repeats>_<name> folder; move them into "
+                    f"{top}/ or make {sub.split('/')[-1]}/ a folder of its own next to it")  # fmt: skip
     if not folders and cfg.format == "kohya":
         layout.error(".", "data.format=kohya but no sub-folder holds images; put them in <repeats>_<name>/ folders")
     for folder, images in folders.items():
@@ -283,6 +415,11 @@ def _kohya(root: Path, cfg: DataConfig, files: list[Path], captions: dict, layou
         if repeats < 1:
             layout.error(f"{folder}/", f"{repeats} repeats: its {len(images)} images would never be seen; rename it "
                          f"(e.g. '1_{name}') or move it out of data.path")  # fmt: skip
+            continue
+        if repeats > MAX_REPEATS:
+            layout.error(f"{folder}/", f"{repeats} repeats is more than {MAX_REPEATS} (each epoch would draw its "
+                         f"{len(images)} images {repeats} times); rename it with fewer (kohya users take 1-100, "
+                         f"e.g. '10_{name}')")  # fmt: skip
             continue
         _captioned(root, cfg, images, layout, captions, fallback=name or None, repeats=repeats, group=folder)
 
@@ -318,23 +455,54 @@ def find_layout(root: Path, cfg: DataConfig, prompt_key: str = "data.instance_pr
     layout = Layout("")
     files = _walk(root, layout, {p.resolve() for p in skip})
     layout.format = fmt = detect_format(root, cfg, files)
-    captions = {(p.parent, p.stem.casefold()): p for p in files if _is_caption(p, cfg)}
+    captions: dict[tuple[Path, str], Path] = {}
+    for p in (p for p in files if _is_caption(p, cfg)):
+        twin = captions.setdefault((p.parent, p.stem.casefold()), p)
+        if twin != p:  # two caption files for one image name (Linux tells a.txt from A.TXT; Windows does not)
+            a, b = _rel(root, twin), _rel(root, p)
+            layout.error(b, f"two caption files differ only in letter case: {a} and {b}; {a} would be used: merge "
+                         "them into one and remove the other")  # fmt: skip
     images = [p for p in files if _is_image(p)]
+    n_captions = len(captions)
+    forced = f"data.format={cfg.format}"
     if fmt == "metadata":
-        if not (root / "metadata.jsonl").is_file():
+        if not os.path.lexists(root / "metadata.jsonl"):
             layout.error(".", "data.format=metadata but there is no metadata.jsonl")
             layout.fatal = True
             return layout
         _metadata(root, cfg, files, layout)
+        if captions:
+            layout.warn(".", f"{n_captions} caption files ({cfg.caption_extension}) are not read: metadata.jsonl "
+                        "holds the captions (data.format=metadata when it is present); remove them, or set "
+                        "data.format=sidecar to train with them instead")  # fmt: skip
         captions = {}
     elif fmt == "kohya":
         _kohya(root, cfg, files, captions, layout)
+        if cfg.format == "kohya" and captions and detect_format(root, cfg.model_copy(update={"format": "auto"}),
+                                                                files) != "kohya":  # fmt: skip
+            layout.warn(".", f"{forced} ignores the {len(captions)} caption files ({cfg.caption_extension}) outside "
+                        "<repeats>_<name> folders; set data.format=auto to train with them as they are")  # fmt: skip
+            captions = {}
     elif fmt == "sidecar":
         _captioned(root, cfg, images, layout, captions)
     elif cfg.instance_prompt:
         layout.candidates = [Candidate(p, _rel(root, p), cfg.instance_prompt) for p in images]
+        if captions:
+            layout.warn(".", f"{n_captions} caption files ({cfg.caption_extension}) are not read: the dreambooth "
+                        f"layout trains every image with {prompt_key}; set data.format=auto to use them")  # fmt: skip
+            captions = {}
+    elif not images:
+        layout.error(".", f"no images ({', '.join(IMAGE_EXTENSIONS)}) in the folder or its sub-folders; put the "
+                     "training images there, or point data.path at the folder that holds them")  # fmt: skip
+        layout.fatal = True
+    elif cfg.format == "dreambooth" and captions:
+        layout.error(".", f"{forced} trains every image with one {prompt_key}, which is not set, and ignores the "
+                     f"{n_captions} caption files ({cfg.caption_extension}): set {prompt_key}, or data.format=auto "
+                     "to train with the caption files")  # fmt: skip
+        layout.fatal = True
+        captions = {}
     else:
-        found = _describe_images(root, images) if images else f"found no images ({', '.join(IMAGE_EXTENSIONS)})"
+        found = _describe_images(root, images)
         layout.error(".", f"{found} but no captions: add a metadata.jsonl ({cfg.image_column}, {cfg.caption_column}), "
                      f"a caption file ({cfg.caption_extension}) next to each image, kohya <repeats>_<name> folders "
                      f"(the name is the caption), or set {prompt_key} (DreamBooth: one caption for all)")  # fmt: skip

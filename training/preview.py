@@ -16,11 +16,12 @@ from pathlib import Path
 
 from PIL import Image
 
-from training.buckets import Bucket, assign_buckets, default_step
+from training.buckets import Bucket, assign_buckets, default_step, oriented_size
 from training.config import DataConfig
 from training.data import DatasetReport, Example
+from training.layout import PREVIEW_MARK
 
-GENERATOR = "lorafleet validate --preview"  # marks a folder this module wrote (so a rerun may replace it)
+GENERATOR = PREVIEW_MARK  # marks a folder this module wrote: a rerun may replace it, validation does not read it
 _OURS = re.compile(r"\d{4,}\.(png|txt)|index\.html")
 
 
@@ -41,14 +42,15 @@ def _name(ex: Example, root: Path) -> str:
 
 
 def describe(report: DatasetReport, cfg: DataConfig) -> list[dict]:
-    """One JSON-able row per usable image: file (relative to the root), caption exactly as trained, stored size
-    [width, height] and Pillow mode, repeats, prior (class image), bucket "WxH", and the conversions applied."""
+    """One JSON-able row per usable image: file (relative to the root), caption exactly as trained, size
+    [width, height] as viewers show it (EXIF orientation applied) and ``stored_size`` as in the file, Pillow mode,
+    repeats, prior (class image), bucket "WxH", and the conversions applied."""
     rows = []
     for ex, (w, h) in zip(report.examples, example_buckets(report, cfg)):
         with Image.open(ex.path) as img:  # the header only
-            size, mode = list(img.size), img.mode
+            size, stored, mode = list(oriented_size(img)), list(img.size), img.mode
         rows.append({
-            "file": _name(ex, report.root), "caption": ex.caption, "size": size, "mode": mode,
+            "file": _name(ex, report.root), "caption": ex.caption, "size": size, "stored_size": stored, "mode": mode,
             "repeats": ex.repeats, "prior": ex.prior, "bucket": f"{w}x{h}", "conversions": list(ex.conversions),
         })  # fmt: skip
     return rows
@@ -69,15 +71,20 @@ def write_preview(report: DatasetReport, cfg: DataConfig, out: str | Path) -> li
     """Write ``OUT/0001.png`` + ``OUT/0001.txt`` (caption as trained) per usable image and ``OUT/index.html``.
 
     ``out`` must be empty, missing, or a previous preview (whose files are replaced); anything else is refused, so
-    no user file is overwritten.
+    no user file is overwritten. It must not lie inside the dataset folder: its PNG + caption pairs would be read
+    as more training images (``training.layout`` also skips a folder holding a preview, with a warning).
 
     Returns:
         The image files written, in the report's order.
 
     Raises:
         FileExistsError: ``out`` is a file, or a folder holding other files; the message says what to do.
+        ValueError: ``out`` is inside the dataset folder (``report.root``).
     """
     out = Path(out)
+    if out.resolve().is_relative_to(report.root.resolve()):
+        raise ValueError(f"--preview {out} is inside the dataset folder {report.root}: its images would become "
+                         "training images; write the preview outside it")  # fmt: skip
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--preview {out} is a file; give a folder to write the preview into")
     if out.is_dir() and any(out.iterdir()):

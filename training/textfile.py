@@ -12,6 +12,7 @@ import codecs
 from pathlib import Path
 
 _UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
+_UTF32_BOMS = (codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)  # FF FE 00 00 starts with UTF-16 LE's BOM: test it first
 _FIX = "re-save it as UTF-8 (in most editors: Save As → Encoding: UTF-8)"
 
 
@@ -42,17 +43,29 @@ def decode_line(line: bytes, where: str) -> str:
         raise TextFileError(f"{where}: not UTF-8 text (byte 0x{byte} at column {exc.start + 1}); {_FIX}") from None
 
 
+def check_encoding(data: bytes, where: str) -> None:
+    """Refuse a whole file that is not UTF-8 by its shape: a UTF-32 or UTF-16 byte-order mark, or NUL bytes
+    (UTF-16/32 without a BOM). One error for the file, instead of one per line.
+
+    Raises:
+        TextFileError: naming ``where``, the encoding found and the fix.
+    """
+    if data.startswith(_UTF32_BOMS):
+        raise TextFileError(f"{where}: UTF-32 text, not UTF-8; {_FIX}")
+    if data.startswith(_UTF16_BOMS):
+        raise TextFileError(f"{where}: UTF-16 text (as Windows PowerShell 5 writes with `>`), not UTF-8; {_FIX}")
+    if b"\x00" in data:  # UTF-16 without a BOM decodes as "valid" UTF-8 with a NUL between letters
+        raise TextFileError(f"{where}: contains NUL bytes (UTF-16 or UTF-32 without a BOM, or not text); {_FIX}")
+
+
 def decode_text(data: bytes, where: str) -> str:
     """A whole text file's bytes as a string: UTF-8 BOM dropped, every line end turned into ``\\n``.
 
     Raises:
-        TextFileError: the bytes are UTF-16 (as Windows PowerShell 5's ``>`` writes) or otherwise not UTF-8;
+        TextFileError: the bytes are UTF-16 or UTF-32 (as Windows PowerShell 5's ``>`` writes) or otherwise not UTF-8;
             the message names ``where``, the line and the fix.
     """
-    if data.startswith(_UTF16_BOMS):
-        raise TextFileError(f"{where}: UTF-16 text (as Windows PowerShell 5 writes with `>`), not UTF-8; {_FIX}")
-    if b"\x00" in data:  # UTF-16 without a BOM decodes as "valid" UTF-8 with a NUL between letters
-        raise TextFileError(f"{where}: contains NUL bytes (UTF-16 without a BOM, or not text); {_FIX}")
+    check_encoding(data, where)
     lines = split_lines(data)
     out = [decode_line(line, f"{where} line {n}") for n, line in enumerate(lines, start=1)]
     return "\n".join(out)

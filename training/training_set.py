@@ -23,8 +23,9 @@ import hashlib
 import logging
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
-from training.captions import caption_words
+from training.captions import caption_length_problems, caption_words, load_tokenizer
 from training.config import IMAGE_EXTENSIONS, DataConfig, TrainConfig
 from training.data import DatasetError, DatasetReport, Example, Problem, validate_dataset
 from training.heldout import select_heldout
@@ -65,25 +66,39 @@ def _has_images(root: Path) -> bool:
     return any(p.suffix.lower() in IMAGE_EXTENSIONS for p in root.rglob("*") if p.is_file())
 
 
-def validate_class_images(cfg: TrainConfig) -> DatasetReport | None:
-    """Validate ``data.class_data_dir`` as a dataset; None when prior preservation is off.
-
-    Every example of the returned report has ``prior=True``. Problems name the user's fields
-    (``data.class_data_dir``, ``data.class_prompt``), not the derived config's.
-
-    Raises:
-        DatasetError: the folder is missing or holds no images, ``data.class_prompt`` contains the trigger, or
-            a class image cannot be used (every problem listed; nothing has been written).
-    """
-    if not cfg.prior_preservation:
-        if cfg.data.class_data_dir:
-            log.warning("train.with_prior_preservation=false: the class images in data.class_data_dir are ignored")
+def _overlap(data: DataConfig) -> str | None:
+    """Why ``data.class_data_dir`` and ``data.path`` cannot both be used (same folder, or the dataset inside the
+    class folder: its images would train as class images too), or None. A class folder inside the dataset is fine:
+    the dataset's layout skips it."""
+    if is_uri(str(data.class_data_dir)) or is_uri(data.path):
         return None
-    data = cfg.data
+    cls = Path(str(data.class_data_dir)).expanduser().resolve()
+    own = Path(data.path).expanduser().resolve()
+    if cls == own:
+        return (f"data.class_data_dir and data.path are the same folder ({own}): class images are other images of "
+                "the concept's class, without the trigger; put them in a folder of their own")  # fmt: skip
+    if own.is_relative_to(cls):
+        return (f"data.path {own} is inside data.class_data_dir {cls}: the dataset's images would train as class "
+                "images too; put the class images in a folder of their own, next to the dataset")  # fmt: skip
+    return None
+
+
+def check_class_images(data: DataConfig) -> DatasetReport:
+    """``data.class_data_dir`` validated as a dataset, every problem in the report (nothing raised): what training
+    uses (``validate_class_images``) and ``lorafleet validate`` shows. Every example has ``prior=True``; problems
+    name the user's fields (``data.class_data_dir``, ``data.class_prompt``), not the derived config's.
+
+    Errors: the folder is the dataset's (or holds it), is missing, is a file or holds no images;
+    ``data.class_prompt`` contains the trigger; a class image cannot be used. Warnings: a class caption contains
+    the trigger.
+    """
     root = Path(str(data.class_data_dir)).expanduser()
     report = DatasetReport(root, "class images")
+    if why := _overlap(data):
+        report.problems.append(Problem(".", "error", why))
+        return report
     if not is_uri(str(data.class_data_dir)) and not (root.is_dir() and _has_images(root)):
-        state = "holds no images" if root.is_dir() else "is not a folder"
+        state = "holds no images" if root.is_dir() else "is a file, not a folder" if root.exists() else "does not exist"
         report.problems.append(
             Problem(
                 ".",
@@ -94,12 +109,12 @@ def validate_class_images(cfg: TrainConfig) -> DatasetReport | None:
                 "train.with_prior_preservation=false",
             )
         )
-        raise DatasetError(report)
+        return report
     trigger = data.trigger
     if trigger and data.class_prompt and trigger.lower() in caption_words(data.class_prompt):
         msg = f"data.class_prompt {data.class_prompt!r} contains the trigger {trigger!r}; class images must not"
         report.problems.append(Problem(".", "error", msg))
-        raise DatasetError(report)
+        return report
     found = validate_dataset(class_data_config(data))
     report = DatasetReport(
         found.root,
@@ -116,7 +131,22 @@ def validate_class_images(cfg: TrainConfig) -> DatasetReport | None:
                 report.problems.append(
                     Problem(name, "warning", f"class caption contains the trigger {trigger!r}; it teaches the concept")
                 )
-    log.info("%s (weight train.prior_loss_weight=%g)", report.summary(), cfg.train.prior_loss_weight)
+    return report
+
+
+def validate_class_images(cfg: TrainConfig) -> DatasetReport | None:
+    """``check_class_images`` for a run; None when prior preservation is off.
+
+    Raises:
+        DatasetError: any error of ``check_class_images`` (every problem listed; nothing has been written).
+    """
+    if not cfg.prior_preservation:
+        if cfg.data.class_data_dir:
+            log.warning("train.with_prior_preservation=false: the class images in data.class_data_dir are ignored")
+        return None
+    report = check_class_images(cfg.data)
+    if not report.errors:
+        log.info("%s (weight train.prior_loss_weight=%g)", report.summary(), cfg.train.prior_loss_weight)
     report.raise_if_errors()
     return report
 
@@ -159,14 +189,49 @@ def run_fingerprint(report: DatasetReport, classes: DatasetReport | None) -> str
     return hashlib.sha256(f"{report.fingerprint()}\0class\0{classes.fingerprint()}".encode()).hexdigest()
 
 
+def check_caption_lengths(cfg: TrainConfig, report: DatasetReport, tokenizer: Any = None) -> list[Problem]:
+    """Captions of ``report`` (class images too) that the base model's tokenizer cuts (``caption_length_problems``):
+    warnings are logged, and returned with the errors. Needs the tokenizer, so it runs on the driver
+    (``build_worker_spec``, the pipeline's validate stage, ``lorafleet validate --base-model``), not in
+    ``validate_dataset``. When ``tokenizer`` is None it is loaded from ``cfg.base_model``; if that fails the check
+    is skipped with a warning (the workers name the model problem when they load it).
+
+    Raises:
+        DatasetError: a caption's trigger lies past the tokenizer's limit (it would never be trained).
+    """
+    if tokenizer is None:
+        try:
+            tokenizer = load_tokenizer(cfg.base_model)
+        except OSError as exc:
+            log.warning("caption lengths not checked: %s", exc)
+            return []
+    names = [(_name(e.path, report.root), e.caption) for e in report.examples]
+    problems = caption_length_problems(names, tokenizer, cfg.data.trigger)
+    for p in problems:
+        if p.severity == "warning":
+            log.warning("%s: %s", p.file, p.message)
+    if any(p.severity == "error" for p in problems):
+        raise DatasetError(DatasetReport(report.root, report.format, [], problems))
+    return problems
+
+
+def _name(path: Path, root: Path) -> str:
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return str(path)
+
+
 def build_worker_spec(cfg: TrainConfig, report: DatasetReport) -> WorkerSpec:
     """The workers' examples: ``report``'s images less the held-out ones, then the balanced class images.
 
     Raises:
-        DatasetError: the held-out folder or the class images have problems.
+        DatasetError: the held-out folder or the class images have problems, or a caption's trigger lies past the
+            base model's token limit (``check_caption_lengths``).
         PreflightError: ``validation.holdout`` leaves no training images.
     """
     train, heldout = select_heldout(cfg, report.examples)
+    check_caption_lengths(cfg, report)
     classes = validate_class_images(cfg)
     used = balance_class_examples(train, classes.examples) if classes else []
     if classes and len(used) < len(classes.examples):

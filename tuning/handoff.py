@@ -40,7 +40,7 @@ def eval_config(cfg: TuneConfig, run_dir: Path, uri: str | None, parent: str | N
         derived.append(f"data.holdout={t.validation.holdout}")  # the same images, held out the same way
     if t.data.instance_prompt:
         derived.append(f"data.instance_prompt={json.dumps(t.data.instance_prompt)}")
-    for key in ("caption_column", "image_column", "caption_extension"):  # the dataset is read as training read it
+    for key in ("caption_column", "image_column", "caption_extension", "background"):  # read as training read it
         if key in t.data.model_fields_set:
             derived.append(f"data.{key}={json.dumps(getattr(t.data, key))}")
     if uri is None:

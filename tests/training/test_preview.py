@@ -113,7 +113,9 @@ def test_validate_takes_data_settings_and_names_a_bad_one(mixed, capsys):
     assert run(["validate", str(mixed), "--resolution", "64", "background=purpel"]) == 2
     err = capsys.readouterr().err
     assert "data.background" in err and "'purpel' is not a colour" in err
-    assert run(["validate", str(mixed), "--resolution", "64", "background=#404040"]) == 2  # YAML: a comment
-    assert "quote a hex colour (YAML reads # as a comment)" in capsys.readouterr().err
+    assert run(["validate", str(mixed), "--resolution", "64", "background=#404040"]) == 0  # the shell ate the quotes
+    assert "c_rgba.png: RGBA alpha composited on (64, 64, 64)" in capsys.readouterr().out  # text, not a YAML comment
+    assert run(["validate", str(mixed), "--resolution", "64", "background=#12345"]) == 2
+    assert "'#12345' is not a colour Pillow knows" in capsys.readouterr().err
     assert run(["validate", str(mixed), "--resolution", "64", "data.colour=red"]) == 2
     assert "data.colour" in capsys.readouterr().err

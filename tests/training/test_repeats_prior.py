@@ -194,7 +194,7 @@ def test_prior_preservation_configuration_errors_name_the_field(train_config, tm
         train_config(**{"train.prior_loss_weight": -1})
     empty = tmp_path / "empty"
     empty.mkdir()
-    for folder, state in ((empty, "holds no images"), (tmp_path / "missing", "is not a folder")):
+    for folder, state in ((empty, "holds no images"), (tmp_path / "missing", "does not exist")):
         with pytest.raises(DatasetError, match=f"data.class_data_dir .* {state}.*does not generate them") as exc:
             validate_class_images(train_config(**{"data.class_data_dir": str(folder), "data.class_prompt": "a dog"}))
         assert "data.path" not in str(exc.value)
