@@ -155,8 +155,12 @@ class Engine:
                     name, f"{side} px: use a multiple of {self.size_multiple} in {lim.min_size}..{lim.max_size}"
                 )
         seed = secrets.randbelow(2**31) if req.seed is None else req.seed
-        if not 0 <= seed < 2**63 - lim.max_n:
-            raise RequestError("seed", f"{seed} is outside 0..2^63")
+        if not 0 <= seed < 2**63 - lim.max_n:  # image i uses seed + i, a torch.Generator seed below 2^63
+            raise RequestError(
+                "seed",
+                f"{seed} is outside 0..{2**63 - lim.max_n - 1}: image i uses seed + i, which stays below 2^63 "
+                f"for every n up to limits.max_n ({lim.max_n})",
+            )
         model = req.model or self.args.default_model
         adapter = self.resolver.resolve(model)
         return Prepared(req, model, adapter, seed, steps, guidance, width, height)

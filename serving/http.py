@@ -8,20 +8,34 @@ Request bodies are JSON only (``Content-Type: application/json``), as OpenAI's A
 (``curl -d``), ``text/plain`` or with no type is refused with 415 naming the type it came with, even when its text
 is valid JSON — the type decides how a body is read, and a browser may post forms and text/plain from any web
 page without asking first (no CORS preflight), which would let other sites draw on a server that has no API key.
+
+A request is refused in this order, each answer naming what to change: the API key (401, before any of the
+request is read — see ``Gate``), the body's headers (a Content-Length that is not a byte count 400, a
+Content-Encoding 415), its size (413), its bytes as JSON (``read_json``: charset, nesting, number size,
+duplicate keys — 400/415), then its fields (pydantic, 400 naming each field).
 """
 
 import asyncio
 import base64
+import codecs
 import email.message
 import hmac
+import inspect
 import json
 import logging
+import re
 import time
+import typing
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import parse_qsl
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.routing import APIRoute
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
@@ -31,7 +45,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from serving.config import ServeArgs
 from serving.engine import ImageRequest
 from serving.image_store import IMAGE_ID
-from serving.schemas import GenerationBody, ImageData, ImagesResponse, ModelList, error_body
+from serving.schemas import GenerateQuery, GenerationBody, ImageData, ImagesResponse, ModelList, Params, error_body
 
 log = logging.getLogger("ray.serve")
 PUBLIC = {"/healthz", "/readyz", "/", "/docs", "/openapi.json", "/docs/oauth2-redirect"}  # hold no data
@@ -44,10 +58,25 @@ web = FastAPI(
 )
 
 
-class BodyLimit:
-    """ASGI middleware: a body over ``max_bytes`` gets 413 — refused on its Content-Length before anything is
-    read, or, sent chunked without one, as soon as the bytes received pass the limit (FastAPI would turn an
-    error raised while it reads the body into a 400, so the body is read here and replayed)."""
+def _current_api() -> "Api":
+    """The ingress instance serving this request (how Ray Serve's class-based routes find ``self``)."""
+    return serve.get_replica_context().servable_object
+
+
+class Gate:
+    """ASGI middleware, the first to see a request; it refuses, in this order:
+
+    1. a missing or wrong API key (401) on every path but ``PUBLIC`` — before anything else of the request is
+       read, so a caller without the key learns nothing from bodies, parameters or routes;
+    2. a Content-Length that is not one byte count (400 naming the header), a Content-Encoding other than
+       ``identity`` (415 naming it, with ``Accept-Encoding: identity`` as RFC 7694 asks). Compressed bodies are
+       refused rather than inflated: bodies are at most ``limits.max_body_bytes`` (64 KiB) of JSON, so gzip
+       saves a client little, while inflating needs its own bound against decompression bombs; OpenAI's SDKs
+       send bodies uncompressed;
+    3. a body over ``max_bytes`` (413) — on its Content-Length before anything is read, or, sent chunked, as
+       soon as the bytes received pass the limit (FastAPI would turn an error raised while it reads the body
+       into a 400, so the body is read here and replayed).
+    """
 
     max_bytes = 65536  # set from limits.max_body_bytes when the ingress starts
 
@@ -57,10 +86,13 @@ class BodyLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        headers = scope.get("headers") or []
+        refusal = _current_api().refuse_unauthorized(scope)
+        if refusal is None:
+            refusal = _header_problem(headers, self.max_bytes)
+        if refusal is not None:
+            return await _refuse(send, *refusal)
         limit = self.max_bytes
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > limit):
-            return await self._refuse(send, limit)
         received, seen = [], 0  # read the body here (at most `limit` bytes), then hand it on
         while True:
             message = await receive()
@@ -69,7 +101,7 @@ class BodyLimit:
                 break
             seen += len(message.get("body", b""))
             if seen > limit:
-                return await self._refuse(send, limit)
+                return await _refuse(send, *_too_large(limit))
             if not message.get("more_body"):
                 break
         replay = iter(received)
@@ -79,21 +111,196 @@ class BodyLimit:
 
         await self.app(scope, replayed, send)
 
-    @staticmethod
-    async def _refuse(send, limit: int) -> None:
-        body = json.dumps(error_body(413, f"request body larger than {limit} bytes (limits.max_body_bytes)", "body"))
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-        await send({"type": "http.response.start", "status": 413, "headers": headers})
-        await send({"type": "http.response.body", "body": body.encode()})
+
+Refusal = tuple[int, str, str | None, dict[str, str]]  # status, message, param, extra headers
 
 
-web.add_middleware(BodyLimit)
+def _too_large(limit: int) -> Refusal:
+    return 413, f"request body larger than {limit} bytes (limits.max_body_bytes)", "body", {}
 
 
-class ApiError(Exception):
+def _header_problem(headers: list[tuple[bytes, bytes]], limit: int) -> Refusal | None:
+    """A Content-Length or Content-Encoding this API cannot read the body by, or a declared size over ``limit``."""
+    lengths = {v.strip() for k, v in headers if k.lower() == b"content-length"}
+    if len(lengths) > 1 or any(not v.isdigit() for v in lengths):
+        shown = ", ".join(sorted(repr(v.decode("latin-1")) for v in lengths))
+        return (
+            400, f"Content-Length header {shown} is not one byte count (a non-negative integer): send the body's "
+            "size in bytes, or leave the header out and let the client set it", "Content-Length", {},
+        )  # fmt: skip
+    if lengths and int(next(iter(lengths))) > limit:
+        return _too_large(limit)
+    codings = [
+        c.strip().lower()
+        for k, v in headers
+        if k.lower() == b"content-encoding"
+        for c in v.decode("latin-1").split(",")
+        if c.strip()
+    ]
+    if any(c != "identity" for c in codings):
+        return (
+            415, f"Content-Encoding {', '.join(codings)!r} is not accepted: send the body uncompressed (it is at most "
+            f"{limit} bytes of JSON; limits.max_body_bytes)", "Content-Encoding", {"Accept-Encoding": "identity"},
+        )  # fmt: skip
+    return None
+
+
+async def _refuse(send, status: int, message: str, param: str | None, headers: dict[str, str]) -> None:
+    body = json.dumps(error_body(status, message, param)).encode()
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    raw += [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
+
+
+class ApiError(StarletteHTTPException):
+    """An error answer in OpenAI's body. An HTTPException, so FastAPI lets one raised while it reads a body pass
+    (any other exception there becomes its generic 400 "There was an error parsing the body")."""
+
     def __init__(self, status: int, message: str, param: str | None = None, retry_after: int | None = None):
-        super().__init__(message)
+        super().__init__(status, message)
         self.status, self.message, self.param, self.retry_after = status, message, param, retry_after
+
+
+MAX_DEPTH = 32  # JSON nesting: these bodies are flat objects; Python's parser itself fails near 1000 levels
+MAX_DIGITS = 100  # integer literals: the largest value any field takes, a seed below 2^63, has 19 digits
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.S)
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+
+
+class _Refused:
+    """A value ``json`` can read but this API does not take; reported under the key it was given for."""
+
+    def __init__(self, why: str):
+        self.why = why
+
+
+def _integer(text: str) -> int | _Refused:
+    digits = len(text.lstrip("-"))
+    if digits > MAX_DIGITS:
+        return _Refused(f"a number with {digits} digits: no field takes more than 19 (limit {MAX_DIGITS})")
+    return int(text)
+
+
+def _constant(name: str) -> _Refused:
+    return _Refused(f"{name} is not JSON (RFC 8259 has no NaN or Infinity): send a finite number")
+
+
+def _object(pairs: list[tuple[str, Any]]) -> dict:
+    counts = Counter(key for key, _ in pairs)
+    for key, value in pairs:
+        if counts[key] > 1:
+            raise ApiError(400, f"{key}: given {counts[key]} times in one JSON object; give it once", key)
+        if isinstance(value, _Refused):
+            raise ApiError(400, f"{key}: {value.why}", key)
+    return dict(pairs)
+
+
+def _refused_in_arrays(value: Any) -> _Refused | None:
+    if isinstance(value, _Refused):
+        return value
+    if isinstance(value, list):
+        return next((r for r in map(_refused_in_arrays, value) if r is not None), None)
+    return None  # objects were checked as they were read
+
+
+def _nesting(text: str) -> int:
+    """The deepest ``[``/``{`` nesting of JSON text, brackets inside strings not counted."""
+    depth = deepest = 0
+    for bracket in _NOT_BRACKET.sub("", _STRING.sub('""', text)):
+        depth += 1 if bracket in "[{" else -1
+        deepest = max(deepest, depth)
+    return deepest
+
+
+def _decode(body: bytes, content_type: str | None) -> str:
+    """The body's text: by the Content-Type's ``charset`` when it names one other than UTF-8 (a client that
+    declares ``charset=latin-1`` and sends latin-1 bytes meant those characters; RFC 8259 defines no charset
+    parameter and asks for UTF-8, so nothing is guessed when none is named), else as ``json.loads`` reads bytes:
+    UTF-8, a UTF-8 byte-order mark skipped, UTF-16/32 recognised by their BOM or zero bytes."""
+    message = email.message.Message()
+    message["content-type"] = content_type or ""
+    charset = message.get_param("charset")
+    charset = charset.strip() if isinstance(charset, str) and charset.strip() else None
+    try:
+        codec = codecs.lookup(charset).name if charset else "utf-8"
+        if codec in ("utf-8", "utf-8-sig"):
+            codec, charset = json.detect_encoding(body), None
+        return body.decode(codec, "surrogatepass" if codec.startswith("utf") else "strict")
+    except LookupError as exc:  # no such codec, or one that is not text (base64, zlib)
+        raise ApiError(
+            415, f"Content-Type charset {charset!r} is not a text encoding this server knows: send the body as "
+            "UTF-8 (JSON's encoding, RFC 8259) and drop the charset", "Content-Type",
+        ) from exc  # fmt: skip
+    except UnicodeDecodeError as exc:
+        bad = body[exc.start : exc.start + 1].hex()
+        if charset:
+            raise ApiError(
+                400, f"body: byte 0x{bad} at offset {exc.start} is not {charset!r}, the charset its Content-Type "
+                "names: send UTF-8 (JSON's encoding, RFC 8259) and drop the charset", "body",
+            ) from exc  # fmt: skip
+        raise ApiError(
+            400, f"body: byte 0x{bad} at offset {exc.start} is not {codec.upper()}: JSON is UTF-8 (RFC 8259); send "
+            "UTF-8, or name the encoding the body is in, e.g. 'Content-Type: application/json; charset=latin-1'",
+            "body",
+        ) from exc  # fmt: skip
+
+
+def read_json(body: bytes, content_type: str | None) -> Any:
+    """Parse a request body as JSON, refusing what Python's ``json`` would take or fail on without saying why.
+
+    Args:
+        body: the raw bytes (at most ``limits.max_body_bytes``: ``Gate`` refused larger ones).
+        content_type: the Content-Type header, for its ``charset`` (see ``_decode``).
+
+    Returns:
+        The parsed value (any JSON value; the body model says which it must be).
+
+    Raises:
+        ApiError: 415 for a charset that is no text encoding; 400 naming the problem for bytes that are not in the
+            body's encoding, nesting deeper than ``MAX_DEPTH``, an integer literal longer than ``MAX_DIGITS``
+            digits (Python refuses past 4300), ``NaN``/``Infinity`` (not JSON), and a key given twice in one
+            object (which one was meant is not guessable; Python would keep the last) — the last three name the
+            key as ``param``.
+        json.JSONDecodeError: broken syntax; FastAPI reports it at its position.
+    """
+    text = _decode(body, content_type)
+    depth = _nesting(text)
+    if depth > MAX_DEPTH:
+        raise ApiError(
+            400, f"body: JSON nested {depth} levels deep; the limit is {MAX_DEPTH} (these bodies are flat objects)",
+            "body",
+        )  # fmt: skip
+    value = json.loads(text, parse_int=_integer, parse_constant=_constant, object_pairs_hook=_object)
+    refused = _refused_in_arrays(value)
+    if refused is not None:
+        raise ApiError(400, f"body: {refused.why}", "body")
+    return value
+
+
+class JsonRequest(Request):
+    """A request whose JSON body is read by ``read_json`` (FastAPI calls ``request.json()`` for JSON types)."""
+
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            self._json = read_json(await self.body(), self.headers.get("content-type"))
+        return self._json
+
+
+class JsonRoute(APIRoute):
+    """Every route of ``web``: its handler gets a ``JsonRequest`` (FastAPI's documented custom-request hook)."""
+
+    def get_route_handler(self) -> Callable:
+        handler = super().get_route_handler()
+
+        async def handle(request: Request) -> Response:
+            return await handler(JsonRequest(request.scope, request.receive))
+
+        return handle
+
+
+web.router.route_class = JsonRoute
+web.add_middleware(Gate)
 
 
 @web.exception_handler(ApiError)
@@ -160,16 +367,35 @@ async def _invalid(request: Request, exc: RequestValidationError) -> JSONRespons
             field, msg = "body", "must be a JSON object"
         elif err["type"] == "missing" and field == "body":
             msg = "missing: send a JSON object with the header 'Content-Type: application/json'"
+        elif err["type"] == "one_key_per_field":
+            field = err["ctx"]["field"]
         first = first or field
-        if err["type"] == "extra_forbidden":
+        if err["type"] == "extra_forbidden" and err["loc"][:1] == ("query",):
+            msg = f"is not a parameter of this route (it takes {', '.join(_query_names(request)) or '-'}); remove it"
+        elif err["type"] == "extra_forbidden":
             msg = "is not a field of this request; remove it"
         problems.append(f"{field}: {msg}")
     return JSONResponse(error_body(400, "; ".join(problems), first), status_code=400)
 
 
+def _query_names(request: Request) -> list[str]:
+    """The query parameters the matched route takes: the fields of its endpoint's query model."""
+    endpoint = getattr(request.scope.get("route"), "endpoint", None)
+    names: list[str] = []
+    for parameter in inspect.signature(endpoint).parameters.values() if endpoint else ():
+        model = typing.get_args(parameter.annotation)[:1]
+        if model and isinstance(model[0], type) and issubclass(model[0], Params):
+            names += [key for name in model[0].model_fields for key in model[0].field_keys(name)]
+    return names
+
+
 @web.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    return JSONResponse(error_body(exc.status_code, str(exc.detail)), status_code=exc.status_code)
+    """Routing's own answers (404, 405) in OpenAI's body; a 405 keeps its ``Allow`` header and names the methods."""
+    message = str(exc.detail)
+    if exc.status_code == 405 and exc.headers and "Allow" in exc.headers:
+        message = f"{request.method} is not allowed on {request.url.path}: use {exc.headers['Allow']}"
+    return JSONResponse(error_body(exc.status_code, message), status_code=exc.status_code, headers=exc.headers)
 
 
 @serve.deployment
@@ -181,17 +407,21 @@ class Api:
         self.args = ServeArgs.model_validate(args)
         self.key = self.args.api_key()
         self.epoch = 0
-        BodyLimit.max_bytes = self.args.limits.max_body_bytes
+        Gate.max_bytes = self.args.limits.max_body_bytes
 
     # ---- helpers ---------------------------------------------------------------------------------------------
-    def _auth(self, request: Request) -> None:
-        path, root = request.url.path, request.scope.get("root_path", "")
+    def refuse_unauthorized(self, scope: dict) -> Refusal | None:
+        """The 401 for a request without the API key (``Authorization: Bearer <key>``), or None to let it in:
+        every path but ``PUBLIC`` needs it when a key is configured. ``Gate`` asks before anything else."""
+        path, root = scope.get("path", ""), scope.get("root_path", "")
         if self.key is None or (path[len(root) :] if root and path.startswith(root) else path) in PUBLIC:
-            return
-        given = request.headers.get("authorization", "")
-        scheme, _, token = given.partition(" ")
+            return None
+        given = next((v for k, v in scope.get("headers") or [] if k.lower() == b"authorization"), b"")
+        scheme, _, token = given.decode("latin-1").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.key.encode()):
-            raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'")
+            message = "missing or wrong API key: send 'Authorization: Bearer <key>'"
+            return 401, message, None, {"WWW-Authenticate": "Bearer"}
+        return None
 
     async def _call(self, req: ImageRequest) -> dict:
         d = self.args.deployment
@@ -228,15 +458,20 @@ class Api:
             ) from exc  # fmt: skip
 
     # ---- routes ----------------------------------------------------------------------------------------------
+    # GET routes that are cheap to answer also answer HEAD (load balancers check health by HEAD), kept out of the
+    # OpenAPI schema (one operation id per route); GET /v1/generate does not: a HEAD would draw an image to discard
     @web.get("/", response_class=HTMLResponse, include_in_schema=False)
+    @web.head("/", include_in_schema=False)
     async def page(self) -> HTMLResponse:
         return HTMLResponse(PAGE)
 
     @web.get("/healthz", summary="liveness: the HTTP layer answers")
+    @web.head("/healthz", include_in_schema=False)
     async def healthz(self) -> dict:
         return {"status": "ok"}
 
     @web.get("/readyz", summary="readiness: a generator replica answers")
+    @web.head("/readyz", include_in_schema=False)
     async def readyz(self) -> JSONResponse:
         try:
             await asyncio.wait_for(self.gen.ready.remote(), timeout=5)
@@ -245,13 +480,12 @@ class Api:
         return JSONResponse({"status": "ready"})
 
     @web.get("/v1/models", response_model=ModelList, summary="base model, configured adapters, registry versions")
+    @web.head("/v1/models", include_in_schema=False)
     async def models(self, request: Request) -> dict:
-        self._auth(request)
         return await self.gen.models.remote()
 
     @web.post("/v1/images/generations", response_model=ImagesResponse, summary="OpenAI-compatible image generation")
     async def generations(self, body: GenerationBody, request: Request) -> ImagesResponse:
-        self._auth(request)
         out = await self._call(body.to_request())
         if body.response_format == "url":
             kept = await self._images("put", out["images"])
@@ -281,8 +515,8 @@ class Api:
         response_class=Response,
         summary="an image made with response_format 'url' (same API key; kept image_urls.ttl_s seconds)",
     )
+    @web.head("/v1/images/{image_id}.png", include_in_schema=False)
     async def image(self, request: Request, image_id: str) -> Response:
-        self._auth(request)
         png = await self._images("get", image_id) if IMAGE_ID.match(image_id) else None
         if png is None:
             urls = self.args.image_urls
@@ -297,29 +531,21 @@ class Api:
         return Response(png, media_type="image/png", headers={"Cache-Control": "private, no-transform"})
 
     @web.get("/v1/generate", response_class=Response, summary="one image as raw image/png")
-    async def generate_png(
-        self,
-        request: Request,
-        prompt: str = Query(..., min_length=1, description="what to draw"),
-        adapter: str | None = Query(None, description="model name; omitted = the default model"),
-        seed: int | None = Query(None, ge=0),
-        steps: int | None = Query(None, ge=1),
-        guidance: float | None = Query(None, ge=0, allow_inf_nan=False),
-        size: str | None = Query(None, pattern=r"^[0-9]{1,5}x[0-9]{1,5}$", description="WIDTHxHEIGHT"),
-    ) -> Response:
-        self._auth(request)
-        body = GenerationBody(prompt=prompt, model=adapter, seed=seed, steps=steps, guidance=guidance, size=size)
-        out = await self._call(body.to_request())
+    async def generate_png(self, request: Request, query: Annotated[GenerateQuery, Query()]) -> Response:
+        repeated = {k: n for k, n in Counter(k for k, _ in parse_qsl(request.url.query, True)).items() if n > 1}
+        if repeated:
+            key, times = next(iter(repeated.items()))
+            raise ApiError(400, f"{key}: given {times} times in the query string; give it once", key)
+        out = await self._call(query.to_request())
         headers = {"X-Seed": str(out["seeds"][0]), "X-Model": out["model"], "X-Version": str(out["version"])}
         return Response(out["images"][0], media_type="image/png", headers=headers)
 
     @web.post("/admin/reload", summary="look the champion up in the registry now (all replicas follow)")
     async def reload(self, request: Request) -> dict:
-        self._auth(request)
         self.epoch += 1
         return {"epoch": self.epoch, "models": await self.gen.refresh.remote()}
 
     @web.get("/admin/stats", summary="batching, cache and request counters of one generator replica")
+    @web.head("/admin/stats", include_in_schema=False)
     async def stats(self, request: Request) -> dict:
-        self._auth(request)
         return await self.gen.stats.remote()

@@ -8,11 +8,22 @@ by the engine, which names the field in its error. Errors use OpenAI's body, so 
 from __future__ import annotations
 
 import re
+import types
+import typing
 from typing import Any, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, GetJsonSchemaHandler, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    GetJsonSchemaHandler,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic.json_schema import JsonSchemaValue
-from pydantic_core import CoreSchema
+from pydantic_core import CoreSchema, PydanticCustomError
 
 from serving.engine import ImageRequest
 
@@ -25,38 +36,85 @@ OPENAI_IGNORED = ("quality", "style", "user", "background", "moderation", "outpu
 _ANNOTATIONS = ("title", "description", "default", "examples", "deprecated")
 
 
-class RequestBody(BaseModel):
-    """Base of every JSON request body: ``null`` for an optional field means "not given", so its default applies.
+def _is_number(annotation: Any) -> bool:
+    """``int``, ``float`` or either of them ``| None``."""
+    if annotation in (int, float):
+        return True
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return any(_is_number(a) for a in typing.get_args(annotation) if a is not type(None))
+    return False
 
-    OpenAI's API and its SDKs treat ``null`` this way (a client that fills every field of a request type sends
-    ``"n": null`` for one it leaves unset), so each optional field of a subclass accepts ``null`` — here, in one
-    place, for fields added later too — and the OpenAPI schema says so. A required field stays required: a ``null``
-    prompt is refused naming ``prompt``. Unknown keys are refused (400 naming the key) as typos, not ignored.
+
+class Params(BaseModel):
+    """The rules every set of request parameters follows, whether it comes as a JSON body or a query string.
+
+    - unknown keys are refused (400 naming the key) as typos, not ignored;
+    - a field that answers to two names (``steps`` / ``num_inference_steps``) is given under one of them: both
+      at once is a 400 naming them (which one should win is not guessable);
+    - a JSON boolean is not a number: ``"n": true`` is a 400 naming ``n``, not one image (pydantic's lax mode
+      would take it as 1). Integral floats (``"n": 2.0``) and numeric strings (``"seed": "7"``) stay accepted as
+      pydantic's lax mode reads them; ``2.5`` for an integer field is refused.
     """
 
     model_config = ConfigDict(extra="forbid")
 
     @classmethod
+    def field_keys(cls, name: str) -> tuple[str, ...]:
+        """The keys a field is accepted under: its name, or each of its ``AliasChoices``."""
+        alias = cls.model_fields[name].validation_alias
+        if isinstance(alias, AliasChoices):
+            return tuple(c for c in alias.choices if isinstance(c, str))
+        return (alias,) if isinstance(alias, str) else (name,)
+
+    @classmethod
     def optional_keys(cls) -> frozenset[str]:
-        """Every JSON key (field name or accepted alias) of a field that has a default."""
-        keys: set[str] = set()
-        for name, field in cls.model_fields.items():
-            if field.is_required():
-                continue
-            keys.add(name)
-            if isinstance(field.validation_alias, AliasChoices):
-                keys.update(c for c in field.validation_alias.choices if isinstance(c, str))
-            elif isinstance(field.validation_alias, str):
-                keys.add(field.validation_alias)
-        return frozenset(keys)
+        """Every key (field name or accepted alias) of a field that has a default."""
+        return frozenset(k for name, f in cls.model_fields.items() if not f.is_required() for k in cls.field_keys(name))
+
+    @classmethod
+    def _not_given(cls, value: Any) -> bool:
+        """Whether a value for an optional key means "not given" (subclasses: JSON null, an empty query value)."""
+        return False
 
     @model_validator(mode="before")
     @classmethod
-    def _null_means_not_given(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            optional = cls.optional_keys()
-            return {k: v for k, v in data.items() if not (v is None and k in optional)}
+    def _one_key_per_field(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        optional = cls.optional_keys()
+        data = {k: v for k, v in data.items() if not (k in optional and cls._not_given(v))}
+        for name in cls.model_fields:
+            given = [k for k in cls.field_keys(name) if k in data]
+            if len(given) > 1:
+                raise PydanticCustomError(
+                    "one_key_per_field",
+                    "{keys} are the same field: give one of them, not both",
+                    {"field": given[0], "keys": " / ".join(given)},
+                )
         return data
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _booleans_are_not_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, bool) and info.field_name and _is_number(cls.model_fields[info.field_name].annotation):
+            raise PydanticCustomError(
+                "bool_not_number", "is a JSON boolean ({value}); send a number", {"value": str(value).lower()}
+            )
+        return value
+
+
+class RequestBody(Params):
+    """Base of every JSON request body: ``null`` for an optional field means "not given", so its default applies.
+
+    OpenAI's API and its SDKs treat ``null`` this way (a client that fills every field of a request type sends
+    ``"n": null`` for one it leaves unset), so each optional field of a subclass accepts ``null`` — here, in one
+    place, for fields added later too — and the OpenAPI schema says so. A required field stays required: a ``null``
+    prompt is refused naming ``prompt``. The rules of ``Params`` apply too.
+    """
+
+    @classmethod
+    def _not_given(cls, value: Any) -> bool:
+        return value is None
 
     @classmethod
     def __get_pydantic_json_schema__(cls, core_schema: CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
@@ -76,6 +134,13 @@ class RequestBody(BaseModel):
                 "anyOf": [value, {"type": "null"}]
             }
         return schema
+
+
+def check_size(value: str | None) -> str | None:
+    """``WIDTHxHEIGHT`` in ASCII digits (``64x64``) or ``auto``; the configured bounds are the engine's."""
+    if value is not None and value != "auto" and not SIZE.match(value):
+        raise ValueError("write the size as WIDTHxHEIGHT, e.g. 64x64")
+    return value
 
 
 class GenerationBody(RequestBody):
@@ -120,9 +185,7 @@ class GenerationBody(RequestBody):
     @field_validator("size")
     @classmethod
     def _size(cls, value: str | None) -> str | None:
-        if value is not None and value != "auto" and not SIZE.match(value):
-            raise ValueError("write the size as WIDTHxHEIGHT, e.g. 64x64")
-        return value
+        return check_size(value)
 
     def to_request(self) -> ImageRequest:
         width = height = None
@@ -139,6 +202,38 @@ class GenerationBody(RequestBody):
             width=width,
             height=height,
         )
+
+
+class GenerateQuery(Params):
+    """``GET /v1/generate``'s query string: one image as raw PNG.
+
+    An empty value (``?seed=``, what an HTML form sends for a blank input) means "not given" — the query string's
+    ``null``. An unknown parameter is a 400 naming it, as an unknown JSON key is; a parameter given twice
+    (``?seed=1&seed=2``) is refused by the route (a query model sees only one of the values).
+    """
+
+    prompt: str = Field(..., min_length=1, description="what to draw")
+    adapter: str | None = Field(None, description="model name; omitted = the default model")
+    seed: int | None = Field(None, ge=0, description="reproducible image; omitted = random (X-Seed header)")
+    steps: int | None = Field(None, ge=1, description="denoising steps")
+    guidance: float | None = Field(None, ge=0, allow_inf_nan=False, description="classifier-free guidance scale")
+    size: str | None = Field(None, description="WIDTHxHEIGHT in pixels, e.g. '64x64'")
+
+    @field_validator("size")
+    @classmethod
+    def _size(cls, value: str | None) -> str | None:
+        return check_size(value)
+
+    @classmethod
+    def _not_given(cls, value: Any) -> bool:
+        return value == ""
+
+    def to_request(self) -> ImageRequest:
+        """The engine's request: as a JSON body with ``model`` = ``adapter`` would make it."""
+        body = GenerationBody(
+            prompt=self.prompt, model=self.adapter, seed=self.seed, steps=self.steps, guidance=self.guidance
+        )
+        return body.model_copy(update={"size": self.size}).to_request()
 
 
 class ImageData(BaseModel):
@@ -183,21 +278,21 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+# OpenAI's error types by status; any other 4xx is the client's ("invalid_request_error"), any other 5xx ours
 ERROR_TYPES = {
-    400: "invalid_request_error",
     401: "authentication_error",
     404: "not_found_error",
     408: "timeout",
-    413: "invalid_request_error",
-    415: "invalid_request_error",
-    422: "invalid_request_error",
     503: "server_busy",
-    507: "server_error",
     504: "timeout",
 }
 
 
+def error_type(status: int) -> str:
+    """OpenAI's ``error.type`` for an HTTP status: a 4xx (405, 413, 415, ...) is never a ``server_error``."""
+    return ERROR_TYPES.get(status, "invalid_request_error" if 400 <= status < 500 else "server_error")
+
+
 def error_body(status: int, message: str, param: str | None = None) -> dict:
-    return {
-        "error": {"message": message, "type": ERROR_TYPES.get(status, "server_error"), "param": param, "code": status}
-    }
+    """OpenAI's error body: ``{"error": {"message", "type", "param", "code"}}``."""
+    return {"error": {"message": message, "type": error_type(status), "param": param, "code": status}}
