@@ -191,8 +191,9 @@ def _object(pairs: list[tuple[str, Any]]) -> dict:
     for key, value in pairs:
         if counts[key] > 1:
             raise ApiError(400, f"{key}: given {counts[key]} times in one JSON object; give it once", key)
-        if isinstance(value, _Refused):
-            raise ApiError(400, f"{key}: {value.why}", key)
+        refused = _refused_in_arrays(value)
+        if refused is not None:
+            raise ApiError(400, f"{key}: {refused.why}", key)
     return dict(pairs)
 
 

@@ -118,6 +118,15 @@ def test_requests_outside_the_limits_name_their_field(engine, request_kwargs, fi
     assert err.value.field == field
 
 
+def test_the_seed_bound_in_the_error_is_the_one_enforced(engine):
+    """Image i uses seed + i: the largest seed is 2^63 - max_n - 1, and the message states that number."""
+    top = 2**63 - engine.args.limits.max_n - 1
+    assert engine.prepare(ImageRequest(PROMPT, seed=top)).seed == top
+    with pytest.raises(RequestError) as err:
+        engine.prepare(ImageRequest(PROMPT, seed=top + 1))
+    assert err.value.field == "seed" and f"outside 0..{top}:" in str(err.value), err.value
+
+
 @pytest.mark.parametrize("model", ["nope", "../../etc/passwd", "/etc", "ad0/../../x", "toy@champion"])
 def test_clients_name_models_not_paths(engine, model):
     with pytest.raises(UnknownModel):

@@ -334,3 +334,234 @@ def test_the_openai_client_gets_a_url_that_downloads_a_png_and_its_defaults_work
     assert nulls.data[0].b64_json == default.data[0].b64_json
     with pytest.raises(openai.BadRequestError, match="prompt"):
         client.images.generate(model="base", prompt="")
+
+
+# ---- body bytes: encodings, charsets, JSON that Python's json takes or fails on without saying why ----------------
+ROUTE = "/v1/images/generations"
+
+
+def post_raw(server, content: bytes, **headers: str):
+    return server.http.post(ROUTE, content=content, headers={"content-type": "application/json", **headers})
+
+
+@pytest.mark.parametrize("coding", ["gzip", "br", "deflate, gzip"])
+def test_a_compressed_body_gets_415_naming_the_encoding(server, coding):
+    import gzip
+
+    r = post_raw(server, gzip.compress(BODY), **{"content-encoding": coding})
+    assert r.status_code == 415, r.text
+    error = r.json()["error"]
+    assert error["param"] == "Content-Encoding" and coding in error["message"], error
+    assert "uncompressed" in error["message"] and r.headers["accept-encoding"] == "identity", (error, r.headers)
+    assert not server.gen.requests
+    assert post_raw(server, BODY, **{"content-encoding": "identity"}).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "charset, codec", [("latin-1", "latin-1"), ("ISO-8859-1", "latin-1"), ("utf-16", "utf-16"), ("UTF-8", "utf-8")]
+)
+def test_a_body_in_the_charset_its_content_type_names_reads_as_those_characters(server, charset, codec):
+    prompt = "café crème on a sks background"
+    r = post_raw(
+        server, f'{{"prompt": "{prompt}"}}'.encode(codec), **{"content-type": f"application/json; charset={charset}"}
+    )
+    assert r.status_code == 200, r.text
+    assert server.gen.requests[-1].prompt == prompt
+
+
+@pytest.mark.parametrize(
+    "content_type, status, param, says",
+    [
+        ("application/json", 400, "body", ["0xe9 at offset 15", "UTF-8", "charset=latin-1"]),  # no charset: UTF-8
+        ("application/json; charset=utf-8", 400, "body", ["0xe9 at offset 15", "UTF-8"]),
+        ("application/json; charset=klingon", 415, "Content-Type", ["'klingon'", "UTF-8"]),
+        ("application/json; charset=base64", 415, "Content-Type", ["'base64'", "not a text encoding"]),
+    ],
+)
+def test_body_bytes_that_are_not_its_encoding_get_an_error_naming_the_byte_or_charset(
+    server, content_type, status, param, says
+):
+    r = post_raw(server, '{"prompt": "café sks"}'.encode("latin-1"), **{"content-type": content_type})
+    assert r.status_code == status and r.json()["error"]["param"] == param, r.text
+    assert all(s in r.json()["error"]["message"] for s in says), r.json()["error"]["message"]
+    assert not server.gen.requests
+
+
+def nested(depth: int) -> bytes:
+    return b"[" * depth + b"]" * depth
+
+
+def test_json_nesting_is_limited_and_the_limit_is_named(server):
+    from serving.http import MAX_DEPTH
+
+    deep = post_raw(server, b'{"prompt": "sks", "user": ' + nested(30_000) + b"}")
+    assert deep.status_code == 400 and deep.json()["error"]["param"] == "body", deep.text
+    assert f"nested 30001 levels deep; the limit is {MAX_DEPTH}" in deep.json()["error"]["message"], deep.text
+    over = post_raw(server, b'{"prompt": "sks", "user": ' + nested(MAX_DEPTH) + b"}")  # the body object is one more
+    assert over.status_code == 400 and f"nested {MAX_DEPTH + 1} levels" in over.json()["error"]["message"], over.text
+    at = post_raw(server, b'{"prompt": "sks", "user": ' + nested(MAX_DEPTH - 1) + b"}")
+    assert at.status_code == 200, at.text
+    brackets_in_text = post_raw(server, b'{"prompt": "' + b"[{" * 100 + b' sks \\" ]"}')  # inside a string
+    assert brackets_in_text.status_code == 200, brackets_in_text.text
+    assert server.gen.requests[-1].prompt == "[{" * 100 + ' sks " ]'
+
+
+@pytest.mark.parametrize(
+    "content, param, says",
+    [
+        (b'{"prompt": "sks", "n": ' + b"9" * 5000 + b"}", "n", "a number with 5000 digits"),  # past Python's 4300
+        (b'{"prompt": "sks", "seed": -' + b"1" * 101 + b"}", "seed", "a number with 101 digits"),
+        (b'{"prompt": "sks", "user": [1, ' + b"7" * 4400 + b"]}", "user", "a number with 4400 digits"),
+        (b'{"prompt": "sks", "guidance": NaN}', "guidance", "NaN is not JSON"),
+        (b'{"prompt": "sks", "guidance": -Infinity}', "guidance", "-Infinity is not JSON"),
+        (b'{"prompt": "sks", "n": 1, "n": 3}', "n", "given 2 times in one JSON object"),
+        (b'{"prompt": "sks", "user": {"id": 1, "id": 2}}', "id", "given 2 times"),
+        (b'[{"prompt": "sks"}, ' + b"5" * 200 + b"]", "body", "a number with 200 digits"),  # outside any object
+    ],
+)
+def test_json_python_would_misread_gets_400_naming_the_key(server, content, param, says):
+    r = post_raw(server, content)
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    assert says in r.json()["error"]["message"], r.text
+    assert not server.gen.requests
+
+
+def test_an_integer_under_the_digit_limit_gets_its_fields_own_error(server):
+    """The digit limit (100) sits far above every field's range: a merely out-of-range number is the field's 400."""
+    r = post_raw(server, b'{"prompt": "sks", "seed": -' + b"9" * 60 + b"}")
+    assert r.status_code == 400 and r.json()["error"]["param"] == "seed", r.text
+    assert "greater than or equal to 0" in r.json()["error"]["message"], r.text
+
+
+@pytest.mark.parametrize("length, status", [("-1", 400), ("abc", 400), ("1e3", 400), ("10, 20", 400)])
+def test_a_content_length_that_is_not_one_byte_count_is_a_400_naming_the_header(server, length, status):
+    r = post_raw(server, BODY, **{"content-length": length})
+    assert r.status_code == status and r.json()["error"]["param"] == "Content-Length", r.text
+    assert repr(length) in r.json()["error"]["message"] and "larger than" not in r.json()["error"]["message"]
+
+
+# ---- fields: aliases, booleans, query strings ----------------------------------------------------------------------
+def alias_pairs() -> list[tuple[str, tuple[str, ...]]]:
+    from serving.schemas import GenerationBody
+
+    return [
+        (n, GenerationBody.field_keys(n)) for n in GenerationBody.model_fields if len(GenerationBody.field_keys(n)) > 1
+    ]
+
+
+@pytest.mark.parametrize("name, keys", alias_pairs(), ids=lambda x: str(x))
+def test_a_field_given_under_two_of_its_names_is_refused_naming_both(server, name, keys):
+    """steps / num_inference_steps, guidance / guidance_scale, and any alias added later."""
+    values = {"steps": (4, 40), "guidance": (1.5, 7.5)}[name]
+    r = server.http.post(ROUTE, json={"prompt": PROMPT, keys[0]: values[0], keys[1]: values[1]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == keys[0], r.text
+    assert f"{keys[0]} / {keys[1]} are the same field: give one of them" in r.json()["error"]["message"], r.text
+    one = server.http.post(ROUTE, json={"prompt": PROMPT, keys[0]: None, keys[1]: values[1]})  # null = not given
+    assert one.status_code == 200 and getattr(server.gen.requests[-1], name) == values[1], one.text
+
+
+@pytest.mark.parametrize("field", ["n", "seed", "steps", "num_inference_steps", "guidance", "guidance_scale"])
+@pytest.mark.parametrize("value", [True, False])
+def test_a_json_boolean_for_a_number_is_refused_naming_the_field(server, field, value):
+    r = server.http.post(ROUTE, json={"prompt": PROMPT, field: value})
+    assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
+    assert f"is a JSON boolean ({str(value).lower()}); send a number" in r.json()["error"]["message"]
+    assert not server.gen.requests
+
+
+def test_integral_floats_and_numeric_strings_stay_accepted_fractions_do_not(server):
+    """pydantic's lax reading, kept on purpose: JavaScript clients send 2.0 for 2; 2.5 images is refused."""
+    assert server.http.post(ROUTE, json={"prompt": PROMPT, "n": 2.0, "seed": "7"}).status_code == 200
+    assert (server.gen.requests[-1].n, server.gen.requests[-1].seed) == (2, 7)
+    r = server.http.post(ROUTE, json={"prompt": PROMPT, "n": 2.5})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n", r.text
+
+
+def png_request(server, query: str):
+    before = len(server.gen.requests)
+    r = server.http.get(f"/v1/generate?{query}")
+    got = server.gen.requests[before:]
+    return r, ({**vars(got[0]), "request_id": None} if got else None)
+
+
+def test_unknown_query_parameters_are_refused_naming_them_and_the_known_ones(server):
+    r, got = png_request(server, "prompt=sks&n=2&foo=1")
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n" and got is None, r.text
+    message = r.json()["error"]["message"]
+    assert "n: is not a parameter of this route" in message and "foo: is not a parameter" in message, message
+    assert "it takes prompt, adapter, seed, steps, guidance, size" in message, message
+
+
+def test_an_empty_query_value_means_not_given_as_null_does_in_a_body(server):
+    plain = png_request(server, "prompt=sks")
+    assert plain[0].status_code == 200
+    blank = png_request(server, "prompt=sks&seed=&steps=&guidance=&size=&adapter=")
+    assert (blank[0].status_code, blank[0].content, blank[1]) == (200, plain[0].content, plain[1])
+    r, got = png_request(server, "prompt=")  # a required parameter stays required
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt" and got is None, r.text
+    r, got = png_request(server, "prompt=sks&seed=3&steps=2&size=64x64")
+    assert r.status_code == 200 and (got["seed"], got["steps"], got["width"]) == (3, 2, 64)
+
+
+def test_a_query_parameter_given_twice_is_refused(server):
+    r, got = png_request(server, "prompt=a&prompt=sks&seed=1")
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt" and got is None, r.text
+    assert "given 2 times in the query string" in r.json()["error"]["message"]
+
+
+# ---- methods, auth order -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "method, path, allow",
+    [("GET", ROUTE, "POST"), ("PUT", ROUTE, "POST"), ("POST", "/v1/generate", "GET"), ("HEAD", "/v1/generate", "GET")],
+)
+def test_a_wrong_method_is_a_405_of_the_clients_kind_with_allow(server, method, path, allow):
+    r = server.http.request(method, f"{path}?prompt=sks" if "generate?" not in path else path)
+    assert r.status_code == 405 and r.headers["allow"] == allow, (r.status_code, r.headers)
+    if method != "HEAD":
+        error = r.json()["error"]
+        assert error["type"] == "invalid_request_error" and f"{method} is not allowed" in error["message"], error
+    assert not server.gen.requests  # a HEAD on /v1/generate draws nothing
+
+
+def test_no_client_error_status_is_typed_a_server_error():
+    from serving.schemas import error_type
+
+    assert all(error_type(s) != "server_error" for s in range(400, 500))
+    assert error_type(500) == error_type(507) == "server_error" and error_type(401) == "authentication_error"
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/readyz", "/", "/v1/models", "/admin/stats"])
+def test_cheap_get_routes_answer_head(server, path):
+    server.gen.models = lambda: {"object": "list", "data": []}
+    server.gen.ready = lambda: True
+    server.gen.stats = lambda: {}
+    get, head = server.http.get(path), server.http.head(path)
+    assert get.status_code == head.status_code == 200, (get.text, head.status_code)
+    assert head.headers["content-type"] == get.headers["content-type"]
+
+
+def test_head_needs_the_key_where_get_does(server):
+    assert server.http.head("/v1/models", headers={"Authorization": ""}).status_code == 401
+    assert server.http.head("/healthz", headers={"Authorization": ""}).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "method, path, content, headers",
+    [
+        ("POST", ROUTE, b"{", {"content-type": "application/json"}),  # broken JSON
+        ("POST", ROUTE, b'{"prompt": "sks", "colour": 1}', {"content-type": "application/json"}),  # unknown key
+        ("POST", ROUTE, BODY, {"content-type": "text/plain"}),  # 415 otherwise
+        ("POST", ROUTE, b"x" * 70_000, {"content-type": "application/json"}),  # 413 otherwise
+        ("POST", ROUTE, BODY, {"content-type": "application/json", "content-length": "-1"}),
+        ("POST", ROUTE, BODY, {"content-type": "application/json", "content-encoding": "gzip"}),
+        ("GET", "/v1/generate?prompt=sks&foo=1", b"", {}),
+        ("GET", "/v1/images/nope.png", b"", {}),
+        ("PUT", ROUTE, b"", {}),  # 405 otherwise
+        ("GET", "/no/such/route", b"", {}),  # 404 otherwise: a caller without the key learns no routes
+    ],
+)
+def test_without_the_key_every_request_is_a_401_whatever_else_is_wrong(server, method, path, content, headers):
+    r = server.http.request(method, path, content=content, headers={**headers, "Authorization": ""})
+    assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer", (r.status_code, r.text)
+    assert r.json()["error"]["type"] == "authentication_error"
+    assert not server.gen.requests
