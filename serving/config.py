@@ -19,7 +19,9 @@ from training.config import _Section
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 BASE = "base"  # the model name of the bare base model
 # what a client may write as `model`: a configured name, or <registered model>@<alias> / <registered model>/<version>
-MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}(@[A-Za-z0-9][A-Za-z0-9_-]{0,63}|/[0-9]{1,9})?$")
+MODEL_NAME = re.compile(
+    r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}(@[A-Za-z0-9][A-Za-z0-9_-]{0,63}|/[0-9]{1,9})?\Z"
+)  # \Z, not $: no trailing newline
 
 
 def is_folder_ref(ref: str) -> bool:

@@ -25,7 +25,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-IMAGE_ID = re.compile(r"^[A-Za-z0-9_-]{16,64}$")  # what secrets.token_urlsafe(24) gives (32 chars)
+IMAGE_ID = re.compile(r"^[A-Za-z0-9_-]{16,64}\Z")  # what secrets.token_urlsafe(24) gives (32 chars)
 
 
 class ImageStoreFull(ValueError):

@@ -27,7 +27,7 @@ from pydantic_core import CoreSchema, PydanticCustomError
 
 from serving.engine import ImageRequest
 
-SIZE = re.compile(r"^([0-9]{1,5})x([0-9]{1,5})$")
+SIZE = re.compile(r"^([0-9]{1,5})x([0-9]{1,5})\Z")  # \Z: "$" would let a trailing newline through
 # OpenAI fields that mean nothing for a diffusion model; accepted so existing clients work, then ignored
 OPENAI_IGNORED = ("quality", "style", "user", "background", "moderation", "output_compression", "partial_images")
 

@@ -477,6 +477,20 @@ def test_integral_floats_and_numeric_strings_stay_accepted_fractions_do_not(serv
     assert r.status_code == 400 and r.json()["error"]["param"] == "n", r.text
 
 
+@pytest.mark.parametrize("size", ["64x64\n", "64x64\r\n", " 64x64", "64X64x"])
+def test_a_size_with_anything_around_it_is_refused(server, size):
+    """``$`` in a pattern matches before a trailing newline; sizes (and model names, image ids) use ``\\Z``."""
+    r = server.http.post(ROUTE, json={"prompt": PROMPT, "size": size})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "size", r.text
+    assert not server.gen.requests
+
+
+def test_a_model_name_with_a_trailing_newline_is_not_a_name():
+    from serving.config import MODEL_NAME
+
+    assert MODEL_NAME.match("champion") and not MODEL_NAME.match("champion\n")
+
+
 def png_request(server, query: str):
     before = len(server.gen.requests)
     r = server.http.get(f"/v1/generate?{query}")
