@@ -150,7 +150,9 @@ def read_lora(path: str | Path) -> LoraFile:
         LoraFormatError: not safetensors, not readable, or keys of no known layout.
     """
     from diffusers import StableDiffusionPipeline
+    from diffusers.utils.state_dict_utils import _load_sft_state_dict_metadata
     from safetensors import safe_open
+    from safetensors.torch import load_file
 
     file = weights_file(path)
     try:
@@ -162,14 +164,16 @@ def read_lora(path: str | Path) -> LoraFile:
         raise
     except Exception as exc:  # noqa: BLE001 - a truncated or foreign file
         raise LoraFormatError(f"{file}: not a readable safetensors file ({exc})") from exc
+    if not raw_keys:
+        raise LoraFormatError(f"{file} holds no tensors; it is not a LoRA (an empty or failed save)")
     fmt = detect_format(raw_keys)
     if fmt == "peft":
         lora = _read_peft(file, raw_keys)
     else:
-        try:  # diffusers' own reader: kohya/A1111 keys (and their .alpha) converted, saved LoraConfig metadata kept
-            state, alphas, metadata = StableDiffusionPipeline.lora_state_dict(
-                str(file.parent), weight_name=file.name, use_safetensors=True, return_lora_metadata=True
-            )
+        try:  # diffusers' own reader: kohya/A1111 keys (and their .alpha) converted, saved LoraConfig metadata kept;
+            # given the tensors, not the file name, which diffusers only takes ending in lower-case .safetensors
+            state, alphas = StableDiffusionPipeline.lora_state_dict(load_file(str(file)))
+            metadata = _load_sft_state_dict_metadata(str(file))
         except Exception as exc:  # noqa: BLE001 - diffusers' converters refuse keys they cannot map
             why = _first_line(exc)
             raise LoraFormatError(f"{file}: diffusers cannot convert its {fmt}-layout keys ({why})") from exc
@@ -413,15 +417,19 @@ def load_lora(pipe, lora: LoraFile, adapter_name: str, label: str) -> BaseMatch:
     """
     found = check_fits(pipe, lora, label)
     parts = [c for c in COMPONENTS if found.matched[c]]
+    state = lora.state
+    if lora.network_alphas is None:  # one naming (PEFT's) for every key: diffusers' own saves mix conv lora_A keys
+        state = {f"unet.{k}": v for k, v in peft_state(lora, "unet").items()}  # with linear lora.down
+        state |= {k: v for k, v in lora.state.items() if not k.startswith("unet.")}  # the TE loader converts its own
     try:
         if "unet" in parts:
             pipe.load_lora_into_unet(
-                lora.state, lora.network_alphas, pipe.unet, adapter_name=adapter_name,
+                state, lora.network_alphas, pipe.unet, adapter_name=adapter_name,
                 _pipeline=pipe, metadata=lora.metadata,
             )  # fmt: skip
         if "text_encoder" in parts:
             pipe.load_lora_into_text_encoder(
-                lora.state, lora.network_alphas, pipe.text_encoder,
+                state, lora.network_alphas, pipe.text_encoder,
                 lora_scale=pipe.lora_scale, adapter_name=adapter_name, _pipeline=pipe, metadata=lora.metadata,
             )  # fmt: skip
         got = injected(pipe, adapter_name)
