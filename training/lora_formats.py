@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -298,8 +299,20 @@ def _to_peft(part: dict, component: str) -> dict:
     rest = {k: v for k, v in part.items() if k not in done}  # files mix namings (diffusers saves conv keys as lora_A)
     if not rest:
         return done
-    converted = convert_unet_state_dict_to_peft(rest) if component == "unet" else convert_state_dict_to_peft(rest)
-    return {**done, **converted}
+    if component == "unet":
+        return {**done, **convert_unet_state_dict_to_peft(rest)}
+    from diffusers.utils.state_dict_utils import StateDictType
+
+    # diffusers infers the naming from the whole dict (a to_out_lora key somewhere = its old naming), so a part
+    # without one (a single alpha's key, a file without out_proj) is named here: kohya's text encoder converts to
+    # the old naming (``self_attn.to_k_lora.down.weight``), diffusers' own saves to ``lora_linear_layer``
+    if any("lora_linear_layer" in k for k in rest):
+        kind = StateDictType.DIFFUSERS
+    elif any(re.search(r"\.to_(q|k|v|out)_lora\.", k) for k in rest):
+        kind = StateDictType.DIFFUSERS_OLD
+    else:
+        kind = None
+    return {**done, **convert_state_dict_to_peft(rest, original_type=kind)}
 
 
 def model_module(model, component: str, name: str) -> str:
