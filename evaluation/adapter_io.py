@@ -24,6 +24,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from pydantic import ValidationError
+
+from serving.config import BASE, ChampionArgs
 from training.adapter import AdapterError, AdapterMeta, file_sha256, portable_model_name, save_adapter
 from training.lora_formats import COMPONENTS, LoraFile, LoraFormatError, drop, load_lora, read_lora
 from training.lora_formats import to_kohya as kohya_layout
@@ -31,7 +34,21 @@ from training.lora_formats import to_kohya as kohya_layout
 IMPORT_SLOT = "imported"
 IMPORT_EXPERIMENT = "lorafleet-imports"
 DEFAULT_BASE = "models/toy-sd"
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # a registered model name clients can send
+NAME_MAX = 64
+NAME = re.compile(rf"^[A-Za-z0-9][A-Za-z0-9_.-]{{0,{NAME_MAX - 1}}}$")  # a registered model name clients can send
+# model ids the Serve app gives a meaning of its own (serving.config): an adapter named so would be shadowed
+RESERVED_NAMES = (BASE, ChampionArgs.model_fields["name"].default)
+
+
+def name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a registered adapter name clients send as ``model``, or None."""
+    if len(name) > NAME_MAX:
+        return f"--name is {len(name)} characters; the limit is {NAME_MAX}"
+    if name.lower() in RESERVED_NAMES:
+        return f"--name {name!r} is reserved: the Serve app means {', '.join(map(repr, RESERVED_NAMES))} itself"
+    if not NAME.match(name):
+        return f"--name {name!r}: use letters, digits, '-', '_' and '.', starting with a letter or digit"
+    return None
 
 
 def import_adapter(
@@ -54,21 +71,25 @@ def import_adapter(
 
             pipe = load_pipeline(base_model, device="cpu")
         found = load_lora(pipe, lora, IMPORT_SLOT, f"{Path(source).name}")
-    except (LoraFormatError, FileNotFoundError) as exc:
+    except (LoraFormatError, OSError) as exc:
         raise AdapterError(str(exc)) from exc
     try:
-        meta = _meta(pipe, lora, base_model, trigger)
         unet = pipe.unet if found.matched["unet"] else None
         text_encoder = pipe.text_encoder if found.matched["text_encoder"] else None
+        meta = _meta(pipe, lora, base_model, trigger, text_encoder is not None)
         save_adapter(out, unet, meta, text_encoder, adapter_name=IMPORT_SLOT)
+    except ValidationError as exc:
+        why = exc.errors()[0]["msg"]
+        raise AdapterError(f"{Path(source).name}: its rank/alpha cannot be recorded ({why})") from exc
     finally:
         drop(pipe, IMPORT_SLOT)
     return out, meta
 
 
-def _meta(pipe, lora: LoraFile, base_model: str, trigger: str | None) -> AdapterMeta:
+def _meta(pipe, lora: LoraFile, base_model: str, trigger: str | None, text_encoder: bool) -> AdapterMeta:
     """What the JSON says about an imported file: rank/alpha when one value holds for every module, the targets
-    PEFT injected, where it came from."""
+    PEFT injected, whether text-encoder weights are saved (``text_encoder``: what is written, not what the file
+    had), where it came from."""
     configs = [getattr(pipe, c).peft_config[IMPORT_SLOT] for c in COMPONENTS
                if IMPORT_SLOT in (getattr(getattr(pipe, c), "peft_config", None) or {})]  # fmt: skip
     ranks = {r for c in configs for r in [c.r, *c.rank_pattern.values()]}
@@ -79,7 +100,7 @@ def _meta(pipe, lora: LoraFile, base_model: str, trigger: str | None) -> Adapter
         rank=ranks.pop() if len(ranks) == 1 else None,
         alpha=float(alphas.pop()) if len(alphas) == 1 else None,
         target_modules=targets,
-        text_encoder=any(k.startswith("text_encoder.") for k in lora.state),
+        text_encoder=text_encoder,
         trigger=trigger,
         source="imported",
         source_format=lora.source_format,
@@ -97,12 +118,14 @@ def export_kohya(folder: str | Path, out_file: str | Path, meta: AdapterMeta) ->
     from safetensors.torch import save_file
 
     out = Path(out_file).expanduser()
-    if out.suffix != ".safetensors":
+    if out.suffix.lower() != ".safetensors":
         raise AdapterError(f"{out}: the output must be a .safetensors file")
     if out.exists():
         raise AdapterError(f"{out} exists; choose another name (nothing is overwritten)")
-    lora = read_lora(Path(folder) / meta.weights)
-    state = kohya_layout(lora)
+    try:
+        state = kohya_layout(read_lora(Path(folder) / meta.weights))
+    except LoraFormatError as exc:
+        raise AdapterError(str(exc)) from exc
     alphas = {float(v) for k, v in state.items() if k.endswith(".alpha")}
     ranks = {int(v.shape[0]) for k, v in state.items() if k.endswith(".lora_down.weight")}
     extra = {"ss_network_module": "networks.lora", "ss_base_model_version": meta.base_model,
@@ -131,8 +154,8 @@ def main_import(argv: list[str] | None = None) -> int:
     p.add_argument("--alias", help="alias to point at the new version (default: champion if the model has none)")
     p.add_argument("--no-register", action="store_true", help="only write the folder")
     a = p.parse_args(argv)
-    if not NAME.match(a.name):
-        print(f"error: --name {a.name!r}: use letters, digits, '-', '_' and '.'", file=sys.stderr)
+    if problem := name_problem(a.name):
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     uri = _tracking_uri(a.tracking_uri)
     out = Path(a.out or f"runs/adapters/{a.name}")

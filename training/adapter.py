@@ -24,9 +24,9 @@ import torch
 from diffusers import StableDiffusionPipeline
 from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft, convert_unet_state_dict_to_peft
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from training.lora_formats import LoraFormatError, drop, load_lora, read_lora
+from training.lora_formats import LoraFormatError, drop, is_pickle, load_lora, read_lora
 
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -46,12 +46,16 @@ class AdapterMeta(BaseModel):
 
     model_config = ConfigDict(extra="allow", validate_assignment=True)
 
-    schema_version: int = Field(SCHEMA_VERSION, ge=1, description="version of this JSON's schema")
+    # strict: "4", 4.0 or true is not a rank, "yes" not a bool, "2" not a schema version (JSON says what it means)
+    schema_version: int = Field(SCHEMA_VERSION, ge=1, strict=True, description="version of this JSON's schema")
     base_model: str = Field(description="the base model it was trained on: hub id or project-relative folder")
-    rank: int | None = Field(None, ge=1, description="LoRA rank r (None: not known, e.g. mixed ranks)")
-    alpha: float | None = Field(None, gt=0, description="LoRA alpha; scale = alpha / rank")
+    rank: int | None = Field(None, ge=1, strict=True, description="LoRA rank r (None: not known, e.g. mixed ranks)")
+    alpha: float | None = Field(
+        None, strict=True, allow_inf_nan=False, description="LoRA alpha, finite and not 0 (may be negative, as kohya "
+        "allows); scale = alpha / rank"
+    )  # fmt: skip
     target_modules: list[str] = Field(default_factory=list, description="module names the LoRA wraps")
-    text_encoder: bool = Field(False, description="the file also holds text-encoder LoRA weights")
+    text_encoder: bool = Field(False, strict=True, description="the weights file holds text-encoder LoRA weights")
     trigger: str | None = Field(None, description="the word its captions taught (e.g. sks)")
     dataset_hash: str | None = Field(None, description="sha256 fingerprint of the training dataset")
     sha256: str = Field("", description="sha256 of the weights file; checked before every load")
@@ -60,9 +64,34 @@ class AdapterMeta(BaseModel):
     source: str = Field("trained", description="trained (by lorafleet) or imported (lorafleet import-adapter)")
     source_format: str = Field("diffusers", description="layout the weights came in: diffusers | kohya | peft")
 
+    @field_validator("alpha", mode="before")
+    @classmethod
+    def _alpha_is_a_number(cls, value: Any) -> Any:
+        if isinstance(value, bool):  # strict float still takes JSON true as 1.0
+            raise ValueError("Input should be a number, not a boolean")
+        if value == 0:
+            raise ValueError("alpha 0 makes the adapter change nothing (scale = alpha / rank)")
+        return value
+
+    @field_validator("target_modules")
+    @classmethod
+    def _sorted_targets(cls, value: list[str]) -> list[str]:
+        return sorted(set(value))  # a set in PEFT: one order, so the same adapter is the same JSON (and sha256)
+
     def to_json(self) -> str:
-        """The JSON text, unknown keys included."""
-        return json.dumps(self.model_dump(mode="json"), indent=2) + "\n"
+        """The JSON text, unknown keys included; sets are sorted lists, so equal metadata is equal bytes."""
+        return json.dumps(_ordered(self.model_dump()), indent=2) + "\n"
+
+
+def _ordered(value: Any) -> Any:
+    """``value`` as JSON-able data with every set a sorted list (set order changes with PYTHONHASHSEED)."""
+    if isinstance(value, dict):
+        return {str(k): _ordered(v) for k, v in value.items()}
+    if isinstance(value, set | frozenset):
+        return sorted((_ordered(v) for v in value), key=repr)
+    if isinstance(value, list | tuple):
+        return [_ordered(v) for v in value]
+    return value if value is None or isinstance(value, str | int | float | bool) else str(value)
 
 
 def read_meta(meta_path: Path) -> AdapterMeta:
@@ -75,18 +104,22 @@ def read_meta(meta_path: Path) -> AdapterMeta:
         raw = json.loads(meta_path.read_text(encoding="utf-8-sig"))  # a BOM from a Windows editor is fine
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise AdapterError(f"{meta_path} is not valid JSON ({exc}); fix the file or re-create the adapter") from exc
+    except RecursionError as exc:
+        raise AdapterError(f"{meta_path} is nested too deeply to read; it is not lorafleet adapter metadata") from exc
     except OSError as exc:
         raise AdapterError(f"{meta_path} cannot be read ({exc})") from exc
     if not isinstance(raw, dict):
         raise AdapterError(f"{meta_path} must hold a JSON object, not {type(raw).__name__}")
     version = raw.get("schema_version", SCHEMA_VERSION)
-    if isinstance(version, int) and version > SCHEMA_VERSION:
+    if isinstance(version, int | float) and not isinstance(version, bool) and version > SCHEMA_VERSION:
         raise AdapterError(
             f"{meta_path}: schema_version {version} was written by a newer lorafleet (this one reads "
             f"{SCHEMA_VERSION}); upgrade lorafleet"
         )
     try:
         return AdapterMeta.model_validate(raw)
+    except RecursionError as exc:
+        raise AdapterError(f"{meta_path} is nested too deeply to read; it is not lorafleet adapter metadata") from exc
     except ValidationError as exc:
         problems = "; ".join(
             f"key {'.'.join(map(str, e['loc'])) or '(top level)'!r}: {e['msg']} (got {e.get('input')!r:.60})"
@@ -163,7 +196,9 @@ def save_adapter(
             model = _unwrap(model)
             state = get_peft_model_state_dict(model, adapter_name=adapter_name)
             kwargs[f"{part}_lora_layers"] = convert_state_dict_to_diffusers(state)
-            kwargs[f"{part}_lora_adapter_metadata"] = model.peft_config[adapter_name].to_dict()
+            # sets (target_modules) sorted: diffusers writes them in set order, which changes with PYTHONHASHSEED,
+            # so the same adapter would get another sha256 in every process
+            kwargs[f"{part}_lora_adapter_metadata"] = _ordered(model.peft_config[adapter_name].to_dict())
     StableDiffusionPipeline.save_lora_weights(out, weight_name=WEIGHTS_NAME, safe_serialization=True, **kwargs)
     meta.sha256 = file_sha256(out / WEIGHTS_NAME)
     meta.weights = WEIGHTS_NAME
@@ -185,7 +220,7 @@ def verify_adapter(adapter_dir: str | Path) -> AdapterMeta:
     weights = root / meta.weights
     if Path(meta.weights).name != meta.weights:
         raise AdapterError(f"{meta_path}: key 'weights' must be a file name in {root}, not a path ({meta.weights!r})")
-    if weights.suffix != ".safetensors" or any(root.glob("*.bin")) or any(root.glob("*.pt")):
+    if weights.suffix.lower() != ".safetensors" or any(is_pickle(p) for p in root.iterdir()):
         raise AdapterError(
             f"{root}: only safetensors adapters are loaded (pickle files can run code); convert it with "
             "safetensors.torch.save_file and list the .safetensors file in the JSON"

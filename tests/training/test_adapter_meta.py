@@ -57,11 +57,33 @@ def test_missing_optional_keys_take_their_defaults(adapter):
         ({"base_model": None}, "key 'base_model'"),
         ({"schema_version": 99}, "schema_version 99 was written by a newer lorafleet"),
         ({"weights": "../elsewhere/w.safetensors"}, "key 'weights' must be a file name"),
+        ({"rank": "4"}, "key 'rank'"),  # strict: a string is not a rank, even one that reads as a number
+        ({"rank": True}, "key 'rank'"),
+        ({"text_encoder": "yes"}, "key 'text_encoder'"),
+        ({"alpha": True}, "key 'alpha'"),
+        ({"alpha": 0}, "key 'alpha'"),
+        ({"schema_version": "2"}, "key 'schema_version'"),
+        ({"schema_version": 2.0}, "schema_version"),
     ],
 )
 def test_a_wrong_type_is_refused_naming_the_key(adapter, changes, words):
     edit(adapter, **changes)
     with pytest.raises(AdapterError, match=words.replace("(", r"\(")):
+        verify_adapter(adapter)
+
+
+def test_an_integer_alpha_and_a_negative_one_are_numbers(adapter):
+    edit(adapter, alpha=8)
+    assert verify_adapter(adapter).alpha == 8.0
+    edit(adapter, alpha=-8)
+    assert verify_adapter(adapter).alpha == -8.0
+
+
+def test_json_nested_too_deep_is_an_adapter_error_not_a_recursion_error(adapter):
+    meta = json.loads((adapter / META_NAME).read_text())
+    text = json.dumps(meta)[:-1] + ', "x": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    (adapter / META_NAME).write_text(text)
+    with pytest.raises(AdapterError):
         verify_adapter(adapter)
 
 
