@@ -35,7 +35,7 @@ IMPORT_SLOT = "imported"
 IMPORT_EXPERIMENT = "lorafleet-imports"
 DEFAULT_BASE = "models/toy-sd"
 NAME_MAX = 64
-NAME = re.compile(rf"^[A-Za-z0-9][A-Za-z0-9_.-]{{0,{NAME_MAX - 1}}}$")  # a registered model name clients can send
+NAME = re.compile(rf"^[A-Za-z0-9][A-Za-z0-9_.-]{{0,{NAME_MAX - 1}}}\Z")  # a registered model name clients can send
 # model ids the Serve app gives a meaning of its own (serving.config): an adapter named so would be shadowed
 RESERVED_NAMES = (BASE, ChampionArgs.model_fields["name"].default)
 
