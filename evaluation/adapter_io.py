@@ -27,7 +27,14 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from serving.config import BASE, ChampionArgs
-from training.adapter import AdapterError, AdapterMeta, file_sha256, portable_model_name, save_adapter
+from training.adapter import (
+    AdapterError,
+    AdapterMeta,
+    canonical_safetensors,
+    file_sha256,
+    portable_model_name,
+    save_adapter,
+)
 from training.lora_formats import COMPONENTS, LoraFile, LoraFormatError, drop, load_lora, read_lora
 from training.lora_formats import to_kohya as kohya_layout
 
@@ -136,6 +143,7 @@ def export_kohya(folder: str | Path, out_file: str | Path, meta: AdapterMeta) ->
         extra["ss_network_alpha"] = str(alphas.pop())
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(out), metadata={"format": "pt", **extra})
+    canonical_safetensors(out)  # safetensors writes __metadata__ in a per-process order: sort it (same bytes)
     return out
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -179,6 +180,33 @@ def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
     return getattr(module, "module", module)
 
 
+def canonical_safetensors(path: str | Path) -> Path:
+    """Rewrite a safetensors file's JSON header with sorted keys, in place; the tensor bytes are copied unchanged.
+
+    The format (https://github.com/huggingface/safetensors#format) is an 8-byte little-endian header length, a JSON
+    header (``__metadata__`` and each tensor's dtype, shape and ``data_offsets``, relative to the data), padded with
+    spaces to a multiple of 8, then the data. The Rust writer keeps ``__metadata__`` in a ``HashMap`` whose order
+    changes from process to process, so the same tensors and metadata got another sha256 on every save; sorted, they
+    always give the same bytes. Any safetensors reader reads the result (only the header's key order differs).
+
+    Raises:
+        OSError: the file cannot be read or replaced.
+        ValueError: the file is not safetensors (its header is not JSON of the stated length).
+    """
+    path = Path(path)
+    with path.open("rb") as src:
+        size = int.from_bytes(src.read(8), "little")
+        header = json.loads(src.read(size))
+        text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+        text += b" " * (-len(text) % 8)
+        tmp = path.with_name(f".{path.name}.tmp")
+        with tmp.open("wb") as dst:
+            dst.write(len(text).to_bytes(8, "little") + text)
+            shutil.copyfileobj(src, dst)
+    tmp.replace(path)
+    return path
+
+
 def save_adapter(
     out_dir: str | Path,
     unet: torch.nn.Module | None,
@@ -200,6 +228,7 @@ def save_adapter(
             # so the same adapter would get another sha256 in every process
             kwargs[f"{part}_lora_adapter_metadata"] = _ordered(model.peft_config[adapter_name].to_dict())
     StableDiffusionPipeline.save_lora_weights(out, weight_name=WEIGHTS_NAME, safe_serialization=True, **kwargs)
+    canonical_safetensors(out / WEIGHTS_NAME)  # the same adapter: the same bytes and sha256 in any process
     meta.sha256 = file_sha256(out / WEIGHTS_NAME)
     meta.weights = WEIGHTS_NAME
     (out / META_NAME).write_text(meta.to_json())

@@ -281,7 +281,10 @@ unet = tiny_pipeline(seed=0).unet
 torch.manual_seed(0)
 unet.add_adapter(LoraConfig(r=2, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0", "conv1"],
                             init_lora_weights="gaussian"))
-save_adapter(sys.argv[1], unet, AdapterMeta(base_model="models/toy-sd", training={"tags": {"b", "a", "c"}}))
+meta = save_adapter(sys.argv[1], unet, AdapterMeta(base_model="models/toy-sd", training={"tags": {"b", "a", "c"}}))
+from evaluation.adapter_io import export_kohya
+from training.adapter import verify_adapter
+export_kohya(sys.argv[1], sys.argv[2], verify_adapter(sys.argv[1]))  # ~7 metadata keys: kohya's ss_* and ours
 """
 
 
@@ -290,13 +293,40 @@ def test_the_same_adapter_saves_to_the_same_bytes_in_any_process(tmp_path):
     hashes = set()
     for seed in ("1", "2"):
         env = {**os.environ, "PYTHONHASHSEED": seed, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-        done = subprocess.run([sys.executable, "-c", SAVE_ONE, str(tmp_path / seed)], env=env, capture_output=True,
-                              text=True, timeout=300)  # fmt: skip
+        kohya = tmp_path / f"kohya-{seed}" / "style.safetensors"  # the same name: kohya's ss_output_name is in it
+        done = subprocess.run([sys.executable, "-c", SAVE_ONE, str(tmp_path / seed), str(kohya)], env=env,
+                              capture_output=True, text=True, timeout=300)  # fmt: skip
         assert done.returncode == 0, done.stderr[-2000:]
         meta = json.loads((tmp_path / seed / META_NAME).read_text())
         assert meta["training"]["tags"] == ["a", "b", "c"]
-        hashes.add((meta["sha256"], file_sha256(tmp_path / seed / META_NAME)))
+        hashes.add((meta["sha256"], file_sha256(tmp_path / seed / META_NAME), file_sha256(kohya)))
     assert len(hashes) == 1, f"PYTHONHASHSEED 1 and 2 wrote different files: {hashes}"
+
+
+def test_a_safetensors_header_in_any_key_order_becomes_the_same_bytes(tmp_path):
+    """safetensors' Rust writer keeps __metadata__ in a HashMap: its order changes per process, and so did the
+    sha256 of the same adapter. Two files differing only in that order become identical and still load."""
+    import struct
+
+    from safetensors import safe_open
+
+    from training.adapter import canonical_safetensors
+
+    data = torch.arange(6, dtype=torch.float32).numpy().tobytes()
+    files = []
+    for i, order in enumerate((["format", "x", "y"], ["y", "format", "x"])):
+        values = {"format": "pt", "x": "1", "y": "é"}
+        header = {"__metadata__": {k: values[k] for k in order}, "w": {"dtype": "F32", "shape": [2, 3],
+                  "data_offsets": [0, 24]}}  # fmt: skip
+        text = json.dumps(header).encode()
+        text += b" " * (-len(text) % 8)
+        path = tmp_path / f"{i}.safetensors"
+        path.write_bytes(struct.pack("<Q", len(text)) + text + data)
+        files.append(canonical_safetensors(path))
+    assert files[0].read_bytes() == files[1].read_bytes()
+    with safe_open(str(files[0]), "pt") as f:
+        assert f.metadata() == {"format": "pt", "x": "1", "y": "é"}
+        assert f.get_tensor("w").tolist() == [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]
 
 
 @pytest.mark.parametrize(
