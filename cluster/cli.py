@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="lorafleet",
         description="Turn a folder of images into a served LoRA adapter on a Ray cluster.",
-        epilog="\n".join(f"  {name:10s} {help_}" for name, (_, help_) in COMMANDS.items()),
+        epilog="\n".join(f"  {name:{max(map(len, COMMANDS))}s}  {help_}" for name, (_, help_) in COMMANDS.items()),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("command", choices=sorted(COMMANDS), help="what to do; `lorafleet COMMAND --help` for more")
@@ -221,6 +221,10 @@ def main(argv: list[str] | None = None) -> int:
     except JobError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3 if isinstance(exc, NoCluster) else 1
+    except BrokenPipeError:  # `lorafleet validate DIR | head`: the reader left; no traceback (Python's own recipe,
+        # docs.python.org/3/library/signal.html#note-on-sigpipe: stdout to devnull so the exit flush cannot fail)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

@@ -162,7 +162,12 @@ def validate(argv: list[str]) -> int:
     p.add_argument("path", help="images + metadata.jsonl, or images + .txt captions")
     p.add_argument("overrides", nargs="*", metavar="data.KEY=VALUE", help="data settings as in a training config")
     p.add_argument("--trigger", help="the trigger word captions must contain")
-    p.add_argument("--resolution", type=int, default=512, help="training resolution (images smaller are flagged)")
+    p.add_argument(
+        "--resolution",
+        type=int,
+        help="training resolution: images whose short side is below their bucket's are errors (default: the "
+        "--base-model's own, e.g. 64 for models/toy-sd, 512 for SD 1.x; else 512)",
+    )
     p.add_argument(
         "--base-model",
         help="diffusers folder or cached hub id: also check caption lengths against its tokenizer (warning when "
@@ -182,7 +187,15 @@ def validate(argv: list[str]) -> int:
     )
     a = p.parse_intermixed_args(argv)  # settings may come after the options too
     overrides, problems = _validate_overrides(a.overrides)
-    values = {"data": {"path": a.path, "trigger": a.trigger, "resolution": a.resolution}}
+    resolution = a.resolution
+    if resolution is None and a.base_model:  # the model's own size, as its pipeline draws by default
+        from training.buckets import native_resolution
+
+        try:
+            resolution = native_resolution(a.base_model)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            problems.append(f"--base-model {a.base_model}: cannot read its unet/vae config ({exc})")
+    values = {"data": {"path": a.path, "trigger": a.trigger, "resolution": resolution or 512}}
     cfg = None
     try:
         cfg = validate_values(_Data, values, overrides, "lorafleet validate").data

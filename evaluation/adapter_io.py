@@ -52,7 +52,8 @@ def name_problem(name: str) -> str | None:
     if len(name) > NAME_MAX:
         return f"--name is {len(name)} characters; the limit is {NAME_MAX}"
     if name.lower() in RESERVED_NAMES:
-        return f"--name {name!r} is reserved: the Serve app means {', '.join(map(repr, RESERVED_NAMES))} itself"
+        return (f"--name {name!r} is reserved: clients send {', '.join(map(repr, RESERVED_NAMES))} for the base model "
+                "and the current champion; choose another name")  # fmt: skip
     if not NAME.match(name):
         return f"--name {name!r}: use letters, digits, '-', '_' and '.', starting with a letter or digit"
     return None
@@ -166,6 +167,10 @@ def main_import(argv: list[str] | None = None) -> int:
         print(f"error: {problem}", file=sys.stderr)
         return 2
     uri = _tracking_uri(a.tracking_uri)
+    if not uri and not a.no_register:  # before anything is written: a script would go on to `generate --model NAME`
+        print("error: no MLflow server to register the adapter in: pass --tracking-uri, set MLFLOW_TRACKING_URI or "
+              "run `lorafleet up`; or add --no-register to only write the adapter folder", file=sys.stderr)  # fmt: skip
+        return 2
     out = Path(a.out or f"runs/adapters/{a.name}")
     try:
         folder, meta = import_adapter(a.source, out, a.base_model, a.trigger)
@@ -174,10 +179,10 @@ def main_import(argv: list[str] | None = None) -> int:
         return 2
     print(f"adapter folder: {folder} ({meta.source_format} layout, rank {meta.rank}, alpha {meta.alpha}, "
           f"sha256 {meta.sha256[:12]}…)")  # fmt: skip
-    if a.no_register or not uri:
-        why = "--no-register" if a.no_register else "no MLflow (set MLFLOW_TRACKING_URI or run `lorafleet up`)"
-        print(f"not registered ({why}); serve the folder with `adapters.{a.name}={folder}` in the serve config")
+    if a.no_register:
+        print(f"not registered (--no-register); serve the folder with `adapters.{a.name}={folder}` in the serve config")
         return 0
+    return _register(uri, a.name, folder, a.alias)
     return _register(uri, a.name, folder, a.alias)
 
 

@@ -161,6 +161,20 @@ def model_granularity(base_model: str) -> int:
     return granularity(_component_config(base_model, "unet"), _component_config(base_model, "vae"))
 
 
+def native_resolution(base_model: str) -> int:
+    """The side in pixels the base model was trained at: the UNet's ``sample_size`` (latent pixels) × the VAE
+    factor 2**(VAE blocks − 1) — toy-sd 8 × 8 = 64, SD 1.5 64 × 8 = 512, SDXL 128 × 8 = 1024 (diffusers'
+    pipelines default ``height``/``width`` the same way). Reads the configs only.
+
+    Raises:
+        OSError / ValueError / KeyError: the configs cannot be read.
+    """
+    unet, vae = _component_config(base_model, "unet"), _component_config(base_model, "vae")
+    size = unet["sample_size"]
+    size = size[0] if isinstance(size, list | tuple) else size
+    return int(size) * 2 ** (len(vae["block_out_channels"]) - 1)
+
+
 def check_step(step: int, model_step: int, resolution: int) -> list[str]:
     """Why ``data.bucket_step=step`` cannot train a model of granularity ``model_step`` (empty when it can)."""
     problems = []

@@ -245,6 +245,8 @@ def read_metadata(root: Path, cfg: DataConfig, layout: Layout) -> dict[str, tupl
     columns: dict[str, None] = {}
     with_caption = 0
     lacking: list[tuple[str, dict]] = []  # rows without the caption column: one error each, or one for all
+    no_image: list[tuple[str, dict]] = []  # rows without the image column: the same
+    with_image = 0
     folded: dict[str, str] = {}  # casefolded key -> key: rows naming one file in two letter cases
     try:
         data = read_dataset_file(root, root / "metadata.jsonl")
@@ -272,9 +274,13 @@ def read_metadata(root: Path, cfg: DataConfig, layout: Layout) -> dict[str, tupl
         columns |= dict.fromkeys(row)
         image = row.get(img_col)
         if not isinstance(image, str):
-            got = "missing" if img_col not in row else _type_name(image)
-            layout.error(where, f"needs a string {img_col!r} (data.image_column) naming an image; it is {got}")
+            if img_col not in row:
+                no_image.append((where, row))
+                continue
+            layout.error(where, f"needs a string {img_col!r} (data.image_column) naming an image; it is "
+                         f"{_type_name(image)}")  # fmt: skip
             continue
+        with_image += 1
         key, why = _relative_name(image)
         if key is None:
             layout.error(where, f"{img_col} {image!r} {why}")
@@ -308,6 +314,17 @@ def read_metadata(root: Path, cfg: DataConfig, layout: Layout) -> dict[str, tupl
             layout.error(where, f"{cap_col!r} is {_type_name(caption)}, not a string; write the caption in quotes")
         else:
             lacking.append((where, row))
+    if no_image and not with_image:  # another trainer's image column: one error naming the columns there
+        others = [c for c in columns if c != cap_col]
+        fix = f"set data.image_column={others[0]}" if len(others) == 1 else "set data.image_column to one of them"
+        msg = f"no row has the image column {img_col!r} (data.image_column); the rows have {', '.join(columns)}"
+        if not any(cap_col in row for _, row in no_image):
+            msg += f", and none has the caption column {cap_col!r} (data.caption_column) either"
+        layout.error("metadata.jsonl", f"{msg}: {fix}")
+        layout.fatal = True
+        return rows
+    for where, row in no_image:
+        layout.error(where, f"no {img_col!r} (data.image_column) naming an image; this row has {', '.join(row)}")
     if with_caption:
         for where, row in lacking:
             layout.error(where, f"no {cap_col!r} (data.caption_column); this row has {', '.join(row)}")

@@ -115,6 +115,16 @@ def test_metadata_says_text_encoder_false_when_only_the_unet_part_is_saved(kohya
     assert not any(k.startswith("text_encoder.") for k in load_file(str(out / meta["weights"])))
 
 
+def test_import_without_a_registry_to_register_in_stops_before_writing(kohya_both, tmp_path, monkeypatch, capsys):
+    """The README's command registers; without MLflow it used to write the folder and exit 0, so a script went on to
+    `generate --model NAME`, which could not find it."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr("evaluation.adapter_io._tracking_uri", lambda given: given)  # no `lorafleet up` server either
+    out = tmp_path / "o"
+    assert main_import([str(kohya_both), "--name", "q", "--out", str(out)]) == 2
+    assert "no MLflow server" in capsys.readouterr().err and not out.exists()
+
+
 @pytest.fixture(scope="module")
 def kohya_unet(both) -> dict:
     return {k: v for k, v in to_kohya(read_lora(both)).items() if k.startswith("lora_unet_")}

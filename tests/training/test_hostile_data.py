@@ -172,6 +172,20 @@ def test_validate_with_a_base_model_checks_caption_lengths_and_the_bucket_step(r
     assert rc == 2 and "not a multiple of 16" in out["problems"][0]["message"], out
 
 
+def test_validate_checks_at_the_base_models_own_resolution_unless_told(repo, tmp_path, capsys):
+    """96 px images: fine for the 64 px toy model, too small at the 512 px default without a model."""
+    root = _sidecars(tmp_path / "d")
+    base = str(repo / "models" / "toy-sd")
+
+    def rule(*argv):
+        rc = main(["validate", str(root), *argv, "--json"])
+        return rc, json.loads(capsys.readouterr().out)["bucket_rule"]
+
+    assert rule("--base-model", base)[0] == 0 and "data.resolution=64" in rule("--base-model", base)[1]
+    assert rule() == (1, rule()[1]) and "data.resolution=512" in rule()[1]
+    assert "data.resolution=128" in rule("--base-model", base, "--resolution", "128")[1]
+
+
 def test_build_worker_spec_refuses_a_trigger_past_the_token_limit(train_config, toy_dataset):
     from training.data import DatasetError, validate_dataset
     from training.training_set import build_worker_spec

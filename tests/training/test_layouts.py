@@ -134,8 +134,23 @@ def test_image_column_is_configurable(tmp_path):
     _images(root, [f"{i}.png" for i in range(6)])
     rows = "".join(json.dumps({"image": f"{i}.png", "text": c}) + "\n" for i, c in enumerate(CAPTIONS))
     (root / "metadata.jsonl").write_text(rows)
-    assert "needs a string 'file_name' (data.image_column)" in _report(root).summary()
+    report = _report(root)
+    assert [(p.file, p.severity) for p in report.problems] == [("metadata.jsonl", "error")], report.summary()
+    msg = report.problems[0].message
+    assert "'file_name' (data.image_column); the rows have image, text: set data.image_column=image" in msg, msg
     assert len(_clean(_report(root, image_column="image")).examples) == 6
+
+
+def test_neither_column_as_named_is_one_error_naming_both(tmp_path):
+    root = tmp_path / "d"
+    _images(root, [f"{i}.png" for i in range(6)])
+    rows = "".join(json.dumps({"image": f"{i}.png", "caption": c}) + "\n" for i, c in enumerate(CAPTIONS))
+    (root / "metadata.jsonl").write_text(rows)
+    report = _report(root)
+    assert [(p.file, p.severity) for p in report.problems] == [("metadata.jsonl", "error")], report.summary()
+    assert "none has the caption column 'text'" in report.problems[0].message
+    fixed = _clean(_report(root, image_column="image", caption_column="caption"))
+    assert [e.caption for e in fixed.examples] == CAPTIONS
 
 
 def test_hostile_metadata_rows_are_named_by_line(tmp_path):
