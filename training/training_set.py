@@ -105,8 +105,9 @@ def check_class_images(data: DataConfig) -> DatasetReport:
                 "error",
                 f"data.class_data_dir {root} {state}: prior preservation (train.with_prior_preservation) needs "
                 "class images — images of the concept's class without the trigger, e.g. 100-200 drawn by the base "
-                "model from data.class_prompt (lorafleet does not generate them); add them, or set "
-                "train.with_prior_preservation=false",
+                "model from data.class_prompt (lorafleet does not generate them); add them, or drop "
+                "data.class_data_dir (in a training config: train.with_prior_preservation=false). A relative "
+                "path is read from the current folder",
             )
         )
         return report
