@@ -45,7 +45,7 @@ def train_toy_adapter(repo: Path, data: Path, out: Path, **overrides: str) -> Pa
 
 def randomize_adapter(src: Path, dst: Path, std: float = 0.3, seed: int = 0) -> Path:
     """Same keys and shapes as ``src``, random weights (a broken training run); metadata re-hashed.
-    ``std=nan`` gives an adapter whose images are NaN."""
+    ``std=1e30`` gives an adapter whose images are NaN (the UNet overflows; NaN weights are refused at load)."""
     dst.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(seed)
     state = {k: torch.randn(v.shape, generator=gen) * std for k, v in load_file(str(src / WEIGHTS_NAME)).items()}
