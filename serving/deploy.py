@@ -69,13 +69,30 @@ def deploy(
         while not client.health()["ready"]:
             if time.monotonic() - started > timeout_s:
                 raise RuntimeError(
-                    f"application {name!r} is RUNNING but {url}/readyz does not answer; if Serve was already "
-                    "running with other http_options, `serve shutdown` and deploy again"
+                    f"application {name!r} is RUNNING but {url}/readyz did not answer within {timeout_s:.0f} s "
+                    f"(Serve says: {serve_account(name)}); if Serve was already running with other http_options, "
+                    "`serve shutdown` and deploy again"
                 )
             time.sleep(1)
         client.reload()  # an updated application keeps its replicas: make them follow the registry now
     log.info("application %r ready at %s (%.0f s)", name, url, time.monotonic() - started)
     return url
+
+
+def serve_account(name: str) -> str:
+    """Serve's own account of application ``name`` (its and its deployments' status, replica states, messages):
+    what a readiness timeout reports, so the failure says which replica is stuck and why."""
+    from ray import serve
+
+    try:
+        app = serve.status().applications.get(name)
+    except Exception as exc:  # noqa: BLE001 — an account for an error message; never the error itself
+        return f"serve.status() failed: {exc!r}"
+    if app is None:
+        return f"no application {name!r}"
+    parts = [f"{app.status} {app.message}".strip()]
+    parts += [f"{d}: {s.status} {dict(s.replica_states)} {s.message}".strip() for d, s in app.deployments.items()]
+    return "; ".join(parts)
 
 
 def smoke_test(

@@ -1,13 +1,13 @@
 import json
 import logging
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 from cluster.cli import main
+from tests.procs import describe, run_cmd, run_ok
 from training.cluster_state import ClusterState, Ports
 
 
@@ -39,8 +39,8 @@ def test_dataset_needs_a_kind(capsys):
 def test_console_script_is_installed():
     script = Path(sys.executable).parent / "lorafleet"
     assert script.exists(), "pip install -e . creates the `lorafleet` console script"
-    out = subprocess.run([str(script), "--help"], capture_output=True, text=True, check=True)
-    assert "lorafleet" in out.stdout
+    out = run_ok([script, "--help"], timeout=120)
+    assert "lorafleet" in out.stdout, out.stdout
 
 
 def test_train_reports_config_problems(capsys, repo):
@@ -181,8 +181,10 @@ def test_mlflow_of_up_only_when_its_server_runs(tmp_path, monkeypatch):
 def test_no_torchvision_notice_on_cli_calls(tmp_path):
     script = Path(sys.executable).parent / "lorafleet"
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | {"LORAFLEET_STATE_DIR": str(tmp_path)}
-    done = subprocess.run([str(script), "registry", "show", "x"], capture_output=True, text=True, env=env, timeout=120)
-    assert done.returncode == 2 and "set MLFLOW_TRACKING_URI" in done.stderr  # it ran far enough to import diffusers
+    cmd = [script, "registry", "show", "x"]
+    done = run_cmd(cmd, env=env, timeout=600)
+    shown = describe(cmd, done.returncode, done.stdout, done.stderr)
+    assert done.returncode == 2 and "set MLFLOW_TRACKING_URI" in done.stderr, shown  # it got as far as diffusers
     assert "requires torchvision" not in done.stderr, done.stderr
 
 

@@ -13,11 +13,12 @@ import importlib
 import inspect
 import re
 import shlex
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from tests.procs import describe, run_cmd
 
 REPO = Path(__file__).resolve().parents[1]
 FENCE = re.compile(r"^[ \t]*```(?:bash|sh|shell)[ \t]*\n(.*?)^[ \t]*```", re.M | re.S)
@@ -200,5 +201,6 @@ def test_cheap_readme_command_runs(command, tmp_path, monkeypatch, capsys):
 
 @pytest.mark.parametrize("command", [c for c in COMMANDS if c.argv[0] == "make"], ids=str)
 def test_readme_make_target_exists(command):
-    done = subprocess.run(["make", "-n", *command.argv[1:]], cwd=REPO, capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, f"{command}: {done.stderr}"
+    done = run_cmd(["make", "-n", *command.argv[1:]], cwd=REPO, timeout=120)
+    assert done.returncode == 0, f"{command}: " + describe(["make", "-n", *command.argv[1:]], done.returncode,
+                                                          done.stdout, done.stderr)  # fmt: skip
