@@ -54,8 +54,12 @@ def cluster(tmp_path_factory, ray_tmpdir):
     # `up` waits for the dashboard; a job also needs the head's dashboard agent, which Ray's job head waits for only
     # 10 s (WAIT_AVAILABLE_AGENT_TIMEOUT) before `ray job submit` fails with "No available agent to submit job"
     agent = f"http://127.0.0.1:{ports.agent}/api/local_raylet_healthz"
-    wait_until(lambda: answers(agent), f"the dashboard agent ({agent})", READY_S,
-               details=lambda: (Path(state_dir) / "ray.log").read_text())  # fmt: skip
+    try:
+        wait_until(lambda: answers(agent), f"the dashboard agent ({agent})", READY_S,
+                   details=lambda: (Path(state_dir) / "ray.log").read_text())  # fmt: skip
+    except AssertionError:
+        down(state_dir)  # a fixture that fails before its yield gets no teardown
+        raise
     yield state
     down(state_dir)
     if not state.temp_dir.startswith(str(state_dir)):  # the short /tmp/lorafleet-ray-<hash> (a long tmp path)
