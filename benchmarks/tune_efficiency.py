@@ -1,8 +1,10 @@
 """Search efficiency: what TPE and ASHA each add over random search, with the classic grid as reference.
 
-    python benchmarks/tune_efficiency.py                   # 3 seeds × 4 arms × 8 trials + the grid: ~40 min, 2 CPUs
-    python benchmarks/tune_efficiency.py --quick           # 1 seed, 4 trials, 4 epochs, a 6-point grid: ~5 min
-    python benchmarks/tune_efficiency.py --replot          # redraw the plot from the last run's JSON
+    python benchmarks/tune_efficiency.py                   # 3 seeds × 4 arms × 8 trials + the 36-point grid
+    python benchmarks/tune_efficiency.py --quick           # 1 seed, 4 trials, 4 epochs, a 6-point grid
+    python benchmarks/tune_efficiency.py --seeds 2 --samples 4 --startup-trials 2 --grid-epochs 8 \
+        --grid-ranks 16,64 --grid-lrs 1e-5,1e-4            # the reduced run the README reports (38 trials)
+    python benchmarks/tune_efficiency.py --replot          # summary + plot again from the (maybe partial) JSON
 
 Every search runs through ``tuning.tune.run`` on the toy dataset (20 training images, 6 held-out
 images, trial seed 0) and optimises the same real metric: the held-out denoising loss ``val_loss``
@@ -17,6 +19,11 @@ at the trial's last epoch. Arms:
   difference between a fifo and an asha arm is the scheduler, and between tpe and random the sampler.
   Each arm runs ``--samples`` trials for each of ``--seeds`` sampler seeds (TPE's first
   ``--startup-trials`` are random draws, as Optuna's ``n_startup_trials``).
+
+Cost on 2 cores: a trial is ~10 s of Ray start-up plus ~1 s per epoch when the machine is idle, so the full run
+(132 trials, ~1,300 trial-epochs) takes about 25 min and --quick (22 trials) about 3; on a machine shared with
+other jobs (load average ~17) a trial took ~4 min, 15× longer: cut seeds/samples/grid (the README says which run
+its figures come from).
 
 The space is no longer the grid's points, so finding the grid's best is not guaranteed: lr is
 continuous and the grid's best sits at its corner (lr 1e-4, 20 epochs). Cost = trial-epochs (epochs
@@ -212,15 +219,21 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--quick", action="store_true", help=f"a small run to try the benchmark: {QUICK}")
     parser.add_argument("--out", default=str(REPO / "runs" / "benchmarks" / "tune_efficiency"))
     parser.add_argument("--plot", default=str(REPO / "docs" / "tune_efficiency.png"))
-    parser.add_argument("--replot", action="store_true", help="redraw the plot from the last run's JSON only")
+    parser.add_argument("--replot", action="store_true", help="summary and plot again from the last run's JSON")
     args = parser.parse_args(argv)
     if args.quick:
         parser.set_defaults(**QUICK)
         args = parser.parse_args(argv)
     saved_json = Path(args.out).with_suffix(".json")
-    if args.replot:
-        plot(json.loads(saved_json.read_text())["curves"], Path(args.plot))
-        return None
+    if args.replot:  # also the summary of an interrupted run (every search that finished is in the JSON)
+        saved = json.loads(saved_json.read_text())
+        summary = None
+        if all(saved["runs"][arm] for arm in ("grid", *ARMS)):
+            summary = summarise(saved["runs"], saved["curves"])
+            show(summary, max(len(saved["runs"][arm]) for arm in ARMS))
+            saved_json.write_text(json.dumps({**saved, **summary}, indent=2) + "\n")
+        plot(saved["curves"], Path(args.plot))
+        return summary
     logging.basicConfig(level=logging.WARNING)
     epochs = [int(e) for e in args.grid_epochs.split(",")]
     ranks = [int(r) for r in args.grid_ranks.split(",")]
