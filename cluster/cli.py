@@ -16,6 +16,7 @@
     lorafleet publish models:/toy-sks-lora@champion --repo-id you/toy-sks-lora --push
     lorafleet import-adapter my_lora.safetensors --name my-style --trigger ohwx   # a LoRA trained elsewhere
     lorafleet export-adapter my-style@champion --format kohya my_style.safetensors
+    lorafleet export-onnx my-style@champion onnx/my-style     # fused into the base model: ONNX for onnxruntime
     lorafleet quality --grid docs/toy_sd_samples.png
 
 Each sub-command hands its arguments to the module that owns the job, so
@@ -132,6 +133,12 @@ def _export_adapter(args: list[str]) -> int:
     return main_export(args)
 
 
+def _export_onnx(args: list[str]) -> int:
+    from evaluation.onnx_export import main
+
+    return main(args)
+
+
 def _quality(args: list[str]) -> int:
     from evaluation.toy_quality import main
 
@@ -158,6 +165,10 @@ COMMANDS = {
         "bring your own LoRA (diffusers, kohya/A1111, PEFT): `import-adapter FILE --name NAME [--trigger W]`",
     ),
     "export-adapter": (_export_adapter, "write an adapter for A1111/ComfyUI: `export-adapter REF --format kohya OUT`"),
+    "export-onnx": (
+        _export_onnx,
+        "fuse an adapter into its base model and export it to ONNX: `export-onnx REF OUT_DIR`",
+    ),
     "quality": (_quality, "measure the toy world's quality bar (python -m evaluation.toy_quality)"),
 }
 
@@ -165,6 +176,7 @@ COMMANDS = {
 # the sub-commands that read $MLFLOW_TRACKING_URI when neither --tracking-uri nor their config names a server
 MLFLOW_COMMANDS = (
     "train", "tune", "evaluate", "registry", "promote", "rollback", "publish", "import-adapter", "export-adapter",
+    "export-onnx",
 )  # fmt: skip
 
 

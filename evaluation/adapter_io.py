@@ -207,6 +207,23 @@ def _register(uri: str, name: str, folder: Path, alias: str | None) -> int:
     return 0
 
 
+def fetch_ref(ref: str, staging: str | Path, tracking_uri: str | None = None, expected_base: str | None = None):
+    """The verified adapter (``evaluation.registry.FetchedAdapter``) that ``ref`` names: an adapter folder, NAME (its
+    champion), NAME@ALIAS, NAME/VERSION, runs:/… or models:/…; registry downloads go under ``staging``, the server is
+    ``tracking_uri`` or ``$MLFLOW_TRACKING_URI``. Used by ``export-adapter`` and ``export-onnx``.
+
+    Raises:
+        AdapterError: a folder that is not one, failed verification, or not for ``expected_base``.
+        RegistryError: the registry names no such adapter, or no tracking URI is set for a registry reference.
+    """
+    from evaluation.registry import fetch_adapter
+
+    registry_name = re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}(@[A-Za-z0-9][A-Za-z0-9_-]*|/[0-9]+)?", ref)
+    if registry_name and not Path(ref).expanduser().is_dir():  # NAME, NAME@ALIAS, NAME/VERSION; else a folder
+        ref = f"models:/{ref}" if registry_name.group(1) else f"models:/{ref}@champion"
+    return fetch_adapter(ref, staging, _tracking_uri(tracking_uri), expected_base)
+
+
 def main_export(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="lorafleet export-adapter", description="Write an adapter for A1111/ComfyUI.")
     p.add_argument("ref", help="an adapter folder, NAME (its champion), NAME@ALIAS, NAME/VERSION or models:/…")
@@ -214,15 +231,11 @@ def main_export(argv: list[str] | None = None) -> int:
     p.add_argument("--format", choices=["kohya"], default="kohya", help="kohya = A1111/ComfyUI/Forge layout")
     p.add_argument("--tracking-uri", help="MLflow server for registry references (default $MLFLOW_TRACKING_URI)")
     a = p.parse_args(argv)
-    from evaluation.registry import RegistryError, fetch_adapter
+    from evaluation.registry import RegistryError
 
-    ref = a.ref
-    registry_name = re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}(@[A-Za-z0-9][A-Za-z0-9_-]*|/[0-9]+)?", ref)
-    if registry_name and not Path(ref).expanduser().is_dir():  # NAME, NAME@ALIAS, NAME/VERSION; else a folder
-        ref = f"models:/{ref}" if registry_name.group(1) else f"models:/{ref}@champion"
     staging = Path(tempfile.mkdtemp(prefix="lorafleet-export-"))
     try:
-        fetched = fetch_adapter(ref, staging, _tracking_uri(a.tracking_uri))
+        fetched = fetch_ref(a.ref, staging, a.tracking_uri)
         out = export_kohya(fetched.path, a.out, fetched.meta)
     except (AdapterError, RegistryError, LoraFormatError) as exc:
         print(f"error: {exc}", file=sys.stderr)
