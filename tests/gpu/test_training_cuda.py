@@ -6,6 +6,7 @@ neither; tests/gpu/test_imports.py checks). Skipped without CUDA (tests/conftest
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 from pathlib import Path
@@ -54,7 +55,7 @@ def _spec(cfg: TrainConfig) -> WorkerSpec:
 
 
 def _cuda_config(train_config, precision: str, **more):
-    prompts = "[" + ", ".join(PROMPTS) + "]"
+    prompts = json.dumps(PROMPTS)  # a YAML flow list; quoted, so the commas inside a prompt stay there
     values = {"train.mixed_precision": precision, "validation.prompts": prompts, "validation.every_n_epochs": 1}
     return train_config(**{"validation.steps": 5, **values, **more})
 
