@@ -223,16 +223,16 @@ def heldout_set(pipe: StableDiffusionPipeline, data: DataArgs, trigger: str, res
     from training.config import DataConfig, TrainConfig, ValidationArgs
     from training.heldout import HeldOut
     from training.model import Parts
+    from training.precision import inference_precision
 
     examples = dataset_split(data, trigger)[1]
-    half = pipe.unet.dtype in (torch.float16, torch.bfloat16)
     parts = Parts(
         pipe,
         pipe.unet,
         pipe.text_encoder,
         DDPMScheduler.from_config(pipe.scheduler.config),
         pipe.device,
-        autocast_dtype=pipe.unet.dtype if half else None,
+        precision=inference_precision(pipe.unet.dtype, pipe.vae.dtype, pipe.device),
         trains_text_encoder=True,  # captions re-encoded per call: an adapter may carry a text-encoder LoRA
     )
     cfg = TrainConfig(

@@ -168,7 +168,15 @@ class OptimArgs(_Section):
     max_grad_norm: float | None = Field(1.0, gt=0, description="clip the LoRA gradient norm; null disables")
     gradient_checkpointing: bool = Field(False, description="recompute UNet activations in backward (saves memory)")
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field(
-        "auto", description="auto: bf16 (or fp16) on CUDA, fp32 on CPU; fp16/bf16 need a CUDA GPU"
+        "auto",
+        description="auto: bf16 on CUDA GPUs with native bf16 (Ampere+), else fp16; fp32 off CUDA. fp16/bf16 need "
+        "the worker on a CUDA device; fp16 trains with loss scaling (torch.amp.GradScaler) and keeps the VAE in "
+        "fp32 when its config says force_upcast. Rules: training/precision.py",
+    )
+    allow_tf32: bool = Field(
+        True,
+        description="on CUDA (Ampere+), fp32 matmuls use TensorFloat-32 (torch.set_float32_matmul_precision('high'); "
+        "diffusers' --allow_tf32); false = full IEEE fp32. Matters most with mixed_precision=no",
     )
     snr_gamma: float | None = Field(5.0, gt=0, description="min-SNR loss weighting gamma; null = plain MSE")
     noise_offset: float = Field(0.0, ge=0, description="add this much per-channel offset noise (0 disables)")
@@ -251,15 +259,18 @@ class TrainConfig(_Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:
-        if problems := self.combination_problems(self.model_dump()):
+        if problems := self.config_problems(self.model_dump()):
             raise ValueError("; ".join(problems))
         return self
 
     @classmethod
     def combination_problems(cls, values: dict[str, Any]) -> list[str]:
-        """Values that are each valid but do not work together, read from the raw mapping (so they are
-        reported alongside field errors, all at once). Defaults fill what is missing."""
+        """Everything the Ray entry points (``training.train``, tuning) refuse before they start: ``config_problems``
+        plus ``ray_problems``. ``load_config`` lists them with the field errors, all at once."""
+        return cls.config_problems(values) + cls.ray_problems(values)
 
+    @staticmethod
+    def _getter(values: dict[str, Any]) -> Any:
         def get(key: str, default: Any) -> Any:
             node: Any = values
             for part in key.split("."):
@@ -268,17 +279,34 @@ class TrainConfig(_Section):
                 node = node[part]
             return node
 
+        return get
+
+    @classmethod
+    def ray_problems(cls, values: dict[str, Any], prefix: str = "") -> list[str]:
+        """Choices the Ray Train path cannot run because ``ray.use_gpu=false`` starts CPU workers. Not part of the
+        model's validation: the Ray-free worker (``training.worker.run_worker``) never reads the ``ray`` section;
+        its device decides (``training.precision.resolve_precision``). ``prefix`` names where the section sits
+        (``"trial."`` in a search config)."""
+        get = cls._getter(values)
+        choice = get("train.mixed_precision", "auto")
+        if choice in ("fp16", "bf16") and get("ray.use_gpu", False) is not True:
+            return [
+                f"{prefix}train.mixed_precision: {choice} needs GPU workers; set {prefix}ray.use_gpu=true "
+                f"or {prefix}train.mixed_precision=auto (fp32 on CPU)"
+            ]
+        return []
+
+    @classmethod
+    def config_problems(cls, values: dict[str, Any]) -> list[str]:
+        """Values that are each valid but do not work together, read from the raw mapping (so they are
+        reported alongside field errors, all at once). Defaults fill what is missing."""
+        get = cls._getter(values)
         problems = []
         gpu = get("ray.use_gpu", False) is True
         if get("train.optimizer", "adamw") == "adamw8bit" and not gpu:
             problems.append(
                 "train.optimizer: 'adamw8bit' needs a CUDA GPU (bitsandbytes); on CPU use 'adamw' or 'prodigy', "
                 "or set ray.use_gpu=true on a GPU cluster"
-            )
-        if get("train.mixed_precision", "auto") in ("fp16", "bf16") and not gpu:
-            problems.append(
-                f"train.mixed_precision: {get('train.mixed_precision', '')} needs GPU workers; set ray.use_gpu=true "
-                "or train.mixed_precision=auto (fp32 on CPU)"
             )
         if get("data.class_prompt", None) and not get("data.class_data_dir", None):
             problems.append(

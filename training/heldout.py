@@ -141,12 +141,12 @@ class HeldOut:
             latents, noise = chunk.latents[sl].to(parts.device), chunk.noise[sl].to(parts.device)
             t = chunk.timesteps[sl].to(parts.device)
             noisy = sched.add_noise(latents, noise, t)
-            if chunk.embeds is not None:
-                embeds = chunk.embeds[sl].to(parts.device)
-            else:
-                embeds = parts.raw_text_encoder(chunk.input_ids[sl].to(parts.device))[0]
             target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(latents, noise, t)
-            with parts.autocast():
+            with parts.autocast():  # the training loss's dtypes (training.precision): fp32 inputs, cast per op
+                if chunk.embeds is not None:
+                    embeds = chunk.embeds[sl].to(parts.device)
+                else:
+                    embeds = parts.raw_text_encoder(chunk.input_ids[sl].to(parts.device))[0]
                 pred = parts.raw_unet(noisy, t, encoder_hidden_states=embeds).sample
             total += F.mse_loss(pred.float(), target.float(), reduction="sum").item() / noise[0].numel()
         return total

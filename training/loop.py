@@ -28,15 +28,22 @@ Report = Callable[[dict[str, float], "TrainState"], None]
 
 @dataclass
 class TrainState:
-    """What a checkpoint must hold besides the adapter to continue exactly where training stopped."""
+    """What a checkpoint must hold besides the adapter to continue exactly where training stopped.
+
+    ``scaler`` is fp16's loss scaler (``Precision.grad_scaler()``; a disabled pass-through for bf16/fp32): its
+    scale and growth tracker are saved, so a resumed fp16 run continues with the scale it had reached instead of
+    backing off from 2**16 again. ``skipped_steps`` counts optimizer steps the scaler skipped (inf/NaN gradients).
+    """
 
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     total_steps: int
-    step: int = 0  # optimizer steps taken
+    step: int = 0  # optimizer steps taken (skipped fp16 steps included: the run's length does not change)
     epoch: int = 0  # epochs completed
     noise_gen: torch.Generator = field(default_factory=torch.Generator)
     history: list[dict[str, float]] = field(default_factory=list)
+    scaler: torch.amp.GradScaler = field(default_factory=lambda: torch.amp.GradScaler("cpu", enabled=False))
+    skipped_steps: int = 0
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -46,6 +53,8 @@ class TrainState:
             "epoch": self.epoch,
             "total_steps": self.total_steps,
             "noise_gen": self.noise_gen.get_state(),
+            "scaler": self.scaler.state_dict(),  # {} when disabled
+            "skipped_steps": self.skipped_steps,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -53,6 +62,9 @@ class TrainState:
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.epoch = int(state["step"]), int(state["epoch"])
         self.noise_gen.set_state(state["noise_gen"])
+        if self.scaler.is_enabled() and state.get("scaler"):  # absent in fp32/bf16 runs and older checkpoints
+            self.scaler.load_state_dict(state["scaler"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
 
     @property
     def done(self) -> bool:
@@ -66,12 +78,13 @@ def optimizer_steps(args: OptimArgs, micro_batches_per_epoch: int) -> int:
 
 
 def make_state(cfg: TrainConfig, parts: Parts, micro_batches_per_epoch: int, rank: int = 0) -> TrainState:
-    """Optimizer, LR schedule and a noise generator seeded per rank (one worker is reproducible)."""
+    """Optimizer, LR schedule, fp16's loss scaler (``parts.precision``) and a noise generator seeded per rank
+    (one worker is reproducible)."""
     total = optimizer_steps(cfg.train, micro_batches_per_epoch)
     opt = build_optimizer(parts.trainable, cfg.train, parts.device)
     sched = build_scheduler(opt, cfg.train, total)
     gen = torch.Generator().manual_seed(cfg.train.seed * 7919 + rank)
-    return TrainState(opt, sched, total, noise_gen=gen)
+    return TrainState(opt, sched, total, noise_gen=gen, scaler=parts.precision.grad_scaler())
 
 
 def _latents(parts: Parts, batch: Batch, gen: torch.Generator) -> torch.Tensor:
@@ -79,7 +92,7 @@ def _latents(parts: Parts, batch: Batch, gen: torch.Generator) -> torch.Tensor:
         mean, std = batch.latent_mean, batch.latent_std
     else:
         with torch.no_grad():
-            dist_ = parts.vae.encode(batch.pixels.to(parts.device, parts.vae.dtype)).latent_dist
+            dist_ = parts.vae.encode(batch.pixels.to(parts.device, parts.precision.vae_dtype)).latent_dist
         mean, std = dist_.mean.float().cpu(), dist_.std.float().cpu()
     sample = mean + std * torch.randn(mean.shape, generator=gen)
     return (sample * parts.vae.config.scaling_factor).to(parts.device)
@@ -96,13 +109,13 @@ def denoising_loss(parts: Parts, batch: Batch, args: OptimArgs, gen: torch.Gener
     timesteps = torch.randint(0, parts.noise_scheduler.config.num_train_timesteps, (b,), generator=gen)
     timesteps = timesteps.to(parts.device)
     noisy = parts.noise_scheduler.add_noise(latents, noise, timesteps)
-    if batch.prompt_embeds is not None:
-        embeds = batch.prompt_embeds.to(parts.device)
-    else:
-        embeds = parts.text_encoder(batch.input_ids.to(parts.device))[0]
     prediction = parts.noise_scheduler.config.prediction_type
     target = noise if prediction == "epsilon" else parts.noise_scheduler.get_velocity(latents, noise, timesteps)
-    with parts.autocast():
+    with parts.autocast():  # fp32 latents and embeddings: autocast casts them per op
+        if batch.prompt_embeds is not None:
+            embeds = batch.prompt_embeds.to(parts.device)
+        else:
+            embeds = parts.text_encoder(batch.input_ids.to(parts.device))[0]
         pred = parts.unet(noisy, timesteps, encoder_hidden_states=embeds).sample
     per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     snr_weights = None
@@ -171,6 +184,32 @@ def _no_sync(models: list[torch.nn.Module], syncing: bool) -> contextlib.ExitSta
     return stack
 
 
+def optimizer_step(state: TrainState, params: list[torch.nn.Parameter], max_grad_norm: float | None) -> bool:
+    """One optimizer step through the loss scaler: unscale, clip, step, update, LR schedule; False when skipped.
+
+    The order is PyTorch's AMP recipe ("Gradient clipping" in the AMP examples): ``unscale_`` before clipping so
+    the norm is in true units, then ``scaler.step`` (which skips the update when a gradient is inf/NaN), then
+    ``scaler.update`` (halves the scale after a skip, doubles it after ``growth_interval`` clean steps). A skipped
+    step does not advance the LR schedule — as accelerate's ``AcceleratedScheduler`` does for diffusers' scripts —
+    but counts in ``state.step``, so the run keeps its length. With a disabled scaler (bf16/fp32) this is
+    clip + step + schedule.
+    """
+    scaler = state.scaler
+    scaler.unscale_(state.optimizer)
+    if max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    scale = scaler.get_scale() if scaler.is_enabled() else 1.0
+    scaler.step(state.optimizer)
+    scaler.update()
+    skipped = scaler.is_enabled() and scaler.get_scale() < scale  # the scale backs off exactly when inf was found
+    if not skipped:
+        state.scheduler.step()
+    state.optimizer.zero_grad(set_to_none=True)
+    state.step += 1
+    state.skipped_steps += int(skipped)
+    return not skipped
+
+
 def _current_lr(state: TrainState) -> float:
     group = state.optimizer.param_groups[0]
     return float(group["lr"]) * float(group.get("d", 1.0))  # prodigy: effective lr = d · lr
@@ -186,7 +225,12 @@ def train_loop(
     rank: int = 0,
     world_size: int = 1,
 ) -> TrainState:
-    """Train from ``state`` (fresh or resumed) to the end; ``report(metrics, state)`` after every epoch."""
+    """Train from ``state`` (fresh or resumed) to the end; ``report(metrics, state)`` after every epoch.
+
+    Metrics per epoch: epoch, step, loss (mean over ranks), lr, images_per_s, epoch_time_s; with fp16 loss
+    scaling also grad_scale (the scaler's current scale) and skipped_steps (optimizer steps skipped so far for
+    inf/NaN gradients).
+    """
     args = cfg.train
     models = [parts.unet] + ([parts.text_encoder] if parts.trains_text_encoder else [])
     for m in models:
@@ -200,16 +244,11 @@ def train_loop(
             syncing = (i + 1) % args.grad_accum == 0 or i + 1 == n_batches
             with _no_sync(models, syncing):
                 loss = denoising_loss(parts, batch, args, state.noise_gen)
-                (loss / args.grad_accum).backward()
+                state.scaler.scale(loss / args.grad_accum).backward()
             loss_sum += loss.item() * len(batch)
             seen += len(batch)
             if syncing:
-                if args.max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(parts.trainable, args.max_grad_norm)
-                state.optimizer.step()
-                state.scheduler.step()
-                state.optimizer.zero_grad(set_to_none=True)
-                state.step += 1
+                optimizer_step(state, parts.trainable, args.max_grad_norm)
                 if state.done:
                     break
         elapsed = time.perf_counter() - start
@@ -223,6 +262,8 @@ def train_loop(
             "images_per_s": seen * world_size / elapsed,
             "epoch_time_s": elapsed,
         }
+        if state.scaler.is_enabled():
+            metrics |= {"grad_scale": state.scaler.get_scale(), "skipped_steps": state.skipped_steps}
         state.history.append(metrics)
         report(metrics, state)
     for m in models:

@@ -1,4 +1,4 @@
-"""The frozen base model plus trainable LoRA adapters (PEFT), and the precision rules around them."""
+"""The frozen base model plus trainable LoRA adapters (PEFT); dtypes come from ``training.precision``."""
 
 from __future__ import annotations
 
@@ -12,8 +12,11 @@ from diffusers.training_utils import cast_training_params
 from peft import LoraConfig
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from training.config import LoraArgs, OptimArgs
+from training.config import LoraArgs
+from training.precision import MixedPrecision, Precision, PrecisionError, cast_latents_at_decode, resolve_precision
 from training.toy_world.sample import load_pipeline
+
+__all__ = ["Parts", "Precision", "PrecisionError", "add_lora", "load_parts", "resolve_precision", "unwrap"]
 
 log = logging.getLogger(__name__)
 
@@ -27,15 +30,18 @@ class Parts:
     text_encoder: torch.nn.Module
     noise_scheduler: DDPMScheduler
     device: torch.device
-    autocast_dtype: torch.dtype | None = None  # None = fp32 (no autocast)
+    precision: Precision = field(default_factory=Precision)  # fp32, no autocast, no loss scaling
     trains_text_encoder: bool = False
     trainable: list[torch.nn.Parameter] = field(default_factory=list)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """bf16/fp16 autocast on the device when mixed precision is on; a no-op in fp32."""
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+        return self.precision.autocast()
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        """The mixed-precision dtype (None = fp32): ``precision.autocast_dtype``."""
+        return self.precision.autocast_dtype
 
     @property
     def vae(self) -> AutoencoderKL:
@@ -54,39 +60,28 @@ class Parts:
         return self.pipe.text_encoder
 
 
-class PrecisionError(ValueError):
-    pass
-
-
-def resolve_precision(args: OptimArgs, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``train.mixed_precision`` on ``device`` (None = fp32).
+def load_parts(base_model: str, device: torch.device, mixed_precision: MixedPrecision = "no") -> Parts:
+    """Load the base pipeline, frozen, with every module in the dtype ``resolve_precision`` gives for
+    ``train.mixed_precision`` on ``device`` and this model's VAE.
 
     Raises:
-        PrecisionError: fp16/bf16 requested without a CUDA device.
+        PrecisionError: fp16/bf16 without a CUDA device (or bf16 on a GPU without it).
+        FileNotFoundError: ``base_model`` is not a diffusers folder / cached hub id.
     """
-    choice = args.mixed_precision
-    if device.type != "cuda":
-        if choice in ("fp16", "bf16"):
-            raise PrecisionError(
-                f"train.mixed_precision={choice} needs a CUDA GPU; this worker runs on {device.type}. "
-                "Use train.mixed_precision=auto (fp32 on CPU) or ray.use_gpu=true on a GPU cluster"
-            )
-        return None
-    if choice == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[choice]
-
-
-def load_parts(base_model: str, device: torch.device, autocast_dtype: torch.dtype | None = None) -> Parts:
-    """Load the base pipeline, frozen; frozen weights are stored in the autocast dtype to halve memory on GPU."""
-    pipe = load_pipeline(base_model, device=device, dtype=autocast_dtype or torch.float32)
+    weights = resolve_precision(mixed_precision, device)  # raises before anything loads
+    pipe = load_pipeline(base_model, device=device, dtype=weights.weight_dtype)
+    precision = resolve_precision(mixed_precision, device, vae_force_upcast=pipe.vae.config.get("force_upcast", True))
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):
         module.requires_grad_(False).eval()
-    # the VAE stays fp32 when the rest is fp16: SD 1.x's VAE overflows in fp16
-    if autocast_dtype == torch.float16:
-        pipe.vae.to(torch.float32)
+    if pipe.vae.dtype != precision.vae_dtype:
+        pipe.vae.to(precision.vae_dtype)
+    cast_latents_at_decode(pipe.vae)  # the pipeline's latents come in the text encoder's dtype (validation images)
+    log.info(
+        "precision %s on %s: UNet/text encoder %s, VAE %s, loss scaling %s",
+        *(precision.mixed_precision, device, precision.weight_dtype, precision.vae_dtype, precision.use_grad_scaler),
+    )
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    return Parts(pipe, pipe.unet, pipe.text_encoder, scheduler, device, autocast_dtype)
+    return Parts(pipe, pipe.unet, pipe.text_encoder, scheduler, device, precision)
 
 
 def add_lora(parts: Parts, args: LoraArgs) -> list[torch.nn.Parameter]:

@@ -17,12 +17,17 @@ class OptimizerUnavailable(RuntimeError):
 def build_optimizer(params: list[torch.nn.Parameter], args: OptimArgs, device: torch.device) -> torch.optim.Optimizer:
     """The optimizer named by ``train.optimizer``.
 
+    ``adamw`` on CUDA is PyTorch's fused AdamW (``fused=True``: one kernel for all parameters instead of a
+    per-tensor loop; it also takes fp16's ``GradScaler`` unscaling inside the kernel). On CPU it keeps PyTorch's
+    default implementation.
+
     Raises:
         OptimizerUnavailable: adamw8bit without CUDA/bitsandbytes, or prodigy without prodigyopt.
     """
     name = args.optimizer
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+        fused = device.type == "cuda" or None  # None: PyTorch picks (foreach on CPU)
+        return torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, fused=fused)
     if name == "sgd":
         return torch.optim.SGD(params, lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
     if name == "adamw8bit":

@@ -23,7 +23,8 @@ from training.data import Example
 from training.dataset import make_source
 from training.heldout import HeldOut
 from training.loop import TrainState, make_state, train_loop
-from training.model import Parts, add_lora, enable_gradient_checkpointing, load_parts, resolve_precision
+from training.model import Parts, add_lora, enable_gradient_checkpointing, load_parts
+from training.precision import set_matmul_precision
 from training.remote import is_uri, local_copy
 from training.toy_world.sample import generate, image_grid
 from training.tracking import NullTracker
@@ -161,17 +162,35 @@ def read_checkpoint(directory: Path, parts: Parts, state: TrainState) -> None:
 
 
 def validation_grid(parts: Parts, cfg: TrainConfig) -> Image.Image:
-    """One image per ``validation.prompts`` entry, fixed seeds (the same every epoch), as a grid (≤ 6 per row)."""
+    """One image per ``validation.prompts`` entry, fixed seeds (the same every epoch), as a grid (≤ 6 per row).
+
+    Runs the pipeline as it is served: modules in their stored dtypes (``parts.precision``), no autocast, LoRA
+    dropout off. The pipeline makes latents in the text encoder's dtype; ``load_parts`` made the VAE cast them to
+    its own at ``vae.decode`` (``training.precision.cast_latents_at_decode``), so an fp32 VAE under fp16 decodes.
+    """
     v = cfg.validation
-    was_training = parts.raw_unet.training
-    parts.raw_unet.eval()
-    images = generate(parts.pipe, v.prompts, seed=v.seed, steps=v.steps, guidance=v.guidance)
-    parts.raw_unet.train(was_training)
+    modules = (parts.raw_unet, parts.raw_text_encoder)
+    modes = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    try:
+        images = generate(parts.pipe, v.prompts, seed=v.seed, steps=v.steps, guidance=v.guidance)
+    finally:
+        for m, mode in zip(modules, modes):
+            m.train(mode)
     return image_grid(images)
 
 
 def build_worker_parts(cfg: TrainConfig, device: torch.device) -> Parts:
-    parts = load_parts(cfg.base_model, device, resolve_precision(cfg.train, device))
+    """The frozen base in ``train.mixed_precision``'s dtypes on ``device``, with a fresh LoRA adapter.
+
+    On CUDA, fp32 matmuls use TF32 when ``train.allow_tf32`` (``training.precision.set_matmul_precision``).
+
+    Raises:
+        PrecisionError: fp16/bf16 off CUDA, naming train.mixed_precision and the fix.
+    """
+    parts = load_parts(cfg.base_model, device, cfg.train.mixed_precision)
+    set_matmul_precision(device, cfg.train.allow_tf32)
     torch.manual_seed(cfg.train.seed)  # LoRA A is drawn from the global RNG: same init on every run and rank
     add_lora(parts, cfg.lora)
     if cfg.train.gradient_checkpointing:
@@ -190,7 +209,14 @@ def run_worker(
     sink: Sink = lambda metrics, ckpt: None,
     tracker: NullTracker | None = None,
 ) -> tuple[Parts, TrainState]:
-    """Train this worker's shard to the end; checkpoint every ``ray.checkpoint_every_n_epochs`` and at the end."""
+    """Train this worker's shard to the end; checkpoint every ``ray.checkpoint_every_n_epochs`` and at the end.
+
+    ``device`` decides the precision (``train.mixed_precision``: fp16/bf16 need a CUDA device; ``ray.use_gpu`` is
+    not read here — it only tells Ray Train what kind of workers to start).
+
+    Raises:
+        PrecisionError: fp16/bf16 on a device that is not CUDA.
+    """
     cfg, tracker = spec.cfg, tracker or NullTracker()
     parts = build_worker_parts(cfg, torch.device(device))
     source = make_source(spec.examples, cfg.data, parts, cfg.use_cache, rank=rank, world_size=world_size)

@@ -35,7 +35,7 @@ from evaluation.registry import RegistryError
 from training.adapter import AdapterError
 from training.buckets import resolve_bucket_step
 from training.cluster_state import up_mlflow
-from training.config import PreflightError
+from training.config import PreflightError, TrainConfig
 from training.configuration import ConfigError, load_config
 from training.data import DatasetError, validate_dataset
 from training.quiet import quiet_libraries
@@ -158,6 +158,7 @@ def preflight(cfg: TuneConfig, run_dir: Path, resume: bool) -> list[str]:
     if cfg.search.algorithm == "grid":
         points += grid_points(cfg)
     problems += sorted(set(check_points(cfg, points)))
+    problems += TrainConfig.ray_problems(cfg.trial.model_dump(), prefix="trial.")  # trials run on Ray's workers
     tune_dir = run_dir / TUNE_DIR
     if resume and not tune_dir.is_dir():
         problems.append(f"--resume: no search to resume in {run_dir}; drop --resume to start it")

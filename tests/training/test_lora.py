@@ -9,7 +9,7 @@ from peft.tuners.lora import LoraLayer
 from training.data import validate_dataset
 from training.dataset import make_source
 from training.loop import denoising_loss, make_state, train_loop
-from training.model import PrecisionError, add_lora, load_parts, resolve_precision
+from training.model import add_lora, load_parts
 from training.worker import WorkerSpec, build_worker_parts, run_worker
 
 CPU = torch.device("cpu")
@@ -144,22 +144,6 @@ def test_text_encoder_lora_trains_through_uncached_embeddings(train_config):
     state = make_state(cfg, parts, source.batches_per_epoch(cfg.train.batch_size))
     train_loop(cfg, parts, source, state, report=lambda m, s: None)
     assert any(not torch.equal(a, b) for a, b in zip(before, te_lora))
-
-
-@pytest.mark.parametrize(
-    "choice, dtype", [("auto", torch.bfloat16), ("fp16", torch.float16), ("bf16", torch.bfloat16), ("no", None)]
-)
-def test_precision_on_cuda(monkeypatch, train_config, choice, dtype):
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
-    cfg = train_config(**{"train.mixed_precision": choice, "ray.use_gpu": True})
-    assert resolve_precision(cfg.train, torch.device("cuda")) == dtype
-
-
-def test_half_precision_on_cpu_is_a_clear_error(train_config):
-    assert resolve_precision(train_config().train, CPU) is None  # auto -> fp32
-    with pytest.raises(PrecisionError, match="train.mixed_precision=fp16 needs a CUDA GPU"):
-        # a GPU config that lands on a CPU worker: the worker's own check
-        resolve_precision(train_config(**{"train.mixed_precision": "fp16", "ray.use_gpu": True}).train, CPU)
 
 
 def test_noise_offset_and_min_snr_change_the_loss(train_config):
