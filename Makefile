@@ -13,7 +13,7 @@ HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 COMMA  := ,
 EXTRAS := dev$(if $(HAS_GPU),$(COMMA)gpu)
 
-.PHONY: install demo up down status samples test reliability audit lint format toy-world quality train tune evaluate serve bench-train bench-tune bench-eval bench-serve browser clean
+.PHONY: install demo up down status samples test reliability audit lint format toy-world quality train tune evaluate serve bench-train bench-tune bench-eval bench-serve bench-gpu browser clean
 
 install: $(STAMP)
 
@@ -83,6 +83,10 @@ bench-eval: $(STAMP)
 
 bench-train: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/train_throughput.py --epochs 12
+
+# SD-1.5-scale training + serving speed with random weights (GPU; on CPU: ARGS=--tiny) -> runs/benchmarks/gpu_bench/
+bench-gpu: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/gpu_bench.py --out runs/benchmarks/gpu_bench $(ARGS)
 
 test: $(STAMP) lint
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q --durations=25

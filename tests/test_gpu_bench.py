@@ -1,0 +1,85 @@
+"""benchmarks/gpu_bench.py: the SD-1.5-scale benchmark runs at --tiny size on CPU (so it cannot rot), writes every
+arm's figures, and never imports Ray or MLflow (GPU machines have neither)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks._gpu_measure import peak_flops
+from benchmarks._sd_scale import SD15, TINY, check_param_counts, meta_param_counts
+
+
+def test_sd15_architecture_has_sd15_parameter_counts():
+    counts = meta_param_counts(SD15)  # meta device: no memory, no time
+    assert counts == {"unet": 859_520_964, "vae": 83_653_863, "text_encoder": 123_060_480}
+    check_param_counts(counts, SD15)
+    assert sum(meta_param_counts(TINY).values()) < 10_000_000
+
+
+def test_param_check_refuses_another_architecture():
+    counts = meta_param_counts(SD15) | {"unet": 700_000_000}
+    with pytest.raises(ValueError, match="unet: 700,000,000 parameters, expected 859,520,964"):
+        check_param_counts(counts, SD15)
+
+
+@pytest.mark.parametrize(
+    "name, precision, tflops",
+    [
+        ("NVIDIA H200", "bf16", 989.5),
+        ("NVIDIA H200 NVL", "bf16", 835.5),
+        ("NVIDIA H100 80GB HBM3", "bf16", 989.5),
+        ("NVIDIA H100 PCIe", "fp16", 756.5),
+        ("NVIDIA A100-SXM4-80GB", "bf16", 312.0),
+        ("NVIDIA L4", "bf16", 121.0),
+        ("Tesla T4", "fp16", 65.0),
+        ("Tesla T4", "bf16", None),  # Turing has no bf16 tensor cores
+        ("NVIDIA GeForce RTX 4090", "bf16", None),  # not in the table: MFU n/a, never a guess
+    ],
+)
+def test_peak_flops_table(name, precision, tflops):
+    assert peak_flops(name, precision) == (tflops * 1e12 if tflops else None)
+
+
+@pytest.mark.slow
+def test_tiny_run_writes_every_arm_without_ray_or_mlflow(repo, tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(repo), HF_HUB_OFFLINE="1")
+    # one torch thread: on a shared, busy CPU OpenMP's threads wait on each other (measured 30x slower with 2)
+    cmd = [sys.executable, "benchmarks/gpu_bench.py", "--tiny", "--threads", "1", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
+    result = json.loads((tmp_path / "gpu_bench.json").read_text())
+
+    assert not {"ray", "mlflow"} & set(result["loaded_modules"])
+    assert "torch" in result["loaded_modules"] and "serving" in result["loaded_modules"]  # the list is real
+    assert (tmp_path / "gpu_bench.png").stat().st_size > 10_000
+
+    def positive(x) -> bool:
+        return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+    train = {a["name"]: a for a in result["train"]}
+    assert set(train) == {f"no/{s}/{c}/b{b}" for s in ("cached", "encode") for c in ("ckpt", "no-ckpt") for b in (1, 2)}
+    for arm in train.values():
+        assert "error" not in arm, arm
+        assert len(arm["rounds"]) == 2  # every arm in every round
+        for key in ("images_per_s", "steps_per_s", "peak_memory_bytes", "flops_per_step"):
+            assert positive(arm[key]), (arm["name"], key, arm[key])
+        assert arm["images_per_s"] == pytest.approx(arm["steps_per_s"] * arm["batch_size"])
+        assert arm["mfu"] is None  # CPU: n/a
+    # the encoders' FLOPs are counted in the encode-every-step arms
+    assert train["no/encode/no-ckpt/b2"]["flops_per_step"] > train["no/cached/no-ckpt/b2"]["flops_per_step"]
+
+    serve = {a["name"]: a for a in result["serve"]}
+    assert set(serve) == {"base/b1", "single/b1", "base/b4", "single/b4", "mixed/b4", "separate/b4"}
+    for arm in serve.values():
+        assert len(arm["seconds"]) == 2
+        assert positive(arm["images_per_s"]) and positive(arm["p50_latency_s"]), arm
+    for key in ("cached_over_encode", "ckpt_speed", "single_over_base", "mixed_over_single", "mixed_over_separate"):
+        assert result["ratios"][key] and all(positive(v) for v in result["ratios"][key].values()), key
+    assert result["params"]["unet"] < 10_000_000 and result["device"]["type"] == "cpu"
+    assert "training no: round 2/2 done" in proc.stdout and "mixed_over_single" in proc.stdout
