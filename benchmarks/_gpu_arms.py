@@ -49,8 +49,6 @@ def train_config(
             "data": {"path": str(data_dir), "trigger": "sks", "resolution": resolution},
             "lora": {"rank": rank},
             "train": {"epochs": epochs, "batch_size": batch_size, "mixed_precision": precision, "warmup_steps": 0},
-            # validation of fp16/bf16 asks for GPU workers in the Ray section; nothing here runs Ray
-            "ray": {"use_gpu": precision != "no"},
             "mlflow": {"enabled": False},
         }
     )
