@@ -278,6 +278,7 @@ def test_a_second_dataset_configures_itself_and_is_served_next_to_the_first(clus
     assert champion.tags["eval.comparable_key"] and champion.source.endswith("/adapter")
 
 
+@pytest.mark.reliability  # 231 s on a loaded 2-core machine: `make reliability`
 def test_stop_saves_the_trials_and_resume_finishes_them(cluster, jobs, toy_world_data, tmp_path):
     data = toy_world_data["dotted"]
     out = tmp_path / "runs"

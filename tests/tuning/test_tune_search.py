@@ -122,6 +122,7 @@ def _terminated(run_dir: Path) -> list[str]:
     return done
 
 
+@pytest.mark.reliability  # 121 s on a loaded 2-core machine: `make reliability`
 def test_resume_after_the_driver_is_killed_runs_only_the_unfinished_trials(local_ray, tune_config, mlflow_server, repo):
     overrides = [
         "name=restore",
