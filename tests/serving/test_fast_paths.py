@@ -140,7 +140,6 @@ def _mixed_vs_alone(engine: Engine, models: list[str]) -> int:
     return worst
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("lora_batching", ["batched", "peft"])
 def test_mixed_ranks_alphas_and_text_encoder_lora_match_their_single_runs(varied_engine, lora_batching):
     engine = varied_engine(**{"speed.lora_batching": lora_batching})
@@ -153,7 +152,6 @@ def test_mixed_ranks_alphas_and_text_encoder_lora_match_their_single_runs(varied
     assert all(np.abs(a - b).mean() > 1 for i, a in enumerate(same_seed) for b in same_seed[i + 1 :])
 
 
-@pytest.mark.slow
 def test_conv_lora_layers_fall_back_to_peft_routing_in_the_same_pass(varied_engine, peft_spy):
     engine = varied_engine()
     assert _mixed_vs_alone(engine, ["conv", "ad0", "base", "conv"]) <= 1
@@ -161,7 +159,6 @@ def test_conv_lora_layers_fall_back_to_peft_routing_in_the_same_pass(varied_engi
     assert engine.lora.calls["batched"] > 0 and engine.lora.calls["peft_routed"] == peft_spy["Conv2d"]
 
 
-@pytest.mark.slow
 def test_batched_and_peft_routing_agree_on_one_mixed_pass(varied_engine):
     models = ["r8te", "ad1", "base", "r2"]
     reqs = [ImageRequest(PROMPT, model=m, seed=40 + i, steps=3) for i, m in enumerate(models)]
@@ -172,7 +169,6 @@ def test_batched_and_peft_routing_agree_on_one_mixed_pass(varied_engine):
         assert np.abs(pixels(a.images[0]) - pixels(b.images[0])).max() <= 1
 
 
-@pytest.mark.slow
 def test_speed_options_are_applied(serve_args):
     import torch
 
@@ -198,7 +194,7 @@ def test_compile_with_mixed_batches_is_a_config_error_naming_both_keys(serve_arg
         serve_args(**{"speed.compile_unet": True})
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # ~11 s: a fresh process loads the toy model
 def test_the_gpu_test_helper_runs_without_ray_or_mlflow(tiny_pipe_dir, tmp_path):
     """tests/gpu/test_engine_gpu.py runs where neither ray nor mlflow is installed: its helper must not import them
     (checked in a fresh process: nothing under ray or mlflow was imported)."""
@@ -217,7 +213,6 @@ def test_the_gpu_test_helper_runs_without_ray_or_mlflow(tiny_pipe_dir, tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 
-@pytest.mark.slow
 def test_compiled_unet_hot_swaps_adapters_into_fixed_slots(serve_args, engine, monkeypatch):
     """speed.compile_unet: adapters after the first go into the same slot in place (no new PEFT adapter, no new
     module: the compiled graph stays valid). The compile itself is replaced by a recorder here (minutes on CPU)."""
