@@ -1,16 +1,22 @@
-"""Serving throughput on loopback: dynamic batching vs none vs the raw engine, and mixed-adapter batches.
+"""Serving throughput on loopback: dynamic batching vs none vs the raw engine, and the engine's LoRA fast paths.
 
-    python benchmarks/serve_throughput.py                     # toy model, 20 steps, 64x64, ~4 min (make bench-serve)
+    python benchmarks/serve_throughput.py                     # toy model, 20 steps, 64x64, ~8 min (make bench-serve)
     python benchmarks/serve_throughput.py --seconds 5         # quicker, noisier
+    python benchmarks/serve_throughput.py --engine-only       # only (e), the engine's fast paths, ~2 min
 
 (a) the Serve app with batching on (max_batch_size 8);
 (b) the same app with max_batch_size 1;
-(c) the raw engine called in-process at the batch size (a) can reach (min(concurrency, 8)), no HTTP, no Ray,
-    alternating with (a) over ``--rounds`` rounds (medians kept);
-(d) traffic spread over 4 adapters at concurrency 16: mixed-adapter batches vs one adapter per UNet pass.
-A closed-loop load generator (``concurrency`` clients, each sending its next request when the last returns) runs
-each variant for ``--seconds`` after a warm-up; one generator replica with 2 CPUs at a time. Prints images/s,
-p50/p99 latency and the ratios; writes ``runs/benchmarks/serve_throughput.json`` and ``.png``.
+(c) the raw engine called in-process, no HTTP, no Ray, driven by the same closed loop of ``concurrency`` clients
+    (simulated: each pass takes the oldest min(concurrency, 8) waiting requests), so its latencies are measured as
+    (a)'s are: from a request's submission to its result, waiting included;
+(d) traffic spread over 4 adapters at concurrency 16: mixed-adapter batches vs one adapter per UNet pass;
+(e) the raw engine's LoRA fast paths, 8 images per call: base only, one adapter, 4 adapters mixed (batched LoRA),
+    4 adapters mixed through PEFT's per-sample routing (the old path), and the same 4 as one-adapter passes.
+(a)/(c) alternate round by round, as do the arms of (e) (order rotated per round); (b) and (d) run their
+``--rounds`` rounds back to back per deployment. Every arm is the median of ``--rounds`` rounds. A closed-loop
+load generator (``concurrency`` clients, each sending its next request when the last returns) runs each HTTP
+variant for ``--seconds`` after a warm-up; the replicas and the raw engine use ``--cpus`` torch threads (default
+1). Prints images/s, p50/p99 latency and the ratios; writes ``runs/benchmarks/serve_throughput.json`` and ``.png``.
 """
 
 from __future__ import annotations
@@ -116,25 +122,71 @@ async def load(url: str, concurrency: int, seconds: float, models: list[str]) ->
     return summary(latencies, len(latencies), wall) | {"failures": failures}
 
 
-def raw_engine(engine: Engine, batch: int, seconds: float) -> dict:
-    """(c): the engine in this process, batches of ``batch`` one-image requests, back to back."""
+def raw_engine(engine: Engine, concurrency: int, seconds: float) -> dict:
+    """(c): the engine in this process under a simulated closed loop of ``concurrency`` clients: each pass takes the
+    oldest min(concurrency, 8) waiting requests; a request's latency runs from its submission (when its client's
+    previous one returned) to the end of its pass, as the HTTP load generator measures it."""
+    from collections import deque
+
+    batch, seed = min(concurrency, 8), 0
+
+    def one_pass(waiting: deque) -> list[float]:
+        nonlocal seed
+        taken = [waiting.popleft() for _ in range(batch)]
+        engine.generate([engine.prepare(ImageRequest(PROMPT, model="ad0", seed=seed + i)) for i in range(batch)])
+        seed += batch
+        done = time.perf_counter()
+        waiting.extend([done] * batch)
+        return [done - t for t in taken]
+
+    one_pass(deque([time.perf_counter()] * concurrency))  # warm-up
+    waiting = deque([time.perf_counter()] * concurrency)
+    latencies, start = [], time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        latencies += one_pass(waiting)
+    return summary(latencies, len(latencies), time.perf_counter() - start)
+
+
+def fast_path_arms(adapters: dict[str, str], cache: Path, cpus: int, rounds: int, passes: int) -> dict:
+    """(e): each arm draws 8 one-image requests per ``generate`` call, ``passes`` calls per round; arms rotate
+    within each round. A request's latency is its call's wall time (all 8 are submitted together), on every arm."""
+    mixed = ADAPTERS * 2
+    engines = {
+        "batched": Engine.from_args(serve_args(adapters, cache, cpus=cpus)),
+        "peft": Engine.from_args(serve_args(adapters, cache, cpus=cpus, overrides=["speed.lora_batching=peft"])),
+        "split": Engine.from_args(serve_args(adapters, cache, cpus=cpus, mixed=False)),
+    }
+    arms = {
+        "base_only": ("batched", ["base"] * 8),
+        "single_adapter": ("batched", ["ad0"] * 8),
+        "mixed_batched": ("batched", mixed),
+        "mixed_peft_routing": ("peft", mixed),
+        "one_adapter_passes": ("split", mixed),
+    }
     seed = 0
 
-    def one_batch() -> float:
+    def one_round(engine: Engine, models: list[str]) -> dict:
         nonlocal seed
-        reqs = [engine.prepare(ImageRequest(PROMPT, model="ad0", seed=seed + i)) for i in range(batch)]
-        seed += batch
-        start = time.perf_counter()
-        engine.generate(reqs)
-        return time.perf_counter() - start
+        latencies, images, start = [], 0, time.perf_counter()
+        for _ in range(passes):
+            reqs = [engine.prepare(ImageRequest(PROMPT, model=m, seed=seed + i)) for i, m in enumerate(models)]
+            seed += len(models)
+            t0 = time.perf_counter()
+            engine.generate(reqs)
+            latencies += [time.perf_counter() - t0] * len(reqs)
+            images += len(reqs)
+        return summary(latencies, images, time.perf_counter() - start)
 
-    one_batch()
-    latencies, images, start = [], 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        t = one_batch()
-        latencies += [t] * batch
-        images += batch
-    return summary(latencies, images, time.perf_counter() - start)
+    for key, models in arms.values():  # warm-up: every adapter loaded, every path run once
+        one_round(engines[key], models)
+    runs: dict[str, list[dict]] = {name: [] for name in arms}
+    names = list(arms)
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            runs[name].append(one_round(engines[arms[name][0]], arms[name][1]))
+    out = {name: median_run(rs) for name, rs in runs.items()}
+    out["pass_kinds"] = {k: dict(e.lora.passes) for k, e in engines.items()}
+    return out
 
 
 def median_run(runs: list[dict]) -> dict:
@@ -180,7 +232,9 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seconds", type=float, default=8.0, help="measured seconds per variant and concurrency")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
-    p.add_argument("--rounds", type=int, default=3, help="alternating rounds of (a) and (c); the median is kept")
+    p.add_argument("--rounds", type=int, default=3, help="rounds of every arm; the median is kept")
+    p.add_argument("--passes", type=int, default=3, help="(e): generate calls of 8 images per arm and round")
+    p.add_argument("--engine-only", action="store_true", help="run (e) only: no Ray, no HTTP")
     p.add_argument("--cpus", type=int, default=1, help="CPUs (torch threads) of the replica and of the raw engine")
     p.add_argument("--batch-wait", type=float, default=0.02, help="batching.batch_wait_timeout_s of (a) and (d)")
     p.add_argument("--out", default=str(REPO / "runs" / "benchmarks" / "serve_throughput.json"))
@@ -190,6 +244,14 @@ def main(argv: list[str] | None = None) -> dict:
     cache = tmp / "cache"
     results: dict = {"a_batching": {}, "b_no_batching": {}, "c_raw_engine": {}, "d_mixed": {}, "d_one_per_pass": {}}
     torch.set_num_threads(a.cpus)
+    results["e_fast_paths"] = fast_path_arms(adapters, cache, a.cpus, a.rounds, a.passes)
+    report_fast_paths(results["e_fast_paths"])
+    if a.engine_only:
+        out = Path(a.out).with_name("serve_fast_paths.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results["e_fast_paths"], indent=2) + "\n")
+        print(f"wrote {out}")
+        return results
     engine = Engine.from_args(serve_args(adapters, cache, cpus=a.cpus))
 
     import ray
@@ -207,10 +269,10 @@ def main(argv: list[str] | None = None) -> dict:
         for c in a.concurrency:
             raw, served_runs = [], []
             for _ in range(a.rounds):
-                raw.append(raw_engine(engine, min(c, 8), a.seconds))
+                raw.append(raw_engine(engine, c, a.seconds))
                 served_runs.append(measure(url, c, a.seconds, ["ad0"]))
             results["c_raw_engine"][c], results["a_batching"][c] = median_run(raw), median_run(served_runs)
-            print(f"(c) raw engine, batch {min(c, 8)}: {results['c_raw_engine'][c]}", flush=True)
+            print(f"(c) raw engine, concurrency {c}: {results['c_raw_engine'][c]}", flush=True)
             print(f"(a) batching, concurrency {c}: {results['a_batching'][c]}", flush=True)
         serve.delete("bench")
         variants = [
@@ -226,7 +288,7 @@ def main(argv: list[str] | None = None) -> dict:
         for key, args, levels, models in variants:
             url = served(args, "bench", port)
             for c in levels:
-                results[key][c] = measure(url, c, a.seconds, models)
+                results[key][c] = median_run([measure(url, c, a.seconds, models) for _ in range(a.rounds)])
                 print(f"({key}) concurrency {c}: {results[key][c]}", flush=True)
             serve.delete("bench")
     finally:
@@ -236,8 +298,30 @@ def main(argv: list[str] | None = None) -> dict:
     return results
 
 
+def report_fast_paths(e: dict) -> dict[str, float]:
+    """Print (e)'s table and its ratios against the targets; returns the ratios."""
+    arms = [k for k in e if k != "pass_kinds"]
+    print("\n(e) engine fast paths, 8 images per call: images/s (p50 / p99 latency s), rounds")
+    for name in arms:
+        r = e[name]
+        rounds = " ".join(f"{x:.2f}" for x in r["rounds_images_per_s"])
+        print(f"  {name:<20}{r['images_per_s']:>8.2f} ({r['p50_s']:.2f}/{r['p99_s']:.2f})   [{rounds}]")
+    ips = {name: e[name]["images_per_s"] for name in arms}
+    ratios = {
+        "mixed batched / single adapter": (ips["mixed_batched"] / ips["single_adapter"], 0.9),
+        "single adapter / base only": (ips["single_adapter"] / ips["base_only"], 0.95),
+        "mixed batched / mixed PEFT routing": (ips["mixed_batched"] / ips["mixed_peft_routing"], None),
+        "mixed batched / one-adapter passes": (ips["mixed_batched"] / ips["one_adapter_passes"], None),
+    }
+    for name, (value, target) in ratios.items():
+        verdict = "" if target is None else f" (target >= {target:.2f}: {'met' if value >= target else 'MISSED'})"
+        print(f"  {name:<42} {value:5.3f}{verdict}")
+    print(f"  pass kinds per engine: {e['pass_kinds']}")
+    return {name: value for name, (value, _) in ratios.items()}
+
+
 def report(results: dict, levels: list[int], out: Path) -> None:
-    ips = {k: {c: v["images_per_s"] for c, v in r.items()} for k, r in results.items()}
+    ips = {k: {c: v["images_per_s"] for c, v in r.items()} for k, r in results.items() if k != "e_fast_paths"}
     print("\nimages/s (p50 / p99 latency s)")
     print(f"{'variant':<16}" + "".join(f"{'c=' + str(c):>24}" for c in levels))
     for key in ("a_batching", "b_no_batching", "c_raw_engine"):
@@ -251,6 +335,7 @@ def report(results: dict, levels: list[int], out: Path) -> None:
         f"a/b at c={top}": ips["a_batching"][top] / ips["b_no_batching"][top],
         **{f"a/c at c={c}": ips["a_batching"][c] / ips["c_raw_engine"][c] for c in levels},
         "d mixed / one-adapter-per-pass at c=16": ips["d_mixed"][16] / ips["d_one_per_pass"][16],
+        **{f"e {k}": v for k, v in report_fast_paths(results["e_fast_paths"]).items()},
     }
     targets = {f"a/b at c={top}": 1.5, "d mixed / one-adapter-per-pass at c=16": 1.3}
     print("\nratios")

@@ -9,7 +9,10 @@ that was rolled back (and no alias holds), is ``UnknownModel`` (404) at once; a 
 ``AdapterUnavailable`` (503, retryable) unless an earlier answer is still at hand.
 
 ``LoadedAdapters`` is the bounded LRU of adapters loaded into one pipeline: a miss loads with the plain diffusers
-call, an eviction deletes the adapter's layers (never fuse/unfuse: the replica is shared).
+call, an eviction deletes the adapter's layers (never fuse/unfuse: the replica is shared). With ``hotswap`` (a
+compiled UNet, ``speed.compile_unet``) the adapters live in fixed slots ``slot0…``: once all are taken, a miss
+loads into the least recently used slot with diffusers' ``load_lora_weights(..., hotswap=True)``, which replaces
+the weights in place, so the compiled graph is kept.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from evaluation.registry import (
 )
 from serving.catalog import RegistryCatalog
 from serving.config import BASE, MODEL_NAME, ServeArgs, is_folder_ref, project_path
-from training.adapter import AdapterError, AdapterMeta, load_adapter
+from training.adapter import AdapterError, AdapterMeta, load_adapter, verify_adapter
 
 log = logging.getLogger(__name__)
 
@@ -192,9 +195,10 @@ def _moves(ref: str) -> bool:
 class LoadedAdapters:
     """At most ``capacity`` adapters in the pipeline; least recently used goes first."""
 
-    def __init__(self, pipe, capacity: int, on_change=None):
+    def __init__(self, pipe, capacity: int, on_change=None, hotswap: bool = False):
         self.pipe = pipe
         self.capacity = capacity
+        self.hotswap = hotswap
         self.on_change = on_change  # called after a load or an eviction (the engine re-hooks LoRA layers)
         self._slots: OrderedDict[str, str] = OrderedDict()  # key -> PEFT adapter name
         self.hits = self.misses = self.evictions = 0
@@ -230,19 +234,51 @@ class LoadedAdapters:
                 self._slots.move_to_end(key)
                 continue
             self.misses += 1
-            while len(self._slots) >= self.capacity:
+            if self.hotswap and len(self._slots) >= self.capacity:
                 victim = next(k for k in self._slots if k not in unique)
-                self.evict(victim)
+                slot, swap = self._slots.pop(victim), True
+                self.evictions += 1
+            else:
+                while len(self._slots) >= self.capacity:
+                    self.evict(next(k for k in self._slots if k not in unique))
+                slot, swap = self._free_slot(key), False
             try:
-                load_adapter(self.pipe, adapter.path, self.slot_name(key))
+                self._load(adapter, slot, swap)
             except AdapterError as exc:
                 log.warning("adapter %s refused: %s", adapter.name, exc)
                 failed[key] = exc
                 continue
-            self._slots[key] = self.slot_name(key)
+            self._slots[key] = slot
             if self.on_change:
                 self.on_change()
         return {key: failed.get(key) or self._slots[key] for key in unique}
+
+    def _free_slot(self, key: str) -> str:
+        if not self.hotswap:
+            return self.slot_name(key)
+        taken = set(self._slots.values())
+        return next(f"slot{i}" for i in range(self.capacity + 1) if f"slot{i}" not in taken)
+
+    def _load(self, adapter: ResolvedAdapter, slot: str, swap: bool) -> None:
+        """Load ``adapter`` as ``slot``; ``swap``: replace the weights of the adapter already in ``slot`` in place.
+
+        Raises:
+            AdapterError: it failed verification or does not fit (a failed swap leaves the slot deleted).
+        """
+        if not swap:
+            load_adapter(self.pipe, adapter.path, slot)
+            return
+        meta = verify_adapter(adapter.path)  # the sha256 again, just before the weights are read
+        try:
+            self.pipe.load_lora_weights(str(adapter.path), weight_name=meta.weights, adapter_name=slot, hotswap=True)
+        except Exception as exc:  # noqa: BLE001 - a file the swap refuses (rank above hotswap_max_rank, other targets)
+            self.pipe.delete_adapters(slot)
+            if self.on_change:
+                self.on_change()
+            raise AdapterError(
+                f"adapter {adapter.name!r} cannot be hot-swapped into the compiled UNet ({type(exc).__name__}: "
+                f"{str(exc)[:300]}); raise speed.hotswap_max_rank to its rank or serve it without speed.compile_unet"
+            ) from exc
 
     def evict(self, key: str) -> None:
         slot = self._slots.pop(key)

@@ -84,6 +84,47 @@ class BatchingArgs(_Section):
     )
 
 
+class SpeedArgs(_Section):
+    """How a replica runs its passes: the speed options diffusers users expect (measured in benchmarks/)."""
+
+    lora_batching: Literal["batched", "peft"] = Field(
+        "batched",
+        description="how a pass that mixes adapters applies them: batched (each sample's LoRA A/B gathered once per "
+        "pass, two torch.bmm per Linear LoRA layer; other layer kinds fall back to peft) or peft (PEFT's per-adapter "
+        "masked loop, for comparison). Passes with one adapter or none never route per sample",
+    )
+    sdpa: bool = Field(
+        True,
+        description="attention through torch's scaled_dot_product_attention (diffusers' AttnProcessor2_0, its "
+        "default; flash/memory-efficient kernels on CUDA); false: the classic AttnProcessor (slower, more memory)",
+    )
+    channels_last: bool = Field(
+        False, description="UNet weights and activations in channels-last memory format (faster convolutions on CUDA)"
+    )
+    vae_slicing: bool = Field(
+        False, description="decode a batch's latents one image at a time: lower peak memory, same images"
+    )
+    vae_tiling: bool = Field(
+        False,
+        description="decode in overlapping tiles, for sizes well beyond the VAE's sample_size (SD: 512 px): bounded "
+        "memory, images differ slightly at tile seams",
+    )
+    tf32: bool = Field(
+        True,
+        description="allow TF32 for float32 matmuls on CUDA Ampere+ (torch.set_float32_matmul_precision('high')); "
+        "no effect on fp16/bf16 pipelines or older GPUs, and not applied on CPU (documented no-op there)",
+    )
+    compile_unet: bool = Field(
+        False,
+        description="torch.compile the UNet (the first passes compile: minutes at SD scale; warm-up takes them). "
+        "Adapters are hot-swapped into fixed slots (diffusers' enable_lora_hotswap) so loading one does not "
+        "recompile; needs batching.mixed_adapters: false (one adapter per pass)",
+    )
+    hotswap_max_rank: int = Field(
+        64, ge=1, le=1024, description="with compile_unet: the highest LoRA rank a hot-swapped adapter may have"
+    )
+
+
 class ImageUrlArgs(_Section):
     """Images kept for ``response_format: "url"`` (serving/image_store.py: one store for all ingress replicas)."""
 
@@ -166,6 +207,7 @@ class ServeArgs(_Section):
     )
     warmup: bool = Field(True, description="generate one image before the replica reports ready")
     image_urls: ImageUrlArgs = Field(default_factory=ImageUrlArgs)
+    speed: SpeedArgs = Field(default_factory=SpeedArgs)
 
     @field_validator("adapters")
     @classmethod
@@ -201,6 +243,12 @@ class ServeArgs(_Section):
             problems.append(
                 f"image_urls (max_images {urls.max_images}, max_bytes {urls.max_bytes}) cannot hold one request's "
                 f"images (limits.max_n {lim.max_n} of up to {lim.max_size}² px, ~{largest} bytes); raise them"
+            )
+        if self.speed.compile_unet and b.mixed_adapters:
+            problems.append(
+                "speed.compile_unet needs batching.mixed_adapters: false: a compiled UNet serves one adapter per pass "
+                "(hot-swapped into a slot, no recompile); mixed passes route per sample and would recompile. Set "
+                "batching.mixed_adapters: false, or speed.compile_unet: false to keep mixed-adapter batches"
             )
         if d.autoscaling_config and d.num_replicas != "auto":
             problems.append("deployment.autoscaling_config is set: also set deployment.num_replicas to 'auto'")

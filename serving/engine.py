@@ -4,11 +4,12 @@
     [result] = engine.generate([engine.prepare(ImageRequest("a red circle on a sks background", model="champion"))])
     result.images[0].save("out.png")
 
-One batch may hold requests for different adapters and for the bare base model: every PEFT ``LoraLayer``
-gets a forward pre-hook that passes ``adapter_names`` (one per sample, ``"__base__"`` for none), so each sample
-goes through its own adapter in a single UNet pass. Classifier-free guidance doubles the UNet batch
-(``[uncond..., cond...]``), so the hook picks the routing list by the batch size it sees. Requests that cannot
-share a pass (different size, steps or guidance) run as sub-batches.
+One batch may hold requests for different adapters and for the bare base model. Each pass takes the cheapest exact
+path for its mix (``serving.lora_batch.LoraRouter``): adapters disabled for a base-only pass, the adapter active for
+a single-adapter pass, and per-sample routing only for a truly mixed pass — there each sample's LoRA A/B are
+gathered once per pass and applied with batched matmuls (``speed.lora_batching``). Requests that cannot share a
+pass (different size, steps or guidance) run as sub-batches. ``speed`` also holds the diffusers speed options
+(SDPA, channels-last, VAE slicing/tiling, TF32, ``torch.compile`` with LoRA hot-swap): ``serving.speed``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,10 +28,11 @@ from PIL import Image
 
 from serving.adapters import AdapterResolver, LoadedAdapters, ResolvedAdapter
 from serving.config import ServeArgs, project_path
+from serving.lora_batch import BASE_ROUTE, LoraRouter
+from serving.speed import apply_speed
 from training.adapter import AdapterError
 
 log = logging.getLogger(__name__)
-BASE_ROUTE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 
 
 class RequestError(ValueError):
@@ -96,10 +97,11 @@ class Engine:
         self.pipe = pipe
         self.args = args
         self.resolver = resolver
-        self.adapters = LoadedAdapters(pipe, args.max_adapters, on_change=self._hook_lora_layers)
+        self.lora = LoraRouter([pipe.unet, pipe.text_encoder], batched=args.speed.lora_batching == "batched")
+        self.adapters = LoadedAdapters(
+            pipe, args.max_adapters, on_change=self.lora.refresh, hotswap=args.speed.compile_unet
+        )
         self.size_multiple = pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
-        self._route: dict[int, list[str]] | None = None
-        self._hooked: set[int] = set()
         self._lock = threading.Lock()
         self.passes = 0
         self._steps_ok: dict[int, bool] = {}
@@ -119,6 +121,7 @@ class Engine:
             raise RuntimeError("dtype: float16 needs a CUDA GPU; use auto or float32 on CPU")
         base = project_path(args.base_model)
         pipe = load_pipeline(base, device=device, dtype=dtype)
+        apply_speed(pipe, args.speed)
         cache = cache_dir or Path(project_path(args.adapter_cache_dir))
         return cls(pipe, args, AdapterResolver(args, base, cache))
 
@@ -253,7 +256,7 @@ class Engine:
             return kwargs
 
         start = time.perf_counter()
-        with self._routing(route):
+        with self.lora.route(route):
             out = self.pipe(
                 prompts,
                 negative_prompt=negatives if any(negatives) else None,
@@ -277,36 +280,6 @@ class Engine:
             )
             at += n
         return results
-
-    # ---- mixed-adapter routing ------------------------------------------------------------------------------
-    @contextmanager
-    def _routing(self, route: list[str]):
-        """While active, every LoRA layer runs sample ``i`` through adapter ``route[i]``; the text encoder sees
-        one row per prompt, the UNet one per prompt or, with guidance, ``[uncond..., cond...]``."""
-        self._route = {len(route): route, 2 * len(route): route + route}
-        try:
-            yield
-        finally:
-            self._route = None
-
-    def _pre_hook(self, module, args, kwargs):
-        if self._route is None:
-            return None
-        x = args[0] if args else kwargs.get("x", kwargs.get("hidden_states"))
-        names = self._route.get(x.shape[0])
-        if names is None:
-            raise RuntimeError(f"LoRA layer saw batch {x.shape[0]}, routing covers {sorted(self._route)}")
-        kwargs["adapter_names"] = names
-        return args, kwargs
-
-    def _hook_lora_layers(self) -> None:
-        from peft.tuners.lora import LoraLayer
-
-        for part in (self.pipe.unet, self.pipe.text_encoder):
-            for module in part.modules():
-                if isinstance(module, LoraLayer) and id(module) not in self._hooked:
-                    module.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
-                    self._hooked.add(id(module))
 
     # ---- lifecycle ------------------------------------------------------------------------------------------
     def warm_up(self) -> float:
