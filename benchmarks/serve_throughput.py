@@ -10,7 +10,8 @@
     (simulated: each pass takes the oldest min(concurrency, 8) waiting requests), so its latencies are measured as
     (a)'s are: from a request's submission to its result, waiting included;
 (d) traffic spread over 4 adapters at concurrency 16: mixed-adapter batches vs one adapter per UNet pass;
-(e) the raw engine's LoRA fast paths, 8 images per call: base only, one adapter, 4 adapters mixed (batched LoRA),
+(e) the raw engine's LoRA fast paths, 8 images per call: base only, one adapter (merged weights), the same
+    unmerged (PEFT's active adapter), 4 adapters mixed (batched LoRA),
     4 adapters mixed through PEFT's per-sample routing (the old path), and the same 4 as one-adapter passes.
 (a)/(c) alternate round by round, as do the arms of (e) (order rotated per round); (b) and (d) run their
 ``--rounds`` rounds back to back per deployment. Every arm is the median of ``--rounds`` rounds. A closed-loop
@@ -155,10 +156,14 @@ def fast_path_arms(adapters: dict[str, str], cache: Path, cpus: int, rounds: int
         "batched": Engine.from_args(serve_args(adapters, cache, cpus=cpus)),
         "peft": Engine.from_args(serve_args(adapters, cache, cpus=cpus, overrides=["speed.lora_batching=peft"])),
         "split": Engine.from_args(serve_args(adapters, cache, cpus=cpus, mixed=False)),
+        "unmerged": Engine.from_args(
+            serve_args(adapters, cache, cpus=cpus, overrides=["speed.merge_single_adapter=false"])
+        ),
     }
     arms = {
         "base_only": ("batched", ["base"] * 8),
         "single_adapter": ("batched", ["ad0"] * 8),
+        "single_unmerged": ("unmerged", ["ad0"] * 8),
         "mixed_batched": ("batched", mixed),
         "mixed_peft_routing": ("peft", mixed),
         "one_adapter_passes": ("split", mixed),
@@ -310,6 +315,7 @@ def report_fast_paths(e: dict) -> dict[str, float]:
     ratios = {
         "mixed batched / single adapter": (ips["mixed_batched"] / ips["single_adapter"], 0.9),
         "single adapter / base only": (ips["single_adapter"] / ips["base_only"], 0.95),
+        "single merged / single unmerged (PEFT)": (ips["single_adapter"] / ips["single_unmerged"], None),
         "mixed batched / mixed PEFT routing": (ips["mixed_batched"] / ips["mixed_peft_routing"], None),
         "mixed batched / one-adapter passes": (ips["mixed_batched"] / ips["one_adapter_passes"], None),
     }

@@ -93,6 +93,13 @@ class SpeedArgs(_Section):
         "pass, two torch.bmm per Linear LoRA layer; other layer kinds fall back to peft) or peft (PEFT's per-adapter "
         "masked loop, for comparison). Passes with one adapter or none never route per sample",
     )
+    merge_single_adapter: bool = Field(
+        True,
+        description="a pass whose samples all use one adapter runs on merged weights (W + scale * B A per Linear LoRA "
+        "layer, computed into a copy kept for the most recent adapter; the shared base weights are never changed), so "
+        "it costs what a base-only pass costs; false: PEFT's unmerged active-adapter forward. Not with compile_unet "
+        "(swapping weight tensors would recompile). Extra memory: one copy of the LoRA-targeted base weights",
+    )
     sdpa: bool = Field(
         True,
         description="attention through torch's scaled_dot_product_attention (diffusers' AttnProcessor2_0, its "

@@ -97,7 +97,12 @@ class Engine:
         self.pipe = pipe
         self.args = args
         self.resolver = resolver
-        self.lora = LoraRouter([pipe.unet, pipe.text_encoder], batched=args.speed.lora_batching == "batched")
+        speed = args.speed
+        self.lora = LoraRouter(
+            [pipe.unet, pipe.text_encoder],
+            batched=speed.lora_batching == "batched",
+            merge_single=speed.merge_single_adapter and not speed.compile_unet,
+        )
         self.adapters = LoadedAdapters(
             pipe, args.max_adapters, on_change=self.lora.refresh, hotswap=args.speed.compile_unet
         )

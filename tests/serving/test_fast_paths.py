@@ -106,8 +106,9 @@ def test_each_pass_kind_takes_its_path(engine, peft_spy):
 
     run(engine, ImageRequest(PROMPT, model="ad1", steps=1))  # adapters loaded: the base pass must disable them
     for models, kind in ((("base", "base"), "base"), (("ad0", "ad0"), "single"), (("ad1",), "single")):
-        passes = engine.lora.passes[kind]
+        passes, merged = engine.lora.passes[kind], engine.lora.merged_layers
         assert one_pass(*models) == {} and engine.lora.passes[kind] == passes + 1, models  # no routed layer call
+        assert (engine.lora.merged_layers > merged) == (kind == "single"), models  # single passes run merged
     assert peft_spy == {"Linear": 0, "Conv2d": 0}
     calls = one_pass("ad0", "base", "ad1")
     assert calls.get("batched", 0) > 0 and "peft_routed" not in calls and engine.lora.passes["mixed"] == 1
@@ -233,3 +234,29 @@ def test_compiled_unet_hot_swaps_adapters_into_fixed_slots(serve_args, engine, m
         assert modules is None or names == modules  # the same modules after every swap
         modules = names
     assert swapped.stats()["evictions"] == 3
+
+
+def test_a_merged_single_adapter_pass_draws_the_unmerged_images_and_leaves_the_base_weights_alone(varied_engine):
+    """Single-adapter passes run on merged weights (W + scale·BA in a copy): the same images as PEFT's unmerged
+    forward within 1/255, the base layers get their own weight tensors back (a base pass after them is bit-identical
+    to one before), and an adapter with text-encoder LoRA or only some layers merges too."""
+    merged = varied_engine()
+    unmerged = varied_engine(**{"speed.merge_single_adapter": False})
+    base_before = pixels(run(merged, ImageRequest(PROMPT, model="base", seed=5, steps=3))[0].images[0])
+    weights = {id(m): m.weight for m in merged.pipe.unet.modules() if type(m).__name__ == "Linear"}
+    for model in ("r8te", "r4q", "r8te", "ad0"):  # r8te twice: the second pass reuses the kept merged copies
+        reqs = [ImageRequest(PROMPT, model=model, seed=s, steps=3) for s in (1, 2)]
+        a, b = run(merged, *reqs), run(unmerged, *reqs)
+        for x, y in zip(a, b):
+            assert np.abs(pixels(x.images[0]) - pixels(y.images[0])).max() <= 1, model
+    assert merged.lora.merged_layers > 0 and unmerged.lora.merged_layers == 0
+    assert merged.lora.passes["single"] == 4 and not merged.lora.calls  # nothing routed per sample
+    after = {id(m): m.weight for m in merged.pipe.unet.modules() if type(m).__name__ == "Linear"}
+    assert all(after[k] is w for k, w in weights.items())  # every base layer holds its own tensor again
+    base_after = pixels(run(merged, ImageRequest(PROMPT, model="base", seed=5, steps=3))[0].images[0])
+    assert np.array_equal(base_before, base_after)
+    # the merged images differ from the base: the adapter is really in the merged weights
+    assert (
+        np.abs(pixels(run(merged, ImageRequest(PROMPT, model="ad0", seed=5, steps=3))[0].images[0]) - base_after).mean()
+        > 1
+    )
