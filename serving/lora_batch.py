@@ -121,23 +121,29 @@ class LoraRouter:
         """
         names = list(names)
         kind = self.kind(names)
-        if kind == "base":
-            self._set_layers(enabled=False)
-        elif kind == "single" and self.merge_single:
-            self._plan_merged(names[0])
-        elif kind == "single":
-            self._set_layers(enabled=True, active=names[0])
-        else:
-            self._route = {len(names): names, 2 * len(names): names + names}
-            self._plan_mixed(names)
-        self.passes[kind] += 1
-        try:
+        self._reset()  # whatever an earlier pass left behind (it cannot, but a pass never inherits state)
+        try:  # the set-up too: a failure half-way (e.g. out of memory while merging) must restore every weight
+            if kind == "base":
+                self._set_layers(enabled=False)
+            elif kind == "single" and self.merge_single:
+                self._plan_merged(names[0])
+            elif kind == "single":
+                self._set_layers(enabled=True, active=names[0])
+            else:
+                self._route = {len(names): names, 2 * len(names): names + names}
+                self._plan_mixed(names)
+            self.passes[kind] += 1
             yield kind
         finally:
-            self._route, self._peft_routed, self._stacks = {}, set(), {}
-            for base, weight in self._swapped:  # the base layer's own tensor again, untouched
-                base.weight = weight
-            self._swapped = []
+            self._reset()
+
+    def _reset(self) -> None:
+        """No routing, no stacks, and every swapped base layer holding its own weight tensor again (in reverse
+        order of the swaps, so a layer swapped twice ends with its first, own tensor)."""
+        self._route, self._peft_routed, self._stacks = {}, set(), {}
+        for base, weight in reversed(self._swapped):
+            base.weight = weight
+        self._swapped = []
 
     # ---- set-up of a pass ----------------------------------------------------------------------------------
     def _set_layers(self, enabled: bool, active: str | None = None) -> None:
@@ -152,12 +158,15 @@ class LoraRouter:
             layer.set_adapter(active)
 
     def _plan_merged(self, adapter: str) -> None:
+        merged_copies = {id(c[2]) for c in self._merged.values()}
         for layer in self.layers:
             if adapter not in layer.lora_A or not batchable(layer, adapter):
                 self._set_layer(layer, enabled=True, active=adapter)
                 continue
             self._set_layer(layer, enabled=False)  # the layer returns its base layer's output, on the merged weight
             base = layer.get_base_layer()
+            if id(base.weight) in merged_copies:  # never merge onto a merged copy
+                raise RuntimeError(f"LoRA router: {type(layer).__name__} still holds a merged weight")
             cached = self._merged.get(id(layer))
             if cached is None or cached[0] != adapter or cached[1] is not base.weight:
                 with torch.no_grad():

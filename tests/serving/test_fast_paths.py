@@ -260,3 +260,37 @@ def test_a_merged_single_adapter_pass_draws_the_unmerged_images_and_leaves_the_b
         np.abs(pixels(run(merged, ImageRequest(PROMPT, model="ad0", seed=5, steps=3))[0].images[0]) - base_after).mean()
         > 1
     )
+
+
+@pytest.mark.parametrize("fails_in", ["get_delta_weight", "_stack"])
+def test_a_pass_whose_set_up_fails_half_way_leaves_every_weight_as_it_was(engine, monkeypatch, fails_in):
+    """Out of memory while merging (single pass) or stacking (mixed pass), after some layers were already set up:
+    that request fails, and every later pass draws exactly what it drew before."""
+    import torch
+    from peft.tuners.lora import Linear as LoraLinear
+
+    from serving.lora_batch import LoraRouter
+
+    def image(model: str):
+        return pixels(run(engine, ImageRequest(PROMPT, model=model, seed=5, steps=3))[0].images[0])
+
+    before = {m: image(m) for m in ("base", "ad0")}
+    owner = LoraLinear if fails_in == "get_delta_weight" else LoraRouter
+    original, calls = getattr(owner, fails_in), {"n": 0}
+
+    def fails_on_the_fifth(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise torch.OutOfMemoryError("simulated: out of memory")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(
+        owner, fails_in, fails_on_the_fifth if owner is LoraLinear else staticmethod(fails_on_the_fifth)
+    )
+    models = ["ad1"] if fails_in == "get_delta_weight" else ["ad1", "ad0", "base"]
+    results = engine.generate([engine.prepare(ImageRequest(PROMPT, model=m, seed=9, steps=2)) for m in models])
+    assert all(isinstance(r, torch.OutOfMemoryError) for r in results) and calls["n"] >= 5, results
+    monkeypatch.undo()
+    for _ in range(2):  # every later pass, not only the next one
+        for model in ("base", "ad0"):
+            assert np.array_equal(image(model), before[model]), model
