@@ -253,6 +253,22 @@ def _check_out(out: Path, overwrite: bool) -> None:
                               "a successful export)")  # fmt: skip
 
 
+def _overlaps(a: Path, b: Path) -> bool:
+    """Whether one of two resolved paths is the other or lies inside it."""
+    return a == b or a in b.parents or b in a.parents
+
+
+def _check_out_is_not_precious(out: Path, keep: dict[str, Path]) -> None:
+    """OUT is replaced as a whole with ``--overwrite``: refuse the current folder or one above it, and any OUT that is,
+    holds or lies inside a folder the export reads (``keep``: what -> resolved path)."""
+    here = Path.cwd().resolve()
+    if out == here or out in here.parents:
+        raise OnnxExportError(f"OUT {out} is the current folder or one above it; name a new folder, e.g. onnx/<name>")
+    for what, path in keep.items():
+        if _overlaps(out, path):
+            raise OnnxExportError(f"OUT {out} overlaps the {what} {path}; name a folder outside it, e.g. onnx/<name>")
+
+
 def export_onnx(
     ref: str,
     out_dir: str | Path,
@@ -275,15 +291,17 @@ def export_onnx(
         lora_scale: multiplies the adapter's alpha/rank scale when fusing (diffusers' ``fuse_lora(lora_scale=…)``).
 
     Raises:
-        OnnxExportError: ``out_dir`` is not empty (without ``overwrite``), or a graph failed the check.
+        OnnxExportError: ``out_dir`` is not empty (without ``overwrite``); is the current folder or above it, or
+            overlaps the adapter, REF or base-model folder; or a graph failed the check.
         AdapterError / RegistryError: the reference names nothing, fails verification, is for another base model.
         FileNotFoundError: the base model cannot be loaded.
     """
     from evaluation.adapter_io import fetch_ref
 
-    out = Path(out_dir).expanduser()
+    out = Path(out_dir).expanduser().resolve()  # "." has no name; a resolved path always has one
     _require_onnx()
     _check_out(out, overwrite)
+    _check_out_is_not_precious(out, {})
     if not tolerance > 0:
         raise OnnxExportError(f"--tolerance {tolerance} must be > 0 (a relative error; default {TOLERANCE:g})")
     downloads = Path(tempfile.mkdtemp(prefix="lorafleet-onnx-"))  # registry copies; nothing is written near OUT yet
@@ -291,6 +309,12 @@ def export_onnx(
     try:
         fetched = fetch_ref(ref, downloads, tracking_uri, expected_base=base_model)
         base = resolve_base(base_model or fetched.meta.base_model)
+        keep = {"adapter folder": Path(fetched.path).resolve()}
+        if Path(base).expanduser().exists():
+            keep["base model folder"] = Path(base).expanduser().resolve()
+        if Path(ref).expanduser().exists():
+            keep["REF folder"] = Path(ref).expanduser().resolve()
+        _check_out_is_not_precious(out, keep)
         pipe = fused_pipeline(base, fetched.path, lora_scale)
         graphs, example = modules(pipe), sample_inputs(pipe, 2, SEED)
         probe = sample_inputs(pipe, CHECK_BATCH, SEED + 1)

@@ -202,3 +202,30 @@ def test_the_cli_exits_2_with_the_reason(adapter, tmp_path, capsys):
 
     assert main(["export-onnx", str(adapter), str(tmp_path / "o"), "--base-model", "org/other-model"]) == 2
     assert "error: adapter" in capsys.readouterr().err
+
+
+def test_overwrite_never_replaces_the_adapter_its_parent_the_base_model_or_the_current_folder(
+    adapter, repo, tmp_path, monkeypatch
+):
+    """--overwrite replaces OUT as a whole: an OUT that is (or holds, or lies in) what the export reads, or the
+    current folder, is refused before anything loads, and every file stays."""
+    import shutil
+
+    copy_ = tmp_path / "adapters" / "mine"
+    shutil.copytree(adapter, copy_)
+    (tmp_path / "adapters" / "other.txt").write_text("sibling")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    for out, message in (
+        (copy_, "overlaps the adapter folder"),
+        (copy_.parent, "overlaps the adapter folder"),
+        (copy_ / "onnx", "overlaps the adapter folder"),
+        (repo / "models" / "toy-sd", "overlaps the base model folder"),
+    ):
+        with pytest.raises(OnnxExportError, match=message):
+            export_onnx(str(copy_), out, overwrite=True, check=False)
+    monkeypatch.chdir(tmp_path / "adapters")
+    for out in (".", "..", str(tmp_path)):
+        with pytest.raises(OnnxExportError, match="current folder or one above it"):
+            export_onnx(str(copy_), out, overwrite=True, check=False)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    assert (repo / "models" / "toy-sd" / "model_index.json").is_file()
