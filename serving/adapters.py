@@ -195,10 +195,11 @@ def _moves(ref: str) -> bool:
 class LoadedAdapters:
     """At most ``capacity`` adapters in the pipeline; least recently used goes first."""
 
-    def __init__(self, pipe, capacity: int, on_change=None, hotswap: bool = False):
+    def __init__(self, pipe, capacity: int, on_change=None, hotswap: bool = False, hotswap_max_rank: int = 64):
         self.pipe = pipe
         self.capacity = capacity
         self.hotswap = hotswap
+        self.hotswap_max_rank = hotswap_max_rank
         self.on_change = on_change  # called after a load or an eviction (the engine re-hooks LoRA layers)
         self._slots: OrderedDict[str, str] = OrderedDict()  # key -> PEFT adapter name
         self.hits = self.misses = self.evictions = 0
@@ -234,6 +235,13 @@ class LoadedAdapters:
                 self._slots.move_to_end(key)
                 continue
             self.misses += 1
+            if self.hotswap:
+                try:  # before a slot is chosen: a refused adapter leaves every slot as it was
+                    self._check_hot_swappable(adapter)
+                except AdapterError as exc:
+                    log.warning("adapter %s refused: %s", adapter.name, exc)
+                    failed[key] = exc
+                    continue
             if self.hotswap and len(self._slots) >= self.capacity:
                 victim = next(k for k in self._slots if k not in unique)
                 slot, swap = self._slots.pop(victim), True
@@ -277,8 +285,35 @@ class LoadedAdapters:
                 self.on_change()
             raise AdapterError(
                 f"adapter {adapter.name!r} cannot be hot-swapped into the compiled UNet ({type(exc).__name__}: "
-                f"{str(exc)[:300]}); raise speed.hotswap_max_rank to its rank or serve it without speed.compile_unet"
+                f"{str(exc)[:300]}); a hot swap needs the target modules of the slot's previous adapter (diffusers "
+                "refuses other ones): serve it without speed.compile_unet"
             ) from exc
+
+    def _check_hot_swappable(self, adapter: ResolvedAdapter) -> None:
+        """What diffusers' hot swap cannot take, refused before anything is loaded.
+
+        Raises:
+            AdapterError: a rank above ``speed.hotswap_max_rank`` (the slots' padded rank: a bigger one would change
+                the compiled tensors' shapes) or text-encoder LoRA (diffusers hot-swaps the UNet only).
+        """
+        from safetensors import safe_open
+
+        meta = verify_adapter(adapter.path)
+        if meta.text_encoder:
+            raise AdapterError(
+                f"adapter {adapter.name!r} has text-encoder LoRA, which diffusers cannot hot-swap into a compiled "
+                "pipeline: serve it without speed.compile_unet"
+            )
+        with safe_open(str(Path(adapter.path) / meta.weights), framework="pt") as f:
+            downs = [k for k in f.keys() if k.endswith((".lora_A.weight", ".lora.down.weight", ".lora_down.weight"))]  # noqa: SIM118
+            ranks = [f.get_slice(k).get_shape()[0] for k in downs]
+        rank = max(ranks, default=0)
+        if rank > self.hotswap_max_rank:
+            raise AdapterError(
+                f"adapter {adapter.name!r} has LoRA rank {rank} > speed.hotswap_max_rank {self.hotswap_max_rank} (the "
+                f"compiled slots' rank): set speed.hotswap_max_rank to at least {rank}, or serve it without "
+                "speed.compile_unet"
+            )
 
     def evict(self, key: str) -> None:
         slot = self._slots.pop(key)

@@ -128,7 +128,12 @@ class SpeedArgs(_Section):
         "recompile; needs batching.mixed_adapters: false (one adapter per pass)",
     )
     hotswap_max_rank: int = Field(
-        64, ge=1, le=1024, description="with compile_unet: the highest LoRA rank a hot-swapped adapter may have"
+        64,
+        ge=1,
+        le=1024,
+        description="with compile_unet: the highest LoRA rank a hot-swapped adapter may have (a higher one is refused "
+        "with a 422). Hot-swapping takes UNet LoRA only (adapters with text-encoder LoRA are refused) and an adapter "
+        "must target the modules of the slot's previous one",
     )
 
 

@@ -104,7 +104,11 @@ class Engine:
             merge_single=speed.merge_single_adapter and not speed.compile_unet,
         )
         self.adapters = LoadedAdapters(
-            pipe, args.max_adapters, on_change=self.lora.refresh, hotswap=args.speed.compile_unet
+            pipe,
+            args.max_adapters,
+            on_change=self.lora.refresh,
+            hotswap=args.speed.compile_unet,
+            hotswap_max_rank=args.speed.hotswap_max_rank,
         )
         self.size_multiple = pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
         self._lock = threading.Lock()

@@ -294,3 +294,31 @@ def test_a_pass_whose_set_up_fails_half_way_leaves_every_weight_as_it_was(engine
     for _ in range(2):  # every later pass, not only the next one
         for model in ("base", "ad0"):
             assert np.array_equal(image(model), before[model]), model
+
+
+def test_hot_swap_refuses_a_rank_above_the_slots_and_text_encoder_lora_naming_the_fix(
+    tiny_pipe, tiny_pipe_dir, tiny_adapters, varied_adapters, tmp_path, monkeypatch
+):
+    """A compiled UNet's slots are padded to speed.hotswap_max_rank: a bigger adapter (or one with text-encoder LoRA,
+    which diffusers cannot hot-swap) is refused before loading, with the setting to change; the slot keeps serving."""
+    import torch
+
+    from serving.adapters import AdapterError
+    from tests.serving.conftest import tiny_serve_args
+
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: None)
+    from training.toy_world.adapters import random_adapter
+
+    r8 = random_adapter(tiny_pipe, tiny_pipe_dir, tmp_path / "r8", seed=9, rank=8)
+    adapters = {**tiny_adapters, **varied_adapters, "r8": r8}
+    overrides = {"speed.compile_unet": True, "batching.mixed_adapters": False, "max_adapters": 1}
+    args = tiny_serve_args(tiny_pipe_dir, adapters, tmp_path / "c", warmup=False, **overrides)
+    args = args.model_copy(update={"speed": args.speed.model_copy(update={"hotswap_max_rank": 4})})
+    engine = Engine.from_args(args)
+    run(engine, ImageRequest(PROMPT, model="r2", seed=1))  # rank 2 <= 4: loads into slot0
+    for model, words in (("r8te", "text-encoder LoRA"), ("r8", "rank 8 > speed.hotswap_max_rank 4")):
+        [result] = engine.generate([engine.prepare(ImageRequest(PROMPT, model=model, seed=1))])
+        assert isinstance(result, AdapterError) and words in str(result), (model, result)
+    assert "raise speed.hotswap_max_rank" not in str(result)
+    run(engine, ImageRequest(PROMPT, model="ad0", seed=1))  # rank 4: swaps in
+    assert set(engine.pipe.unet.peft_config) == {"slot0"}
