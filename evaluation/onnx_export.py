@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import sys
 import tempfile
@@ -302,6 +303,8 @@ def export_onnx(
     _require_onnx()
     _check_out(out, overwrite)
     _check_out_is_not_precious(out, {})
+    if not math.isfinite(lora_scale):
+        raise OnnxExportError(f"--lora-scale {lora_scale} must be a finite number (1 = the adapter as trained)")
     if not tolerance > 0:
         raise OnnxExportError(f"--tolerance {tolerance} must be > 0 (a relative error; default {TOLERANCE:g})")
     downloads = Path(tempfile.mkdtemp(prefix="lorafleet-onnx-"))  # registry copies; nothing is written near OUT yet

@@ -266,7 +266,9 @@ class TrainConfig(_Section):
     @classmethod
     def combination_problems(cls, values: dict[str, Any]) -> list[str]:
         """Everything the Ray entry points (``training.train``, tuning) refuse before they start: ``config_problems``
-        plus ``ray_problems``. ``load_config`` lists them with the field errors, all at once."""
+        plus ``ray_problems``. When a field also fails, ``load_config`` lists them with the field errors, all at once;
+        a config whose fields all validate is checked by the entry points' preflights (``training.train``,
+        ``tuning.tune``), since the Ray-free worker accepts what its device runs."""
         return cls.config_problems(values) + cls.ray_problems(values)
 
     @staticmethod

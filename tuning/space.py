@@ -142,13 +142,18 @@ def trial_config(cfg: TuneConfig, overrides: dict[str, Any], *, trial_id: str, r
 
 
 def check_points(cfg: TuneConfig, points: list[dict[str, Any]]) -> list[str]:
-    """Problems of points (grid points, points_to_evaluate, choice values) the training schema rejects."""
+    """Problems of points (grid points, points_to_evaluate, choice values) the training schema rejects, and what
+    Ray's trial workers cannot run (``TrainConfig.ray_problems``: fp16/bf16 on CPU workers) for points that set it."""
     problems = []
     for point in points:
         try:
-            trial_config(cfg, point, trial_id="check", run_dir=cfg.output_dir)
+            trial = trial_config(cfg, point, trial_id="check", run_dir=cfg.output_dir)
         except ConfigError as exc:
             problems += exc.problems
+            continue
+        if any(key == "train.mixed_precision" or key.startswith("ray.") for key in point):
+            ray = TrainConfig.ray_problems(trial.model_dump(), prefix="trial.")
+            problems += [f"{p} (from {point})" for p in ray]
     return problems
 
 

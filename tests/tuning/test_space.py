@@ -43,6 +43,18 @@ def test_choice_values_the_training_schema_rejects_are_caught_before_ray(tune_co
     assert any("train.optimizer" in p and "adam" in p for p in problems), problems
 
 
+def test_half_precision_choices_on_cpu_workers_are_caught_before_ray(tune_config):
+    """fp16/bf16 in the space (or a point) with ray.use_gpu=false: every such trial would fail on its CPU worker."""
+    cfg = tune_config("space.train.mixed_precision={type: choice, values: [no, fp16]}")
+    problems = check_points(cfg, choice_points(cfg))
+    assert any(
+        p.startswith("trial.train.mixed_precision: fp16 needs GPU workers") and "'train.mixed_precision': 'fp16'" in p
+        for p in problems
+    ), problems
+    assert not any("'no'" in p for p in problems), problems
+    assert check_points(tune_config("trial.ray.use_gpu=true"), [{"train.mixed_precision": "bf16"}]) == []
+
+
 def test_adamw8bit_is_dropped_on_cpu_with_a_note_and_kept_on_gpu(tune_config):
     cfg = tune_config()
     assert "adamw8bit" in cfg.space["train.optimizer"].values
