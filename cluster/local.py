@@ -119,6 +119,10 @@ def _start_ray(state: ClusterState) -> int:
     state.save()  # before waiting: an interrupted start is still cleaned up by `down`
     try:
         _wait(lambda: answers(f"{state.dashboard_url}/api/version"), "the Ray head", 120, log, proc.pid)
+        # a job also needs the head's dashboard agent, which Ray's job head waits for only 10 s
+        # (WAIT_AVAILABLE_AGENT_TIMEOUT) before `ray job submit` fails with "No available agent to submit job"
+        agent = f"http://{HOST}:{p.agent}/api/local_raylet_healthz"
+        _wait(lambda: answers(agent), "the Ray dashboard agent", 120, log, proc.pid)
     except ClusterError:
         stop_group(proc.pid, 15)
         raise
