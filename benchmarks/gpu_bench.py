@@ -67,7 +67,8 @@ ANCHORS = {
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tiny", action="store_true", help="tiny configs (a few M params, 64 px): runs on CPU in seconds")
-    p.add_argument("--out", default=str(REPO / "runs" / "benchmarks" / "gpu_bench"), help="folder for JSON + PNG")
+    p.add_argument("--out", default=None, help="folder for JSON + PNG (default: runs/benchmarks/gpu_bench; with "
+                   "--plot: the JSON's own folder)")  # fmt: skip
     p.add_argument("--work-dir", default=None, help="where the model, data and adapters go (default: a temp dir)")
     p.add_argument("--resolution", type=int, default=None, help="image side in px (default 512; tiny 64)")
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds of every arm; figures are medians")
@@ -127,7 +128,8 @@ def train_arm(precision: str, key: tuple, runs: list[dict], error: str | None, f
     """One training arm's record: every round's raw figures, medians over rounds × epochs, the largest peak
     memory, FLOPs per step and MFU (None without a known 16-bit peak: CPU, fp32, a GPU not in the table)."""
     batch, source, ckpt = key
-    arm = {"name": f"{precision}/{source}/{'ckpt' if ckpt else 'no-ckpt'}/b{batch}", "precision": precision}
+    label = "fp32" if precision == "no" else precision  # train.mixed_precision "no" is fp32
+    arm = {"name": f"{label}/{source}/{'ckpt' if ckpt else 'no-ckpt'}/b{batch}", "precision": precision}
     arm |= {"source": source, "gradient_checkpointing": ckpt, "batch_size": batch, "rounds": runs}
     arm |= {"memory_kind": memory_kind, "flops_per_step": flops}
     if error is not None:
@@ -169,7 +171,7 @@ def run_training(args: argparse.Namespace, model_dir: Path, work: Path, device: 
                 except Exception as exc:  # noqa: BLE001 - one arm (fp16, out of memory) must not lose the others
                     errors[key] = repr(exc)
                     print(f"  {precision} {key}: failed: {exc!r}")
-            print(f"  training {precision}: round {r + 1}/{args.rounds} done")
+            print(f"  training {'fp32' if precision == 'no' else precision}: round {r + 1}/{args.rounds} done")
         if group is not None:
             group.close()
         peak = _peak(args, device, precision)
@@ -220,7 +222,8 @@ def ratios(result: dict) -> dict:
             out["cached_over_encode"][f"{prec}/{ckpt}/{b}"] = arm["images_per_s"] / other["images_per_s"]
         if ckpt == "ckpt" and (other := train.get(f"{prec}/{source}/no-ckpt/{b}")):
             out["ckpt_speed"][f"{prec}/{source}/{b}"] = arm["images_per_s"] / other["images_per_s"]
-            out["ckpt_memory"][f"{prec}/{source}/{b}"] = arm["peak_memory_bytes"] / other["peak_memory_bytes"]
+            if result["device"]["type"] == "cuda":  # on CPU the figure is the whole process's RSS: no ratio
+                out["ckpt_memory"][f"{prec}/{source}/{b}"] = arm["peak_memory_bytes"] / other["peak_memory_bytes"]
     for key, num, den in (("single_over_base", "single", "base"), ("mixed_over_single", "mixed", "single"),
                           ("mixed_over_separate", "mixed", "separate")):  # fmt: skip
         out[key] = {
@@ -320,11 +323,16 @@ def _versions() -> dict[str, str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    out = Path(args.out)
+    if args.plot:  # redraw a JSON (e.g. copied from a GPU machine) next to it, unless --out says where
+        source = Path(args.plot)
+        out = Path(args.out) if args.out else source.parent
+        out.mkdir(parents=True, exist_ok=True)
+        png = plot(json.loads(source.read_text()), out / "gpu_bench.png")
+        if png:
+            print(f"wrote {png}")
+        return 0 if png else 1
+    out = Path(args.out or REPO / "runs" / "benchmarks" / "gpu_bench")
     out.mkdir(parents=True, exist_ok=True)
-    if args.plot:
-        plot(json.loads(Path(args.plot).read_text()), out / "gpu_bench.png")
-        return 0
     started = time.perf_counter()
     if args.threads:
         torch.set_num_threads(args.threads)

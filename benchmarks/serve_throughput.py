@@ -17,7 +17,9 @@
 ``--rounds`` rounds back to back per deployment. Every arm is the median of ``--rounds`` rounds. A closed-loop
 load generator (``concurrency`` clients, each sending its next request when the last returns) runs each HTTP
 variant for ``--seconds`` after a warm-up; the replicas and the raw engine use ``--cpus`` torch threads (default
-1). Prints images/s, p50/p99 latency and the ratios; writes ``runs/benchmarks/serve_throughput.json`` and ``.png``.
+1). Prints images/s, p50/p99 latency and the ratios; writes ``runs/benchmarks/serve_throughput.json`` and ``.png``
+(``--engine-only``: (e) alone, to ``runs/benchmarks/serve_fast_paths.json``, no plot). With an even ``--rounds`` the
+median is the upper of the two middle rounds (a whole round is kept, so its latencies match its throughput).
 """
 
 from __future__ import annotations

@@ -63,7 +63,9 @@ def test_tiny_run_writes_every_arm_without_ray_or_mlflow(repo, tmp_path):
         return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
 
     train = {a["name"]: a for a in result["train"]}
-    assert set(train) == {f"no/{s}/{c}/b{b}" for s in ("cached", "encode") for c in ("ckpt", "no-ckpt") for b in (1, 2)}
+    assert set(train) == {
+        f"fp32/{s}/{c}/b{b}" for s in ("cached", "encode") for c in ("ckpt", "no-ckpt") for b in (1, 2)
+    }
     for arm in train.values():
         assert "error" not in arm, arm
         assert len(arm["rounds"]) == 2  # every arm in every round
@@ -72,7 +74,7 @@ def test_tiny_run_writes_every_arm_without_ray_or_mlflow(repo, tmp_path):
         assert arm["images_per_s"] == pytest.approx(arm["steps_per_s"] * arm["batch_size"])
         assert arm["mfu"] is None  # CPU: n/a
     # the encoders' FLOPs are counted in the encode-every-step arms
-    assert train["no/encode/no-ckpt/b2"]["flops_per_step"] > train["no/cached/no-ckpt/b2"]["flops_per_step"]
+    assert train["fp32/encode/no-ckpt/b2"]["flops_per_step"] > train["fp32/cached/no-ckpt/b2"]["flops_per_step"]
 
     serve = {a["name"]: a for a in result["serve"]}
     assert set(serve) == {"base/b1", "single/b1", "base/b4", "single/b4", "mixed/b4", "separate/b4"}
@@ -81,5 +83,15 @@ def test_tiny_run_writes_every_arm_without_ray_or_mlflow(repo, tmp_path):
         assert positive(arm["images_per_s"]) and positive(arm["p50_latency_s"]), arm
     for key in ("cached_over_encode", "ckpt_speed", "single_over_base", "mixed_over_single", "mixed_over_separate"):
         assert result["ratios"][key] and all(positive(v) for v in result["ratios"][key].values()), key
+    assert result["ratios"]["ckpt_memory"] == {}  # CPU: peak memory is the whole process's RSS, no ratio
     assert result["params"]["unet"] < 10_000_000 and result["device"]["type"] == "cpu"
-    assert "training no: round 2/2 done" in proc.stdout and "mixed_over_single" in proc.stdout
+    # --plot redraws a JSON next to it (a copy from a GPU machine), not into the default folder
+    copy = tmp_path / "copied" / "gpu_bench.json"
+    copy.parent.mkdir()
+    copy.write_text((tmp_path / "gpu_bench.json").read_text())
+    redraw = subprocess.run(
+        [*cmd[:2], "--plot", str(copy)], cwd=repo, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert redraw.returncode == 0 and (copy.parent / "gpu_bench.png").is_file(), redraw.stdout + redraw.stderr
+    assert f"wrote {copy.parent / 'gpu_bench.png'}" in redraw.stdout
+    assert "training fp32: round 2/2 done" in proc.stdout and "mixed_over_single" in proc.stdout
