@@ -16,19 +16,7 @@ import numpy as np
 import pytest
 
 from serving.engine import Engine, ImageRequest
-
-PROMPT = "a red circle on a sks background"
-
-
-def pixels(image) -> np.ndarray:
-    return np.asarray(image, dtype=np.int16)
-
-
-def run(engine: Engine, *reqs: ImageRequest):
-    results = engine.generate([engine.prepare(r) for r in reqs])
-    for r in results:
-        assert not isinstance(r, Exception), r
-    return results
+from tests.serving.test_engine import PROMPT, pixels, run  # the engine tests' helpers
 
 
 def make_adapter(pipe, base: Path, out: Path, seed: int, rank: int, alpha: float, targets: list[str], te: bool = False):
