@@ -48,8 +48,8 @@ ADAPTERS = ["ad0", "ad1", "ad2", "ad3"]
 
 
 def make_adapters(root: Path) -> dict[str, str]:
+    from training.families import load_pipeline
     from training.toy_world.adapters import random_adapter
-    from training.toy_world.sample import load_pipeline
 
     pipe = load_pipeline(REPO / "models" / "toy-sd", device="cpu")
     base = REPO / "models" / "toy-sd"

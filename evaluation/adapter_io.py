@@ -75,7 +75,7 @@ def import_adapter(
     try:
         lora = read_lora(source)
         if pipe is None:
-            from training.toy_world.sample import load_pipeline
+            from training.families import load_pipeline
 
             pipe = load_pipeline(base_model, device="cpu")
         found = load_lora(pipe, lora, IMPORT_SLOT, f"{Path(source).name}")

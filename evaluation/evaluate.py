@@ -84,7 +84,7 @@ class Evaluator:
     """
 
     def __init__(self, cfg: EvalConfig, base_model: str):
-        from training.toy_world.sample import load_pipeline
+        from training.families import load_pipeline
 
         if cfg.suite is None:
             raise ValueError("Evaluator needs a config with its suite: pass evaluation.suite.materialise(cfg, …)")

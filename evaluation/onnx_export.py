@@ -166,7 +166,7 @@ def fused_pipeline(base_model: str, adapter_dir: Path, lora_scale: float = 1.0):
         AdapterError: the adapter fails verification or does not fit the model (``training.adapter.load_adapter``).
         FileNotFoundError: the base model cannot be loaded.
     """
-    from training.toy_world.sample import load_pipeline
+    from training.families import load_pipeline
 
     pipe = load_pipeline(base_model, device="cpu", dtype=torch.float32)
     load_adapter(pipe, adapter_dir, adapter_name="export")

@@ -18,7 +18,7 @@ from PIL import Image
 from evaluation.config import METRICS, RELATIVE, EvalConfig
 from evaluation.gate import GateResult
 from evaluation.qa import Rendered
-from training.toy_world.sample import image_grid
+from training.sampling import image_grid
 
 FAILED_TILE = (128, 128, 128)
 

@@ -23,8 +23,9 @@ from transformers import CLIPModel, CLIPProcessor
 
 from evaluation.metrics import retrieval_accuracy
 from evaluation.toy_metrics import clip_similarity, read_image
+from training.families import load_pipeline
+from training.sampling import generate, write_samples
 from training.toy_world import world
-from training.toy_world.sample import generate, load_pipeline, write_samples
 
 BAR = {"colour_accuracy": 0.90, "shape_accuracy": 0.75, "clip_base_retrieval": 0.90, "clip_pattern_accuracy": 0.90}
 EVAL_SEED = 10_000  # far from the seeds the build trains on

@@ -118,7 +118,7 @@ class Engine:
     @classmethod
     def from_args(cls, args: ServeArgs, cache_dir: Path | None = None) -> Engine:
         """Load the base pipeline (device/dtype from ``args``, CPU fallback) and set up the adapter resolver."""
-        from training.toy_world.sample import load_pipeline
+        from training.families import load_pipeline
 
         device = args.device
         if device == "auto":

@@ -73,6 +73,22 @@ def tiny_pipe_dir(tmp_path_factory, tiny_pipe) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def tiny_sdxl_pipe():
+    """A random ``StableDiffusionXLPipeline`` (two tiny CLIP text encoders, SDXL's UNet at 16/32 channels)."""
+    from training.toy_world.tiny import tiny_sdxl_pipeline
+
+    return tiny_sdxl_pipeline(seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory, tiny_sdxl_pipe) -> Path:
+    """The tiny SDXL pipeline saved in diffusers layout (model_index.json says StableDiffusionXLPipeline)."""
+    path = tmp_path_factory.mktemp("tiny-sdxl")
+    tiny_sdxl_pipe.save_pretrained(path, safe_serialization=True)
+    return path
+
+
 @pytest.fixture
 def toy_dataset(tmp_path) -> Path:
     """8 toy images with captions in metadata.jsonl, trigger 'sks' = dotted background."""

@@ -13,8 +13,8 @@ from peft import LoraConfig
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from training.config import LoraArgs
+from training.families import load_pipeline
 from training.precision import MixedPrecision, Precision, PrecisionError, cast_latents_at_decode, resolve_precision
-from training.toy_world.sample import load_pipeline
 
 __all__ = ["Parts", "Precision", "PrecisionError", "add_lora", "load_parts", "resolve_precision", "unwrap"]
 

@@ -26,7 +26,7 @@ from training.loop import TrainState, make_state, train_loop
 from training.model import Parts, add_lora, enable_gradient_checkpointing, load_parts
 from training.precision import set_matmul_precision
 from training.remote import is_uri, local_copy
-from training.toy_world.sample import generate, image_grid
+from training.sampling import generate, image_grid
 from training.tracking import NullTracker
 
 log = logging.getLogger(__name__)

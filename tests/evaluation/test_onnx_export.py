@@ -50,7 +50,7 @@ def relative(got: np.ndarray, want: torch.Tensor) -> float:
 
 @pytest.fixture(scope="module")
 def base_pipe(repo):
-    from training.toy_world.sample import load_pipeline
+    from training.families import load_pipeline
 
     return load_pipeline(repo / "models" / "toy-sd", device="cpu", dtype=torch.float32)
 

@@ -30,8 +30,8 @@ def mixed_batch_error(device: str, dtype: str, tmp: str, lora_batching: str = "b
     from serving.config import ServeArgs
     from serving.engine import Engine, ImageRequest
     from training.configuration import validate_values
+    from training.families import load_pipeline
     from training.toy_world.adapters import random_adapter
-    from training.toy_world.sample import load_pipeline
 
     base = REPO / "models" / "toy-sd"
     pipe = load_pipeline(base, device="cpu", dtype=torch.float32)

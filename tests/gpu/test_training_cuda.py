@@ -22,7 +22,7 @@ from training.config import TrainConfig
 from training.data import validate_dataset
 from training.dataset import make_source
 from training.loop import make_state, optimizer_step, train_loop
-from training.toy_world.sample import generate
+from training.sampling import generate
 from training.tracking import NullTracker
 from training.worker import ADAPTER_DIR, WorkerSpec, build_worker_parts, run_worker, sample_path
 

@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 
 from training.adapter import META_NAME, WEIGHTS_NAME, AdapterError, load_adapter, verify_adapter
 from training.data import validate_dataset
-from training.toy_world.sample import generate, load_pipeline
+from training.families import load_pipeline
+from training.sampling import generate
 from training.worker import ADAPTER_DIR, WorkerSpec, adapter_meta, run_worker, write_checkpoint
 
 PROMPTS = ["a red circle on a sks background", "a blue square on a black background"]

@@ -18,8 +18,9 @@ from safetensors.torch import load_file, save_file
 
 from evaluation.adapter_io import main_export, main_import
 from training.adapter import META_NAME, AdapterError, AdapterMeta, file_sha256, load_adapter, save_adapter
+from training.families import load_pipeline
 from training.lora_formats import LoraFormatError, injected, read_lora, to_kohya
-from training.toy_world.sample import generate, load_pipeline
+from training.sampling import generate
 
 PROMPTS = ["a red circle on a sks background"]
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]

@@ -18,7 +18,8 @@ from mlflow import MlflowClient
 
 from training.adapter import load_adapter, verify_adapter
 from training.config import PreflightError
-from training.toy_world.sample import generate, load_pipeline
+from training.families import load_pipeline
+from training.sampling import generate
 from training.train import CheckpointWriteError, complete_checkpoints, run
 
 pytestmark = pytest.mark.slow

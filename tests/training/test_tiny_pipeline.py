@@ -32,7 +32,8 @@ def test_tiny_clip_scores_with_the_same_helpers():
 
 
 def test_load_pipeline_takes_a_local_snapshot_like_a_hub_id(tiny_pipe, tiny_pipe_dir):
-    from training.toy_world.sample import generate, load_pipeline
+    from training.families import load_pipeline
+    from training.sampling import generate
 
     pipe = load_pipeline(str(tiny_pipe_dir))
     assert pipe.device.type == "cpu" and pipe.unet.dtype == torch.float32
@@ -43,7 +44,7 @@ def test_load_pipeline_takes_a_local_snapshot_like_a_hub_id(tiny_pipe, tiny_pipe
 
 
 def test_load_pipeline_explains_an_unreachable_hub_id(tmp_path):
-    from training.toy_world.sample import load_pipeline
+    from training.families import load_pipeline
 
     with pytest.raises(FileNotFoundError, match="not in the Hugging Face cache"):
         load_pipeline("lorafleet-tests/no-such-model")
@@ -53,7 +54,7 @@ def test_load_pipeline_explains_an_unreachable_hub_id(tmp_path):
 
 @pytest.mark.gpu
 def test_load_pipeline_uses_fp16_on_cuda(tiny_pipe_dir):
-    from training.toy_world.sample import load_pipeline
+    from training.families import load_pipeline
 
     pipe = load_pipeline(tiny_pipe_dir)
     assert pipe.device.type == "cuda" and pipe.unet.dtype == torch.float16

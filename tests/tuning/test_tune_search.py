@@ -14,7 +14,7 @@ import pytest
 from mlflow import MlflowClient
 
 from training.adapter import load_adapter
-from training.toy_world.sample import load_pipeline
+from training.families import load_pipeline
 from tuning.tune import run
 
 pytestmark = pytest.mark.slow
