@@ -1,6 +1,6 @@
 """The adapter on disk: diffusers' LoRA format (safetensors) plus a small JSON that names and pins it.
 
-    <dir>/pytorch_lora_weights.safetensors   # StableDiffusionPipeline.save_lora_weights
+    <dir>/pytorch_lora_weights.safetensors   # <Pipeline>.save_lora_weights (SD or SDXL family)
     <dir>/lorafleet_adapter.json             # schema_version, base model, rank, alpha, targets, trigger, sha256, …
 
 Any diffusers user loads it with ``pipe.load_lora_weights(dir)``; ``load_adapter`` does the same after checking that
@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import DiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft, convert_unet_state_dict_to_peft
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -213,21 +213,32 @@ def save_adapter(
     meta: AdapterMeta,
     text_encoder: torch.nn.Module | None = None,
     adapter_name: str = "default",
+    *,
+    text_encoder_2: torch.nn.Module | None = None,
 ) -> Path:
-    """Write the LoRA weights of ``adapter_name`` in ``unet`` (and ``text_encoder``) in diffusers format with their
-    LoraConfig as metadata, then the JSON with their hash. Returns ``out_dir``."""
+    """Write the LoRA weights of ``adapter_name`` in ``unet`` (and each text encoder) in diffusers format with their
+    LoraConfig as metadata, then the JSON with their hash. Returns ``out_dir``.
+
+    The file is what ``<Pipeline>.save_lora_weights`` writes (keys ``unet.…``, ``text_encoder.…``,
+    ``text_encoder_2.…``): SDXL's second text encoder (``text_encoder_2``) is saved through
+    ``StableDiffusionXLPipeline``, so ``load_lora_weights`` on a plain SDXL pipeline reads it.
+    """
+    from training.families import FAMILIES
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    kwargs = {}
-    for part, model in (("unet", unet), ("text_encoder", text_encoder)):
+    layers, metadata = {}, {}
+    modules = {"unet": unet, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
+    for part, model in modules.items():
         if model is not None:
             model = _unwrap(model)
             state = get_peft_model_state_dict(model, adapter_name=adapter_name)
-            kwargs[f"{part}_lora_layers"] = convert_state_dict_to_diffusers(state)
+            layers[part] = convert_state_dict_to_diffusers(state)
             # sets (target_modules) sorted: diffusers writes them in set order, which changes with PYTHONHASHSEED,
             # so the same adapter would get another sha256 in every process
-            kwargs[f"{part}_lora_adapter_metadata"] = _ordered(model.peft_config[adapter_name].to_dict())
-    StableDiffusionPipeline.save_lora_weights(out, weight_name=WEIGHTS_NAME, safe_serialization=True, **kwargs)
+            metadata[part] = _ordered(model.peft_config[adapter_name].to_dict())
+    family = FAMILIES["sdxl" if text_encoder_2 is not None else "sd"]
+    family.save_lora_weights(str(out), WEIGHTS_NAME, layers, metadata)
     canonical_safetensors(out / WEIGHTS_NAME)  # the same adapter: the same bytes and sha256 in any process
     meta.sha256 = file_sha256(out / WEIGHTS_NAME)
     meta.weights = WEIGHTS_NAME
@@ -265,7 +276,7 @@ def verify_adapter(adapter_dir: str | Path) -> AdapterMeta:
     return meta
 
 
-def load_adapter(pipe: StableDiffusionPipeline, adapter_dir: str | Path, adapter_name: str = "default") -> AdapterMeta:
+def load_adapter(pipe: DiffusionPipeline, adapter_dir: str | Path, adapter_name: str = "default") -> AdapterMeta:
     """Verify, check the weights against ``pipe``'s modules, then load them with diffusers' loaders; the weights may
     be in diffusers, kohya/A1111 or PEFT layout (``training.lora_formats``).
 
@@ -290,15 +301,21 @@ def load_adapter(pipe: StableDiffusionPipeline, adapter_dir: str | Path, adapter
     return meta
 
 
-def load_into_training(adapter_dir: str | Path, unet: torch.nn.Module, text_encoder: torch.nn.Module | None) -> None:
+def load_into_training(
+    adapter_dir: str | Path,
+    unet: torch.nn.Module,
+    text_encoder: torch.nn.Module | None,
+    text_encoder_2: torch.nn.Module | None = None,
+) -> None:
     """Load saved LoRA weights into the adapter already injected for training (resume: no second adapter).
 
     Raises:
         AdapterError: the file fails verification or its keys do not fit the injected adapter.
     """
     meta = verify_adapter(adapter_dir)
-    state, _ = StableDiffusionPipeline.lora_state_dict(str(adapter_dir), weight_name=meta.weights)
-    for prefix, module in (("unet.", unet), ("text_encoder.", text_encoder)):
+    state, _ = StableDiffusionXLPipeline.lora_state_dict(str(adapter_dir), weight_name=meta.weights)
+    modules = (("unet.", unet), ("text_encoder.", text_encoder), ("text_encoder_2.", text_encoder_2))
+    for prefix, module in modules:
         if module is None:
             continue
         part = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
