@@ -89,3 +89,19 @@ def test_shipped_toy_sdxl_is_small_and_draws_64px(repo):
     # seeded: the same prompt and seed draw the same image
     again = generate(pipe, ["a red circle on a white background"], steps=4)
     assert again[0].tobytes() == images[0].tobytes()
+
+
+def test_quality_script_measures_an_sdxl_base(tmp_path, tiny_sdxl_dir):
+    """evaluation.toy_quality runs on an SDXL folder (the same bar as toy-sd); a random tiny SDXL fails it."""
+    from evaluation.toy_quality import main
+    from training.toy_world.tiny import tiny_clip
+
+    clip, processor = tiny_clip()
+    clip.save_pretrained(tmp_path / "clip")
+    processor.save_pretrained(tmp_path / "clip")
+    out = tmp_path / "q.json"
+    args = ["--model", str(tiny_sdxl_dir), "--clip", str(tmp_path / "clip"), "--out", str(out)]
+    assert main([*args, "--prompts-per-caption", "1", "--clip-images", "12", "--steps", "2"]) == 1
+    report = json.loads(out.read_text())
+    assert report["model"] == str(tiny_sdxl_dir) and report["generator"]["prompts"] == 36
+    assert not all(report["passed"].values()) and report["generator"]["failures"]
