@@ -56,8 +56,8 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULTS = {  # per scale; each is a command-line option
     "sd15": dict(rounds=3, train_batches=[4, 8], train_images=16, train_epochs=2, serve_batches=[1, 4, 8, 16],
                  serve_steps=25),
-    "sdxl": dict(rounds=3, train_batches=[1, 4], train_images=8, train_epochs=2, serve_batches=[1, 4, 8],
-                 serve_steps=25),
+    "sdxl": dict(rounds=2, train_batches=[1, 4], train_images=8, train_epochs=1, serve_batches=[1, 4, 8],
+                 serve_steps=25),  # ~4x SD 1.5's work per image: fewer rounds and epochs fit one GPU session
     "tiny": dict(rounds=2, train_batches=[1, 2], train_images=2, train_epochs=1, serve_batches=[1, 4], serve_steps=2),
     "tiny-sdxl": dict(rounds=2, train_batches=[1, 2], train_images=2, train_epochs=1, serve_batches=[1, 4],
                       serve_steps=2),
