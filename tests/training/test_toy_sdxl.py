@@ -105,3 +105,29 @@ def test_quality_script_measures_an_sdxl_base(tmp_path, tiny_sdxl_dir):
     report = json.loads(out.read_text())
     assert report["model"] == str(tiny_sdxl_dir) and report["generator"]["prompts"] == 36
     assert not all(report["passed"].values()) and report["generator"]["failures"]
+
+
+TINY_OVERRIDES = [
+    "unet.block_out_channels=[16, 32]",
+    "unet.attention_head_dim=4",
+    "unet.steps=3",
+    "unet.batch_size=4",
+    "unet.pool_size=100",
+]
+
+
+def test_build_sdxl_command_is_deterministic_and_rejects_bad_config(tmp_path, repo, capsys):
+    from safetensors.torch import load_file
+
+    from training.toy_world.__main__ import main
+
+    cfg = str(repo / "configs" / "toy_world_sdxl.yaml")
+    parts = [f"sd_model={repo / 'models' / 'toy-sd'}", f"clip_model={repo / 'models' / 'toy-clip'}"]
+    assert main(["build-sdxl", "unet.steps=0", "--config", cfg, f"out_dir={tmp_path / 'x'}"]) == 2
+    assert "unet.steps" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    for name in ("a", "b"):  # options among the overrides, as `build` takes them
+        assert main(["build-sdxl", *TINY_OVERRIDES, "--config", cfg, *parts, f"out_dir={tmp_path / name}"]) == 0
+    weights = "toy-sdxl/unet/diffusion_pytorch_model.safetensors"
+    a, b = load_file(tmp_path / "a" / weights), load_file(tmp_path / "b" / weights)
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    assert f"wrote {tmp_path / 'b'}/toy-sdxl" in capsys.readouterr().out
