@@ -84,11 +84,12 @@ def test_shipped_toy_sdxl_is_small_and_draws_64px(repo):
     assert not list(folder.rglob("*.bin")), "weights must be safetensors only"
     pipe = load_pipeline(folder, "cpu")
     assert family_for(pipe).name == "sdxl"
-    images = generate(pipe, ["a red circle on a white background", "a blue square on a black background"], steps=4)
+    prompts = ["a red circle on a white background", "a blue square on a black background"]
+    images = generate(pipe, prompts, steps=4)
     assert [im.size for im in images] == [(64, 64)] * 2
-    # seeded: the same prompt and seed draw the same image
-    again = generate(pipe, ["a red circle on a white background"], steps=4)
-    assert again[0].tobytes() == images[0].tobytes()
+    # seeded: the same prompts and seeds draw the same images (same batch: CPU kernels differ by batch size)
+    assert [im.tobytes() for im in generate(pipe, prompts, steps=4)] == [im.tobytes() for im in images]
+    assert images[0].tobytes() != images[1].tobytes()
 
 
 def test_quality_script_measures_an_sdxl_base(tmp_path, tiny_sdxl_dir):
