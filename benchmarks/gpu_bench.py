@@ -1,12 +1,15 @@
-"""LoRA training and serving speed at Stable Diffusion 1.5's scale (random weights), side by side in one run.
+"""LoRA training and serving speed at Stable Diffusion 1.5's or SDXL's scale (random weights), side by side in one run.
 
     python benchmarks/gpu_bench.py --out runs/benchmarks/gpu_bench     # SD-1.5 size, 512 px, on a GPU (make bench-gpu)
+    python benchmarks/gpu_bench.py --arch sdxl --out runs/benchmarks/gpu_bench_sdxl   # SDXL base size, 1024 px, GPU
     python benchmarks/gpu_bench.py --tiny --out /tmp/gpu-bench          # the same code at a few M params, 64 px, CPU
+    python benchmarks/gpu_bench.py --tiny --arch sdxl --out /tmp/gpu-bench-sdxl       # SDXL's layout, tiny, CPU
     python benchmarks/gpu_bench.py --plot runs/benchmarks/gpu_bench/gpu_bench.json   # redraw the PNG (matplotlib)
 
 Speed does not depend on weight values, so it builds SD 1.5's architecture with random weights
 (``benchmarks/_sd_scale.py``: UNet 860 M, VAE 84 M, CLIP-L text encoder 123 M parameters, checked), saves it in
-diffusers layout and loads it through the project's own loaders, then measures:
+diffusers layout and loads it through the project's own loaders (``--arch sdxl``: SDXL base's architecture — UNet
+2.57 B, VAE 84 M, CLIP-L 123 M + OpenCLIP-bigG 695 M text encoders, checked — at 1024 px), then measures:
 
 - training (``training.loop.train_loop``, LoRA rank 16 on attention, 512 px): latents cached vs encoded every step
   (diffusers' ``train_text_to_image_lora.py``), with and without gradient checkpointing, at each ``--train-batches``,
@@ -40,8 +43,7 @@ import torch
 from _gpu_arms import SERVE_KINDS, ServeBench, TrainGroup, serve_args
 from _gpu_measure import PEAK_SOURCE, peak_flops
 from _sd_scale import (
-    SD15,
-    TINY,
+    SCALES,
     build_pipeline,
     check_param_counts,
     param_counts,
@@ -54,7 +56,11 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULTS = {  # per scale; each is a command-line option
     "sd15": dict(rounds=3, train_batches=[4, 8], train_images=16, train_epochs=2, serve_batches=[1, 4, 8, 16],
                  serve_steps=25),
+    "sdxl": dict(rounds=2, train_batches=[1, 4], train_images=8, train_epochs=1, serve_batches=[1, 4, 8],
+                 serve_steps=25),  # ~4x SD 1.5's work per image: fewer rounds and epochs fit one GPU session
     "tiny": dict(rounds=2, train_batches=[1, 2], train_images=2, train_epochs=1, serve_batches=[1, 4], serve_steps=2),
+    "tiny-sdxl": dict(rounds=2, train_batches=[1, 2], train_images=2, train_epochs=1, serve_batches=[1, 4],
+                      serve_steps=2),
 }  # fmt: skip
 ANCHORS = {
     "train": "Vertex AI Model Garden SD-1.5 LoRA fine-tune: ~1.5 steps/s at batch 4 on one A100 (512 px, gradient "
@@ -67,10 +73,12 @@ ANCHORS = {
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tiny", action="store_true", help="tiny configs (a few M params, 64 px): runs on CPU in seconds")
+    p.add_argument("--arch", choices=["sd15", "sdxl"], default="sd15",
+                   help="SD 1.5 (512 px) or SDXL base (1024 px, two text encoders, time ids)")  # fmt: skip
     p.add_argument("--out", default=None, help="folder for JSON + PNG (default: runs/benchmarks/gpu_bench; with "
                    "--plot: the JSON's own folder)")  # fmt: skip
     p.add_argument("--work-dir", default=None, help="where the model, data and adapters go (default: a temp dir)")
-    p.add_argument("--resolution", type=int, default=None, help="image side in px (default 512; tiny 64)")
+    p.add_argument("--resolution", type=int, default=None, help="image side in px (default 512, sdxl 1024; tiny 64)")
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds of every arm; figures are medians")
     p.add_argument("--precisions", nargs="+", choices=["bf16", "fp16", "no"], default=None,
                    help="training precisions (default: bf16 fp16 on CUDA, 'no' = fp32 on CPU)")  # fmt: skip
@@ -90,7 +98,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's); 1 on a busy CPU")
     p.add_argument("--plot", metavar="JSON", default=None, help="only redraw the PNG of an earlier run's JSON")
     args = p.parse_args(argv)
-    scale = TINY if args.tiny else SD15
+    scale = SCALES[(args.arch, args.tiny)]
     for key, value in DEFAULTS[scale.name].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -107,8 +115,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def build_model(args: argparse.Namespace, work: Path, device: torch.device) -> tuple[Path, dict[str, Path], dict]:
     """Build the scale's pipeline with random weights, make 4 random adapters for it, save both; returns the model
-    folder, the adapters and the parameter counts (checked against SD 1.5's for the full scale)."""
-    scale = TINY if args.tiny else SD15
+    folder, the adapters and the parameter counts (checked against SD 1.5's / SDXL base's for the full scales)."""
+    scale = SCALES[(args.arch, args.tiny)]
     start = time.perf_counter()
     pipe = build_pipeline(scale, device=device).to("cpu")  # initialised on the GPU (fast), saved from the CPU
     counts = param_counts(pipe)
@@ -255,7 +263,7 @@ def print_report(result: dict) -> None:
     for key, values in result["ratios"].items():
         if values:
             print(f"{key:20s} " + "  ".join(f"{k} {v:.2f}" for k, v in values.items()))
-    if not result["tiny"]:
+    if not result["tiny"] and result.get("arch", "sd15") == "sd15":  # the anchors are SD-1.5 figures
         print_anchors(result)
 
 
@@ -340,7 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     if device.type == "cpu":
         print("CPU: training in fp32 only (fp16/bf16 need CUDA); MFU is n/a")
-    result: dict = {"benchmark": "gpu_bench", "scale": "tiny" if args.tiny else "sd15", "tiny": args.tiny}
+    scale = SCALES[(args.arch, args.tiny)]
+    result: dict = {"benchmark": "gpu_bench", "scale": scale.name, "arch": args.arch, "tiny": args.tiny}
     result |= {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "args": vars(args)}
     result |= {"resolution": args.resolution, "versions": _versions(), "anchors": ANCHORS}
     peaks = {p: peak_flops(name, p) for p in ("bf16", "fp16")} if device.type == "cuda" else {}

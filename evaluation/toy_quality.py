@@ -3,11 +3,13 @@
     python -m evaluation.toy_quality                                   # shipped models, full bar (~2 min)
     python -m evaluation.toy_quality --prompts-per-caption 1 --clip-images 60   # quicker
     python -m evaluation.toy_quality --grid docs/toy_sd_samples.png    # also refresh the README grid
+    python -m evaluation.toy_quality --model models/toy-sdxl --out runs/toy_quality_sdxl.json   # the SDXL toy base
 
 Bar (issue 2): on >= 60 seeded prompts the base model draws the prompted colour in >= 90%
 and the prompted shape in >= 75% of images (pixel classifier, cross-checked by toy CLIP);
 toy CLIP retrieves the right base-world caption for >= 90% of fresh real images and tells
-the pattern backgrounds apart for >= 90%.
+the pattern backgrounds apart for >= 90%. The base model may be of either family (SD, SDXL): it is loaded by
+``training.families.load_pipeline`` and sampled by ``training.sampling.generate``.
 """
 
 from __future__ import annotations
@@ -86,7 +88,9 @@ def clip_quality(clip: CLIPModel, processor: CLIPProcessor, n: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--sd", default="models/toy-sd")
+    p.add_argument(
+        "--model", "--sd", dest="sd", default="models/toy-sd", help="base model folder of any family (toy-sd, toy-sdxl)"
+    )
     p.add_argument("--clip", default="models/toy-clip")
     p.add_argument("--prompts-per-caption", type=int, default=2, help="36 base captions x this = prompts")
     p.add_argument("--clip-images", type=int, default=360)
@@ -101,7 +105,12 @@ def main(argv: list[str] | None = None) -> int:
     clip = CLIPModel.from_pretrained(args.clip).eval()
     processor = CLIPProcessor.from_pretrained(args.clip)
     fidelity["clip_shape_agreement"] = clip_shape_agreement(clip, processor, images, prompts)
-    report = {"generator": fidelity, "clip": clip_quality(clip, processor, args.clip_images), "bar": BAR}
+    report = {
+        "model": args.sd,
+        "generator": fidelity,
+        "clip": clip_quality(clip, processor, args.clip_images),
+        "bar": BAR,
+    }
     flat = {**fidelity, **report["clip"]}
     report["passed"] = {k: flat[k] >= v for k, v in BAR.items()}
 

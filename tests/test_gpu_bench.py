@@ -1,5 +1,5 @@
-"""benchmarks/gpu_bench.py: the SD-1.5-scale benchmark runs at --tiny size on CPU (so it cannot rot), writes every
-arm's figures, and never imports Ray or MLflow (GPU machines have neither)."""
+"""benchmarks/gpu_bench.py: the SD-1.5- and SDXL-scale benchmarks run at --tiny size on CPU (so they cannot rot),
+write every arm's figures, and never import Ray or MLflow (GPU machines have neither)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from benchmarks._gpu_measure import peak_flops
-from benchmarks._sd_scale import SD15, TINY, check_param_counts, meta_param_counts
+from benchmarks._sd_scale import SD15, SDXL, TINY, TINY_SDXL, build_pipeline, check_param_counts, meta_param_counts
 
 
 def test_sd15_architecture_has_sd15_parameter_counts():
@@ -20,6 +20,30 @@ def test_sd15_architecture_has_sd15_parameter_counts():
     assert counts == {"unet": 859_520_964, "vae": 83_653_863, "text_encoder": 123_060_480}
     check_param_counts(counts, SD15)
     assert sum(meta_param_counts(TINY).values()) < 10_000_000
+
+
+def test_sdxl_architecture_has_sdxl_base_parameter_counts():
+    counts = meta_param_counts(SDXL)  # stabilityai/stable-diffusion-xl-base-1.0's four networks
+    assert counts == {
+        "unet": 2_567_463_684,
+        "vae": 83_653_863,
+        "text_encoder": 123_060_480,
+        "text_encoder_2": 694_659_840,
+    }
+    check_param_counts(counts, SDXL)
+    with pytest.raises(ValueError, match="sdxl is not SDXL base's architecture: text_encoder_2: 0 parameters"):
+        check_param_counts({k: v for k, v in counts.items() if k != "text_encoder_2"}, SDXL)
+    assert sum(meta_param_counts(TINY_SDXL).values()) < 10_000_000
+
+
+def test_tiny_sdxl_is_an_sdxl_pipeline_that_draws():
+    from training.families import family_for
+
+    pipe = build_pipeline(TINY_SDXL)
+    assert family_for(pipe).name == "sdxl" and pipe.unet.config.addition_embed_type == "text_time"
+    assert pipe.unet.config.cross_attention_dim == 128  # both encoders' widths, concatenated
+    image = pipe("a photo of sks", num_inference_steps=2, height=64, width=64).images[0]
+    assert image.size == (64, 64)
 
 
 def test_param_check_refuses_another_architecture():
@@ -47,10 +71,21 @@ def test_peak_flops_table(name, precision, tflops):
 
 
 @pytest.mark.slow
-def test_tiny_run_writes_every_arm_without_ray_or_mlflow(repo, tmp_path):
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+def test_tiny_run_writes_every_arm_without_ray_or_mlflow(repo, tmp_path, arch):
     env = dict(os.environ, PYTHONPATH=str(repo), HF_HUB_OFFLINE="1")
     # one torch thread: on a shared, busy CPU OpenMP's threads wait on each other (measured 30x slower with 2)
-    cmd = [sys.executable, "benchmarks/gpu_bench.py", "--tiny", "--threads", "1", "--out", str(tmp_path)]
+    cmd = [
+        sys.executable,
+        "benchmarks/gpu_bench.py",
+        "--tiny",
+        "--arch",
+        arch,
+        "--threads",
+        "1",
+        "--out",
+        str(tmp_path),
+    ]
     proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
     result = json.loads((tmp_path / "gpu_bench.json").read_text())
@@ -85,6 +120,8 @@ def test_tiny_run_writes_every_arm_without_ray_or_mlflow(repo, tmp_path):
         assert result["ratios"][key] and all(positive(v) for v in result["ratios"][key].values()), key
     assert result["ratios"]["ckpt_memory"] == {}  # CPU: peak memory is the whole process's RSS, no ratio
     assert result["params"]["unet"] < 10_000_000 and result["device"]["type"] == "cpu"
+    assert result["scale"] == {"sd15": "tiny", "sdxl": "tiny-sdxl"}[arch] and result["arch"] == arch
+    assert ("text_encoder_2" in result["params"]) == (arch == "sdxl")
     # --plot redraws a JSON next to it (a copy from a GPU machine), not into the default folder
     copy = tmp_path / "copied" / "gpu_bench.json"
     copy.parent.mkdir()

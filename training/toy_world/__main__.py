@@ -3,6 +3,8 @@
     python -m training.toy_world build --config configs/toy_world.yaml            # ~25 min on 2 CPU cores
     python -m training.toy_world build --config configs/toy_world.yaml clip.steps=20 vae.steps=20 \\
         unet.steps=20 clip.pool_size=200 unet.pool_size=200 out_dir=/tmp/toy     # tiny CPU run (~1 min)
+    python -m training.toy_world build-sdxl --config configs/toy_world_sdxl.yaml  # models/toy-sdxl (~20 min)
+    python -m training.toy_world build-sdxl unet.steps=20 unet.pool_size=200 out_dir=/tmp/toy   # tiny CPU run
     python -m training.toy_world dataset data/toy-sks --trigger sks --concept dotted
     python -m training.toy_world sample --model models/toy-sd --out runs/samples --n 12
     python -m training.toy_world sample --adapter runs/train/adapter --compare \\
@@ -17,7 +19,7 @@ import sys
 import time
 
 from training.configuration import ConfigError, load_config
-from training.toy_world.config import ToyWorldConfig
+from training.toy_world.config import ToySdxlConfig, ToyWorldConfig
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -28,6 +30,11 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(build_parser=b)  # main re-parses build's arguments with options among the overrides
     b.add_argument("--config", default="configs/toy_world.yaml", help="YAML with ToyWorldConfig values")
     b.add_argument("overrides", nargs="*", help="dotted overrides, e.g. unet.steps=100")
+
+    x = sub.add_parser("build-sdxl", help="train models/toy-sdxl's SDXL UNet on the shipped toy SD / CLIP parts")
+    p.set_defaults(build_sdxl_parser=x)
+    x.add_argument("--config", default="configs/toy_world_sdxl.yaml", help="YAML with ToySdxlConfig values")
+    x.add_argument("overrides", nargs="*", help="dotted overrides, e.g. unet.steps=100")
 
     d = sub.add_parser("dataset", help="write a fine-tuning dataset (images + metadata.jsonl)")
     d.add_argument("out_dir", help="new or empty folder to write into")
@@ -61,8 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args, rest = parser.parse_known_args(argv)
-    if args.command == "build":  # `build a=1 --config x b=2`: options among the dotted overrides
-        args = args.build_parser.parse_intermixed_args(argv[argv.index("build") + 1 :], namespace=args)
+    if args.command in ("build", "build-sdxl"):  # `build a=1 --config x b=2`: options among the dotted overrides
+        sub = args.build_parser if args.command == "build" else args.build_sdxl_parser
+        args = sub.parse_intermixed_args(argv[argv.index(args.command) + 1 :], namespace=args)
     elif rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "build":
@@ -76,6 +84,21 @@ def main(argv: list[str] | None = None) -> int:
         summary = build(cfg)
         print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=2))
         print(f"wrote {cfg.out_dir}/toy-sd and {cfg.out_dir}/toy-clip")
+    elif args.command == "build-sdxl":
+        try:
+            cfg = load_config(ToySdxlConfig, args.config, args.overrides)
+        except ConfigError as exc:
+            print(exc, file=sys.stderr)
+            return 2
+        from training.toy_world.sdxl import SDXL_DIR, build_sdxl
+
+        try:
+            summary = build_sdxl(cfg)
+        except FileNotFoundError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=2))
+        print(f"wrote {cfg.out_dir}/{SDXL_DIR}")
     elif args.command == "dataset":
         from training.toy_world.dataset import write_finetune_dataset
 

@@ -50,3 +50,28 @@ class ToyWorldConfig(_Strict):
     vae: VaeBuild = Field(default_factory=VaeBuild)
     unet: UnetBuild = Field(default_factory=UnetBuild)
     threads: int = Field(0, ge=0, description="torch CPU threads; 0 keeps torch's default")
+
+
+class SdxlUnetBuild(UnetBuild):
+    """SDXL's UNet layout at toy size (``training.toy_world.tiny.sdxl_unet``): no attention at the top level."""
+
+    block_out_channels: list[int] = Field(
+        [64, 112],
+        description="UNet channels per level; the first level has no attention (as SDXL's); 112 keeps "
+        "models/toy-sdxl under 15 MB with both fp32 text encoders",
+    )
+    transformer_layers_per_block: int = Field(1, ge=1, description="transformer blocks per attention level")
+    addition_time_embed_dim: int = Field(
+        32, ge=2, description="width of each of the 6 size/crop time ids' sinusoidal embedding (SDXL base: 256)"
+    )
+
+
+class ToySdxlConfig(_Strict):
+    seed: int = Field(0, description="one seed for every image, init and batch order")
+    out_dir: str = Field("models", description="folder that receives toy-sdxl/")
+    sd_model: str = Field("models/toy-sd", description="toy SD folder: its VAE, text encoder and tokenizer are reused")
+    clip_model: str = Field(
+        "models/toy-clip", description="toy CLIP folder: its text tower with projection is text_encoder_2"
+    )
+    unet: SdxlUnetBuild = Field(default_factory=SdxlUnetBuild)
+    threads: int = Field(0, ge=0, description="torch CPU threads; 0 keeps torch's default")

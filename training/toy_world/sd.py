@@ -111,7 +111,8 @@ def build_unet(cfg: UnetBuild, latent_channels: int, cross_attention_dim: int) -
     )
 
 
-def _min_snr_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor) -> torch.Tensor:
+def min_snr_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor) -> torch.Tensor:
+    """Min-SNR-gamma loss weights min(SNR, 5) / SNR for epsilon prediction (Hang et al., 2023), shape (B,)."""
     alpha_bar = scheduler.alphas_cumprod[timesteps]
     snr = alpha_bar / (1 - alpha_bar)
     return torch.clamp(snr, max=SNR_GAMMA) / snr  # epsilon prediction (Hang et al., 2023)
@@ -140,7 +141,7 @@ def train_unet(
         cond = prompt_embeds[torch.where(drop, uncond, caption_ids[idx])]
         pred = unet(scheduler.add_noise(x0, noise, t), t, encoder_hidden_states=cond).sample
         per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
-        loss = (per_sample * _min_snr_weights(scheduler, t)).mean()
+        loss = (per_sample * min_snr_weights(scheduler, t)).mean()
         optimizer_step(loss, unet, opt, sched, losses, bar)
     bar.close()
     unet.eval()
