@@ -64,7 +64,9 @@ def test_encode_equals_the_pipelines_encode_prompt(which, tiny_pipe, tiny_sdxl_p
     assert ids.shape[:2] == (2, len(family.text_encoder_names))
     with torch.no_grad():
         cond = family.encode(pipe, ids)
-        expected = pipe.encode_prompt(captions, device="cpu", do_classifier_free_guidance=False)
+        expected = pipe.encode_prompt(
+            captions, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False
+        )
     torch.testing.assert_close(cond.prompt_embeds, expected[0], rtol=0, atol=0)
     if which == "sdxl":
         torch.testing.assert_close(cond.pooled_prompt_embeds, expected[2], rtol=0, atol=0)
