@@ -175,6 +175,31 @@ def native_resolution(base_model: str) -> int:
     return int(size) * 2 ** (len(vae["block_out_channels"]) - 1)
 
 
+def resolve_resolution(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with ``data.resolution`` set to the base model's native size when the user did not set it: the
+    UNet's ``sample_size`` × VAE factor (``native_resolution``: toy-sd 64, SD 1.5 512, SD 2.1 768, SDXL 1024), else
+    the family's default (``ModelFamily.default_resolution``) when only ``model_index.json`` can be read. A set value
+    is kept; when neither can be read the field's default stays (a warning says so). Idempotent: the result has the
+    field set.
+    """
+    if "resolution" in cfg.data.model_fields_set:
+        return cfg
+    try:
+        size, source = native_resolution(cfg.base_model), "its UNet sample_size × VAE factor"
+    except (OSError, ValueError, KeyError, TypeError):
+        from training.families import family_of
+
+        try:
+            family = family_of(cfg.base_model)
+        except (OSError, ValueError) as exc:
+            log.warning("data.resolution not set and base_model unreadable (%s); training at %d px", exc,
+                        cfg.data.resolution)  # fmt: skip
+            return cfg
+        size, source = family.default_resolution, f"the {family.name} family's default"
+    log.info("data.resolution not set: %d px, base_model %s's native size (%s)", size, cfg.base_model, source)
+    return cfg.model_copy(update={"data": cfg.data.model_copy(update={"resolution": size})})
+
+
 def check_step(step: int, model_step: int, resolution: int) -> list[str]:
     """Why ``data.bucket_step=step`` cannot train a model of granularity ``model_step`` (empty when it can)."""
     problems = []
@@ -192,7 +217,8 @@ def check_step(step: int, model_step: int, resolution: int) -> list[str]:
 
 
 def resolve_bucket_step(cfg: TrainConfig) -> TrainConfig:
-    """``cfg`` with ``data.bucket_step`` set to the base model's granularity when null (checked when set).
+    """``cfg`` with ``data.bucket_step`` set to the base model's granularity when null (checked when set), and
+    ``data.resolution`` set to the model's native size when the user did not set it (``resolve_resolution``).
 
     Reads only the model's unet/vae config.json. When they cannot be read the step stays null (a warning
     says so) and each worker takes it from the model it loads.
@@ -200,6 +226,7 @@ def resolve_bucket_step(cfg: TrainConfig) -> TrainConfig:
     Raises:
         PreflightError: the step is not a multiple of the model's granularity, or exceeds data.resolution.
     """
+    cfg = resolve_resolution(cfg)
     if not cfg.data.buckets:
         return cfg
     try:

@@ -103,6 +103,31 @@ def load_tokenizer(base_model: str) -> Any:
         ) from exc
 
 
+def load_tokenizers(base_model: str) -> dict[str, Any]:
+    """Every tokenizer of the base model's family by subfolder (``tokenizer``; SDXL also ``tokenizer_2``), from a
+    diffusers folder or a hub id (the HF cache with ``HF_HUB_OFFLINE=1``). Reads no weights.
+
+    Raises:
+        OSError: the model or a tokenizer cannot be loaded (names base_model and the fix).
+    """
+    from transformers import AutoTokenizer
+
+    from training.families import family_of
+
+    try:
+        names = family_of(base_model).tokenizer_names
+    except ValueError as exc:  # FamilyError: a pipeline class lorafleet has no family for
+        raise OSError(str(exc)) from exc
+    out = {"tokenizer": load_tokenizer(base_model)}
+    for name in names[1:]:
+        try:
+            out[name] = AutoTokenizer.from_pretrained(base_model, subfolder=name)
+        except (OSError, ValueError) as exc:
+            where = f"base_model {base_model!r} (subfolder {name!r})"
+            raise OSError(f"cannot load the tokenizer of {where}: {exc}") from exc
+    return out
+
+
 def normalize_word(piece: str) -> str:
     """One whitespace-separated piece of a caption as lorafleet compares words: lower-cased, with the characters
     at either end that are not letters or digits stripped (``'(Sks),'`` -> ``'sks'``, ``"sks's"`` stays,

@@ -66,8 +66,9 @@ class DataConfig(_Section):
     resolution: int = Field(
         64,
         ge=8,
-        description="training size in pixels (toy world 64, SD 1.x 512): with buckets every bucket's area is at "
-        "most resolution² (the square bucket's side); without, the side of the square crop",
+        description="training size in pixels (toy world 64, SD 1.x 512, SDXL 1024): with buckets every bucket's "
+        "area is at most resolution² (the square bucket's side); without, the side of the square crop. Not set: "
+        "training uses the base model's native size (UNet sample_size × VAE factor, else the family's default)",
     )
     buckets: bool = Field(
         True,
@@ -247,7 +248,17 @@ class MlflowArgs(_Section):
 
 
 class TrainConfig(_Section):
-    base_model: str = Field("models/toy-sd", description="diffusers SD-1.x folder or hub id (frozen)")
+    base_model: str = Field(
+        "models/toy-sd",
+        description="diffusers pipeline folder or hub id (frozen): SD 1.x/2.x or SDXL, detected from its "
+        "model_index.json (training.families)",
+    )
+    pretrained_vae_model_name_or_path: str | None = Field(
+        None,
+        description="a VAE folder or hub id used instead of the base model's own (diffusers' name), e.g. "
+        "madebyollin/sdxl-vae-fp16-fix: SDXL's own VAE overflows in fp16 and is kept in fp32 under mixed precision; "
+        "a VAE whose config says force_upcast=false runs in fp16/bf16",
+    )
     output_dir: str = Field("runs/train", description="where the final adapter and run files go")
     run_name: str = Field("lora", description="Ray Train / MLflow run name (no timestamps: names must be stable)")
     data: DataConfig

@@ -9,6 +9,11 @@ With ``data.buckets`` each image has an aspect-ratio bucket (``training.buckets`
 its bucket and cropped to it, the latent cache keeps one tensor per bucket, every batch holds one bucket,
 and ranks are sharded per bucket so they all run the same number of batches.
 
+Any base-model family (``training.families``): token ids are (B, E, L) for E text encoders, the cached text
+conditioning is the family's ``encode`` (SDXL: prompt embeds and pooled embeds), and families with size
+conditioning (SDXL) get each sample's time ids from its crop (``Crop``): cached per flip view in ``EncodedSource``,
+per draw in ``PixelSource``.
+
 Repeats (kohya's ``<repeats>_<name>`` folders, ``Example.repeats``) are a sampling weight, as kohya's
 ``num_repeats``: an epoch is every image × its repeats, so an image with ``repeats=3`` is drawn three times per
 epoch. The sources hold each image once (one latent-cache entry, one caption embedding) and a list of *slots*
@@ -29,21 +34,50 @@ from PIL import Image, ImageOps
 from training.buckets import Bucket, assign_buckets, bucket_groups, histogram, shard_by_bucket, worker_step
 from training.config import DataConfig
 from training.data import Example
+from training.families import Conditioning
 from training.images import WHITE, open_rgb
 from training.model import Parts
 
 
 @dataclass
 class Batch:
-    input_ids: torch.Tensor  # (B, L) token ids
+    input_ids: torch.Tensor  # (B, E, L) token ids of the E text encoders (``ModelFamily.tokenize``)
     pixels: torch.Tensor | None = None  # (B, 3, H, W) in [-1, 1]; None when latents are cached
     latent_mean: torch.Tensor | None = None  # (B, C, h, w), unscaled VAE posterior
     latent_std: torch.Tensor | None = None
-    prompt_embeds: torch.Tensor | None = None  # (B, L, D) cached text-encoder output
+    prompt_embeds: torch.Tensor | None = None  # (B, L, D) cached text conditioning (``ModelFamily.encode``)
     prior: torch.Tensor | None = None  # (B,) bool: class (regularisation) images, weighted by train.prior_loss_weight
+    pooled_prompt_embeds: torch.Tensor | None = None  # (B, P) cached with prompt_embeds by families that pool (SDXL)
+    time_ids: torch.Tensor | None = None  # (B, 6) SDXL size/crop conditioning (``Crop.time_ids``); None for SD
 
     def __len__(self) -> int:
         return len(self.input_ids)
+
+    @property
+    def cond(self) -> Conditioning | None:
+        """The cached text conditioning, or None when the text encoders run per step."""
+        if self.prompt_embeds is None:
+            return None
+        return Conditioning(self.prompt_embeds, self.pooled_prompt_embeds)
+
+
+@dataclass(frozen=True)
+class Crop:
+    """Where a training image's pixels came from, as SDXL's size conditioning reads it.
+
+    ``original_size``: the decoded image's (height, width); ``top_left``: the crop's (y, x) in the resized image —
+    in its mirror image when the crop was flipped (x = resized width − right edge), as diffusers'
+    ``train_text_to_image_lora_sdxl.py`` flips before it crops; ``target_size``: the crop's (height, width), i.e.
+    the bucket. ``time_ids`` orders them as ``StableDiffusionXLPipeline._get_add_time_ids`` does.
+    """
+
+    original_size: tuple[int, int]
+    top_left: tuple[int, int]
+    target_size: tuple[int, int]
+
+    def time_ids(self) -> torch.Tensor:
+        """(6,) float32: original (h, w), crop top-left (y, x), target (h, w)."""
+        return torch.tensor([*self.original_size, *self.top_left, *self.target_size], dtype=torch.float32)
 
 
 def load_image(
@@ -63,8 +97,25 @@ def load_image(
     Raises:
         ImageReadError: the file cannot be decoded (validation refuses such files first).
     """
+    return load_image_and_crop(path, size, crop, flip, gen, background)[0]
+
+
+def load_image_and_crop(
+    path: str | Path,
+    size: int | tuple[int, int],
+    crop: str = "center",
+    flip: bool = False,
+    gen: torch.Generator | None = None,
+    background: tuple[int, int, int] = WHITE,
+) -> tuple[torch.Tensor, Crop]:
+    """``load_image``'s pixels (the same random draws from ``gen``) and the ``Crop`` they came from.
+
+    Raises:
+        ImageReadError: the file cannot be decoded.
+    """
     width, height = (size, size) if isinstance(size, int) else size
     img = open_rgb(path, background).image
+    original = (img.height, img.width)
     scale = max(width / img.width, height / img.height)
     resized = (max(width, round(img.width * scale)), max(height, round(img.height * scale)))
     img = img.resize(resized, Image.Resampling.BICUBIC) if resized != img.size else img
@@ -74,11 +125,13 @@ def load_image(
         top = int(torch.randint(0, dy + 1, (1,), generator=gen)) if dy else 0
     else:
         left, top = dx // 2, dy // 2
+    resized_width = img.width
     img = img.crop((left, top, left + width, top + height))
     if flip:
         img = ImageOps.mirror(img)
+        left = resized_width - (left + width)  # the same crop taken from the mirrored resized image
     tensor = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(height, width, 3)
-    return tensor.permute(2, 0, 1).float().div(127.5).sub(1.0)
+    return tensor.permute(2, 0, 1).float().div(127.5).sub(1.0), Crop(original, (top, left), (height, width))
 
 
 def shard(examples: list[Example], rank: int, world_size: int) -> list[Example]:
@@ -89,17 +142,15 @@ def shard(examples: list[Example], rank: int, world_size: int) -> list[Example]:
 
 
 def tokenize(parts: Parts, captions: list[str]) -> torch.Tensor:
-    tok = parts.tokenizer
-    return tok(
-        captions, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids
+    """(B, E, L) token ids of every text encoder of the family (``ModelFamily.tokenize``)."""
+    return parts.tokenize(captions)
 
 
 @torch.no_grad()
-def encode_text(parts: Parts, input_ids: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-    encoder = parts.raw_text_encoder
-    chunks = [encoder(input_ids[i : i + batch_size].to(parts.device))[0] for i in range(0, len(input_ids), batch_size)]
-    return torch.cat(chunks).float()
+def encode_text(parts: Parts, input_ids: torch.Tensor, batch_size: int = 64) -> Conditioning:
+    """The frozen text conditioning of (B, E, L) ids in fp32 on ``parts.device``, through the unwrapped encoders."""
+    chunks = [parts.encode(input_ids[i : i + batch_size], raw=True) for i in range(0, len(input_ids), batch_size)]
+    return Conditioning.cat(chunks).to(torch.float32)
 
 
 @torch.no_grad()
@@ -141,8 +192,11 @@ class _Source:
         groups = bucket_groups([buckets[i] for i in self.slots])  # positions in slots per bucket, buckets sorted
         self.groups = [[self.slots[j] for j in members] for members in groups.values()]  # example indices
         self.prior = torch.tensor([e.prior for e in examples], dtype=torch.bool)
-        self.input_ids = tokenize(parts, [e.caption for e in examples])
-        self.prompt_embeds = encode_text(parts, self.input_ids) if cache_text else None
+        self.input_ids = tokenize(parts, [e.caption for e in examples])  # (n, E, L)
+        cond = encode_text(parts, self.input_ids) if cache_text else None
+        self.prompt_embeds = cond.prompt_embeds if cond is not None else None
+        self.pooled_prompt_embeds = cond.pooled_prompt_embeds if cond is not None else None
+        self.uses_time_ids = parts.family.uses_time_ids
 
     def __len__(self) -> int:
         """Samples per epoch on this rank: images × repeats (each image is held and encoded once)."""
@@ -164,6 +218,15 @@ class _Source:
     def histogram(self) -> dict[str, int]:
         return histogram(self.buckets)
 
+    def _text(self, idx: list[int]) -> dict[str, torch.Tensor | None]:
+        """The batch's token ids and cached conditioning, as ``Batch`` fields."""
+        embeds, pooled = self.prompt_embeds, self.pooled_prompt_embeds
+        return {
+            "input_ids": self.input_ids[idx],
+            "prompt_embeds": None if embeds is None else embeds[idx],
+            "pooled_prompt_embeds": None if pooled is None else pooled[idx],
+        }
+
     def _bucket(self, idx: list[int]) -> Bucket:
         found = {self.buckets[i] for i in idx}
         if len(found) != 1:
@@ -177,22 +240,22 @@ class PixelSource(_Source):
     def batch(self, idx: list[int], gen: torch.Generator) -> Batch:
         self._bucket(idx)
         flips = torch.rand(len(idx), generator=gen) < 0.5 if self.data.random_flip else [False] * len(idx)
-        pixels = torch.stack(
-            [
-                load_image(
-                    self.examples[i].path, self.buckets[i], self.data.crop, bool(f), gen, self.data.background_rgb
-                )
-                for i, f in zip(idx, flips)
-            ]
-        )
-        embeds = self.prompt_embeds[idx] if self.prompt_embeds is not None else None
-        return Batch(self.input_ids[idx], pixels=pixels, prompt_embeds=embeds, prior=self._prior(idx))
+        loaded = [
+            load_image_and_crop(
+                self.examples[i].path, self.buckets[i], self.data.crop, bool(f), gen, self.data.background_rgb
+            )
+            for i, f in zip(idx, flips)
+        ]
+        pixels = torch.stack([p for p, _ in loaded])
+        time_ids = torch.stack([c.time_ids() for _, c in loaded]) if self.uses_time_ids else None
+        return Batch(**self._text(idx), pixels=pixels, prior=self._prior(idx), time_ids=time_ids)
 
 
 class EncodedSource(_Source):
     """Latent distributions (both mirror images when ``data.random_flip``) and text embeddings, encoded once.
 
     One tensor per bucket: ``mean[bucket]`` is (n_bucket, views, C, h, w); ``row[i]`` is example i's row in it.
+    ``time_ids`` (families with size conditioning): (n_examples, views, 6), each view's own crop.
     """
 
     def __init__(
@@ -210,15 +273,15 @@ class EncodedSource(_Source):
         self.mean: dict[Bucket, torch.Tensor] = {}
         self.std: dict[Bucket, torch.Tensor] = {}
         self.row = [0] * len(examples)
+        self.time_ids = torch.zeros(len(examples), self.views, 6) if self.uses_time_ids else None
         bg = data.background_rgb
         for bucket, members in bucket_groups(self.buckets).items():  # each image once, whatever its repeats
-            views = [
-                encode_pixels(
-                    parts,
-                    torch.stack([load_image(examples[i].path, bucket, data.crop, f, background=bg) for i in members]),
-                )
-                for f in flips
-            ]
+            views = []
+            for v, f in enumerate(flips):
+                loaded = [load_image_and_crop(examples[i].path, bucket, data.crop, f, background=bg) for i in members]
+                views.append(encode_pixels(parts, torch.stack([p for p, _ in loaded])))
+                if self.time_ids is not None:
+                    self.time_ids[members, v] = torch.stack([c.time_ids() for _, c in loaded])
             self.mean[bucket] = torch.stack([v[0] for v in views], dim=1).cpu()
             self.std[bucket] = torch.stack([v[1] for v in views], dim=1).cpu()
             for r, i in enumerate(members):
@@ -229,11 +292,9 @@ class EncodedSource(_Source):
         rows = [self.row[i] for i in idx]
         n = len(idx)
         view = torch.randint(0, self.views, (n,), generator=gen) if self.views > 1 else torch.zeros(n, dtype=int)
-        embeds = self.prompt_embeds[idx] if self.prompt_embeds is not None else None
         mean, std = self.mean[bucket][rows, view], self.std[bucket][rows, view]
-        return Batch(
-            self.input_ids[idx], latent_mean=mean, latent_std=std, prompt_embeds=embeds, prior=self._prior(idx)
-        )
+        time_ids = self.time_ids[idx, view] if self.time_ids is not None else None
+        return Batch(**self._text(idx), latent_mean=mean, latent_std=std, prior=self._prior(idx), time_ids=time_ids)
 
 
 def make_source(

@@ -22,8 +22,9 @@ import torch.nn.functional as F
 from training.buckets import assign_buckets, bucket_groups, histogram, worker_step
 from training.config import PreflightError, TrainConfig
 from training.data import Example, validate_dataset
-from training.dataset import encode_pixels, encode_text, load_image, tokenize
-from training.loop import all_reduce_sum
+from training.dataset import encode_pixels, encode_text, load_image_and_crop, tokenize
+from training.families import Conditioning
+from training.loop import all_reduce_sum, prediction_target
 from training.model import Parts
 
 
@@ -71,8 +72,9 @@ class _Chunk:
     latents: torch.Tensor  # (m·k, C, h, w), scaled posterior means
     noise: torch.Tensor  # (m·k, C, h, w)
     timesteps: torch.Tensor  # (m·k,)
-    input_ids: torch.Tensor  # (m·k, L)
-    embeds: torch.Tensor | None  # (m·k, L, D); None when the text encoder trains (re-encoded per call)
+    input_ids: torch.Tensor  # (m·k, E, L)
+    cond: Conditioning | None  # (m·k, L, D) (+ pooled (m·k, P)); None when a text encoder trains (re-encoded per call)
+    time_ids: torch.Tensor | None  # (m·k, 6) SDXL size conditioning of the center crop; None for SD
 
 
 class HeldOut:
@@ -100,21 +102,24 @@ class HeldOut:
                 torch.randn((len(members), k, vae.latent_channels, height // factor, width // factor), generator=gen)
                 continue
             picked = [examples[members[j]] for j in mine]
-            pixels = torch.stack(
-                [load_image(e.path, (width, height), "center", background=data.background_rgb) for e in picked]
-            )
-            mean, _ = encode_pixels(parts, pixels)
+            bg = data.background_rgb
+            loaded = [load_image_and_crop(e.path, (width, height), "center", background=bg) for e in picked]
+            mean, _ = encode_pixels(parts, torch.stack([p for p, _ in loaded]))
+            time_ids = None
+            if parts.family.uses_time_ids:
+                time_ids = torch.stack([c.time_ids() for _, c in loaded]).repeat_interleave(k, dim=0)
             latents = (mean * vae.scaling_factor).cpu()
             noise = torch.randn((len(members), k, *latents.shape[1:]), generator=gen)[mine]  # (n, k, C, h, w)
             ids = tokenize(parts, [e.caption for e in picked])
-            embeds = None if parts.trains_text_encoder else encode_text(parts, ids).cpu().repeat_interleave(k, dim=0)
+            cond = None if parts.trains_text_encoder else encode_text(parts, ids).to("cpu").repeat_interleave(k)
             self.chunks.append(
                 _Chunk(
                     latents.repeat_interleave(k, dim=0),
                     noise.flatten(0, 1),
                     t.repeat(len(mine)),
                     ids.repeat_interleave(k, dim=0),
-                    embeds,
+                    cond,
+                    time_ids,
                 )
             )
             self.size += len(mine) * k
@@ -124,12 +129,14 @@ class HeldOut:
         """Mean squared error over the whole held-out set (all ranks when torch.distributed is up)."""
         total = 0.0
         if self.size:
-            unet, encoder = parts.raw_unet, parts.raw_text_encoder  # no DDP: ranks run different batch counts
-            modes = unet.training, encoder.training
-            unet.eval(), encoder.eval()  # LoRA dropout off
+            modules = [parts.raw_unet, *parts.raw_text_encoders.values()]  # no DDP: ranks run different batch counts
+            modes = [m.training for m in modules]
+            for m in modules:
+                m.eval()  # LoRA dropout off
             for chunk in self.chunks:
                 total += self._chunk_sum(parts, chunk, batch_size)
-            unet.train(modes[0]), encoder.train(modes[1])
+            for m, mode in zip(modules, modes):
+                m.train(mode)
         return all_reduce_sum([total])[0] / self.count
 
     @staticmethod
@@ -141,12 +148,14 @@ class HeldOut:
             latents, noise = chunk.latents[sl].to(parts.device), chunk.noise[sl].to(parts.device)
             t = chunk.timesteps[sl].to(parts.device)
             noisy = sched.add_noise(latents, noise, t)
-            target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(latents, noise, t)
+            target = prediction_target(sched, latents, noise, t)
+            time_ids = chunk.time_ids[sl] if chunk.time_ids is not None else None
             with parts.autocast():  # the training loss's dtypes (training.precision): fp32 inputs, cast per op
-                if chunk.embeds is not None:
-                    embeds = chunk.embeds[sl].to(parts.device)
+                if chunk.cond is not None:
+                    cond = chunk.cond[sl].to(parts.device)
                 else:
-                    embeds = parts.raw_text_encoder(chunk.input_ids[sl].to(parts.device))[0]
-                pred = parts.raw_unet(noisy, t, encoder_hidden_states=embeds).sample
+                    cond = parts.encode(chunk.input_ids[sl], raw=True)
+                extra = parts.family.added_cond_kwargs(cond, time_ids)
+                pred = parts.raw_unet(noisy, t, cond.prompt_embeds, added_cond_kwargs=extra).sample
             total += F.mse_loss(pred.float(), target.float(), reduction="sum").item() / noise[0].numel()
         return total

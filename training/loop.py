@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from diffusers import DDPMScheduler
 from diffusers.training_utils import compute_snr
 
 from training.config import OptimArgs, TrainConfig
@@ -98,8 +99,36 @@ def _latents(parts: Parts, batch: Batch, gen: torch.Generator) -> torch.Tensor:
     return (sample * parts.vae.config.scaling_factor).to(parts.device)
 
 
+def prediction_target(
+    scheduler: DDPMScheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+) -> torch.Tensor:
+    """What the UNet learns to predict for ``scheduler.config.prediction_type``: the noise (``epsilon``) or the
+    velocity α_t·ε − σ_t·x₀ (``v_prediction``, Salimans & Ho, 2022; ``scheduler.get_velocity``). Same shape as
+    ``latents``.
+
+    Raises:
+        ValueError: another prediction type (e.g. ``sample``), naming the base model's scheduler config.
+    """
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    raise ValueError(
+        f"the base model's scheduler predicts {kind!r} (scheduler/scheduler_config.json prediction_type); lorafleet "
+        "trains epsilon and v_prediction models: use a base model with one of them"
+    )
+
+
 def denoising_loss(parts: Parts, batch: Batch, args: OptimArgs, gen: torch.Generator) -> torch.Tensor:
-    """SD's epsilon/v-prediction loss on one batch, min-SNR weighted; all randomness drawn from ``gen``."""
+    """The denoising loss on one batch, min-SNR weighted; all randomness drawn from ``gen``.
+
+    The target follows the scheduler config's ``prediction_type``: the noise (epsilon) or the velocity
+    ``noise_scheduler.get_velocity`` (v-prediction: SD 2.x 768 px). Min-SNR-γ weights (Hang et al., 2023, §3.4) are
+    min(SNR, γ)/SNR for epsilon and min(SNR, γ)/(SNR + 1) for v-prediction, as diffusers' ``train_text_to_image.py``.
+    The UNet gets the family's conditioning: prompt embeds, and for SDXL ``added_cond_kwargs`` (pooled embeds and
+    each sample's time ids).
+    """
     latents = _latents(parts, batch, gen)
     b = len(batch)
     noise = torch.randn(latents.shape, generator=gen)
@@ -110,13 +139,11 @@ def denoising_loss(parts: Parts, batch: Batch, args: OptimArgs, gen: torch.Gener
     timesteps = timesteps.to(parts.device)
     noisy = parts.noise_scheduler.add_noise(latents, noise, timesteps)
     prediction = parts.noise_scheduler.config.prediction_type
-    target = noise if prediction == "epsilon" else parts.noise_scheduler.get_velocity(latents, noise, timesteps)
+    target = prediction_target(parts.noise_scheduler, latents, noise, timesteps)
     with parts.autocast():  # fp32 latents and embeddings: autocast casts them per op
-        if batch.prompt_embeds is not None:
-            embeds = batch.prompt_embeds.to(parts.device)
-        else:
-            embeds = parts.text_encoder(batch.input_ids.to(parts.device))[0]
-        pred = parts.unet(noisy, timesteps, encoder_hidden_states=embeds).sample
+        cond = batch.cond.to(parts.device) if batch.cond is not None else parts.encode(batch.input_ids)
+        extra = parts.family.added_cond_kwargs(cond, batch.time_ids)
+        pred = parts.unet(noisy, timesteps, encoder_hidden_states=cond.prompt_embeds, added_cond_kwargs=extra).sample
     per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     snr_weights = None
     if args.snr_gamma is not None:
@@ -232,7 +259,7 @@ def train_loop(
     inf/NaN gradients).
     """
     args = cfg.train
-    models = [parts.unet] + ([parts.text_encoder] if parts.trains_text_encoder else [])
+    models = [parts.unet] + [parts.text_encoders[n] for n in parts.lora_text_encoders]
     for m in models:
         m.train()
     epochs = args.epochs if args.max_steps is None else math.inf

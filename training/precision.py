@@ -13,7 +13,12 @@ The rules (``train.mixed_precision`` × device × the model's VAE), and why:
 - **The VAE** follows the weights, except that fp16 with a VAE whose config says ``force_upcast`` (diffusers'
   ``AutoencoderKL`` default; SDXL's VAE overflows in fp16 and sets it) keeps it in fp32 — the rule of diffusers'
   SDXL pipeline (``needs_upcasting = self.vae.dtype == torch.float16 and self.vae.config.force_upcast``).
-  bf16 has fp32's exponent range, so a bf16 VAE does not overflow.
+  bf16 has fp32's exponent range, so a bf16 VAE does not overflow; SD 1.x/2.x keep it in bf16. The SDXL family
+  (``ModelFamily.vae_fp32_in_bf16``) keeps a ``force_upcast`` VAE in fp32 under bf16 too, as diffusers' SDXL LoRA
+  scripts do under any mixed precision unless another VAE is given (``train_text_to_image_lora_sdxl.py``: the VAE
+  goes to fp32 when ``--pretrained_vae_model_name_or_path`` is None); an fp16-safe VAE such as
+  ``madebyollin/sdxl-vae-fp16-fix`` (its config says ``force_upcast: false``; lorafleet's
+  ``pretrained_vae_model_name_or_path``) runs in the mixed-precision dtype.
 - **Latents** are fp32 tensors; the UNet sees them under ``torch.autocast`` (which casts per op), the VAE gets
   pixels in ``vae_dtype``, and latents entering ``vae.decode`` are cast to the VAE's dtype
   (``cast_latents_at_decode``), as the SDXL pipeline does before decoding. Without that cast, fp16 training with
@@ -89,6 +94,7 @@ def resolve_precision(
     *,
     vae_force_upcast: bool = True,
     bf16_supported: bool | None = None,
+    vae_fp32_in_bf16: bool = False,
 ) -> Precision:
     """Every dtype of a training worker for ``train.mixed_precision`` on ``device`` (rules: module docstring).
 
@@ -98,6 +104,7 @@ def resolve_precision(
         vae_force_upcast: the VAE config's ``force_upcast`` (diffusers' default True); with fp16 it keeps the VAE
             in fp32.
         bf16_supported: whether the GPU has native bf16; None asks torch (``native_bf16``).
+        vae_fp32_in_bf16: with bf16 too, a ``force_upcast`` VAE stays fp32 (the family's ``vae_fp32_in_bf16``: SDXL).
 
     Raises:
         PrecisionError: fp16/bf16 off CUDA, or bf16 on a GPU without native bf16.
@@ -120,7 +127,8 @@ def resolve_precision(
             "later); set train.mixed_precision=fp16 (with loss scaling) or auto"
         )
     dtype = _DTYPES[choice]
-    vae_dtype = torch.float32 if choice == "fp16" and vae_force_upcast else dtype
+    upcast = choice == "fp16" or (choice == "bf16" and vae_fp32_in_bf16)
+    vae_dtype = torch.float32 if upcast and vae_force_upcast else dtype
     return Precision(
         mixed_precision=choice,
         device_type=device.type,

@@ -225,7 +225,7 @@ def run(cfg: TrainConfig, *, resume: bool = False, callbacks: list | None = None
 
     ``callbacks`` go to the trainer's ``RunConfig`` (a Tune trial passes ``TuneReportCallback``).
     """
-    cfg = resolve_bucket_step(cfg)  # data.bucket_step: the base model's granularity, read before validating
+    cfg = resolve_bucket_step(cfg)  # data.resolution unset: the model's native size; data.bucket_step: its granularity
     report = validate_dataset(cfg.data)
     log.info("%s", report.summary())
     report.raise_if_errors()  # nothing has been written yet

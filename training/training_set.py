@@ -25,7 +25,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from training.captions import caption_length_problems, caption_words, load_tokenizer
+from training.captions import caption_length_problems, caption_words, load_tokenizers
 from training.config import IMAGE_EXTENSIONS, DataConfig, TrainConfig
 from training.data import DatasetError, DatasetReport, Example, Problem, validate_dataset
 from training.heldout import select_heldout
@@ -191,23 +191,33 @@ def run_fingerprint(report: DatasetReport, classes: DatasetReport | None) -> str
 
 
 def check_caption_lengths(cfg: TrainConfig, report: DatasetReport, tokenizer: Any = None) -> list[Problem]:
-    """Captions of ``report`` (class images too) that the base model's tokenizer cuts (``caption_length_problems``):
-    warnings are logged, and returned with the errors. Needs the tokenizer, so it runs on the driver
+    """Captions of ``report`` (class images too) that one of the base model's tokenizers cuts
+    (``caption_length_problems`` for each; SDXL has two): warnings are logged, and returned with the errors — one
+    problem per caption, the worst of the tokenizers'. Needs the tokenizers, so it runs on the driver
     (``build_worker_spec``, the pipeline's validate stage, ``lorafleet validate --base-model``), not in
-    ``validate_dataset``. When ``tokenizer`` is None it is loaded from ``cfg.base_model``; if that fails the check
-    is skipped with a warning (the workers name the model problem when they load it).
+    ``validate_dataset``. ``tokenizer``: one tokenizer, or ``{subfolder: tokenizer}``; None loads every tokenizer of
+    ``cfg.base_model`` (``captions.load_tokenizers``); if that fails the check is skipped with a warning (the
+    workers name the model problem when they load it).
 
     Raises:
-        DatasetError: a caption's trigger lies past the tokenizer's limit (it would never be trained).
+        DatasetError: a caption's trigger lies past a tokenizer's limit (it would never be trained).
     """
     if tokenizer is None:
         try:
-            tokenizer = load_tokenizer(cfg.base_model)
+            tokenizer = load_tokenizers(cfg.base_model)
         except OSError as exc:
             log.warning("caption lengths not checked: %s", exc)
             return []
+    tokenizers = tokenizer if isinstance(tokenizer, dict) else {"tokenizer": tokenizer}
     names = [(_name(e.path, report.root), e.caption) for e in report.examples]
-    problems = caption_length_problems(names, tokenizer, cfg.data.trigger)
+    worst: dict[str, Problem] = {}
+    for sub, tok in tokenizers.items():
+        for p in caption_length_problems(names, tok, cfg.data.trigger):
+            if len(tokenizers) > 1:
+                p = replace(p, message=f"{p.message} ({sub})")
+            if p.file not in worst or (p.severity == "error" and worst[p.file].severity != "error"):
+                worst[p.file] = p
+    problems = [worst[f] for f, _ in names if f in worst]
     for p in problems:
         if p.severity == "warning":
             log.warning("%s: %s", p.file, p.message)

@@ -11,13 +11,14 @@ import logging
 import os
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from PIL import Image
 
 from training.adapter import AdapterMeta, file_sha256, load_into_training, portable_model_name, save_adapter
+from training.buckets import resolve_resolution
 from training.config import TrainConfig
 from training.data import Example
 from training.dataset import make_source
@@ -75,6 +76,8 @@ class WorkerSpec:
         cwd = Path(d.get("driver_cwd", "."))
         cfg = TrainConfig.model_validate(d["cfg"])
         cfg.base_model = _localize(cfg.base_model, cwd)
+        if cfg.pretrained_vae_model_name_or_path:
+            cfg.pretrained_vae_model_name_or_path = _localize(cfg.pretrained_vae_model_name_or_path, cwd)
         cfg.data.path = _localize(cfg.data.path, cwd)
         mirrors = {root: str(local_copy(uri)) for root, uri in d.get("mirrors", {}).items()}
 
@@ -114,12 +117,20 @@ def adapter_meta(spec: WorkerSpec, state: TrainState) -> AdapterMeta:
     )
 
 
+_TEXT_ENCODER_ARGS = ("text_encoder", "text_encoder_2")
+
+
+def _lora_text_encoders(parts: Parts) -> dict[str, torch.nn.Module | None]:
+    """``text_encoder`` / ``text_encoder_2`` keyword arguments of save_adapter / load_into_training: the encoders
+    that carry a LoRA, None for the others."""
+    return {n: parts.text_encoders[n] if n in parts.lora_text_encoders else None for n in _TEXT_ENCODER_ARGS}
+
+
 def write_checkpoint(directory: Path, parts: Parts, state: TrainState, meta: AdapterMeta) -> Path:
     """adapter/ (the deliverable format) + trainer_state.pt (optimizer, schedule, step, epoch, RNG) + its
     manifest trainer_state.json (sha256 and size), so that a copy cut short by a full disk is never resumed from."""
-    te = parts.text_encoder if parts.trains_text_encoder else None
     try:
-        save_adapter(directory / ADAPTER_DIR, parts.unet, meta, text_encoder=te)
+        save_adapter(directory / ADAPTER_DIR, parts.unet, meta, **_lora_text_encoders(parts))
         torch.save(state.state_dict(), directory / STATE_NAME)
         manifest = {"sha256": file_sha256(directory / STATE_NAME), "bytes": (directory / STATE_NAME).stat().st_size}
         (directory / STATE_MANIFEST).write_text(json.dumps(manifest))
@@ -155,8 +166,7 @@ def trainer_state_is_whole(directory: Path) -> bool:
 
 def read_checkpoint(directory: Path, parts: Parts, state: TrainState) -> None:
     """Resume: weights into the existing adapter, then optimizer/schedule/step (tensors only, no pickled code)."""
-    te = parts.text_encoder if parts.trains_text_encoder else None
-    load_into_training(directory / ADAPTER_DIR, parts.unet, te)
+    load_into_training(directory / ADAPTER_DIR, parts.unet, **_lora_text_encoders(parts))
     state.load_state_dict(torch.load(directory / STATE_NAME, weights_only=True))
     log.info("resumed from %s at epoch %d, step %d", directory, state.epoch, state.step)
 
@@ -169,7 +179,7 @@ def validation_grid(parts: Parts, cfg: TrainConfig) -> Image.Image:
     its own at ``vae.decode`` (``training.precision.cast_latents_at_decode``), so an fp32 VAE under fp16 decodes.
     """
     v = cfg.validation
-    modules = (parts.raw_unet, parts.raw_text_encoder)
+    modules = (parts.raw_unet, *parts.raw_text_encoders.values())
     modes = [m.training for m in modules]
     for m in modules:
         m.eval()
@@ -189,7 +199,7 @@ def build_worker_parts(cfg: TrainConfig, device: torch.device) -> Parts:
     Raises:
         PrecisionError: fp16/bf16 off CUDA, naming train.mixed_precision and the fix.
     """
-    parts = load_parts(cfg.base_model, device, cfg.train.mixed_precision)
+    parts = load_parts(cfg.base_model, device, cfg.train.mixed_precision, vae=cfg.pretrained_vae_model_name_or_path)
     set_matmul_precision(device, cfg.train.allow_tf32)
     torch.manual_seed(cfg.train.seed)  # LoRA A is drawn from the global RNG: same init on every run and rank
     add_lora(parts, cfg.lora)
@@ -217,6 +227,7 @@ def run_worker(
     Raises:
         PrecisionError: fp16/bf16 on a device that is not CUDA.
     """
+    spec = replace(spec, cfg=resolve_resolution(spec.cfg))  # data.resolution unset: the base model's own size
     cfg, tracker = spec.cfg, tracker or NullTracker()
     parts = build_worker_parts(cfg, torch.device(device))
     source = make_source(spec.examples, cfg.data, parts, cfg.use_cache, rank=rank, world_size=world_size)
@@ -231,8 +242,8 @@ def run_worker(
     if resume_from is not None:
         read_checkpoint(Path(resume_from), parts, state)
     parts.unet = prepare(parts.unet)  # DDP after loading: the wrapper shares the same parameters
-    if parts.trains_text_encoder:
-        parts.text_encoder = prepare(parts.text_encoder)
+    for name in parts.lora_text_encoders:
+        parts.text_encoders[name] = prepare(parts.text_encoders[name])
 
     held = HeldOut(spec.heldout, cfg, parts, rank, world_size) if spec.heldout else None
     validate = bool(cfg.validation.prompts) and rank == 0

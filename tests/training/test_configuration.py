@@ -51,6 +51,7 @@ def test_every_shipped_config_validates_and_names_its_command(repo: Path):
     schemas = {
         "toy_world.yaml": ToyWorldConfig,
         "train.yaml": TrainConfig,
+        "train-sdxl.yaml": TrainConfig,  # a real SDXL run (stabilityai/stable-diffusion-xl-base-1.0, fp16-fix VAE)
         "tune.yaml": TuneConfig,
         "eval.yaml": EvalConfig,
         "eval-toy-sks.yaml": EvalConfig,  # the toy world's hand-written (stricter) suite

@@ -272,3 +272,35 @@ def test_training_goes_on_while_mlflow_is_down_and_the_run_is_complete_afterward
         print(f"MLflow down {outage:.1f} s over epochs {start + 1}..{start + 4}; every epoch's loss in the run; {gap}")
     finally:
         server.stop()
+
+
+def test_two_workers_train_the_tiny_sdxl_and_plain_sdxl_loads_the_adapter(local_ray, train_config, tiny_sdxl_dir):
+    """SDXL through Ray Train: 2 DDP workers (UNet and text_encoder_2 LoRA wrapped; the tiny first encoder's only
+    layer cannot reach the UNet), held-out loss with center-crop time ids, a validation grid, and an adapter that a
+    plain ``StableDiffusionXLPipeline.load_lora_weights`` reads."""
+    from diffusers import StableDiffusionXLPipeline
+
+    cfg = train_config(
+        **{
+            "base_model": str(tiny_sdxl_dir),
+            "ray.num_workers": 2,
+            "train.epochs": 2,
+            "train.batch_size": 2,
+            "lora.text_encoder": True,
+            "validation.holdout": 2,
+            "validation.prompts": "[a red circle on a sks background]",
+            "validation.steps": 2,
+        }
+    )
+    result = run(cfg)
+    assert result.metrics["epoch"] == 2 and np.isfinite(result.metrics["loss"])  # 6 images / 2 ranks / batch 2
+    assert all(np.isfinite(h["val_loss"]) for h in result.history)
+    meta = verify_adapter(result.adapter_dir)
+    assert meta.text_encoder and meta.base_model == str(tiny_sdxl_dir)
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
+    pipe.set_progress_bar_config(disable=True)
+    base = np.asarray(generate(pipe, ["a red circle on a sks background"], steps=3)[0], dtype=float)
+    pipe.load_lora_weights(result.adapter_dir, weight_name=meta.weights)
+    assert {"unet", "text_encoder_2"} <= set(pipe.get_list_adapters())
+    tuned = np.asarray(generate(pipe, ["a red circle on a sks background"], steps=3)[0], dtype=float)
+    assert np.abs(tuned - base).mean() > 0  # the trained adapter changes the image

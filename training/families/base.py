@@ -78,6 +78,12 @@ class ModelFamily:
     tokenizer_names: ClassVar[tuple[str, ...]]
     default_resolution: ClassVar[int]  # px: the resolution the family's released models were trained at
     uses_time_ids: ClassVar[bool] = False
+    # {text encoder: how many of its last transformer layers never reach the UNet} (SDXL's first encoder gives its
+    # penultimate hidden states only): LoRA there could not train, and DDP refuses parameters without gradients
+    unused_text_encoder_layers: ClassVar[Mapping[str, int]] = {}
+    # keep a force_upcast VAE in fp32 under bf16 too, not only fp16 (diffusers' SDXL LoRA scripts keep it fp32 under
+    # any mixed precision unless another VAE is given: train_text_to_image_lora_sdxl.py)
+    vae_fp32_in_bf16: ClassVar[bool] = False
 
     # ---- modules ------------------------------------------------------------------------------------------
     def text_encoders(self, pipe: DiffusionPipeline) -> dict[str, nn.Module]:

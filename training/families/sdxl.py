@@ -31,6 +31,8 @@ class StableDiffusionXL(ModelFamily):
     tokenizer_names = ("tokenizer", "tokenizer_2")
     default_resolution = 1024
     uses_time_ids = True
+    unused_text_encoder_layers = {"text_encoder": 1}  # its penultimate hidden states only; text_encoder_2's pooled
+    vae_fp32_in_bf16 = True
 
     def encode(
         self, pipe: StableDiffusionXLPipeline, input_ids: torch.Tensor, encoders: Mapping[str, nn.Module] | None = None
