@@ -52,10 +52,13 @@ def test_every_shipped_config_validates_and_names_its_command(repo: Path):
         "toy_world.yaml": ToyWorldConfig,
         "train.yaml": TrainConfig,
         "tune.yaml": TuneConfig,
+        "tune-sdxl.yaml": TuneConfig,
         "eval.yaml": EvalConfig,
         "eval-toy-sks.yaml": EvalConfig,  # the toy world's hand-written (stricter) suite
+        "eval-sdxl.yaml": EvalConfig,
         "serve.yaml": load_serve_args,  # a Ray Serve config file: its application's args are ServeArgs
         "pipeline.yaml": PipelineConfig,
+        "pipeline-sdxl.yaml": PipelineConfig,
     }
     files = sorted((repo / "configs").glob("*.yaml"))
     assert files
