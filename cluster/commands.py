@@ -166,7 +166,7 @@ def validate(argv: list[str]) -> int:
         "--resolution",
         type=int,
         help="training resolution: images whose short side is below their bucket's are errors (default: the "
-        "--base-model's own, e.g. 64 for models/toy-sd, 512 for SD 1.x; else 512)",
+        "--base-model's own, e.g. 64 for models/toy-sd, 512 for SD 1.x, 1024 for SDXL; else 512)",
     )
     p.add_argument(
         "--base-model",

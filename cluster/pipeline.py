@@ -5,6 +5,11 @@
     python -m cluster.pipeline --config configs/pipeline.yaml 'tune.overrides=["search.num_samples=2"]' until=tune
     lorafleet submit pipeline --config configs/pipeline.yaml --follow      # the same as a Ray job
     python -m cluster.pipeline --config configs/pipeline.yaml --resume     # after `lorafleet stop` (SIGTERM)
+    lorafleet submit pipeline --config configs/pipeline-sdxl.yaml dataset=s3://bucket/my-photos   # an SDXL base
+
+The base model is the tune config's ``trial.base_model``, of any family (SD 1.x/2.x, SDXL; docs/model-families.md):
+the trials train on it, the evaluation loads it from the adapter and renders at the trials' size, and the Serve
+application is deployed with it as its ``base_model``.
 
 Writes ``<output_dir>/<name>/``: ``pipeline.json`` (every stage's outcome and time; the job's result),
 ``search/`` (the tune run: study, trials, best adapter, evaluation report) and ``smoke.png``. MLflow: one
@@ -216,7 +221,9 @@ class Pipeline:
         from training.configuration import ConfigError
         from tuning.handoff import eval_config
 
-        problems = []
+        problems = [f"serve.overrides: {o.split('=')[0].strip()} is the search's base model (set trial.base_model in "
+                    f"the tune config, {self.cfg.tune.config}): the Serve replicas serve the base the adapter learned"
+                    for o in self.cfg.serve.overrides if o.split("=")[0].strip() == "base_model"]  # fmt: skip
         try:
             enabled = tcfg.model_copy(update={"evaluation": tcfg.evaluation.model_copy(update={"enabled": True})})
             eval_config(enabled, self.search_dir, self.uri, None, fetch=False)  # no dataset download to check
@@ -226,11 +233,18 @@ class Pipeline:
             from serving.config import load_serve_args
 
             try:
-                load_serve_args(config_file(self.cfg.serve.config), self.cfg.serve.overrides)
+                load_serve_args(config_file(self.cfg.serve.config), self.serve_overrides(tcfg))
             except ConfigError as exc:
                 problems += [f"serve ({self.cfg.serve.config}): {p}" for p in exc.problems]
         if problems:
             raise ConfigError(problems, "pipeline")
+
+    def serve_overrides(self, tcfg, *first: str) -> list[str]:
+        """The serve stage's overrides: ``first`` (the pipeline's own), the base model the search trains on — one
+        replica serves one base model, of any family, and it must be the adapters' — then ``serve.overrides``."""
+        from training.adapter import portable_model_name
+
+        return [*first, f"base_model={portable_model_name(tcfg.trial.base_model)}", *self.cfg.serve.overrides]
 
     # -- stages --------------------------------------------------------------------------------------------
     def validate(self, tcfg) -> dict[str, Any]:
@@ -379,14 +393,14 @@ class Pipeline:
             )
         return {"model": reg.get("model"), "version": str(reg["version"]), "alias": reg.get("alias", "champion")}
 
-    def deploy(self) -> dict[str, Any]:
+    def deploy(self, tcfg) -> dict[str, Any]:
         from serving.config import load_serve_args
         from serving.deploy import deploy, http_options
 
         s = self.cfg.serve
         model = self.summary["stages"]["register"]["model"]
         path = config_file(s.config)
-        args = load_serve_args(path, [f"tracking_uri={self.uri}", f"champion.model={model}", *s.overrides])
+        args = load_serve_args(path, self.serve_overrides(tcfg, f"tracking_uri={self.uri}", f"champion.model={model}"))
         # every registered model keeps being served under its own name; `champion` is this pipeline's
         http = http_options(path) | ({"port": s.port} if s.port else {})
         self.serve_args = args  # the smoke test talks to this deployment
@@ -464,7 +478,7 @@ class Pipeline:
             stages = [("tune", self.tune, tcfg), ("evaluate", self.evaluate, tcfg), ("gate", self.gate),
                       ("register", self.register)]  # fmt: skip
             if self.cfg.serve.enabled:
-                stages += [("deploy", self.deploy), ("smoke", self.smoke)]
+                stages += [("deploy", self.deploy, tcfg), ("smoke", self.smoke)]
             for name, fn, *args in stages[: STAGES.index(self.cfg.until)]:
                 self._stage(name, fn, *args)
             status = "FINISHED"

@@ -135,7 +135,12 @@ class AutoSuiteArgs(_Section):
 class GenerationArgs(_Section):
     steps: int = Field(20, ge=1, le=200, description="denoising steps per image")
     guidance: float = Field(4.0, ge=1.0, le=30.0, description="classifier-free guidance scale")
-    resolution: int | None = Field(None, ge=8, description="image side in pixels; null = the model's default")
+    resolution: int | None = Field(
+        None,
+        ge=8,
+        description="image side in pixels; null = the model's default (toy 64, SD 1.5 512, SDXL 1024). A search "
+        "(tuning.handoff) sets its trials' data.resolution when that differs from the model's default",
+    )
     seed: int = Field(100, description="image j of a prompt uses seed + j, for the base model and the adapter")
     batch_size: int = Field(1, ge=1, description="images per pipeline call; latency = call time / batch size")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available (fp16), else CPU")
@@ -227,7 +232,9 @@ class EvalMlflowArgs(_Section):
 
 class EvalConfig(_Section):
     base_model: str | None = Field(
-        None, description="diffusers SD-1.x folder or hub id; null = the one the adapter was trained on"
+        None,
+        description="diffusers folder or hub id of any supported family (SD 1.x/2.x, SDXL; docs/model-families.md); "
+        "null = the one the adapter was trained on",
     )
     clip_model: str = Field("models/toy-clip", description="CLIPModel folder or hub id (openai/clip-vit-large-patch14)")
     output_dir: str = Field("runs/eval", description="reports go to <output_dir>/<adapter sha256[:12]>/")

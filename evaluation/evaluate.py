@@ -122,6 +122,29 @@ class Evaluator:
         return self._score(images, self.base), images
 
 
+def check_champion_base(cfg: EvalConfig, uri: str, base_model: str) -> None:
+    """Refuse to gate an adapter against a champion of another base model (an SDXL adapter against an SD 1.x one):
+    their metrics do not compare, and the alias would move to an adapter that the Serve replicas following it (one
+    base model per replica) cannot load. Checked before anything is rendered.
+
+    Raises:
+        ConfigError: the registered model's champion was registered for another base model (its ``base_model`` tag).
+    """
+    r = cfg.registry
+    version = current(client_for(uri), r.model_name, r.alias)
+    theirs = version.tags.get(TAG_BASE) if version is not None else None
+    if theirs and theirs != base_model_id(base_model):
+        raise ConfigError(
+            [
+                f"registry.model_name={r.model_name}: its {r.alias} (version {version.version}) is an adapter for "
+                f"base model {theirs!r}, this one is for {base_model_id(base_model)!r}. A registered model holds one "
+                "base model's adapters (a Serve replica serves one base model): set registry.model_name to a new "
+                "name (the pipeline: name=)"
+            ],
+            "eval",
+        )
+
+
 def champion_entry(cfg: EvalConfig, uri: str, evaluator: Evaluator, sha: str, dst: Path) -> dict | None:
     """The current champion's metrics on this suite: stored at its registration when that evaluation is
     comparable (same suite, seeds, scorer), else measured now. None when there is no champion; an entry
@@ -189,8 +212,12 @@ def run(cfg: EvalConfig, adapter_ref: str) -> EvalResult:
     registry → report. Everything after the suite is built (comparable key, report, suite.json, params, the
     champion's comparison) uses the built suite and the resolved registry name.
 
+    Works on any model family's base (``training.families``: SD 1.x/2.x, SDXL); images are square, of
+    ``generation.resolution`` px, else the base pipeline's default size (SDXL 1024, SD 1.5 512, the toy models 64).
+
     Raises:
-        ConfigError: no trigger, a trigger that is not the adapter's, or a gate the built suite cannot measure.
+        ConfigError: no trigger, a trigger that is not the adapter's, a gate the built suite cannot measure, or a
+            registered model whose champion is for another base model.
     """
     out_root = Path(cfg.output_dir).expanduser()
     uri = resolve_tracking_uri(cfg.mlflow.tracking_uri, out_root) if cfg.mlflow.enabled else None
@@ -206,6 +233,8 @@ def run(cfg: EvalConfig, adapter_ref: str) -> EvalResult:
     adapter_info = {"ref": adapter_ref, "sha256": meta.sha256, "base_model": base_model, "path": str(fetched.path)}
     log.info("evaluating %s (sha256 %s…) on %s", adapter_ref, meta.sha256[:12], base_model)
 
+    if cfg.registry.enabled and uri is not None:
+        check_champion_base(cfg, uri, base_model)
     evaluator = Evaluator(cfg, base_model)
     metrics, images = evaluator.evaluate(fetched, CANDIDATE, timed=True)
     champion = None

@@ -1,5 +1,8 @@
 """Export an adapter fused into its base model to ONNX: text encoder, UNet and VAE decoder, checked with onnxruntime.
 
+SD 1.x/2.x base models only: an SDXL base (two text encoders, pooled embeddings, time ids) is refused with the reason
+and the alternatives (``check_family``).
+
     lorafleet export-onnx my-style@champion onnx/my-style                  # registry reference (MLflow)
     lorafleet export-onnx runs/adapters/my-style onnx/my-style --overwrite  # an adapter folder needs no MLflow
     python -m evaluation.onnx_export runs/adapters/my-style onnx/my-style   # the same without the lorafleet CLI
@@ -238,6 +241,29 @@ def resolve_base(name: str) -> str:
     return name
 
 
+def check_family(base: str) -> None:
+    """Only SD 1.x/2.x bases export: the graphs and ``model_index.json`` are ``OnnxStableDiffusionPipeline``'s.
+
+    Raises:
+        OnnxExportError: ``base`` is another family's model (SDXL) or one no family knows.
+        FileNotFoundError: ``base`` has no readable ``model_index.json`` (``training.families.family_of``).
+    """
+    from training.families import FamilyError, family_of
+
+    try:
+        family = family_of(base)
+    except FamilyError as exc:
+        raise OnnxExportError(str(exc)) from exc
+    if family.name != "sd":
+        raise OnnxExportError(
+            f"export-onnx exports SD 1.x/2.x models only (one text encoder; OnnxStableDiffusionPipeline's layout); "
+            f"base model {base_model_id(base)!r} is a {family.pipeline_class.__name__} ({family.name}), whose second "
+            "text encoder, pooled embeddings and size/crop time ids these graphs do not carry. Serve it with PyTorch "
+            "(lorafleet serve), or fuse the adapter (pipe.fuse_lora(); pipe.save_pretrained(DIR)) and export DIR with "
+            "Hugging Face Optimum (`optimum-cli export onnx --model DIR OUT`), which has SDXL ONNX pipelines"
+        )
+
+
 def _require_onnx() -> None:
     import importlib.util
 
@@ -293,14 +319,14 @@ def export_onnx(
 
     Raises:
         OnnxExportError: ``out_dir`` is not empty (without ``overwrite``); is the current folder or above it, or
-            overlaps the adapter, REF or base-model folder; or a graph failed the check.
+            overlaps the adapter, REF or base-model folder; the base model is not SD 1.x/2.x (SDXL); the onnx
+            packages are missing; or a graph failed the check.
         AdapterError / RegistryError: the reference names nothing, fails verification, is for another base model.
         FileNotFoundError: the base model cannot be loaded.
     """
     from evaluation.adapter_io import fetch_ref
 
     out = Path(out_dir).expanduser().resolve()  # "." has no name; a resolved path always has one
-    _require_onnx()
     _check_out(out, overwrite)
     _check_out_is_not_precious(out, {})
     if not math.isfinite(lora_scale):
@@ -312,6 +338,8 @@ def export_onnx(
     try:
         fetched = fetch_ref(ref, downloads, tracking_uri, expected_base=base_model)
         base = resolve_base(base_model or fetched.meta.base_model)
+        check_family(base)  # an SDXL base is refused before the onnx packages are even asked for
+        _require_onnx()
         keep = {"adapter folder": Path(fetched.path).resolve()}
         if Path(base).expanduser().exists():
             keep["base model folder"] = Path(base).expanduser().resolve()

@@ -4,7 +4,8 @@
     python -m evaluation.publish models:/toy-sks-lora@champion --repo-id you/toy-sks-lora --push   # + upload
     lorafleet publish models:/toy-sks-lora@champion --repo-id you/toy-sks-lora
 
-The folder holds the diffusers LoRA weights (``pipe.load_lora_weights(repo_id)`` loads them), lorafleet's
+The folder holds the diffusers LoRA weights (``pipe.load_lora_weights(repo_id)`` loads them into the base model's
+pipeline class: ``StableDiffusionXLPipeline`` for SDXL, from ``model_index.json``), lorafleet's
 adapter JSON, the QA grid (base vs adapter, same seeds) as ``samples.png`` and a ``README.md`` model card
 (``huggingface_hub.ModelCard``: base model, trigger, training config, evaluation metrics, the grid).
 By default only the folder is written (nothing leaves the machine); ``--push`` then uploads it with one
@@ -46,9 +47,9 @@ one concept behind the trigger word **`{{ trigger }}`**.
 ## Use it
 
 ```python
-from diffusers import StableDiffusionPipeline
+from diffusers import {{ pipeline_class }}
 
-pipe = StableDiffusionPipeline.from_pretrained("{{ base_model }}"){{ base_comment }}
+pipe = {{ pipeline_class }}.from_pretrained("{{ base_model }}"){{ base_comment }}
 pipe.load_lora_weights("{{ repo_id }}")
 image = pipe("{{ example_prompt }}").images[0]
 ```
@@ -71,6 +72,27 @@ Weights sha256: `{{ sha256 }}` (registered as {{ registry_ref }}).
 """
 
 
+# the Hub tag of each family's LoRAs, as diffusers' LoRA training scripts tag their model cards
+FAMILY_TAGS = {"sd": "stable-diffusion", "sdxl": "stable-diffusion-xl"}
+
+
+def base_pipeline_class(base_model: str) -> tuple[str, str | None]:
+    """The diffusers pipeline class that loads ``base_model`` and its family's name, from the model's
+    ``model_index.json`` (``training.families.family_of``: a local folder, or a hub id in the Hugging Face cache).
+    A base model whose ``model_index.json`` cannot be read here gets ``DiffusionPipeline`` (which reads it where the
+    card is used and picks the class itself) and no family."""
+    from evaluation.onnx_export import resolve_base
+    from training.families import FamilyError, family_of
+
+    try:
+        family = family_of(resolve_base(base_model))
+    except (FileNotFoundError, FamilyError) as exc:
+        log.warning("the card's snippet uses DiffusionPipeline: the family of %s is not known here (%s)", base_model,
+                    exc)  # fmt: skip
+        return "DiffusionPipeline", None
+    return family.pipeline_class.__name__, family.name
+
+
 def _hub_id(base_model: str) -> str | None:
     """The base model's hub id, when it has one (a local toy model does not)."""
     ident = base_model_id(base_model)
@@ -88,6 +110,7 @@ def build_card(
 
     meta = fetched.meta
     hub_base = _hub_id(meta.base_model)
+    pipeline_class, family = base_pipeline_class(meta.base_model)
     trigger = meta.trigger or ""
     prompt = prompt or (f"a photo of {trigger}" if trigger else "a photo")
     data = ModelCardData(
@@ -95,7 +118,13 @@ def build_card(
         library_name="diffusers",
         license="apache-2.0",
         pipeline_tag="text-to-image",
-        tags=["text-to-image", "diffusers", "lora", "stable-diffusion", "lorafleet"],
+        tags=[
+            "text-to-image",
+            "diffusers",
+            "lora",
+            *([FAMILY_TAGS[family]] if family in FAMILY_TAGS else []),
+            "lorafleet",
+        ],
         instance_prompt=trigger or None,
         widget=[{"text": prompt, "output": {"url": SAMPLES}}] if has_samples else None,
     )
@@ -118,6 +147,7 @@ def build_card(
         template_str=CARD_TEMPLATE,
         model_name=repo_id.rsplit("/", 1)[-1],
         repo_id=repo_id,
+        pipeline_class=pipeline_class,
         base_model=hub_base or base_model_id(meta.base_model),
         base_comment="" if hub_base else "  # a local model: the path to your copy",
         base_model_text=f"`{hub_base}`" if hub_base else f"the base model `{base_model_id(meta.base_model)}`",

@@ -1,6 +1,8 @@
 """The QA suite: render the fixed prompts with the base model and an adapter, then score both.
 
-No MLflow, no Ray: a pipeline, a scorer and a config in, images and numbers out.
+No MLflow, no Ray: a pipeline, a scorer and a config in, images and numbers out. Any family's pipeline (SD 1.x/2.x,
+SDXL: ``training.families.load_pipeline``) renders the suite through its own ``__call__``; images are square, of
+``generation.resolution`` px (null: the pipeline's default, ``unet.config.sample_size × vae_scale_factor``).
 
     pipe = load_pipeline("models/toy-sd")
     base = render_suite(pipe, cfg, adapter=None)
@@ -17,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from diffusers import DDPMScheduler, StableDiffusionPipeline
+from diffusers import DDPMScheduler, DiffusionPipeline
 from PIL import Image
 
 from evaluation.config import DataArgs, EvalConfig, SuiteArgs
@@ -55,7 +57,7 @@ class SuiteImages:
     prior: Rendered  # suite.prior_prompts x images_per_prompt
 
 
-def _call(pipe: StableDiffusionPipeline, prompts: list[str], seeds: list[int], cfg: EvalConfig) -> np.ndarray:
+def _call(pipe: DiffusionPipeline, prompts: list[str], seeds: list[int], cfg: EvalConfig) -> np.ndarray:
     g = cfg.generation
     gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
     size = {"height": g.resolution, "width": g.resolution} if g.resolution else {}
@@ -65,7 +67,7 @@ def _call(pipe: StableDiffusionPipeline, prompts: list[str], seeds: list[int], c
     return out.images
 
 
-def render(pipe: StableDiffusionPipeline, prompts: list[str], cfg: EvalConfig, *, timed: bool = False) -> Rendered:
+def render(pipe: DiffusionPipeline, prompts: list[str], cfg: EvalConfig, *, timed: bool = False) -> Rendered:
     """Every prompt ``images_per_prompt`` times (image j: ``generation.seed + j``), ``batch_size`` per call.
 
     A call that raises or returns non-finite pixels counts as failed for each of its images; the rest go on.
@@ -98,7 +100,7 @@ def render(pipe: StableDiffusionPipeline, prompts: list[str], cfg: EvalConfig, *
     return out
 
 
-def render_suite(pipe: StableDiffusionPipeline, cfg: EvalConfig, adapter: str | None, *, timed: bool = False):
+def render_suite(pipe: DiffusionPipeline, cfg: EvalConfig, adapter: str | None, *, timed: bool = False):
     """The suite's trigger and prior prompts with ``adapter`` active (None = the base model).
 
     ``timed``: one untimed warm-up call first, then every call's wall time is recorded per image.
@@ -116,7 +118,7 @@ def render_suite(pipe: StableDiffusionPipeline, cfg: EvalConfig, adapter: str | 
     return SuiteImages(trigger, prior)
 
 
-def _has_lora(pipe: StableDiffusionPipeline) -> bool:
+def _has_lora(pipe: DiffusionPipeline) -> bool:
     return bool(getattr(pipe.unet, "peft_config", None))
 
 
@@ -212,7 +214,7 @@ def reference_embeddings(scorer: ClipScorer, data: DataArgs, trigger: str) -> to
     return scorer.images([open_rgb(e.path, background).image for e in examples])
 
 
-def heldout_set(pipe: StableDiffusionPipeline, data: DataArgs, trigger: str, resolution: int):
+def heldout_set(pipe: DiffusionPipeline, data: DataArgs, trigger: str, resolution: int):
     """The held-out images encoded once, with their fixed noise and timesteps: ``(held, parts)``, then
     ``held.loss(parts)`` scores the pipeline as it stands (adapter active or not) — the same problems as
     training's ``val_loss``, so the numbers compare with a trial's. None without held-out images

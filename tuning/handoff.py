@@ -43,6 +43,8 @@ def eval_config(cfg: TuneConfig, run_dir: Path, uri: str | None, parent: str | N
     for key in ("caption_column", "image_column", "caption_extension", "background"):  # read as training read it
         if key in t.data.model_fields_set:
             derived.append(f"data.{key}={json.dumps(getattr(t.data, key))}")
+    if (size := trained_size(t.base_model, t.data.resolution)) is not None:
+        derived.append(f"generation.resolution={size}")  # the adapter is judged at the size it learned
     if uri is None:
         derived += ["mlflow.enabled=false", "registry.enabled=false"]
     else:
@@ -54,6 +56,23 @@ def eval_config(cfg: TuneConfig, run_dir: Path, uri: str | None, parent: str | N
             EvalConfig, cfg.evaluation.config, [*overrides, f"registry.model_name={default_model_name(t.data.path)}"]
         )
     return ecfg
+
+
+def trained_size(base_model: str, resolution: int | None) -> int | None:
+    """The image side the evaluation must render at to judge the trials at the size they trained at: ``resolution``
+    (the trials' ``data.resolution``), or None when it is the base model's own default size (``null`` in the
+    evaluation config says that already, for every family: SDXL 1024, SD 1.5 512, toy 64) or not set. A base model
+    whose configs cannot be read here gets the size explicitly."""
+    if resolution is None:
+        return None
+    from evaluation.onnx_export import resolve_base
+    from training.buckets import native_resolution
+
+    try:
+        native = native_resolution(resolve_base(base_model))
+    except (OSError, ValueError, KeyError, TypeError):
+        return resolution
+    return None if native == resolution else resolution
 
 
 def ranked_candidates(cfg: TuneConfig, summary: dict[str, Any], run_dir: Path, n: int) -> list[tuple[str, str]]:

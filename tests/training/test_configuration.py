@@ -53,10 +53,13 @@ def test_every_shipped_config_validates_and_names_its_command(repo: Path):
         "train.yaml": TrainConfig,
         "train-sdxl.yaml": TrainConfig,  # a real SDXL run (stabilityai/stable-diffusion-xl-base-1.0, fp16-fix VAE)
         "tune.yaml": TuneConfig,
+        "tune-sdxl.yaml": TuneConfig,
         "eval.yaml": EvalConfig,
         "eval-toy-sks.yaml": EvalConfig,  # the toy world's hand-written (stricter) suite
+        "eval-sdxl.yaml": EvalConfig,
         "serve.yaml": load_serve_args,  # a Ray Serve config file: its application's args are ServeArgs
         "pipeline.yaml": PipelineConfig,
+        "pipeline-sdxl.yaml": PipelineConfig,
     }
     files = sorted((repo / "configs").glob("*.yaml"))
     assert files
