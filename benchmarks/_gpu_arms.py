@@ -27,7 +27,7 @@ from serving.config import ServeArgs
 from serving.engine import Engine, ImageRequest
 from training.config import TrainConfig
 from training.data import Example, validate_dataset
-from training.dataset import Batch, PixelSource, epoch_batches, load_image, make_source
+from training.dataset import Batch, PixelSource, epoch_batches, load_image_and_crop, make_source
 from training.loop import denoising_loss, make_state, train_loop
 from training.model import Parts, enable_gradient_checkpointing
 from training.worker import build_worker_parts
@@ -61,11 +61,19 @@ class DecodedPixelSource(PixelSource):
     def __init__(self, examples: list[Example], data, parts: Parts):
         super().__init__(examples, data, parts, cache_text=False)
         bg = data.background_rgb
-        self.pixels = [load_image(e.path, self.buckets[i], data.crop, background=bg) for i, e in enumerate(examples)]
+        loaded = [
+            load_image_and_crop(e.path, self.buckets[i], data.crop, background=bg) for i, e in enumerate(examples)
+        ]
+        self.pixels = [pixels for pixels, _ in loaded]
+        # SDXL's size conditioning of each image (None for families without it), as PixelSource gives it
+        self.crop_ids = torch.stack([crop.time_ids() for _, crop in loaded]) if self.uses_time_ids else None
 
     def batch(self, idx: list[int], gen: torch.Generator) -> Batch:
         prior = self.prior[idx] if bool(self.prior.any()) else None
-        return Batch(self.input_ids[idx], pixels=torch.stack([self.pixels[i] for i in idx]), prior=prior)
+        time_ids = self.crop_ids[idx] if self.crop_ids is not None else None
+        return Batch(
+            self.input_ids[idx], pixels=torch.stack([self.pixels[i] for i in idx]), prior=prior, time_ids=time_ids
+        )
 
 
 def set_checkpointing(parts: Parts, on: bool) -> None:
