@@ -52,6 +52,7 @@ def test_the_router_covers_the_unet_and_both_text_encoders(sdxl_engine):
         assert layers and all(any(m is r for r in sdxl_engine.lora.layers) for m in layers), type(part).__name__
 
 
+@pytest.mark.slow  # about 10-30 s on 2 shared cores
 @pytest.mark.parametrize("guidance", [4.0, 1.0])  # with guidance the UNet sees 2N rows, without it N
 def test_a_mixed_sdxl_batch_draws_each_image_as_its_single_adapter_run(sdxl_engine, guidance):
     models = ["xl0", "base", "xlte0", "xl1", "xlte1", "base", "xlte0"]
@@ -71,6 +72,7 @@ def test_a_mixed_sdxl_batch_draws_each_image_as_its_single_adapter_run(sdxl_engi
             assert np.abs(pixels(got.images[0]) - pixels(ref.images[0])).mean() > 2, req.model
 
 
+@pytest.mark.slow  # about 10-30 s on 2 shared cores
 def test_sdxl_negative_prompts_route_per_request(sdxl_engine):
     """SDXL zeroes the negative embeddings only when a pass has no negative prompt at all, so requests with and
     without one never share a pass: each image stays what it is alone."""

@@ -63,6 +63,7 @@ def sd_adapter(tiny_pipe, tiny_pipe_dir, tmp_path_factory) -> Path:
     return random_adapter(tiny_pipe, tiny_pipe_dir, tmp_path_factory.mktemp("sd-adapter") / "sd", seed=1)
 
 
+@pytest.mark.slow  # about 10-30 s on 2 shared cores
 def test_a_saved_sdxl_adapter_loads_in_plain_diffusers_and_draws_the_in_memory_images(in_memory, tiny_sdxl_dir):
     folder, images, base = in_memory
     prefixes = {k.split(".")[0] for k in load_file(str(folder / "pytorch_lora_weights.safetensors"))}
@@ -74,6 +75,7 @@ def test_a_saved_sdxl_adapter_loads_in_plain_diffusers_and_draws_the_in_memory_i
     assert np.abs(drawn(pipe) - images).max() <= TOLERANCE
 
 
+@pytest.mark.slow  # about 10-30 s on 2 shared cores
 def test_load_adapter_checks_all_three_modules_and_draws_the_same(in_memory, tiny_sdxl_dir):
     folder, images, _ = in_memory
     pipe = load_pipeline(tiny_sdxl_dir, "cpu")
