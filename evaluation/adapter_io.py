@@ -4,6 +4,10 @@
     lorafleet import-adapter peft_out/ --name my-style --base-model models/toy-sd   # a PEFT save_pretrained folder
     lorafleet export-adapter my-style@champion --format kohya my_style.safetensors
     lorafleet export-adapter runs/adapters/my-style --format kohya out.safetensors  # a folder needs no MLflow
+    lorafleet import-adapter sdxl_lora.safetensors --name my-xl --base-model stabilityai/stable-diffusion-xl-base-1.0
+
+SDXL files work the same way: kohya's ``lora_unet_…``, ``lora_te1_…`` and ``lora_te2_…`` keys (Stability's block
+names too) are converted by diffusers, and export writes them back with SDXL's ``lora_te1_``/``lora_te2_`` names.
 
 Import reads the file with diffusers'/PEFT's converters (``training.lora_formats``), loads it into the base model
 (every key must name one of its modules with fitting shapes; the first that do not are named), writes the project's
@@ -73,19 +77,22 @@ def import_adapter(
     if out.exists() and any(out.iterdir()):
         raise AdapterError(f"{out} is not empty; choose another --out (nothing is overwritten)")
     try:
-        lora = read_lora(source)
+        lora = read_lora(source)  # a bad file is refused before a base model is loaded
         if pipe is None:
             from training.families import load_pipeline
 
             pipe = load_pipeline(base_model, device="cpu")
+        lora = read_lora(source, unet_config=pipe.unet.config)  # SDXL kohya files in Stability's block names map too
         found = load_lora(pipe, lora, IMPORT_SLOT, f"{Path(source).name}")
     except (LoraFormatError, OSError) as exc:
         raise AdapterError(str(exc)) from exc
     try:
-        unet = pipe.unet if found.matched["unet"] else None
-        text_encoder = pipe.text_encoder if found.matched["text_encoder"] else None
-        meta = _meta(pipe, lora, base_model, trigger, text_encoder is not None)
-        save_adapter(out, unet, meta, text_encoder, adapter_name=IMPORT_SLOT)
+        parts = {c: getattr(pipe, c) if found.matched[c] else None for c in COMPONENTS}
+        text_encoders = any(m is not None for c, m in parts.items() if c != "unet")
+        meta = _meta(pipe, lora, base_model, trigger, text_encoders)
+        save_adapter(
+            out, parts["unet"], meta, parts["text_encoder"], IMPORT_SLOT, text_encoder_2=parts["text_encoder_2"]
+        )
     except ValidationError as exc:
         why = exc.errors()[0]["msg"]
         raise AdapterError(f"{Path(source).name}: its rank/alpha cannot be recorded ({why})") from exc
@@ -99,7 +106,7 @@ def _meta(pipe, lora: LoraFile, base_model: str, trigger: str | None, text_encod
     PEFT injected, whether text-encoder weights are saved (``text_encoder``: what is written, not what the file
     had), where it came from."""
     configs = [getattr(pipe, c).peft_config[IMPORT_SLOT] for c in COMPONENTS
-               if IMPORT_SLOT in (getattr(getattr(pipe, c), "peft_config", None) or {})]  # fmt: skip
+               if IMPORT_SLOT in (getattr(getattr(pipe, c, None), "peft_config", None) or {})]  # fmt: skip
     ranks = {r for c in configs for r in [c.r, *c.rank_pattern.values()]}
     alphas = {a for c in configs for a in [c.lora_alpha, *c.alpha_pattern.values()]}
     targets = sorted({t.split(".lora")[0] for c in configs for t in (c.target_modules or [])})
@@ -130,8 +137,11 @@ def export_kohya(folder: str | Path, out_file: str | Path, meta: AdapterMeta) ->
         raise AdapterError(f"{out}: the output must be a .safetensors file")
     if out.exists():
         raise AdapterError(f"{out} exists; choose another name (nothing is overwritten)")
+    from training.adapter import adapter_family
+
     try:
-        state = kohya_layout(read_lora(Path(folder) / meta.weights))
+        lora = read_lora(Path(folder) / meta.weights)
+        state = kohya_layout(lora, sdxl=adapter_family(meta.base_model, lora) == "sdxl")
     except LoraFormatError as exc:
         raise AdapterError(str(exc)) from exc
     alphas = {float(v) for k, v in state.items() if k.endswith(".alpha")}

@@ -52,7 +52,12 @@ class ChampionArgs(_Section):
 class GenerationDefaults(_Section):
     steps: int = Field(20, ge=1, description="denoising steps when a request gives none")
     guidance: float = Field(4.0, ge=0, description="classifier-free guidance scale when a request gives none")
-    size: int = Field(64, ge=8, description="image side in pixels when a request gives none (toy world 64, SD 512)")
+    size: int = Field(
+        64,
+        ge=8,
+        description="image side in pixels when a request gives none (toy world 64, SD 1.x 512, SDXL 1024); a multiple "
+        "of the base model's size multiple (checked when the model loads)",
+    )
 
 
 class RequestLimits(_Section):
@@ -60,7 +65,12 @@ class RequestLimits(_Section):
     max_n: int = Field(4, ge=1, description="images per request")
     max_steps: int = Field(50, ge=1, description="denoising steps per request")
     max_guidance: float = Field(20.0, gt=0, description="guidance scale per request")
-    min_size: int = Field(32, ge=8, description="smallest image side in pixels")
+    min_size: int = Field(
+        32,
+        ge=8,
+        description="smallest image side in pixels (sides must also be multiples of the "
+        "model's size multiple: VAE factor x 2^(UNet levels - 1), 16 on the toy model, 32 on SDXL)",
+    )
     max_size: int = Field(128, ge=8, description="largest image side in pixels; bounds memory per request")
     max_body_bytes: int = Field(
         65536, ge=1024, description="larger request bodies get 413 before they are read (prompts are ≤ a few KB)"
@@ -177,7 +187,17 @@ class DeploymentArgs(_Section):
 
 
 class ServeArgs(_Section):
-    base_model: str = Field("models/toy-sd", description="diffusers SD-1.x folder or hub id (from the HF cache)")
+    base_model: str = Field(
+        "models/toy-sd",
+        description="diffusers folder or hub id (from the HF cache) of the one base model this app serves; its family "
+        "(SD 1.x/2.x or SDXL) comes from its model_index.json, and adapters of another family are refused",
+    )
+    vae: str | None = Field(
+        None,
+        description="another VAE folder or hub id to load instead of the base model's own, e.g. "
+        "madebyollin/sdxl-vae-fp16-fix for SDXL in float16 (SDXL's own VAE overflows in fp16, so diffusers upcasts it "
+        "to fp32 for every decode); null: the model's own",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available, else cpu")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto", description="auto: float16 on CUDA, float32 on CPU"

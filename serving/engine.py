@@ -10,6 +10,10 @@ a single-adapter pass, and per-sample routing only for a truly mixed pass — th
 gathered once per pass and applied with batched matmuls (``speed.lora_batching``). Requests that cannot share a
 pass (different size, steps or guidance) run as sub-batches. ``speed`` also holds the diffusers speed options
 (SDPA, channels-last, VAE slicing/tiling, TF32, ``torch.compile`` with LoRA hot-swap): ``serving.speed``.
+
+One engine serves one base model of any family (``training.families``: SD 1.x/2.x, SDXL): the routing covers the
+UNet and every text encoder the family has (SDXL: ``text_encoder`` and ``text_encoder_2``), and image sides are
+multiples of what the model's UNet and VAE need (``size_multiple``), bounded by ``limits.min_size/max_size``.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from serving.config import ServeArgs, project_path
 from serving.lora_batch import BASE_ROUTE, LoraRouter
 from serving.speed import apply_speed
 from training.adapter import AdapterError
+from training.families import family_for
 
 log = logging.getLogger(__name__)
 
@@ -91,15 +96,21 @@ class ImageResult:
 
 
 class Engine:
-    """Thread-safe: one generation at a time (a pass already uses every core/GPU it has)."""
+    """Thread-safe: one generation at a time (a pass already uses every core/GPU it has).
+
+    Raises (at construction):
+        ValueError: ``defaults.size`` is outside ``limits.min_size..max_size`` or not a multiple of the model's
+            ``size_multiple`` (every request without a size would be refused).
+    """
 
     def __init__(self, pipe, args: ServeArgs, resolver: AdapterResolver):
         self.pipe = pipe
         self.args = args
         self.resolver = resolver
+        self.family = family_for(pipe)
         speed = args.speed
         self.lora = LoraRouter(
-            [pipe.unet, pipe.text_encoder],
+            list(self.family.lora_modules(pipe).values()),  # the UNet and every text encoder (SDXL: two)
             batched=speed.lora_batching == "batched",
             merge_single=speed.merge_single_adapter and not speed.compile_unet,
         )
@@ -110,10 +121,25 @@ class Engine:
             hotswap=args.speed.compile_unet,
             hotswap_max_rank=args.speed.hotswap_max_rank,
         )
+        # latents are 1/vae_scale_factor of the image, and the UNet halves them at each of its levels but the last
         self.size_multiple = pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+        # SDXL (force_zeros_for_empty_prompt): with no negative prompt in a pass its negative embeddings are zeros,
+        # with one they are every row's encoded text, "" included; so passes never mix rows with and without one,
+        # and each image stays what it is alone
+        self.zeros_for_empty_negative = bool(getattr(pipe.config, "force_zeros_for_empty_prompt", False))
+        self._check_default_size()
         self._lock = threading.Lock()
         self.passes = 0
         self._steps_ok: dict[int, bool] = {}
+
+    def _check_default_size(self) -> None:
+        lim, size, m = self.args.limits, self.args.defaults.size, self.size_multiple
+        if not lim.min_size <= size <= lim.max_size or size % m:
+            raise ValueError(
+                f"defaults.size {size} px: this base model ({self.family.name}) draws sides that are multiples of {m} "
+                f"px, and limits allow {lim.min_size}..{lim.max_size}; set defaults.size to such a multiple in range "
+                f"(e.g. {self.family.default_resolution} for released {self.family.name} models)"
+            )
 
     @classmethod
     def from_args(cls, args: ServeArgs, cache_dir: Path | None = None) -> Engine:
@@ -129,7 +155,8 @@ class Engine:
         if device == "cpu" and dtype == torch.float16:
             raise RuntimeError("dtype: float16 needs a CUDA GPU; use auto or float32 on CPU")
         base = project_path(args.base_model)
-        pipe = load_pipeline(base, device=device, dtype=dtype)
+        vae = project_path(args.vae) if args.vae else None
+        pipe = load_pipeline(base, device=device, dtype=dtype, vae=vae)
         apply_speed(pipe, args.speed)
         cache = cache_dir or Path(project_path(args.adapter_cache_dir))
         return cls(pipe, args, AdapterResolver(args, base, cache))
@@ -212,12 +239,14 @@ class Engine:
         return results  # type: ignore[return-value]
 
     def plan(self, batch: Sequence[Prepared]) -> list[list[int]]:
-        """Indices of ``batch`` split into passes: same size/steps/guidance, at most ``max_adapters`` adapters
-        per pass, and one adapter per pass when mixed batches are off."""
+        """Indices of ``batch`` split into passes: same size/steps/guidance (and, on SDXL, all or none with a
+        negative prompt: ``zeros_for_empty_negative``), at most ``max_adapters`` adapters per pass, and one adapter
+        per pass when mixed batches are off."""
         mixed = self.args.batching.mixed_adapters
         groups: dict[tuple, list[int]] = {}
         for i, p in enumerate(batch):
-            key = p.shape_key if mixed else (*p.shape_key, p.adapter.key if p.adapter else None)
+            key = (*p.shape_key, self.zeros_for_empty_negative and bool(p.request.negative_prompt))
+            key = key if mixed else (*key, p.adapter.key if p.adapter else None)
             groups.setdefault(key, []).append(i)
         passes: list[list[int]] = []
         for idx in groups.values():

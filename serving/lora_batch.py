@@ -22,7 +22,11 @@
 
 Classifier-free guidance doubles the UNet batch as ``[uncond..., cond...]`` (diffusers' SD pipeline concatenates the
 negative embeddings first) while the text encoder sees one row per prompt, so the routing covers a batch of N
-(``names``) and of 2N (``names + names``). Memory of a mixed pass: per batched layer ``N · r · (d_in + d_out)``
+(``names``) and of 2N (``names + names``). SDXL's pipeline is the same shape: each of its two text encoders sees N
+rows (the prompts, then the negative prompts in a call of their own, or none: zero negative embeddings), the UNet
+2N, and ``added_cond_kwargs`` (pooled ``text_embeds``, ``time_ids``) are 2N rows in the same order, so a LoRA
+layer anywhere in the UNet, its added-conditioning embedding included, routes by the same rule (tested:
+``tests/serving/test_engine_sdxl.py``). Memory of a mixed pass: per batched layer ``N · r · (d_in + d_out)``
 elements per batch size seen (SD-1.5 attention, r 16, 2N = 32, fp16: about 200 MB), freed when the pass ends.
 """
 

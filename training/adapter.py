@@ -27,7 +27,7 @@ from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from training.lora_formats import LoraFormatError, drop, is_pickle, load_lora, read_lora
+from training.lora_formats import LoraFile, LoraFormatError, drop, is_pickle, load_lora, read_lora
 
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -277,28 +277,96 @@ def verify_adapter(adapter_dir: str | Path) -> AdapterMeta:
 
 
 def load_adapter(pipe: DiffusionPipeline, adapter_dir: str | Path, adapter_name: str = "default") -> AdapterMeta:
-    """Verify, check the weights against ``pipe``'s modules, then load them with diffusers' loaders; the weights may
+    """Verify, check the adapter's model family and its weights against ``pipe``'s modules (every LoRA-loadable one:
+    ``unet``, ``text_encoder``, SDXL's ``text_encoder_2``), then load them with diffusers' loaders; the weights may
     be in diffusers, kohya/A1111 or PEFT layout (``training.lora_formats``).
 
     Raises:
-        AdapterError: verification failed; no key matches a module of ``pipe`` (naming the first keys); a module's
-            shapes differ; every up weight is zero; or no LoRA layer was injected. Nothing stays loaded then.
+        AdapterError: verification failed; the adapter was made for another model family than ``pipe``'s (an SD 1.x
+            adapter on SDXL or the reverse, naming both base models); no key matches a module of ``pipe`` (naming
+            the first keys); a module's shapes differ; every up weight is zero; or no LoRA layer was injected.
+            Nothing stays loaded then.
     """
     meta = verify_adapter(adapter_dir)
     label = f"adapter {Path(adapter_dir).name!r} ({adapter_dir})"
+    bases = f"adapter made for base model {base_model_id(meta.base_model)!r}; base model here: {pipe_base(pipe)!r}"
+    unet = getattr(pipe, "unet", None)
     try:
-        lora = read_lora(Path(adapter_dir) / meta.weights)
+        lora = read_lora(Path(adapter_dir) / meta.weights, unet_config=getattr(unet, "config", None))
+    except LoraFormatError as exc:
+        raise AdapterError(f"{exc} ({bases})") from exc
+    check_family(pipe, meta, lora, label)
+    try:
         load_lora(pipe, lora, adapter_name, label)
     except LoraFormatError as exc:
-        raise AdapterError(f"{exc} (base model here: {base_model_id(meta.base_model)!r})") from exc
+        raise AdapterError(f"{exc} ({bases})") from exc
     except Exception as exc:  # noqa: BLE001 - shapes or keys that do not fit this base model
         drop(pipe, adapter_name)
         first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         raise AdapterError(
-            f"{adapter_dir}: the weights do not fit base model {base_model_id(meta.base_model)!r} as loaded here "
-            f"({type(exc).__name__}: {first}); it was made for another model or architecture — retrain it on this one"
+            f"{adapter_dir}: the weights do not fit base model {pipe_base(pipe)!r} as loaded here "
+            f"({type(exc).__name__}: {first}); it was made for {base_model_id(meta.base_model)!r}, another model or "
+            "architecture — retrain it on this one"
         ) from exc
     return meta
+
+
+def pipe_base(pipe: DiffusionPipeline) -> str:
+    """The base model a loaded pipeline came from (``base_model_id`` of its ``from_pretrained`` folder or hub id)."""
+    name = getattr(pipe, "name_or_path", None)
+    return base_model_id(name) if name else f"a {type(pipe).__name__} built in memory"
+
+
+def adapter_family(base_model: str, lora: LoraFile | None = None) -> str | None:
+    """The model family (``training.families``) an adapter was made for, without downloading anything: its base
+    model's, when that is a local diffusers folder (project-relative too) or a hub id in the local Hugging Face
+    cache; else ``sdxl`` when the file holds ``text_encoder_2`` keys (only SDXL has a second text encoder); else
+    None (unknown: the keys and shapes are still checked against the pipeline)."""
+    from training.families import FamilyError, family_of
+
+    path = Path(base_model).expanduser()
+    if not path.is_absolute() and not path.exists() and (PROJECT_ROOT / path).exists():
+        path = PROJECT_ROOT / path
+    folder = path if (path / "model_index.json").is_file() else None
+    if folder is None and not path.exists() and len(Path(base_model).parts) == 2:  # org/name: the cache only
+        from huggingface_hub import try_to_load_from_cache
+
+        try:
+            cached = try_to_load_from_cache(base_model, "model_index.json")
+        except ValueError:  # not a valid hub id
+            cached = None
+        folder = Path(cached).parent if isinstance(cached, str) else None
+    if folder is not None:
+        try:
+            return family_of(folder).name
+        except (FamilyError, FileNotFoundError, ValueError):
+            pass
+    if lora is not None and any(k.startswith("text_encoder_2.") for k in lora.state):
+        return "sdxl"
+    return None
+
+
+def check_family(pipe: DiffusionPipeline, meta: AdapterMeta, lora: LoraFile | None, label: str) -> None:
+    """Refuse an adapter made for another model family than ``pipe``'s (``adapter_family``), before any weight is
+    loaded: the modules of SD 1.x and SDXL share names, so some would load and draw wrongly.
+
+    Raises:
+        AdapterError: naming both base models and families, and what to do.
+    """
+    from training.families import FamilyError, family_for
+
+    made_for = adapter_family(meta.base_model, lora)
+    try:
+        here = family_for(pipe)
+    except FamilyError:
+        return  # a pipeline class lorafleet has no family for: the keys and shapes decide
+    if made_for is not None and made_for != here.name:
+        raise AdapterError(
+            f"{label} was made for base model {base_model_id(meta.base_model)!r} (model family {made_for}), but the "
+            f"base model here is {pipe_base(pipe)!r} (model family {here.name}, {type(pipe).__name__}): a {made_for} "
+            f"adapter cannot load on a {here.name} model. Serve it with its own base model (one replica serves one "
+            "base model), or retrain it on this one"
+        )
 
 
 def load_into_training(

@@ -6,12 +6,16 @@
 | ``kohya`` | ``lora_unet_<module_with_underscores>.lora_down.weight``, ``.lora_up…``, ``.alpha`` | sd-scripts, A1111 |
 | ``peft`` | ``base_model.model.<module>.lora_A.weight`` + ``adapter_config.json`` | ``PeftModel.save_pretrained`` |
 
+SDXL adds its second text encoder: ``text_encoder_2.…`` (diffusers), ``lora_te1_…`` + ``lora_te2_…`` (kohya).
+
 ``read_lora`` turns any of them into one diffusers-layout state dict (kohya through diffusers'
 ``StableDiffusionPipeline.lora_state_dict``, which calls ``_convert_non_diffusers_lora_to_diffusers``; PEFT's by
 its documented key prefix and ``LoraConfig.from_pretrained``), ``match_base`` says which modules of a pipeline the
 keys name and whether the shapes fit, and ``load_lora`` injects it under an adapter name — and refuses a file that
 injected nothing, the failure that used to serve a PEFT-layout file as the bare base model. ``to_kohya`` writes the
-A1111/ComfyUI layout with diffusers' ``convert_state_dict_to_kohya``, each module's real alpha kept.
+A1111/ComfyUI layout with diffusers' ``convert_state_dict_to_kohya``, each module's real alpha kept. Components are
+the pipeline's LoRA-loadable modules (``COMPONENTS``); a pipeline without one (SD has no ``text_encoder_2``) has no
+module for that component's keys.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
 DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")  # compared lower-cased: LORA.PT is a pickle too
-COMPONENTS = ("unet", "text_encoder")
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")  # diffusers' LoRA key prefixes (SDXL: all three)
 SHOWN = 5  # keys named in a message
 
 
@@ -45,7 +49,8 @@ class LoraFormatError(ValueError):
 class LoraFile:
     """A LoRA in diffusers layout, whatever layout it was read from.
 
-    ``state``: ``unet.…`` / ``text_encoder.…`` keys; ``network_alphas`` (kohya's per-module alpha) or ``metadata``
+    ``state``: ``unet.…`` / ``text_encoder.…`` / ``text_encoder_2.…`` keys;
+    ``network_alphas`` (kohya's per-module alpha) or ``metadata``
     (a PEFT ``LoraConfig`` per component, keys ``unet.r``, ``unet.lora_alpha``, …) — never both (diffusers' rule).
     """
 
@@ -144,8 +149,12 @@ def is_pickle(path: str | Path) -> bool:
     return Path(path).suffix.lower() in PICKLE_SUFFIXES
 
 
-def read_lora(path: str | Path) -> LoraFile:
+def read_lora(path: str | Path, unet_config=None) -> LoraFile:
     """Read a LoRA file (or a folder holding one) in any layout of the module's table into diffusers layout.
+
+    ``unet_config``: the base UNet's config, with which diffusers maps kohya keys in Stability's block naming
+    (sd-scripts' SDXL files: ``lora_unet_input_blocks_4_1_…``) to diffusers' modules, as
+    ``StableDiffusionXLPipeline.load_lora_weights`` does; without it only diffusers-named kohya keys convert.
 
     Raises:
         LoraFormatError: not safetensors, not readable, or keys of no known layout.
@@ -173,7 +182,7 @@ def read_lora(path: str | Path) -> LoraFile:
     else:
         try:  # diffusers' own reader: kohya/A1111 keys (and their .alpha) converted, saved LoraConfig metadata kept;
             # given the tensors, not the file name, which diffusers only takes ending in lower-case .safetensors
-            state, alphas = StableDiffusionPipeline.lora_state_dict(load_file(str(file)))
+            state, alphas = StableDiffusionPipeline.lora_state_dict(load_file(str(file)), unet_config=unet_config)
             metadata = _load_sft_state_dict_metadata(str(file))
         except Exception as exc:  # noqa: BLE001 - diffusers' converters refuse keys they cannot map
             why = _first_line(exc)
@@ -319,8 +328,9 @@ def model_module(model, component: str, name: str) -> str:
     """The module path in ``model`` that the file's module ``name`` means, as diffusers' loader maps it: a
     transformers >= 5 ``CLIPTextModel`` has no ``text_model.`` level, so kohya's ``lora_te_text_model_…`` (and old
     PEFT/diffusers files) name ``encoder.layers.…`` there
-    (``diffusers.loaders.lora_base._load_lora_into_text_encoder`` strips the prefix the same way)."""
-    if component == "text_encoder" and model is not None and not hasattr(model, "text_model"):
+    (``diffusers.loaders.lora_base._load_lora_into_text_encoder`` strips the prefix the same way). SDXL's
+    ``CLIPTextModelWithProjection`` keeps its ``text_model.`` level, so its names stay as they are."""
+    if component.startswith("text_encoder") and model is not None and not hasattr(model, "text_model"):
         return name.removeprefix("text_model.")
     return name
 
@@ -440,9 +450,9 @@ def load_lora(pipe, lora: LoraFile, adapter_name: str, label: str) -> BaseMatch:
                 state, lora.network_alphas, pipe.unet, adapter_name=adapter_name,
                 _pipeline=pipe, metadata=lora.metadata,
             )  # fmt: skip
-        if "text_encoder" in parts:
+        for component in (c for c in parts if c != "unet"):  # text_encoder, and SDXL's text_encoder_2
             pipe.load_lora_into_text_encoder(
-                state, lora.network_alphas, pipe.text_encoder,
+                state, lora.network_alphas, getattr(pipe, component), prefix=component,
                 lora_scale=pipe.lora_scale, adapter_name=adapter_name, _pipeline=pipe, metadata=lora.metadata,
             )  # fmt: skip
         got = injected(pipe, adapter_name)
@@ -468,26 +478,30 @@ def drop(pipe, adapter_name: str) -> None:
         pipe.delete_adapters(adapter_name)
 
 
-def to_kohya(lora: LoraFile) -> dict[str, torch.Tensor]:
+def to_kohya(lora: LoraFile, sdxl: bool | None = None) -> dict[str, torch.Tensor]:
     """The A1111/ComfyUI (kohya) layout of ``lora`` via diffusers' ``convert_state_dict_to_kohya``, with each
     module's ``.alpha`` set to the alpha it was trained with (the converter writes alpha = rank, scale 1, which
     would change every image of an adapter trained with alpha != rank).
 
-    Conv (LoCon) modules keep their 4-D ``lora_down``/``lora_up`` kernels, as kohya's LoCon files hold them. The text
-    encoder's keys are SD 1.x/2.x kohya's ``lora_te_text_model_…`` (diffusers' converter writes SDXL's ``lora_te1_``,
-    and a transformers >= 5 ``CLIPTextModel`` has no ``text_model.`` level to name).
+    Conv (LoCon) modules keep their 4-D ``lora_down``/``lora_up`` kernels, as kohya's LoCon files hold them. Text
+    encoder keys name ``text_model.…`` (a transformers >= 5 ``CLIPTextModel`` has no such level, every kohya file
+    does): SD 1.x/2.x kohya's ``lora_te_text_model_…``, or with ``sdxl`` sd-scripts' SDXL names ``lora_te1_…`` and
+    ``lora_te2_…`` as diffusers' converter writes them. ``sdxl=None``: SDXL when the file has ``text_encoder_2``
+    keys (a UNet-only file has no text-encoder keys, so the choice changes nothing there).
 
     Raises:
         LoraFormatError: diffusers' converter refuses a module (named).
     """
     from diffusers.utils import convert_state_dict_to_kohya
 
+    if sdxl is None:
+        sdxl = any(k.startswith("text_encoder_2.") for k in lora.state)
     out: dict[str, torch.Tensor] = {}
     for component in COMPONENTS:
         part = peft_state(lora, component)
         for module in sorted({k.split(".lora_", 1)[0] for k in part}):
             named = module
-            if component == "text_encoder" and not module.startswith("text_model."):
+            if component != "unet" and not module.startswith("text_model."):
                 named = f"text_model.{module}"  # the name every kohya/A1111 SD 1.x file uses
             keys = {f"{component}.{named}.lora_{k.split('.lora_', 1)[1]}": v for k, v in part.items()
                     if k.split(".lora_", 1)[0] == module}  # fmt: skip
@@ -499,7 +513,7 @@ def to_kohya(lora: LoraFile) -> dict[str, torch.Tensor]:
             rank = part[f"{module}.lora_A.weight"].shape[0]
             alpha = module_alpha(lora, component, module, rank)
             for k, v in converted.items():
-                k = k.replace("lora_te1_", "lora_te_", 1) if k.startswith("lora_te1_") else k
+                k = k.replace("lora_te1_", "lora_te_", 1) if k.startswith("lora_te1_") and not sdxl else k
                 out[k] = torch.tensor(alpha) if k.endswith(".alpha") else v.contiguous()
     return out
 

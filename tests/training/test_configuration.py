@@ -58,6 +58,7 @@ def test_every_shipped_config_validates_and_names_its_command(repo: Path):
         "eval-toy-sks.yaml": EvalConfig,  # the toy world's hand-written (stricter) suite
         "eval-sdxl.yaml": EvalConfig,
         "serve.yaml": load_serve_args,  # a Ray Serve config file: its application's args are ServeArgs
+        "serve-sdxl.yaml": load_serve_args,  # the same for an SDXL base model
         "pipeline.yaml": PipelineConfig,
         "pipeline-sdxl.yaml": PipelineConfig,
     }

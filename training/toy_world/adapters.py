@@ -56,21 +56,46 @@ def randomize_adapter(src: Path, dst: Path, std: float = 0.3, seed: int = 0) -> 
     return dst
 
 
-def random_adapter(pipe, base_model: str | Path, out: Path, seed: int, rank: int = 4, std: float = 0.3) -> Path:
+def random_adapter(
+    pipe,
+    base_model: str | Path,
+    out: Path,
+    seed: int,
+    rank: int = 4,
+    std: float = 0.3,
+    *,
+    text_encoders: bool = False,
+) -> Path:
     """A LoRA on ``pipe``'s UNet attention with random (non-zero) weights, saved in lorafleet's adapter format
-    for ``base_model``: distinct adapters in seconds, for serving tests and load benchmarks."""
+    for ``base_model``: distinct adapters in seconds, for serving tests and load benchmarks. Works for every model
+    family (``training.families``); ``text_encoders``: also a LoRA on the attention of every text encoder of the
+    family (SD: ``text_encoder``; SDXL: ``text_encoder`` and ``text_encoder_2``)."""
     import copy
 
     from peft import LoraConfig
 
     from training.adapter import AdapterMeta, save_adapter
+    from training.families import family_for
 
     targets = ["to_q", "to_k", "to_v", "to_out.0"]
-    unet = copy.deepcopy(pipe.unet)
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, init_lora_weights="gaussian"))
+    te_targets = ["q_proj", "k_proj", "v_proj", "out_proj"]
     gen = torch.Generator().manual_seed(seed)
-    for name, param in unet.named_parameters():
-        if "lora_B" in name:
-            param.data = torch.randn(param.shape, generator=gen) * std
-    meta = AdapterMeta(base_model=str(base_model), rank=rank, alpha=float(rank), target_modules=targets, trigger="sks")
-    return save_adapter(out, unet, meta)
+    encoders = family_for(pipe).text_encoders(pipe) if text_encoders else {}
+    parts = {"unet": (copy.deepcopy(pipe.unet), targets)} | {
+        name: (copy.deepcopy(encoder), te_targets) for name, encoder in encoders.items()
+    }
+    for model, wrapped in parts.values():
+        model.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=wrapped, init_lora_weights="gaussian"))
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.data = torch.randn(param.shape, generator=gen) * std
+    meta = AdapterMeta(
+        base_model=str(base_model),
+        rank=rank,
+        alpha=float(rank),
+        target_modules=targets + (te_targets if encoders else []),
+        text_encoder=bool(encoders),
+        trigger="sks",
+    )
+    te = {name: model for name, (model, _) in parts.items() if name != "unet"}
+    return save_adapter(out, parts["unet"][0], meta, te.get("text_encoder"), text_encoder_2=te.get("text_encoder_2"))
