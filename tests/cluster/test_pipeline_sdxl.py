@@ -13,9 +13,6 @@ from cluster.config import PipelineConfig
 from cluster.pipeline import Pipeline
 from training.configuration import ConfigError, load_config
 
-# configs/serve-sdxl.yaml comes with issue 20's serving work; until then the serve stage is checked with serve.yaml
-SERVE = "serve.config=configs/serve.yaml"
-
 
 @pytest.fixture
 def sdxl_pipeline(repo, toy_dataset, tiny_sdxl_dir, tmp_path, monkeypatch):
@@ -26,7 +23,7 @@ def sdxl_pipeline(repo, toy_dataset, tiny_sdxl_dir, tmp_path, monkeypatch):
         tune = [f"trial.base_model={tiny_sdxl_dir}", "trial.data.resolution=64", "trial.ray.use_gpu=false",
                 "trial.ray.cpus_per_worker=1", "trial.train.mixed_precision=no", *trial]  # fmt: skip
         overrides = [f"dataset={toy_dataset}", f"output_dir={tmp_path / 'runs'}", f"tune.overrides={json.dumps(tune)}",
-                     SERVE, f"serve.overrides={json.dumps(list(serve))}"]  # fmt: skip
+                     f"serve.overrides={json.dumps(list(serve))}"]  # fmt: skip
         return Pipeline(load_config(PipelineConfig, repo / "configs" / "pipeline-sdxl.yaml", overrides))
 
     return make
