@@ -27,10 +27,12 @@ $(STAMP): pyproject.toml
 
 # The main job on the embedded default: a local cluster on 127.0.0.1, the toy dataset, the pipeline as a Ray job
 # (tune -> evaluate -> gate -> register -> serve -> smoke test), then SDK images: runs/demo/before_after.png.
-# MODEL=toy-sdxl runs it on models/toy-sdxl (SDXL's architecture): the tune trials' base model, served by the pipeline.
+# MODEL=toy-sdxl runs it on models/toy-sdxl (SDXL's architecture): the tune trials' base model, served by the pipeline,
+# registered as toy-sks-sdxl-lora (a registered model holds one base model's adapters), grid before_after-toy-sdxl.png.
 MODEL ?=
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m cluster.demo $(if $(MODEL),"tune.overrides=[trial.base_model=models/$(MODEL)]") $(ARGS)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m cluster.demo $(if $(MODEL),"tune.overrides=[trial.base_model=models/$(MODEL)]" \
+	  name=toy-sks-$(subst toy-,,$(MODEL)) --out runs/demo/before_after-$(MODEL).png) $(ARGS)
 
 # A local Ray head (dashboard 127.0.0.1:8265) + MLflow server (127.0.0.1:5000); state in runs/cluster. `make down` stops both.
 up: $(STAMP)

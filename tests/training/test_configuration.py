@@ -45,11 +45,12 @@ def test_every_shipped_config_validates_and_names_its_command(repo: Path):
     from evaluation.config import EvalConfig
     from serving.config import load_serve_args
     from training.config import TrainConfig
-    from training.toy_world.config import ToyWorldConfig
+    from training.toy_world.config import ToySdxlConfig, ToyWorldConfig
     from tuning.config import TuneConfig
 
     schemas = {
         "toy_world.yaml": ToyWorldConfig,
+        "toy_world_sdxl.yaml": ToySdxlConfig,  # models/toy-sdxl's build
         "train.yaml": TrainConfig,
         "train-sdxl.yaml": TrainConfig,  # a real SDXL run (stabilityai/stable-diffusion-xl-base-1.0, fp16-fix VAE)
         "tune.yaml": TuneConfig,
