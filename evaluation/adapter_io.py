@@ -87,11 +87,19 @@ def import_adapter(
     except (LoraFormatError, OSError) as exc:
         raise AdapterError(str(exc)) from exc
     try:
+        from training.families import family_for
+
         parts = {c: getattr(pipe, c) if found.matched[c] else None for c in COMPONENTS}
         text_encoders = any(m is not None for c, m in parts.items() if c != "unet")
         meta = _meta(pipe, lora, base_model, trigger, text_encoders)
         save_adapter(
-            out, parts["unet"], meta, parts["text_encoder"], IMPORT_SLOT, text_encoder_2=parts["text_encoder_2"]
+            out,
+            parts["unet"],
+            meta,
+            parts["text_encoder"],
+            IMPORT_SLOT,
+            text_encoder_2=parts["text_encoder_2"],
+            family=family_for(pipe).name,
         )
     except ValidationError as exc:
         why = exc.errors()[0]["msg"]
@@ -141,7 +149,7 @@ def export_kohya(folder: str | Path, out_file: str | Path, meta: AdapterMeta) ->
 
     try:
         lora = read_lora(Path(folder) / meta.weights)
-        state = kohya_layout(lora, sdxl=adapter_family(meta.base_model, lora) == "sdxl")
+        state = kohya_layout(lora, sdxl=(meta.family or adapter_family(meta.base_model, lora)) == "sdxl")
     except LoraFormatError as exc:
         raise AdapterError(str(exc)) from exc
     alphas = {float(v) for k, v in state.items() if k.endswith(".alpha")}

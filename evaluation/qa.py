@@ -242,4 +242,18 @@ def heldout_set(pipe: DiffusionPipeline, data: DataArgs, trigger: str, resolutio
         data=DataConfig(path=data.heldout_path or data.train_path, resolution=resolution, trigger=trigger),
         validation=ValidationArgs(seed=data.loss_seed, loss_timesteps=data.loss_timesteps),
     )
-    return HeldOut(examples, cfg, parts), parts
+    vae, dtype = pipe.vae, pipe.vae.dtype
+    # encode in fp32 where training would (training.precision): a half-precision VAE whose config says
+    # force_upcast (SDXL's overflows in fp16) gives NaN latents, a NaN held-out loss and a refused gate
+    family = parts.family
+    upcast = vae.config.get("force_upcast", True) and (
+        dtype == torch.float16 or (dtype == torch.bfloat16 and family.vae_fp32_in_bf16)
+    )
+    if upcast:
+        vae.to(torch.float32)
+    try:
+        held = HeldOut(examples, cfg, parts)
+    finally:
+        if upcast:
+            vae.to(dtype)
+    return held, parts

@@ -19,7 +19,7 @@ import json
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from diffusers import DiffusionPipeline, StableDiffusionXLPipeline
@@ -64,6 +64,9 @@ class AdapterMeta(BaseModel):
     training: dict[str, Any] = Field(default_factory=dict, description="step, epoch, config summary")
     source: str = Field("trained", description="trained (by lorafleet) or imported (lorafleet import-adapter)")
     source_format: str = Field("diffusers", description="layout the weights came in: diffusers | kohya | peft")
+    family: Literal["sd", "sdxl"] | None = Field(
+        None, description="model family of the base model (training.families: sd | sdxl); None: not recorded"
+    )
 
     @field_validator("alpha", mode="before")
     @classmethod
@@ -215,13 +218,16 @@ def save_adapter(
     adapter_name: str = "default",
     *,
     text_encoder_2: torch.nn.Module | None = None,
+    family: str | None = None,
 ) -> Path:
     """Write the LoRA weights of ``adapter_name`` in ``unet`` (and each text encoder) in diffusers format with their
     LoraConfig as metadata, then the JSON with their hash. Returns ``out_dir``.
 
     The file is what ``<Pipeline>.save_lora_weights`` writes (keys ``unet.…``, ``text_encoder.…``,
     ``text_encoder_2.…``): SDXL's second text encoder (``text_encoder_2``) is saved through
-    ``StableDiffusionXLPipeline``, so ``load_lora_weights`` on a plain SDXL pipeline reads it.
+    ``StableDiffusionXLPipeline``, so ``load_lora_weights`` on a plain SDXL pipeline reads it. ``family`` (the base
+    model's, ``training.families``) is recorded in the JSON, so exports and checks need not find the base model;
+    None keeps ``meta.family``, or records ``sdxl`` when ``text_encoder_2`` is given.
     """
     from training.families import FAMILIES
 
@@ -237,8 +243,8 @@ def save_adapter(
             # sets (target_modules) sorted: diffusers writes them in set order, which changes with PYTHONHASHSEED,
             # so the same adapter would get another sha256 in every process
             metadata[part] = _ordered(model.peft_config[adapter_name].to_dict())
-    family = FAMILIES["sdxl" if text_encoder_2 is not None else "sd"]
-    family.save_lora_weights(str(out), WEIGHTS_NAME, layers, metadata)
+    meta.family = family or meta.family or ("sdxl" if text_encoder_2 is not None else None)
+    FAMILIES[meta.family or "sd"].save_lora_weights(str(out), WEIGHTS_NAME, layers, metadata)
     canonical_safetensors(out / WEIGHTS_NAME)  # the same adapter: the same bytes and sha256 in any process
     meta.sha256 = file_sha256(out / WEIGHTS_NAME)
     meta.weights = WEIGHTS_NAME
@@ -355,7 +361,7 @@ def check_family(pipe: DiffusionPipeline, meta: AdapterMeta, lora: LoraFile | No
     """
     from training.families import FamilyError, family_for
 
-    made_for = adapter_family(meta.base_model, lora)
+    made_for = meta.family or adapter_family(meta.base_model, lora)
     try:
         here = family_for(pipe)
     except FamilyError:

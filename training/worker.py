@@ -130,7 +130,7 @@ def write_checkpoint(directory: Path, parts: Parts, state: TrainState, meta: Ada
     """adapter/ (the deliverable format) + trainer_state.pt (optimizer, schedule, step, epoch, RNG) + its
     manifest trainer_state.json (sha256 and size), so that a copy cut short by a full disk is never resumed from."""
     try:
-        save_adapter(directory / ADAPTER_DIR, parts.unet, meta, **_lora_text_encoders(parts))
+        save_adapter(directory / ADAPTER_DIR, parts.unet, meta, **_lora_text_encoders(parts), family=parts.family.name)
         torch.save(state.state_dict(), directory / STATE_NAME)
         manifest = {"sha256": file_sha256(directory / STATE_NAME), "bytes": (directory / STATE_NAME).stat().st_size}
         (directory / STATE_MANIFEST).write_text(json.dumps(manifest))

@@ -33,7 +33,7 @@ from ray.tune import Callback
 from evaluation.promote import EVAL_CONFIG
 from evaluation.registry import RegistryError
 from training.adapter import AdapterError
-from training.buckets import resolve_bucket_step
+from training.buckets import resolve_bucket_step, resolve_resolution
 from training.cluster_state import up_mlflow
 from training.config import PreflightError, TrainConfig
 from training.configuration import ConfigError, load_config
@@ -184,10 +184,13 @@ def preflight(cfg: TuneConfig, run_dir: Path, resume: bool) -> list[str]:
 
 
 def absolute_paths(cfg: TuneConfig) -> TuneConfig:
-    """Trials run in Tune's trial folders: relative paths that exist here are made absolute."""
-    data = cfg.model_dump(mode="json")
+    """Trials run in Tune's trial folders: relative paths that exist here are made absolute. An unset
+    ``trial.data.resolution`` becomes the base model's native size first (``resolve_resolution``): the JSON round
+    trip below marks every field as set, so later stages could no longer tell "not set" from the default."""
+    data = cfg.model_copy(update={"trial": resolve_resolution(cfg.trial)}).model_dump(mode="json")
     t = data["trial"]
-    paths = ((t, "base_model"), (t["data"], "path"), (t["data"], "class_data_dir"), (t["validation"], "data_path"))
+    paths = ((t, "base_model"), (t, "pretrained_vae_model_name_or_path"), (t["data"], "path"),
+             (t["data"], "class_data_dir"), (t["validation"], "data_path"))  # fmt: skip
     for holder, key in paths:
         if holder[key] and not Path(holder[key]).is_absolute() and Path(holder[key]).exists():
             holder[key] = str(Path(holder[key]).resolve())
@@ -419,10 +422,10 @@ def records_of(results, cfg: TuneConfig, run_dir: Path, points: list[dict[str, A
 
 def run(cfg: TuneConfig, *, resume: bool = False) -> SearchResult:
     """Validate → preflight → MLflow parent run → Tuner.fit (or restore) → results, plots, best adapter."""
+    cfg = absolute_paths(cfg)  # first: for_hardware's round trip would mark data.resolution as set
     cfg, notes = for_hardware(cfg)
     for note in notes:
         log.warning("%s", note)
-    cfg = absolute_paths(cfg)
     run_dir = (Path(cfg.output_dir).expanduser() / cfg.name).resolve()
     if problems := preflight(cfg, run_dir, resume):
         raise PreflightError("cannot start the search:\n  - " + "\n  - ".join(problems))

@@ -151,3 +151,28 @@ def test_a_registered_model_keeps_one_base_models_adapters(sdxl_config, tiny_sdx
         check_champion_base(cfg, uri, str(tiny_sdxl_dir))
     check_champion_base(cfg, uri, "stable-diffusion-v1-5")  # the champion's own base: gated as before
     check_champion_base(sdxl_config("registry.model_name=other-lora"), uri, str(tiny_sdxl_dir))  # no champion yet
+
+
+def test_held_out_images_are_encoded_by_an_fp32_vae_when_the_vae_says_force_upcast(
+    tiny_sdxl_dir, toy_world_data, monkeypatch
+):
+    """SDXL's VAE overflows in fp16: the held-out loss encodes in fp32 as training does, whatever the pipeline's dtype
+    (fp16 on CUDA), and the pipeline's VAE is back in its own dtype afterwards."""
+    from evaluation.config import DataArgs
+    from evaluation.qa import heldout_set
+    from training import heldout
+    from training.families import load_pipeline
+
+    pipe = load_pipeline(tiny_sdxl_dir, device="cpu", dtype=torch.float16)
+    assert pipe.vae.config.force_upcast
+    seen = []
+
+    def spy(parts, pixels, batch_size=16):
+        seen.append(parts.vae.dtype)
+        raise RuntimeError("stop after the dtype is seen")
+
+    monkeypatch.setattr(heldout, "encode_pixels", spy)
+    data = DataArgs(train_path=str(toy_world_data["dotted"]), heldout_path=str(toy_world_data["dotted"] / "heldout"))
+    with pytest.raises(RuntimeError, match="stop after"):
+        heldout_set(pipe, data, "sks", 64)
+    assert seen == [torch.float32] and pipe.vae.dtype == torch.float16

@@ -109,12 +109,14 @@ def test_an_sdxl_adapter_on_an_sd_base_is_refused_naming_both_bases(in_memory, t
 def test_a_base_model_not_at_hand_is_told_by_the_keys_and_shapes(
     in_memory, sd_adapter, tmp_path, tiny_pipe_dir, tiny_sdxl_dir
 ):
-    """A hub id that is not in the cache: text_encoder_2 keys mean SDXL; an SD UNet's shapes do not fit SDXL's."""
+    """A hub id that is not in the cache and no recorded family (an adapter from before ``family`` was written):
+    text_encoder_2 keys mean SDXL; an SD UNet's shapes do not fit SDXL's."""
     import shutil
 
     def elsewhere(folder: Path, name: str) -> Path:
         moved = shutil.copytree(folder, tmp_path / name)
         meta = json.loads((moved / META_NAME).read_text())
+        meta.pop("family", None)
         (moved / META_NAME).write_text(json.dumps(meta | {"base_model": "example/not-downloaded"}))
         return moved
 
@@ -126,3 +128,25 @@ def test_a_base_model_not_at_hand_is_told_by_the_keys_and_shapes(
     here = base_model_id(str(tiny_sdxl_dir))
     assert f"adapter made for base model 'example/not-downloaded'; base model here: {here!r}" in str(err.value)
     assert not any(injected(pipe, "sd").values())
+
+
+def test_kohya_export_names_come_from_the_recorded_family_not_the_local_cache(tiny_sdxl_pipe, tmp_path):
+    """An SDXL adapter with LoRA on the UNet and the first text encoder only, whose base (a hub id) is not on this
+    machine: the family recorded at save time still gives SDXL's ``lora_te1_`` names."""
+    import copy
+
+    from peft import LoraConfig
+    from safetensors.torch import load_file
+
+    from evaluation.adapter_io import export_kohya
+    from training.adapter import AdapterMeta, save_adapter, verify_adapter
+
+    unet, te = copy.deepcopy(tiny_sdxl_pipe.unet), copy.deepcopy(tiny_sdxl_pipe.text_encoder)
+    unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_v"], init_lora_weights="gaussian"))
+    te.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["q_proj", "v_proj"], init_lora_weights="gaussian"))
+    meta = AdapterMeta(base_model="stabilityai/stable-diffusion-xl-base-1.0", text_encoder=True)
+    folder = save_adapter(tmp_path / "xl", unet, meta, te, family="sdxl")
+    assert verify_adapter(folder).family == "sdxl"
+    out = export_kohya(folder, tmp_path / "xl.safetensors", verify_adapter(folder))
+    prefixes = {k.split("_")[1] for k in load_file(str(out)) if k.startswith("lora_te")}
+    assert prefixes == {"te1"}, prefixes

@@ -84,3 +84,25 @@ def test_an_fp16_fixed_vae_replaces_the_models_own(tmp_path, tiny_sdxl_dir, tiny
     assert pipe.vae.config.force_upcast is False
     with pytest.raises(FileNotFoundError, match="cannot load vae"):
         load_pipeline(tiny_sdxl_dir, "cpu", vae=tmp_path / "missing")
+
+
+def test_a_vae_is_taken_from_a_pipeline_folder_and_must_share_the_latent_space(tmp_path, tiny_sdxl_dir, tiny_sdxl_pipe):
+    from training.families import load_vae
+
+    assert load_vae(tiny_sdxl_dir, tiny_sdxl_dir, torch.float32).config.latent_channels == 4  # its vae/ subfolder
+    with pytest.raises(FamilyError, match="not an AutoencoderKL"):
+        load_vae(tiny_sdxl_dir / "unet", tiny_sdxl_dir, torch.float32)
+    other = tmp_path / "sd-vae"
+    config = dict(tiny_sdxl_pipe.vae.config)
+    type(tiny_sdxl_pipe.vae).from_config(config, scaling_factor=config["scaling_factor"] * 1.4).save_pretrained(other)
+    with pytest.raises(FamilyError, match="scaling_factor.*another latent space"):
+        load_vae(other, tiny_sdxl_dir, torch.float32)
+
+
+def test_an_sdxl_model_without_its_first_text_encoder_is_refused(tmp_path, tiny_sdxl_dir):
+    refiner = shutil.copytree(tiny_sdxl_dir, tmp_path / "refiner-like")
+    index = json.loads((refiner / "model_index.json").read_text())
+    index |= {"text_encoder": [None, None], "tokenizer": [None, None]}
+    (refiner / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(FamilyError, match="without text_encoder, tokenizer.*refiner"):
+        family_of(refiner)

@@ -102,32 +102,10 @@ def test_sdxl_batches_carry_both_encoders_pooled_embeds_and_time_ids(train_confi
 
 # -- text-encoder LoRA on both encoders, save, load, resume -------------------------------------------------
 @pytest.fixture(scope="module")
-def sdxl_two_layer_dir(tmp_path_factory):
-    """The tiny SDXL with 2-layer text encoders: SDXL's first encoder gives its penultimate hidden states, so a
-    1-layer one has no layer whose LoRA could reach the UNet."""
-    from training.toy_world import world
-    from training.toy_world.clip import build_clip, build_processor, caption_table
-    from training.toy_world.config import ClipBuild
-    from training.toy_world.sd import text_encoder_from_clip
-    from training.toy_world.tiny import (
-        TINY_MAX_LENGTH,
-        assemble_sdxl_pipeline,
-        sdxl_unet,
-        text_encoder_with_projection,
-        tiny_sdxl_pipeline,
-    )
-    from training.toy_world.tokenizer import build_tokenizer
-
-    torch.manual_seed(0)
-    tok = build_tokenizer([world.caption_for(*a) for a in caption_table()], TINY_MAX_LENGTH)
-    clips = [build_clip(tok, ClipBuild(hidden_size=32, layers=2, heads=2), TINY_MAX_LENGTH) for _ in range(2)]
-    unet = sdxl_unet((16, 32), 64, clips[1].config.projection_dim, attention_head_dim=(2, 4))
-    encoders = text_encoder_from_clip(clips[0]), text_encoder_with_projection(clips[1])
-    tokenizers = build_processor(tok).tokenizer, build_processor(tok).tokenizer
-    sdxl = assemble_sdxl_pipeline(tiny_sdxl_pipeline(0).vae, *encoders, *tokenizers, unet)
-    path = tmp_path_factory.mktemp("tiny-sdxl-2layer")
-    sdxl.save_pretrained(path, safe_serialization=True)
-    return path
+def sdxl_two_layer_dir(tiny_sdxl_dir):
+    """The tiny SDXL: its text encoders have 2 layers (SDXL's first encoder gives its penultimate hidden states,
+    so a 1-layer one would have no layer whose LoRA could reach the UNet)."""
+    return tiny_sdxl_dir
 
 
 def test_text_encoder_lora_trains_both_encoders_saves_loads_and_resumes(train_config, sdxl_two_layer_dir, tmp_path):

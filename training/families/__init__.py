@@ -30,6 +30,7 @@ __all__ = [
     "family_for",
     "family_of",
     "load_pipeline",
+    "load_vae",
     "read_model_index",
 ]
 
@@ -69,15 +70,29 @@ def family_of(model: str | Path) -> ModelFamily:
         FileNotFoundError: see ``read_model_index``.
         FamilyError: a pipeline class lorafleet has no family for (names the supported ones).
     """
-    class_name = read_model_index(model).get("_class_name", "")
+    index = read_model_index(model)
+    class_name = index.get("_class_name", "")
     for family in FAMILIES.values():
         if class_name in family.class_names:
+            missing = [n for n in (*family.text_encoder_names, *family.tokenizer_names) if not _component(index, n)]
+            if missing:
+                raise FamilyError(
+                    f"base model {str(model)!r} is a {class_name} without {', '.join(missing)} in its "
+                    f"model_index.json (a refiner?); lorafleet trains on {family.name} models that have all of "
+                    f"{', '.join((*family.text_encoder_names, *family.tokenizer_names))}"
+                )
             return family
     known = ", ".join(f"{c} ({f.name})" for f in FAMILIES.values() for c in f.class_names)
     raise FamilyError(
         f"base model {str(model)!r} is a {class_name or 'pipeline without _class_name'} in its model_index.json; "
         f"lorafleet trains and serves {known}. Use a model of one of these families (docs/model-families.md)"
     )
+
+
+def _component(index: dict, name: str) -> bool:
+    """Whether ``model_index.json`` lists the component ``name`` (``[library, class]`` with a class, not nulls)."""
+    entry = index.get(name)
+    return isinstance(entry, list | tuple) and len(entry) == 2 and entry[1] is not None
 
 
 def family_for(pipe: DiffusionPipeline) -> ModelFamily:
@@ -93,6 +108,38 @@ def family_for(pipe: DiffusionPipeline) -> ModelFamily:
         if isinstance(pipe, family.pipeline_class):
             return family
     raise FamilyError(f"{type(pipe).__name__} belongs to no model family lorafleet knows ({', '.join(FAMILIES)})")
+
+
+def load_vae(vae: str | Path, model: str | Path, dtype: torch.dtype) -> AutoencoderKL:
+    """An ``AutoencoderKL`` to use instead of ``model``'s own: a VAE folder or hub id, or a pipeline folder's
+    ``vae/``. It must share the model's latent space as far as its config tells: the same ``latent_channels`` and
+    ``scaling_factor`` (an SD 1.x VAE, 0.18215, on SDXL, 0.13025, would train and draw garbage without an error).
+
+    Raises:
+        FileNotFoundError: not loadable (not a folder, not in the Hugging Face cache).
+        FamilyError: not a VAE, or another latent space than the model's VAE.
+    """
+    local = Path(vae).expanduser()
+    subfolder = "vae" if (local / "model_index.json").is_file() and (local / "vae").is_dir() else None
+    try:
+        loaded = AutoencoderKL.from_pretrained(str(vae), subfolder=subfolder, dtype=dtype)
+    except OSError as exc:
+        where = "it has no VAE config (config.json)" if local.exists() else _OFFLINE_HINT
+        raise FileNotFoundError(f"cannot load vae {str(vae)!r}: {where}") from exc
+    except (ValueError, TypeError) as exc:
+        raise FamilyError(f"vae {str(vae)!r} is not an AutoencoderKL folder ({exc}); point it at a VAE") from exc
+    try:
+        own = dict(AutoencoderKL.load_config(str(model), subfolder="vae"))
+    except (OSError, ValueError):
+        return loaded  # the model's own VAE config is not readable here: nothing to compare with
+    for key in ("latent_channels", "scaling_factor"):
+        if own.get(key) is not None and loaded.config.get(key) != own.get(key):
+            raise FamilyError(
+                f"vae {str(vae)!r} has {key}={loaded.config.get(key)}, base model {str(model)!r}'s VAE "
+                f"{own.get(key)}: it encodes another latent space; use a VAE made for this model (for SDXL "
+                "madebyollin/sdxl-vae-fp16-fix) or none"
+            )
+    return loaded
 
 
 def load_pipeline(
@@ -118,10 +165,7 @@ def load_pipeline(
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
     kwargs = {}
     if vae is not None:
-        try:
-            kwargs["vae"] = AutoencoderKL.from_pretrained(str(vae), dtype=dtype)
-        except OSError as exc:
-            raise FileNotFoundError(f"cannot load vae {str(vae)!r}: {_OFFLINE_HINT}") from exc
+        kwargs["vae"] = load_vae(vae, model, dtype)
     try:
         pipe = family.pipeline_class.from_pretrained(str(model), dtype=dtype, **kwargs)
     except OSError as exc:

@@ -98,4 +98,7 @@ def random_adapter(
         trigger="sks",
     )
     te = {name: model for name, (model, _) in parts.items() if name != "unet"}
-    return save_adapter(out, parts["unet"][0], meta, te.get("text_encoder"), text_encoder_2=te.get("text_encoder_2"))
+    family = family_for(pipe).name
+    return save_adapter(
+        out, parts["unet"][0], meta, te.get("text_encoder"), text_encoder_2=te.get("text_encoder_2"), family=family
+    )

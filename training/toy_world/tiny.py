@@ -26,11 +26,11 @@ from training.toy_world.tokenizer import build_tokenizer
 TINY_MAX_LENGTH = 16
 
 
-def tiny_clip(seed: int = 0) -> tuple[CLIPModel, CLIPProcessor]:
-    """A randomly initialised CLIP (32-wide, 1 layer per tower) and its processor."""
+def tiny_clip(seed: int = 0, layers: int = 1) -> tuple[CLIPModel, CLIPProcessor]:
+    """A randomly initialised CLIP (32-wide, ``layers`` layers per tower) and its processor."""
     torch.manual_seed(seed)
     tokenizer = build_tokenizer([world.caption_for(*a) for a in caption_table()], TINY_MAX_LENGTH)
-    clip = build_clip(tokenizer, ClipBuild(hidden_size=32, layers=1, heads=2), TINY_MAX_LENGTH)
+    clip = build_clip(tokenizer, ClipBuild(hidden_size=32, layers=layers, heads=2), TINY_MAX_LENGTH)
     return clip.eval(), build_processor(tokenizer)
 
 
@@ -119,9 +119,10 @@ def assemble_sdxl_pipeline(
 
 def tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
     """A randomly initialised ``StableDiffusionXLPipeline`` that makes 64x64 images on CPU in milliseconds: two tiny
-    toy-world CLIP text towers (32-wide; the second with its projection), a 2-level SDXL UNet, the tiny VAE."""
-    clip, processor = tiny_clip(seed)
-    clip_2, processor_2 = tiny_clip(seed + 1)
+    toy-world CLIP text towers (32-wide, 2 layers: SDXL reads the penultimate one, so a LoRA on either encoder's
+    first layer reaches the UNet; the second with its projection), a 2-level SDXL UNet, the tiny VAE."""
+    clip, processor = tiny_clip(seed, layers=2)
+    clip_2, processor_2 = tiny_clip(seed + 1, layers=2)
     torch.manual_seed(seed)
     vae = build_vae(VaeBuild(block_out_channels=[8, 16, 16, 16]))
     hidden = clip.config.text_config.hidden_size + clip_2.config.text_config.hidden_size
