@@ -87,8 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     for name, stage in result.get("stages", {}).items():
         print(f"  {name:9s} {stage['status']:8s} {stage['seconds']:7.1f} s")
     if status != "SUCCEEDED":
-        print(f"the pipeline did not finish: `lorafleet logs {job_id}`; pipeline.json in MLflow run "
-              f"{result.get('run_id')}", file=sys.stderr)  # fmt: skip
+        print(f"the pipeline did not finish: `lorafleet logs {job_id}` (a refused gate names the way on there); "
+              f"pipeline.json in MLflow run {result.get('run_id')}", file=sys.stderr)  # fmt: skip
+        print(f"the cluster is still up:\n{urls(state)}\n  {token_hint()}\n`lorafleet down` (make down) stops it",
+              file=sys.stderr)  # fmt: skip
         return 1
     smoke = result["stages"]["smoke"]
     grid = before_after(smoke["url"], PROMPTS[: args.prompts], PROJECT_ROOT / args.out)
