@@ -61,7 +61,7 @@ tune: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m tuning.tune --config configs/tune.yaml $(if $(RESUME),--resume)
 
 # Score an adapter on the toy suite, gate it, register it (champion on a pass). ADAPTER=dir|runs:/…|models:/…
-# MLflow: $MLFLOW_TRACKING_URI, else runs/eval/mlflow.db (view: mlflow ui --backend-store-uri sqlite:///runs/eval/mlflow.db)
+# MLflow: $MLFLOW_TRACKING_URI, else `lorafleet up`'s server while it runs, else runs/eval/mlflow.db (view: mlflow ui --backend-store-uri sqlite:///runs/eval/mlflow.db)
 ADAPTER ?= runs/train/adapter
 evaluate: $(STAMP)
 	@test -d data/toy-sks || $(BIN)/python -m training.toy_world dataset data/toy-sks

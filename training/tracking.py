@@ -20,11 +20,14 @@ log = logging.getLogger(__name__)
 
 
 def resolve_tracking_uri(configured: str | None, output_dir: str | Path) -> str:
-    """``configured`` (``mlflow.tracking_uri``), else ``$MLFLOW_TRACKING_URI``, else a SQLite file under ``output_dir``.
+    """``configured`` (``mlflow.tracking_uri``), else ``$MLFLOW_TRACKING_URI``, else the MLflow server of
+    ``lorafleet up``'s cluster while it runs (as every lorafleet command), else a SQLite file under ``output_dir``.
 
     The SQLite fallback is for a single machine: the driver and rank 0 write to it one after the other.
     """
-    uri = configured or os.environ.get("MLFLOW_TRACKING_URI")
+    from training.cluster_state import up_mlflow
+
+    uri = configured or os.environ.get("MLFLOW_TRACKING_URI") or up_mlflow()
     if uri:
         return uri
     db = Path(output_dir).expanduser().resolve() / "mlflow.db"

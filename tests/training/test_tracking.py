@@ -39,3 +39,19 @@ def test_values_wait_for_the_server_and_the_run_states_what_is_missing(tmp_path)
         assert run.data.tags["lorafleet.mlflow_gap"] == "not logged: validation/epoch_002.png"
     finally:
         server.stop()
+
+
+def test_the_tracking_uri_falls_back_to_ups_server_before_a_local_file(tmp_path, monkeypatch):
+    """mlflow.tracking_uri, then $MLFLOW_TRACKING_URI, then `lorafleet up`'s running server, then SQLite (README)."""
+    from training import cluster_state
+    from training.tracking import resolve_tracking_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr(cluster_state, "up_mlflow", lambda state_dir=None: "http://127.0.0.1:5999")
+    assert resolve_tracking_uri(None, tmp_path) == "http://127.0.0.1:5999"
+    assert resolve_tracking_uri("http://127.0.0.1:5111", tmp_path) == "http://127.0.0.1:5111"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5222")
+    assert resolve_tracking_uri(None, tmp_path) == "http://127.0.0.1:5222"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    monkeypatch.setattr(cluster_state, "up_mlflow", lambda state_dir=None: None)
+    assert resolve_tracking_uri(None, tmp_path) == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
