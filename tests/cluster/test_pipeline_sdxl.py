@@ -71,9 +71,21 @@ def test_serve_overrides_cannot_swap_the_base_model(sdxl_pipeline):
         pipeline.check_configs(pipeline.tune_config())
 
 
+@pytest.fixture
+def local_ray():
+    """The Ray instance an in-process pipeline run joins (init_ray keeps a driver's own), shut down afterwards:
+    left running it would make every later ``ray.init()`` in this pytest process fail."""
+    import ray
+
+    # the dashboard stays on: without it, finished trials' placement groups are not cleaned up
+    ray.init(num_cpus=2, _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1", configure_logging=False)
+    yield
+    ray.shutdown()
+
+
 @pytest.mark.slow
 def test_an_sdxl_pipeline_runs_from_the_dataset_to_the_registry(repo, toy_dataset, tiny_sdxl_dir, tmp_path,
-                                                                  monkeypatch, mlflow_server):  # fmt: skip
+                                                                  monkeypatch, mlflow_server, local_ray):  # fmt: skip
     """One pipeline run on the tiny SDXL by config alone (configs/pipeline-sdxl.yaml + CPU-sized overrides):
     validate → a 2-trial search (Ray Train on SDXL conditioning) → evaluation of the best adapter on SDXL →
     gate → the registry. The gate keeps only checks a random tiny model can pass (its verdict logic is tested
