@@ -5,6 +5,8 @@
     lorafleet generate "a red circle on a sks background" --model champion --n 2
     lorafleet status | logs JOB_ID --follow | stop JOB_ID | jobs [JOB_ID] | serve | validate DIR | down
     lorafleet dataset toy data/toy-sks --trigger sks --concept dotted
+    lorafleet caption data/my-photos --trigger sks --dry-run     # captions for images without one (toy CLIP / BLIP)
+    lorafleet curate data/toy-sks --select 8                     # near-duplicates, blurred images, a diverse subset
     lorafleet toy-world build --config configs/toy_world.yaml
     lorafleet toy-world sample --n 12 --out runs/samples
     lorafleet train --config configs/train.yaml train.epochs=5
@@ -53,6 +55,18 @@ def _dataset(args: list[str]) -> int:
     from training.toy_world.__main__ import main
 
     return main(["dataset", *args[1:]])
+
+
+def _caption(args: list[str]) -> int:
+    from training.captioning.__main__ import main
+
+    return main(args)
+
+
+def _curate(args: list[str]) -> int:
+    from training.curation import main
+
+    return main(args)
 
 
 def _train(args: list[str]) -> int:
@@ -149,6 +163,14 @@ COMMANDS = {
     **CLUSTER_COMMANDS,
     "toy-world": (_toy_world, "build the toy models, or sample from a model (python -m training.toy_world)"),
     "dataset": (_dataset, "write a fine-tuning dataset: `dataset toy OUT_DIR`"),
+    "caption": (
+        _caption,
+        "caption the images that have none: `caption DIR --trigger sks` (python -m training.captioning)",
+    ),
+    "curate": (
+        _curate,
+        "near-duplicates, blurred images, a diverse subset: `curate DIR` (python -m training.curation)",
+    ),
     "train": (_train, "fine-tune a LoRA adapter with Ray Train (python -m training.train)"),
     "tune": (_tune, "search LoRA hyperparameters with Ray Tune + Optuna (python -m tuning.tune)"),
     "evaluate": (_evaluate, "score an adapter, run the gate, register it (python -m evaluation.evaluate)"),
