@@ -159,6 +159,59 @@ class ImageUrlArgs(_Section):
     )
 
 
+class FilesArgs(_Section):
+    """Uploads of ``POST /v1/files`` (serving/uploads): where they are kept and what an archive may hold."""
+
+    root: str = Field(
+        "runs/files",
+        description="folder holding one sub-folder per file (<root>/<file id>/data/ and its file.json); relative = "
+        "under $LORAFLEET_WORKDIR when set, else the project. Every ingress replica and every fine-tuning job must "
+        "read it: shared storage on a multi-node cluster",
+    )
+    max_bytes: int = Field(
+        512 * 2**20,
+        ge=1024,
+        description="largest upload in bytes (OpenAI's file limit, 512 MB); larger ones get 413 while they stream",
+    )
+    max_extracted_bytes: int = Field(
+        2 * 2**30, ge=1024, description="largest total of an archive's entries, counted as they are unpacked"
+    )
+    max_entry_bytes: int = Field(
+        128 * 2**20, ge=1024, description="largest single entry, uncompressed (a 4096² 16-bit RGB TIFF is ~100 MB)"
+    )
+    max_entries: int = Field(10000, ge=1, description="entries (files and folders) an archive may hold")
+    max_ratio: float = Field(
+        100.0,
+        gt=1,
+        description="refuse an archive as a zip bomb past this uncompressed/compressed ratio (per zip entry; over "
+        "the stream for tar), after 100 KiB (Apache POI's ZipSecureFile: 100:1)",
+    )
+    purposes: list[str] = Field(["fine-tune"], min_length=1, description="`purpose` values POST /v1/files accepts")
+    data: dict[str, Any] = Field(
+        default_factory=dict,
+        description="data.* settings uploads are validated with (training.data.validate_dataset; data.path is the "
+        "upload), e.g. {resolution: 512} for SD 1.x; a fine-tuning job validates again with its own",
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> FilesArgs:
+        from training.config import DataConfig
+
+        problems = []
+        if self.max_entry_bytes > self.max_extracted_bytes:
+            problems.append(f"files.max_entry_bytes ({self.max_entry_bytes}) > files.max_extracted_bytes "
+                            f"({self.max_extracted_bytes}); lower it")  # fmt: skip
+        if "path" in self.data:
+            problems.append("files.data.path: the upload's folder is the path; remove it")
+        try:
+            DataConfig.model_validate({**self.data, "path": "."})
+        except ValueError as exc:
+            problems.append(f"files.data: {exc}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
 class DeploymentArgs(_Section):
     num_replicas: int | Literal["auto"] = Field(1, description="generator replicas; 'auto' uses autoscaling_config")
     autoscaling_config: dict[str, Any] | None = Field(
@@ -242,6 +295,7 @@ class ServeArgs(_Section):
     warmup: bool = Field(True, description="generate one image before the replica reports ready")
     image_urls: ImageUrlArgs = Field(default_factory=ImageUrlArgs)
     speed: SpeedArgs = Field(default_factory=SpeedArgs)
+    files: FilesArgs = Field(default_factory=FilesArgs)
 
     @field_validator("adapters")
     @classmethod

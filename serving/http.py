@@ -46,6 +46,8 @@ from serving.config import ServeArgs
 from serving.engine import ImageRequest
 from serving.image_store import IMAGE_ID
 from serving.schemas import GenerateQuery, GenerationBody, ImageData, ImagesResponse, ModelList, Params, error_body
+from serving.uploads import routes as files
+from serving.uploads.store import FileStore
 
 log = logging.getLogger("ray.serve")
 PUBLIC = {"/healthz", "/readyz", "/", "/docs", "/openapi.json", "/docs/oauth2-redirect"}  # hold no data
@@ -76,9 +78,13 @@ class Gate:
     3. a body over ``max_bytes`` (413) — on its Content-Length before anything is read, or, sent chunked, as
        soon as the bytes received pass the limit (FastAPI would turn an error raised while it reads the body
        into a 400, so the body is read here and replayed).
+
+    ``POST /v1/files`` (an upload of up to ``files.max_bytes``) is refused on its Content-Length against
+    ``upload_bytes`` but not read here: its route streams the body to disk and counts it (serving/uploads).
     """
 
     max_bytes = 65536  # set from limits.max_body_bytes when the ingress starts
+    upload_bytes = 65536  # POST /v1/files: set from files.max_bytes (+ multipart framing) when the ingress starts
 
     def __init__(self, app):
         self.app = app
@@ -87,11 +93,15 @@ class Gate:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = scope.get("headers") or []
+        upload = files.is_upload(scope)  # POST /v1/files: its route streams the body to disk and counts it
         refusal = _current_api().refuse_unauthorized(scope)
         if refusal is None:
-            refusal = _header_problem(headers, self.max_bytes)
+            limit, key = (self.upload_bytes, "files.max_bytes") if upload else (self.max_bytes, "limits.max_body_bytes")
+            refusal = _header_problem(headers, limit, key)
         if refusal is not None:
             return await _refuse(send, *refusal)
+        if upload:
+            return await self.app(scope, receive, send)
         limit = self.max_bytes
         received, seen = [], 0  # read the body here (at most `limit` bytes), then hand it on
         while True:
@@ -115,11 +125,11 @@ class Gate:
 Refusal = tuple[int, str, str | None, dict[str, str]]  # status, message, param, extra headers
 
 
-def _too_large(limit: int) -> Refusal:
-    return 413, f"request body larger than {limit} bytes (limits.max_body_bytes)", "body", {}
+def _too_large(limit: int, key: str = "limits.max_body_bytes") -> Refusal:
+    return 413, f"request body larger than {limit} bytes ({key})", "body", {}
 
 
-def _header_problem(headers: list[tuple[bytes, bytes]], limit: int) -> Refusal | None:
+def _header_problem(headers: list[tuple[bytes, bytes]], limit: int, key: str) -> Refusal | None:
     """A Content-Length or Content-Encoding this API cannot read the body by, or a declared size over ``limit``."""
     lengths = {v.strip() for k, v in headers if k.lower() == b"content-length"}
     if len(lengths) > 1 or any(not v.isdigit() for v in lengths):
@@ -129,7 +139,7 @@ def _header_problem(headers: list[tuple[bytes, bytes]], limit: int) -> Refusal |
             "size in bytes, or leave the header out and let the client set it", "Content-Length", {},
         )  # fmt: skip
     if lengths and int(next(iter(lengths))) > limit:
-        return _too_large(limit)
+        return _too_large(limit, key)
     codings = [
         c.strip().lower()
         for k, v in headers
@@ -409,6 +419,8 @@ class Api:
         self.key = self.args.api_key()
         self.epoch = 0
         Gate.max_bytes = self.args.limits.max_body_bytes
+        self.files = FileStore(self.args.files)  # uploads (serving/uploads); created on the first one
+        Gate.upload_bytes = files.upload_limit(self.files)
 
     # ---- helpers ---------------------------------------------------------------------------------------------
     def refuse_unauthorized(self, scope: dict) -> Refusal | None:
@@ -550,3 +562,24 @@ class Api:
     @web.head("/admin/stats", include_in_schema=False)
     async def stats(self, request: Request) -> dict:
         return await self.gen.stats.remote()
+
+    # ---- files: OpenAI's files API over serving/uploads (the handlers and their errors live there) ----------
+    @web.post(
+        "/v1/files",
+        summary="upload a zip or tar of images (+ captions) as multipart: file, purpose=fine-tune",
+        openapi_extra=files.UPLOAD_SCHEMA,
+    )
+    async def create_file(self, request: Request) -> Response:
+        return await files.create_file(self.files, request)
+
+    @web.get("/v1/files", summary="your uploaded files, newest first")
+    async def list_files(self, request: Request, query: Annotated[files.FileListQuery, Query()]) -> Response:
+        return await files.list_files(self.files, request, query)
+
+    @web.get("/v1/files/{file_id}", summary="one uploaded file: status and the dataset's validation report")
+    async def retrieve_file(self, request: Request, file_id: str) -> Response:
+        return await files.retrieve_file(self.files, request, file_id)
+
+    @web.delete("/v1/files/{file_id}", summary="delete an uploaded file and its data")
+    async def delete_file(self, request: Request, file_id: str) -> Response:
+        return await files.delete_file(self.files, request, file_id)

@@ -130,7 +130,7 @@ def test_every_route_body_is_a_request_model_with_the_null_rule(server):
         op["requestBody"]["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[-1]
         for path in spec["paths"].values()
         for op in path.values()
-        if "requestBody" in op
+        if "application/json" in op.get("requestBody", {}).get("content", {})  # POST /v1/files is multipart
     }
     names = {m.__name__ for m in request_models()}
     assert bodies and bodies <= names, f"route bodies {sorted(bodies - names)} do not derive from RequestBody"
