@@ -20,6 +20,7 @@
     lorafleet export-adapter my-style@champion --format kohya my_style.safetensors
     lorafleet export-onnx my-style@champion onnx/my-style     # fused into the base model: ONNX for onnxruntime
     lorafleet quality --grid docs/toy_sd_samples.png
+    lorafleet keys add acme | list | revoke acme [--key ID]   # tenants' API keys for the Serve app (hashed at rest)
 
 Each sub-command hands its arguments to the module that owns the job, so
 ``lorafleet X ...`` and ``python -m <module> ...`` behave the same — except that while ``lorafleet up``'s cluster
@@ -153,6 +154,12 @@ def _export_onnx(args: list[str]) -> int:
     return main(args)
 
 
+def _keys(args: list[str]) -> int:
+    from serving.keys import main
+
+    return main(args)
+
+
 def _quality(args: list[str]) -> int:
     from evaluation.toy_quality import main
 
@@ -192,6 +199,7 @@ COMMANDS = {
         "fuse an adapter into its base model and export it to ONNX: `export-onnx REF OUT_DIR`",
     ),
     "quality": (_quality, "measure the toy world's quality bar (python -m evaluation.toy_quality)"),
+    "keys": (_keys, "tenants' API keys: `keys add TENANT` (printed once, stored hashed) | list | revoke TENANT"),
 }
 
 

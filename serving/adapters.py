@@ -4,9 +4,11 @@
 ``toy-ohwx-lora`` = its ``champion.alias``, ``toy-sks-lora@previous``, ``toy-sks-lora/3``) into a verified local
 folder: configured folders, ``runs:/`` and ``models:/`` references go through ``evaluation.registry.fetch_adapter``
 (safetensors only, sha256 checked against the adapter's JSON and the registry's tag, base model checked). Clients
-never name paths. A name the registry does not hold, and a version asked for by number that the gate rejected or
-that was rolled back (and no alias holds), is ``UnknownModel`` (404) at once; a registry that cannot be reached is
-``AdapterUnavailable`` (503, retryable) unless an earlier answer is still at hand.
+never name paths. A tenant (``serving.tenants``) resolves only names it may see: configured ones, registry models
+without a tenant prefix, its own ``<tenant>--…`` and those marked shared; another tenant's is ``UnknownModel`` worded
+the same whether it exists or not. A name the registry does not hold, and a version asked for by number that the
+gate rejected or that was rolled back (and no alias holds), is ``UnknownModel`` (404) at once; a registry that cannot
+be reached is ``AdapterUnavailable`` (503, retryable) unless an earlier answer is still at hand.
 
 ``LoadedAdapters`` is the bounded LRU of adapters loaded into one pipeline: a miss loads with the plain diffusers
 call, an eviction deletes the adapter's layers (never fuse/unfuse: the replica is shared). With ``hotswap`` (a
@@ -39,6 +41,7 @@ from evaluation.registry import (
 )
 from serving.catalog import RegistryCatalog
 from serving.config import BASE, MODEL_NAME, ServeArgs, is_folder_ref, project_path
+from serving.tenants import Tenant, owner_of
 from training.adapter import AdapterError, AdapterMeta, load_adapter, verify_adapter
 
 log = logging.getLogger(__name__)
@@ -110,14 +113,28 @@ class AdapterResolver:
             return f"models:/{name}" if "@" in name or "/" in name else f"models:/{name}@{self.args.champion.alias}"
         raise UnknownModel(f"model {name!r} is not served here; GET /v1/models lists 'base' and {sorted(refs)}")
 
-    def resolve(self, name: str) -> ResolvedAdapter | None:
-        """None for the base model; else the verified adapter ``name`` means now.
+    def visible(self, name: str, tenant: Tenant | None) -> bool:
+        """Whether ``tenant`` may use ``name`` (None: no tenant, everything): configured names and registry models
+        without a tenant prefix are everyone's; ``<tenant>--…`` models are their tenant's, and everyone's with
+        ``sees_shared`` once tagged ``lorafleet.shared`` (as of the last registry listing, ``champion.poll_s``)."""
+        if tenant is None or name in self.served():
+            return True
+        owner = owner_of(name)
+        if owner is None or owner == tenant.name:
+            return True
+        return tenant.sees_shared and self.catalog.shared(name.split("@", 1)[0].split("/", 1)[0])
+
+    def resolve(self, name: str, tenant: Tenant | None = None) -> ResolvedAdapter | None:
+        """None for the base model; else the verified adapter ``name`` means now, for ``tenant`` (None: anyone).
 
         Raises:
-            UnknownModel, AdapterUnavailable, AdapterError (the adapter failed verification).
+            UnknownModel (also: another tenant's adapter, worded as a missing one), AdapterUnavailable, AdapterError
+            (the adapter failed verification).
         """
         if name == BASE:
             return None
+        if not self.visible(name, tenant):
+            raise UnknownModel(f"model {name!r} is not served here; GET /v1/models lists the models you can use")
         ref = self.ref_for(name)
         hit = self._cache.get(name)  # a fresh answer needs no lock: one slow fetch must not hold up the others
         if hit and (hit[1] > time.monotonic() or not _moves(ref)):

@@ -30,6 +30,7 @@ from serving.image_store import ImageStore, ImageStoreFull
 from serving.images import png_bytes
 from serving.passes import PassQueue
 from serving.telemetry import GeneratorMetrics
+from serving.tenants import Tenant
 from training.adapter import AdapterError
 from training.quiet import quiet_libraries
 
@@ -214,11 +215,13 @@ class Generator:
                 f"{used / share / 2**30:.1f} GiB but the GPU has {total / 2**30:.1f} GiB; raise num_gpus"
             )
 
-    async def models(self) -> dict:
-        return await asyncio.to_thread(self._models)  # a registry read (at most once per poll_s) stays off the loop
+    async def models(self, tenant: Tenant | None = None) -> dict:
+        """``GET /v1/models``: what ``tenant`` may use (None: everything)."""
+        return await asyncio.to_thread(self._models, tenant)  # a registry read (once per poll_s) stays off the loop
 
-    def _models(self) -> dict:
-        return {"object": "list", "data": model_cards(self.engine.resolver, set(self.engine.adapters.keys()))}
+    def _models(self, tenant: Tenant | None) -> dict:
+        cards = model_cards(self.engine.resolver, set(self.engine.adapters.keys()), tenant)
+        return {"object": "list", "data": cards}
 
     def stats(self) -> dict:
         return {"pid": os.getpid(), **self.metrics.snapshot(), "adapter_cache": self.engine.stats()}
@@ -235,20 +238,21 @@ class Generator:
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0})
 class ImageUrls:
     """The images of ``response_format: "url"`` for every ingress replica (one replica; why one, in
-    serving/image_store.py): ``put`` keeps one request's PNGs, ``get`` reads one back or None."""
+    serving/image_store.py): ``put`` keeps one request's PNGs, ``get`` reads one back or None — also for an image
+    of another ``owner`` (tenant)."""
 
     def __init__(self, image_urls: dict):
         self.store = ImageStore(**image_urls)
 
-    def put(self, pngs: list[bytes]) -> dict:
+    def put(self, pngs: list[bytes], owner: str | None = None) -> dict:
         """``{"images": [(id, expires_at unix s), ...]}``, or ``{"error": message}`` when they cannot fit."""
         try:
-            return {"images": [(s.id, s.expires_at) for s in self.store.put(pngs)]}
+            return {"images": [(s.id, s.expires_at) for s in self.store.put(pngs, owner)]}
         except ImageStoreFull as exc:
             return {"error": str(exc)}
 
-    def get(self, image_id: str) -> bytes | None:
-        return self.store.get(image_id)
+    def get(self, image_id: str, owner: str | None = None) -> bytes | None:
+        return self.store.get(image_id, owner)
 
     def stats(self) -> dict:
         return self.store.stats()

@@ -14,6 +14,9 @@ the configured champion's model and the models configured ``models:/`` reference
 | ``<model>@<alias>`` | every other alias (previous, challenger, ...) |
 | ``<model>/<version>`` | the version passed the gate (``validation_status=passed``) or holds an alias |
 
+Each entry carries its tenant (``owner``: the ``<tenant>--`` prefix of its registered model, serving/tenants.py) and
+whether the model is tagged ``lorafleet.shared=true``; ``model_cards`` lists a tenant only what it may use.
+
 Rejected and rolled-back versions that hold no alias are never listed (and asking for one by number is a 404,
 ``evaluation.registry.unservable``); versions without a status tag are served when asked for but not listed.
 """
@@ -26,6 +29,7 @@ import time
 from dataclasses import dataclass, replace
 
 from serving.config import BASE, MODEL_NAME, ServeArgs
+from serving.tenants import TAG_SHARED, Tenant, owner_of
 
 log = logging.getLogger(__name__)
 RETRY_FAILED_S = 5.0  # with poll_s = 0 (reload only), a listing that failed is tried again after this long
@@ -40,6 +44,8 @@ class Entry:
     aliases: tuple[str, ...]  # every alias the version holds
     status: str | None  # validation_status tag: passed | rejected | rolled_back; None when untagged
     sha256: str | None  # adapter_sha256 tag: the key of the adapter once loaded
+    owner: str | None = None  # tenant of the registered model (its <tenant>-- prefix); None: the operator's
+    shared: bool = False  # the registered model is tagged lorafleet.shared=true
 
     def card(self) -> dict:
         return {"registered_model": self.model, "version": self.version, "aliases": list(self.aliases),
@@ -60,6 +66,7 @@ class RegistryCatalog:
         self.error: str | None = None  # why the last read failed (the listing before it is kept)
         self._entries: list[Entry] = []
         self._refs: dict[str, Entry] = {}  # models:/m@alias and models:/m/version -> what it points at
+        self._shared: frozenset[str] = frozenset()  # registered models tagged lorafleet.shared=true
         self._expires = float("-inf")
         self._lock = threading.Lock()
 
@@ -74,6 +81,11 @@ class RegistryCatalog:
         self._read(False)
         return self._refs.get(ref)
 
+    def shared(self, model: str) -> bool:
+        """Whether registered model ``model`` was tagged ``lorafleet.shared=true`` when the registry was last read."""
+        self._read(False)
+        return model in self._shared
+
     def _read(self, force: bool) -> None:
         if not self.enabled:
             return
@@ -82,7 +94,7 @@ class RegistryCatalog:
             if not force and now < self._expires:
                 return
             try:
-                self._entries, self._refs = self._listing()
+                self._entries, self._refs, self._shared = self._listing()
                 self.error = None
                 self._expires = now + self.ttl_s if self.ttl_s > 0 else float("inf")
             except Exception as exc:  # noqa: BLE001 - the registry is away: keep the last listing, retry later
@@ -90,7 +102,7 @@ class RegistryCatalog:
                 log.warning("registry listing failed, keeping the last one: %s", self.error)
                 self._expires = now + (self.ttl_s or RETRY_FAILED_S)
 
-    def _listing(self) -> tuple[list[Entry], dict[str, Entry]]:
+    def _listing(self) -> tuple[list[Entry], dict[str, Entry], frozenset[str]]:
         from mlflow.exceptions import MlflowException
 
         from evaluation.registry import MISSING_CODES, adapter_models, client_for
@@ -106,14 +118,15 @@ class RegistryCatalog:
                         raise
         entries: list[Entry] = []
         refs: dict[str, Entry] = {}
+        shared = frozenset(n for n, m in models.items() if (m.tags or {}).get(TAG_SHARED) == "true")
         for name in sorted(models):
             if MODEL_NAME.match(name) and "@" not in name and "/" not in name:  # a name a client can send
-                listed, described = self._model(client, models[name])
+                listed, described = self._model(client, models[name], name in shared)
                 entries += listed
                 refs.update(described)
-        return entries, refs
+        return entries, refs, shared
 
-    def _model(self, client, model) -> tuple[list[Entry], dict[str, Entry]]:
+    def _model(self, client, model, shared: bool) -> tuple[list[Entry], dict[str, Entry]]:
         """One registered model's listed entries and every reference to it."""
         from evaluation.registry import TAG_SHA, TAG_STATUS
 
@@ -127,7 +140,7 @@ class RegistryCatalog:
             v = versions[number]
             tags = v.tags or {}
             return Entry(ident, ref, name, number, tuple(sorted(held.get(number, []))), tags.get(TAG_STATUS),
-                         tags.get(TAG_SHA))  # fmt: skip
+                         tags.get(TAG_SHA), owner_of(name), shared)  # fmt: skip
 
         listed, refs = [], {}
         for alias, number in sorted((model.aliases or {}).items(), key=lambda a: (a[0] != self.alias, a[0])):
@@ -150,9 +163,10 @@ def _model_of(ref: str) -> str:
     return body.rsplit("@", 1)[0] if "@" in body else body.rsplit("/", 1)[0]
 
 
-def model_cards(resolver, loaded: set[str]) -> list[dict]:
+def model_cards(resolver, loaded: set[str], tenant: Tenant | None = None) -> list[dict]:
     """The ``GET /v1/models`` cards: ``base``, the configured names (the champion among them), then the registry's
-    entries. ``resolver`` is the engine's ``AdapterResolver``; ``loaded`` the keys (sha256) of loaded adapters."""
+    entries ``tenant`` may use (None: all). ``resolver`` is the engine's ``AdapterResolver``; ``loaded`` the keys
+    (sha256) of loaded adapters."""
     known = resolver.known()
     cards = [{"id": BASE, "kind": "base", "ref": resolver.args.base_model, "loaded": True}]
     for name, ref in resolver.configured().items():
@@ -164,5 +178,7 @@ def model_cards(resolver, loaded: set[str]) -> list[dict]:
         card["loaded"] = bool(r and r.key in loaded) or bool(e and e.sha256 in loaded)
         cards.append(card)
     for e in resolver.catalog.entries():
+        if tenant is not None and not tenant.sees(e.owner, e.shared):
+            continue
         cards.append({"id": e.id, "kind": "registry", "ref": e.ref, **e.card(), "loaded": e.sha256 in loaded})
     return cards

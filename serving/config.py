@@ -24,6 +24,11 @@ MODEL_NAME = re.compile(
 )  # \Z, not $: no trailing newline
 
 
+# a tenant's name: lower-case words joined by single '-' or '_', so '<tenant>--<name>' splits at its first '--'
+TENANT_NAME = re.compile(r"^[a-z0-9]+(?:[_-][a-z0-9]+)*\Z")
+TENANT_MAX = 32  # characters: leaves 30 of MODEL_NAME's 64 for the model's own name
+
+
 def is_folder_ref(ref: str) -> bool:
     """An adapter reference that names a local folder (not runs:/, models:/ or another URI)."""
     return "://" not in ref and not ref.startswith(("runs:/", "models:/"))
@@ -239,6 +244,40 @@ class DeploymentArgs(_Section):
         return value
 
 
+class TenantArgs(_Section):
+    """API keys of several tenants (serving/tenants.py); the ``api_key_env`` key is the default tenant's."""
+
+    keys_file: str | None = Field(
+        None,
+        description="JSON keys file `lorafleet keys add TENANT` writes (each tenant's API keys as SHA-256 hashes, "
+        "never the keys); once set, every request but /healthz needs a key, even while the file is missing or empty. "
+        "null = no keys file",
+    )
+    keys_env: str | None = Field(
+        "LORAFLEET_KEYS",
+        description="env var that may hold a keys file's whole JSON document (e.g. from a Kubernetes Secret); "
+        "unset or empty = none. Its tenants join the keys file's (a tenant in both is refused at start)",
+    )
+    default_tenant: str = Field(
+        "default",
+        description="the tenant the `api_key_env` key acts as (and every request, when no key is configured at all); "
+        "an admin that sees unowned and shared adapters. A keys file may not hold a tenant of this name",
+    )
+    reload_s: float = Field(
+        2.0, ge=0, description="seconds between checks of keys_file for changes: a revoked key stops working within it"
+    )
+
+    @field_validator("default_tenant")
+    @classmethod
+    def _tenant_name(cls, value: str) -> str:
+        if not TENANT_NAME.match(value) or len(value) > TENANT_MAX:
+            raise ValueError(
+                f"{value!r}: a tenant name is lower-case letters and digits, words joined by one '-' or '_', at most "
+                f"{TENANT_MAX} characters"
+            )
+        return value
+
+
 class ServeArgs(_Section):
     base_model: str = Field(
         "models/toy-sd",
@@ -292,6 +331,7 @@ class ServeArgs(_Section):
     api_key_env: str = Field(
         "LORAFLEET_API_KEY", description="env var holding the API key; when set, all but /healthz need Bearer auth"
     )
+    tenants: TenantArgs = Field(default_factory=TenantArgs)
     warmup: bool = Field(True, description="generate one image before the replica reports ready")
     image_urls: ImageUrlArgs = Field(default_factory=ImageUrlArgs)
     speed: SpeedArgs = Field(default_factory=SpeedArgs)

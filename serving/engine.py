@@ -34,6 +34,7 @@ from serving.adapters import AdapterResolver, LoadedAdapters, ResolvedAdapter
 from serving.config import ServeArgs, project_path
 from serving.lora_batch import BASE_ROUTE, LoraRouter
 from serving.speed import apply_speed
+from serving.tenants import Tenant
 from training.adapter import AdapterError
 from training.families import family_for
 
@@ -64,6 +65,7 @@ class ImageRequest:
     width: int | None = None
     height: int | None = None
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    tenant: Tenant | None = None  # who asks: only its own, shared and unowned adapters resolve; None: no check
 
 
 @dataclass
@@ -167,7 +169,8 @@ class Engine:
 
         Raises:
             RequestError: a field outside the configured limits.
-            serving.adapters.UnknownModel / AdapterUnavailable, training.adapter.AdapterError.
+            serving.adapters.UnknownModel (also another tenant's adapter) / AdapterUnavailable,
+            training.adapter.AdapterError.
         """
         lim, d = self.args.limits, self.args.defaults
         if not req.prompt or not req.prompt.strip():
@@ -201,7 +204,7 @@ class Engine:
                 f"for every n up to limits.max_n ({lim.max_n})",
             )
         model = req.model or self.args.default_model
-        adapter = self.resolver.resolve(model)
+        adapter = self.resolver.resolve(model, req.tenant)
         return Prepared(req, model, adapter, seed, steps, guidance, width, height)
 
     def _scheduler_takes(self, steps: int) -> bool:

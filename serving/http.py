@@ -10,16 +10,16 @@ is valid JSON — the type decides how a body is read, and a browser may post fo
 page without asking first (no CORS preflight), which would let other sites draw on a server that has no API key.
 
 A request is refused in this order, each answer naming what to change: the API key (401, before any of the
-request is read — see ``Gate``), the body's headers (a Content-Length that is not a byte count 400, a
-Content-Encoding 415), its size (413), its bytes as JSON (``read_json``: charset, nesting, number size,
-duplicate keys — 400/415), then its fields (pydantic, 400 naming each field).
+request is read — see ``Gate``; the key also names the request's tenant, serving/tenants.py), the body's headers
+(a Content-Length that is not a byte count 400, a Content-Encoding 415), its size (413), its bytes as JSON
+(``read_json``: charset, nesting, number size, duplicate keys — 400/415), then its fields (pydantic, 400 naming each
+field).
 """
 
 import asyncio
 import base64
 import codecs
 import email.message
-import hmac
 import inspect
 import json
 import logging
@@ -46,6 +46,7 @@ from serving.config import ServeArgs
 from serving.engine import ImageRequest
 from serving.image_store import IMAGE_ID
 from serving.schemas import GenerateQuery, GenerationBody, ImageData, ImagesResponse, ModelList, Params, error_body
+from serving.tenants import STATE_KEY, KeyRing, NotFound, Tenant, tenant_of
 from serving.uploads import routes as files
 from serving.uploads.store import FileStore
 
@@ -69,7 +70,8 @@ class Gate:
     """ASGI middleware, the first to see a request; it refuses, in this order:
 
     1. a missing or wrong API key (401) on every path but ``PUBLIC`` — before anything else of the request is
-       read, so a caller without the key learns nothing from bodies, parameters or routes;
+       read, so a caller without the key learns nothing from bodies, parameters or routes. The key's tenant goes
+       into ``scope["state"]`` for the routes (``serving.tenants.tenant_of(request)``);
     2. a Content-Length that is not one byte count (400 naming the header), a Content-Encoding other than
        ``identity`` (415 naming it, with ``Accept-Encoding: identity`` as RFC 7694 asks). Compressed bodies are
        refused rather than inflated: bodies are at most ``limits.max_body_bytes`` (64 KiB) of JSON, so gzip
@@ -94,10 +96,11 @@ class Gate:
             return await self.app(scope, receive, send)
         headers = scope.get("headers") or []
         upload = files.is_upload(scope)  # POST /v1/files: its route streams the body to disk and counts it
-        refusal = _current_api().refuse_unauthorized(scope)
-        if refusal is None:
-            limit, key = (self.upload_bytes, "files.max_bytes") if upload else (self.max_bytes, "limits.max_body_bytes")
-            refusal = _header_problem(headers, limit, key)
+        who = _current_api().authenticate(scope)
+        if isinstance(who, Tenant):
+            scope.setdefault("state", {})[STATE_KEY] = who
+        limit, key = (self.upload_bytes, "files.max_bytes") if upload else (self.max_bytes, "limits.max_body_bytes")
+        refusal = who if isinstance(who, tuple) else _header_problem(headers, limit, key)
         if refusal is not None:
             return await _refuse(send, *refusal)
         if upload:
@@ -314,6 +317,12 @@ web.router.route_class = JsonRoute
 web.add_middleware(Gate)
 
 
+@web.exception_handler(NotFound)
+async def _not_found(request: Request, exc: NotFound) -> JSONResponse:
+    """Another tenant's id reads as one that does not exist (serving.tenants.require_owner)."""
+    return JSONResponse(error_body(404, str(exc), exc.param), status_code=404)
+
+
 @web.exception_handler(ApiError)
 async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
     headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
@@ -416,25 +425,35 @@ class Api:
         self.gen = generator
         self.images = images  # serving.app.ImageUrls: the one store of response_format "url" images
         self.args = ServeArgs.model_validate(args)
-        self.key = self.args.api_key()
+        self.keys = KeyRing(self.args.tenants, self.args.api_key())
         self.epoch = 0
         Gate.max_bytes = self.args.limits.max_body_bytes
         self.files = FileStore(self.args.files)  # uploads (serving/uploads); created on the first one
         Gate.upload_bytes = files.upload_limit(self.files)
 
     # ---- helpers ---------------------------------------------------------------------------------------------
-    def refuse_unauthorized(self, scope: dict) -> Refusal | None:
-        """The 401 for a request without the API key (``Authorization: Bearer <key>``), or None to let it in:
-        every path but ``PUBLIC`` needs it when a key is configured. ``Gate`` asks before anything else."""
-        path, root = scope.get("path", ""), scope.get("root_path", "")
-        if self.key is None or (path[len(root) :] if root and path.startswith(root) else path) in PUBLIC:
-            return None
+    def authenticate(self, scope: dict) -> Tenant | Refusal | None:
+        """The tenant whose key the request sends (``Authorization: Bearer <key>``); the 401 for a missing or
+        unknown key on every path but ``PUBLIC``; None on a public path without a valid key. With no key configured
+        anywhere (``api_key_env``, ``tenants``) every request is the default tenant. ``Gate`` asks first."""
+        if not self.keys.required:
+            return self.keys.default
         given = next((v for k, v in scope.get("headers") or [] if k.lower() == b"authorization"), b"")
         scheme, _, token = given.decode("latin-1").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.key.encode()):
-            message = "missing or wrong API key: send 'Authorization: Bearer <key>'"
-            return 401, message, None, {"WWW-Authenticate": "Bearer"}
-        return None
+        tenant = self.keys.tenant_for(token.strip()) if scheme.lower() == "bearer" else None
+        path, root = scope.get("path", ""), scope.get("root_path", "")
+        if tenant is not None or (path[len(root) :] if root and path.startswith(root) else path) in PUBLIC:
+            return tenant
+        return 401, "missing or wrong API key: send 'Authorization: Bearer <key>'", None, {"WWW-Authenticate": "Bearer"}
+
+    @staticmethod
+    def _admin(request: Request) -> None:
+        tenant = tenant_of(request)
+        if not tenant.admin:
+            raise ApiError(
+                403, f"tenant {tenant.name!r} may not call {request.url.path}: admin routes need the api_key_env key "
+                "or a key of an admin tenant (lorafleet keys add NAME --admin)",
+            )  # fmt: skip
 
     async def _call(self, req: ImageRequest) -> dict:
         d = self.args.deployment
@@ -495,13 +514,14 @@ class Api:
     @web.get("/v1/models", response_model=ModelList, summary="base model, configured adapters, registry versions")
     @web.head("/v1/models", include_in_schema=False)
     async def models(self, request: Request) -> dict:
-        return await self.gen.models.remote()
+        return await self.gen.models.remote(tenant_of(request))  # the tenant's own, shared and unowned adapters
 
     @web.post("/v1/images/generations", response_model=ImagesResponse, summary="OpenAI-compatible image generation")
     async def generations(self, body: GenerationBody, request: Request) -> ImagesResponse:
-        out = await self._call(body.to_request())
+        tenant = tenant_of(request)
+        out = await self._call(body.to_request(tenant))
         if body.response_format == "url":
-            kept = await self._images("put", out["images"])
+            kept = await self._images("put", out["images"], tenant.name)
             if "error" in kept:
                 raise ApiError(507, kept["error"], "response_format")
             data = [
@@ -530,7 +550,8 @@ class Api:
     )
     @web.head("/v1/images/{image_id}.png", include_in_schema=False)
     async def image(self, request: Request, image_id: str) -> Response:
-        png = await self._images("get", image_id) if IMAGE_ID.match(image_id) else None
+        owner = tenant_of(request).name  # another tenant's image id reads as an unknown one
+        png = await self._images("get", image_id, owner) if IMAGE_ID.match(image_id) else None
         if png is None:
             urls = self.args.image_urls
             raise ApiError(
@@ -549,18 +570,20 @@ class Api:
         if repeated:
             key, times = next(iter(repeated.items()))
             raise ApiError(400, f"{key}: given {times} times in the query string; give it once", key)
-        out = await self._call(query.to_request())
+        out = await self._call(query.to_request(tenant_of(request)))
         headers = {"X-Seed": str(out["seeds"][0]), "X-Model": out["model"], "X-Version": str(out["version"])}
         return Response(out["images"][0], media_type="image/png", headers=headers)
 
     @web.post("/admin/reload", summary="look the champion up in the registry now (all replicas follow)")
     async def reload(self, request: Request) -> dict:
+        self._admin(request)
         self.epoch += 1
         return {"epoch": self.epoch, "models": await self.gen.refresh.remote()}
 
     @web.get("/admin/stats", summary="batching, cache and request counters of one generator replica")
     @web.head("/admin/stats", include_in_schema=False)
     async def stats(self, request: Request) -> dict:
+        self._admin(request)
         return await self.gen.stats.remote()
 
     # ---- files: OpenAI's files API over serving/uploads (the handlers and their errors live there) ----------

@@ -12,7 +12,8 @@ would do the same once replicas sit on two nodes. The cost is that the PNG bytes
 the same answer as an expired link, and the client asks again. This class knows nothing of Ray and is tested alone.
 
 Bounds (``ServeArgs.image_urls``): each image lives ``ttl_s`` seconds; beyond ``max_images`` images or
-``max_bytes`` bytes the oldest go first. An expired, evicted or unknown id reads as ``None`` (the ingress's 404).
+``max_bytes`` bytes the oldest go first. An expired, evicted or unknown id reads as ``None`` (the ingress's 404),
+and so does another owner's (tenant's) image.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ class StoredImage:
 class _Entry:
     png: bytes
     expires: float  # on the store's clock
+    owner: str | None = None  # the tenant that made it; only it reads it back
 
 
 class ImageStore:
@@ -73,8 +75,8 @@ class ImageStore:
         self._lock = threading.Lock()
         self.evicted = 0  # images dropped for room before their time (count or bytes), for stats
 
-    def put(self, pngs: list[bytes]) -> list[StoredImage]:
-        """Keep ``pngs`` (one request's images, kept or dropped together) and return their ids, in order.
+    def put(self, pngs: list[bytes], owner: str | None = None) -> list[StoredImage]:
+        """Keep ``pngs`` (one request's images, kept or dropped together) for ``owner``; return their ids, in order.
 
         Raises:
             ImageStoreFull: the images alone exceed ``max_bytes`` or ``max_images``; nothing was stored or evicted.
@@ -96,17 +98,18 @@ class ImageStore:
             stored = []
             for png in pngs:
                 image_id = secrets.token_urlsafe(24)
-                self._entries[image_id] = _Entry(png, now + self.ttl_s)
+                self._entries[image_id] = _Entry(png, now + self.ttl_s, owner)
                 self._bytes += len(png)
                 stored.append(StoredImage(image_id, self._wall() + self.ttl_s))
             return stored
 
-    def get(self, image_id: str) -> bytes | None:
-        """The PNG stored under ``image_id``, or None when it expired, was evicted or never existed."""
+    def get(self, image_id: str, owner: str | None = None) -> bytes | None:
+        """The PNG stored under ``image_id`` for ``owner``, or None when it expired, was evicted, never existed or
+        is another owner's."""
         with self._lock:
             self._expire(self._clock())
             entry = self._entries.get(image_id)
-            return entry.png if entry is not None else None
+            return entry.png if entry is not None and entry.owner == owner else None
 
     def stats(self) -> dict:
         """``{"images", "bytes", "evicted"}`` now (expired images not counted)."""

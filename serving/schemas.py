@@ -26,6 +26,7 @@ from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema, PydanticCustomError
 
 from serving.engine import ImageRequest
+from serving.tenants import Tenant
 
 SIZE = re.compile(r"^([0-9]{1,5})x([0-9]{1,5})\Z")  # \Z: "$" would let a trailing newline through
 # OpenAI fields that mean nothing for a diffusion model; accepted so existing clients work, then ignored
@@ -187,7 +188,8 @@ class GenerationBody(RequestBody):
     def _size(cls, value: str | None) -> str | None:
         return check_size(value)
 
-    def to_request(self) -> ImageRequest:
+    def to_request(self, tenant: Tenant | None = None) -> ImageRequest:
+        """The engine's request; ``tenant``: who asks (its adapters, shared and unowned ones are visible)."""
         width = height = None
         if self.size and self.size != "auto":
             width, height = (int(v) for v in self.size.split("x"))
@@ -201,6 +203,7 @@ class GenerationBody(RequestBody):
             negative_prompt=self.negative_prompt,
             width=width,
             height=height,
+            tenant=tenant,
         )
 
 
@@ -228,12 +231,12 @@ class GenerateQuery(Params):
     def _not_given(cls, value: Any) -> bool:
         return value == ""
 
-    def to_request(self) -> ImageRequest:
+    def to_request(self, tenant: Tenant | None = None) -> ImageRequest:
         """The engine's request: as a JSON body with ``model`` = ``adapter`` would make it."""
         body = GenerationBody(
             prompt=self.prompt, model=self.adapter, seed=self.seed, steps=self.steps, guidance=self.guidance
         )
-        return body.model_copy(update={"size": self.size}).to_request()
+        return body.model_copy(update={"size": self.size}).to_request(tenant)
 
 
 class ImageData(BaseModel):

@@ -13,8 +13,8 @@ over ``upload_limit`` before anything is read.
 Errors are OpenAI's body, their statuses chosen here, in ``STATUS``; a rejected dataset's 400 carries the
 stored File object and every problem of the validator's report in ``error.file`` / ``error.problems``.
 
-The tenant comes from ``request.state.tenant`` (a string, or an object with ``.name``) where authentication
-set one, else ``DEFAULT_TENANT``.
+Every route acts for the request's tenant (``serving.tenants``: resolved from the API key by ``serving.http.Gate``);
+another tenant's file is "not found", as a missing one.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
+from serving import tenants
 from serving.schemas import Params, error_body
 from serving.uploads.archive import ArchiveError, StorageError
 from serving.uploads.store import (
@@ -43,7 +44,6 @@ from serving.uploads.store import (
 )
 
 ROUTE = "/v1/files"
-DEFAULT_TENANT = "default"  # the tenant of a request that authentication gave none (a single API key, or none)
 MULTIPART_SLACK = 64 * 1024  # boundaries, part headers and the purpose field around the archive
 MAX_FIELD_BYTES = 1024  # a text field (purpose) longer than this is no purpose
 FIELDS = ("file", "purpose")
@@ -97,9 +97,9 @@ def upload_limit(store: FileStore) -> int:
 
 
 def tenant_of(request: Request) -> str:
-    """The request's tenant: ``request.state.tenant`` (or its ``.name``) when authentication set it."""
-    tenant = getattr(request.state, "tenant", None)
-    return str(getattr(tenant, "name", tenant) or DEFAULT_TENANT)
+    """The name of the request's tenant, which ``serving.http.Gate`` resolved from its API key
+    (``serving.tenants.tenant_of``)."""
+    return tenants.tenant_of(request).name
 
 
 def error_response(exc: Exception) -> JSONResponse:

@@ -229,6 +229,42 @@ def test_api_key_guards_everything_but_health(serve_instance, module_args):
     assert not leaked, leaked
 
 
+def test_tenants_see_only_their_own_adapters_and_images_through_serve(
+    serve_instance, module_args, tiny_adapters, mlflow_server, tmp_path
+):
+    """Keys from a keys file next to the api_key_env key: the tenant travels with the request to the generator
+    replica (adapters, /v1/models) and to the image store (url images); /admin/* is the admin's."""
+    from ray import serve
+
+    from serving.tenants import add_key
+    from tests.serving.conftest import register_adapter
+
+    keys_file = tmp_path / "keys.json"
+    acme, bravo = (add_key(keys_file, name)[0] for name in ("acme", "bravo"))
+    register_adapter(mlflow_server, "acme--app-style", tiny_adapters["ad1"], status="passed")
+    args = module_args(**{"tracking_uri": mlflow_server, "api_key_env": KEY_ENV, "tenants.keys_file": str(keys_file)})
+    url = deploy(serve_instance, args, "tenants")
+    a, b = ({"Authorization": f"Bearer {key}"} for key in (acme, bravo))
+    admin = {"Authorization": f"Bearer {os.environ[KEY_ENV]}"}
+    with httpx.Client(base_url=url, timeout=60) as http:
+        listed = {
+            who: {m["id"] for m in http.get("/v1/models", headers=h).json()["data"]} for who, h in (("a", a), ("b", b))
+        }
+        assert "acme--app-style" in listed["a"] and not {i for i in listed["b"] if i.startswith("acme--")}, listed
+        body = {"prompt": PROMPT, "model": "acme--app-style", "seed": 1, "response_format": "url"}
+        mine = http.post("/v1/images/generations", json=body, headers=a)
+        assert mine.status_code == 200, mine.text
+        theirs = http.post("/v1/images/generations", json=body, headers=b)
+        missing = http.post("/v1/images/generations", json={**body, "model": "acme--app-none"}, headers=b)
+        assert theirs.status_code == missing.status_code == 404, theirs.text
+        assert theirs.json()["error"]["message"] == missing.json()["error"]["message"].replace("none", "style")
+        image = mine.json()["data"][0]["url"].removeprefix(url)
+        assert http.get(image, headers=a).status_code == 200 and http.get(image, headers=b).status_code == 404
+        assert http.get("/admin/stats", headers=a).status_code == 403
+        assert http.get("/admin/stats", headers=admin).status_code == 200
+    serve.delete("tenants")
+
+
 def test_a_burst_beyond_the_queue_is_shed_with_503_and_slow_requests_time_out(serve_instance, module_args):
     args = module_args(
         **{

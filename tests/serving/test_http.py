@@ -546,7 +546,7 @@ def test_no_client_error_status_is_typed_a_server_error():
 
 @pytest.mark.parametrize("path", ["/healthz", "/readyz", "/", "/v1/models", "/admin/stats"])
 def test_cheap_get_routes_answer_head(server, path):
-    server.gen.models = lambda: {"object": "list", "data": []}
+    server.gen.models = lambda tenant=None: {"object": "list", "data": []}
     server.gen.ready = lambda: True
     server.gen.stats = lambda: {}
     get, head = server.http.get(path), server.http.head(path)
