@@ -6,12 +6,14 @@ before anything of it is written, and its bytes are counted as they are written 
 - names: absolute (``/x``, ``C:x``), ``..`` anywhere, NUL bytes, or the same path twice are refused;
 - kinds: symlinks, hard links, devices and FIFOs are refused (zip: the Unix mode in ``external_attr``);
   encrypted zip entries too;
-- counts: more than ``max_entries`` entries (a zip's central directory is sized up before ``zipfile`` reads it,
-  so ten million empty entries cost nothing); one entry over ``max_entry_bytes``; all entries over
-  ``max_total_bytes``;
+- counts: more than ``max_entries`` entries (``zipfile``'s one read of the central directory is capped at
+  ``max_entries`` records' worth, whatever size the end records claim, so ten million empty entries cost nothing);
+  one entry over ``max_entry_bytes``; all entries over ``max_total_bytes``;
+- tar extended headers (PAX, GNU long names) and sparse files are checked before ``tarfile`` parses them
+  (``serving.uploads.tar_headers``: quadratic PAX parsing in Python < 3.11.10, recursion, unbounded sparse maps);
 - ratio (zip bombs): uncompressed ÷ compressed over ``max_ratio`` — per entry for zip (its compressed size is
   what ``zipfile`` reads for it), over the decompressed stream so far for tar (one compressed stream: headers,
-  PAX records and GNU sparse holes included), checked after a grace of ``RATIO_GRACE_BYTES``. Limits and grace
+  PAX records included), checked after a grace of ``RATIO_GRACE_BYTES``. Limits and grace
   follow Apache POI's ``ZipSecureFile`` (minimum inflate ratio 0.01 = 100:1, 100 KiB grace) and OWASP's advice
   on file uploads.
 
@@ -23,12 +25,12 @@ staging folder).
 from __future__ import annotations
 
 import bz2
+import errno
 import gzip
 import lzma
 import os
 import re
 import stat
-import struct
 import tarfile
 import zipfile
 import zlib
@@ -36,9 +38,12 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
+from serving.uploads.tar_headers import CheckedTarInfo, HeaderRefused
+
 CHUNK = 1 << 20  # bytes per read/write while extracting
 RATIO_GRACE_BYTES = 100 * 1024  # Apache POI ZipSecureFile.GRACE_ENTRY_SIZE: small entries may compress well
 CD_ENTRY_BYTES = 1024  # a zip central-directory record: 46 fixed bytes + name/extra/comment (real ones stay far below)
+EOCD_SEARCH_BYTES = 22 + 65535  # zipfile looks for the end record in the last 64 KiB + 22 bytes (APPNOTE 4.3.16)
 _DRIVE = re.compile(r"^[A-Za-z]:")
 _COMPRESSED_TAR = {b"\x1f\x8b": "tar.gz", b"BZh": "tar.bz2", b"\xfd7zXZ\x00": "tar.xz"}
 _OPENERS = {"tar.gz": lambda f: gzip.GzipFile(fileobj=f), "tar.bz2": bz2.BZ2File, "tar.xz": lzma.LZMAFile}
@@ -170,6 +175,8 @@ class _Writer:
             target.mkdir(parents=True, exist_ok=True)
         except (FileExistsError, NotADirectoryError) as exc:
             raise ArchiveError("a folder where the archive also has a file of that name; rename one", name) from exc
+        except OSError as exc:
+            raise _os_error(exc, name) from exc
 
     def file(self, target: Path, name: str, src: BinaryIO, check_ratio) -> None:
         """Copy ``src`` into a new file at ``target``; ``check_ratio(written)`` runs after each chunk."""
@@ -178,6 +185,8 @@ class _Writer:
             fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
         except (FileExistsError, IsADirectoryError) as exc:
             raise ArchiveError("a file where the archive also has a folder of that name; rename one", name) from exc
+        except OSError as exc:
+            raise _os_error(exc, name) from exc
         written, lim = 0, self.limits
         with os.fdopen(fd, "wb") as out:
             while chunk := src.read(CHUNK):
@@ -195,7 +204,7 @@ class _Writer:
                 try:
                     out.write(chunk)
                 except OSError as exc:
-                    raise StorageError(f"cannot write {name} under files.root: {exc}") from exc
+                    raise StorageError(f"cannot write {name} under files.root: {exc.strerror or exc}") from exc
         self.files += 1
 
     def ratio(self, name: str, uncompressed: int, compressed: int) -> None:
@@ -206,37 +215,56 @@ class _Writer:
             )  # fmt: skip
 
 
-def _central_directory_size(f: BinaryIO) -> int:
-    """The central directory's size from a zip's end record (APPNOTE.TXT 4.3.16; zip64: 4.3.14-15), 0 if none."""
-    f.seek(0, os.SEEK_END)
-    size = f.tell()
-    f.seek(max(0, size - 22 - 65535))  # the end record (22 bytes) is followed by a comment of at most 64 KiB
-    tail = f.read()
-    at = tail.rfind(b"PK\x05\x06")
-    if at < 0 or len(tail) - at < 22:
-        return 0
-    cd_size = struct.unpack_from("<I", tail, at + 12)[0]
-    if cd_size == 0xFFFFFFFF and at >= 20 and tail[at - 20 : at - 16] == b"PK\x06\x07":  # zip64 locator
-        f.seek(struct.unpack_from("<Q", tail, at - 20 + 8)[0])
-        record = f.read(56)
-        if record[:4] == b"PK\x06\x06" and len(record) == 56:
-            cd_size = struct.unpack_from("<Q", record, 40)[0]
-    return cd_size
+def _os_error(exc: OSError, name: str) -> Exception:
+    """A name the file system refuses is the archive's problem (400); anything else is the server's storage (507).
+    Neither message holds the server's path (``exc.strerror`` only)."""
+    if exc.errno == errno.ENAMETOOLONG:
+        return ArchiveError("a name too long for the file system (at most 255 bytes a part, 4096 a path); shorten "
+                            "it", name[:200])  # fmt: skip
+    return StorageError(f"cannot create {name[:200]} under files.root: {exc.strerror or type(exc).__name__}")
+
+
+class _BoundedReads:
+    """The upload file for ``zipfile.ZipFile``: while ``cap`` is set, a read of more than ``cap`` bytes is refused.
+    ``zipfile`` reads the whole central directory in one read of the size its end records give (the zip64 record
+    before the locator overrides the classic one; either may lie), so capping that read bounds the entries it
+    parses into memory by what ``zipfile`` actually reads, not by a second parser's reading of the end records."""
+
+    def __init__(self, f: BinaryIO, cap: int | None):
+        self.f, self.cap, self.size = f, cap, os.fstat(f.fileno()).st_size
+
+    def read(self, n: int = -1) -> bytes:
+        wanted = self.size - self.f.tell() if n is None or n < 0 else n  # read() = the rest of the file
+        if self.cap is not None and wanted > self.cap:
+            raise _DirectoryTooLarge(wanted)
+        return self.f.read(n)
+
+    def __getattr__(self, name: str):  # seek, tell, seekable, name: the file's own
+        return getattr(self.f, name)
+
+
+class _DirectoryTooLarge(Exception):
+    pass
+
+
+class _ReadError(Exception):
+    pass
 
 
 def _unzip(path: Path, writer: _Writer) -> None:
     limit = writer.limits.max_entries * CD_ENTRY_BYTES
     with open(path, "rb") as f:
-        cd_size = _central_directory_size(f)
-        if cd_size > limit:
-            raise ArchiveError(
-                f"its central directory is {cd_size} bytes, more than {writer.limits.max_entries} entries "
-                f"(files.max_entries) can take: remove files"
-            )
+        bounded = _BoundedReads(f, max(limit, EOCD_SEARCH_BYTES))  # zipfile reads the end records in 64 KiB
         try:
-            archive = zipfile.ZipFile(f)
-        except (zipfile.BadZipFile, OSError, ValueError) as exc:
+            archive = zipfile.ZipFile(bounded)  # type: ignore[arg-type] - read, seek and tell are all it needs
+        except _DirectoryTooLarge as exc:
+            raise ArchiveError(
+                f"its central directory is {exc.args[0]} bytes, more than {writer.limits.max_entries} entries "
+                f"(files.max_entries) can take: remove files"
+            ) from None
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
             raise ArchiveError(f"the zip cannot be read ({exc}); zip the folder again") from exc
+        bounded.cap = None  # the entries' data is read in chunks and counted by the writer
         with archive:
             for info in archive.infolist():
                 _unzip_entry(archive, info, writer)
@@ -258,9 +286,13 @@ def _unzip_entry(archive: zipfile.ZipFile, info: zipfile.ZipInfo, writer: _Write
         writer.folder(target, name)
         return
     try:
-        with archive.open(info) as src:
+        try:
+            src = archive.open(info)
+        except OSError as exc:  # a header offset before the file's start (a lying end record): a seek refused
+            raise _ReadError(exc.strerror or str(exc)) from exc
+        with src:
             writer.file(target, name, src, lambda written: writer.ratio(name, written, info.compress_size))
-    except (zipfile.BadZipFile, NotImplementedError, EOFError, zlib.error) as exc:
+    except (zipfile.BadZipFile, NotImplementedError, EOFError, zlib.error, _ReadError) as exc:
         raise ArchiveError(f"cannot be unpacked ({exc}); zip the folder again with deflate or store", name) from exc
 
 
@@ -289,7 +321,9 @@ def _untar(path: Path, kind: str, writer: _Writer) -> None:
     with open(path, "rb") as raw:
         inner = _OPENERS[kind](raw) if kind in _OPENERS else raw
         try:
-            archive = tarfile.open(fileobj=_Metered(inner, raw, writer), mode="r|")  # noqa: SIM115 - `with archive` below; a stream
+            archive = tarfile.open(fileobj=_Metered(inner, raw, writer), mode="r|", tarinfo=CheckedTarInfo)  # noqa: SIM115 - `with archive` below; a stream
+        except HeaderRefused as exc:
+            raise ArchiveError(str(exc)) from None
         except (tarfile.TarError, OSError, EOFError, lzma.LZMAError) as exc:
             raise NotAnArchive(f"a {kind.removeprefix('tar.')} file that does not hold a tar archive ({exc}): send a "
                                "zip, or a tar / tar.gz / tar.bz2 / tar.xz") from exc  # fmt: skip
@@ -297,6 +331,8 @@ def _untar(path: Path, kind: str, writer: _Writer) -> None:
             with archive:
                 for member in archive:
                     _untar_entry(archive, member, writer)
+        except HeaderRefused as exc:
+            raise ArchiveError(str(exc)) from None
         except (tarfile.TarError, OSError, EOFError, lzma.LZMAError, zlib.error) as exc:
             raise ArchiveError(f"the {kind} archive cannot be read ({exc}); pack the folder again") from exc
 

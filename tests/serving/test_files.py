@@ -11,6 +11,7 @@ import io
 import json
 import os
 import stat
+import struct
 import tarfile
 import zipfile
 from pathlib import Path
@@ -142,6 +143,35 @@ def _symlink_zip() -> bytes:
     return buf.getvalue()
 
 
+def _lying_zip(trick: str, n: int = 5000) -> bytes:
+    """A zip of ``n`` central-directory records whose classic end record claims a tiny directory, while what
+    ``zipfile`` reads says ``n`` records: ``zip64``, a zip64 end record right before the locator (where ``zipfile``
+    reads it; the locator's own offset points elsewhere); ``echo``, the end record's offset field holding the
+    end-record signature (a backwards search for it lands inside the record)."""
+    local = struct.pack("<4s5H3I2H", b"PK\x03\x04", 20, 0, 0, 0, 0, 0, 0, 0, 1, 0) + b"a"
+    record = struct.pack("<4s6H3I5H2I", b"PK\x01\x02", 20, 20, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0) + b"a"
+    cd, start = record * n, len(local)
+    if trick == "zip64":
+        z64 = struct.pack("<4sQ2H2I4Q", b"PK\x06\x06", 44, 45, 45, 0, 0, n, n, len(cd), start)
+        locator = struct.pack("<4sIQI", b"PK\x06\x07", 0, 12345678, 1)
+        return local + cd + z64 + locator + struct.pack("<4s4H2IH", b"PK\x05\x06", 0, 0, 1, 1, 47, start, 0)
+    end = struct.pack("<4s4H2IH", b"PK\x05\x06", 0, 0, n, n, len(cd), 0, 0)
+    return local + cd + end[:16] + b"PK\x05\x06" + end[20:]
+
+
+def _pax_tar(payloads: list[bytes]) -> bytes:
+    """A plain tar: one PAX extended header per payload (raw, as a hostile archiver writes it), then ``a.png``."""
+    out = b""
+    for data in payloads:
+        header = tarfile.TarInfo("././@PaxHeader")
+        header.type, header.size = tarfile.XHDTYPE, len(data)
+        out += header.tobuf(tarfile.USTAR_FORMAT) + data + b"\0" * (-len(data) % 512)
+    image = png()
+    info = tarfile.TarInfo("a.png")
+    info.size = len(image)
+    return out + info.tobuf(tarfile.USTAR_FORMAT) + image + b"\0" * (-len(image) % 512) + b"\0" * 1024
+
+
 HOSTILE = {
     "zip traversal": (lambda: zip_bytes({"a.png": png(), "../evil.png": png()}), {}, "'..'"),
     "zip absolute": (lambda: zip_bytes({"/tmp/evil.png": png()}), {}, "absolute"),
@@ -155,7 +185,7 @@ HOSTILE = {
         "more than 5 entries",
     ),  # fmt: skip
     "zip central directory": (
-        lambda: zip_bytes({f"{i:03d}-{'x' * 40}.png": b"" for i in range(60)}),
+        lambda: zip_bytes({f"{i:03d}-{'x' * 40}.png": b"" for i in range(800)}),  # > 64 KiB of records
         {"max_entries": 2},
         "central directory",
     ),  # fmt: skip
@@ -188,6 +218,32 @@ HOSTILE = {
         {"max_entries": 5},
         "more than 5 entries",
     ),  # fmt: skip
+    # zipfile reads the central directory at the size its end records give; a second parser of them was fooled
+    "zip64 end record before the locator lies": (
+        lambda: _lying_zip("zip64"),
+        {"max_entries": 100},
+        "central directory",
+    ),
+    "zip end record's signature inside itself": (lambda: _lying_zip("echo"), {"max_entries": 100}, "central directory"),
+    "zip name too long for the file system": (lambda: zip_bytes({"a" * 300 + ".png": png()}), {}, "too long"),
+    "tar name too long for the file system": (
+        lambda: tar_bytes(None, "w", [(member("d" * 300 + "/a.png"), png())]),
+        {},
+        "too long",
+    ),  # fmt: skip
+    "tar PAX digits (CVE-2024-6232 backtracking)": (lambda: _pax_tar([b"1" * 20000]), {}, "run of more than"),
+    "tar PAX record framing": (lambda: _pax_tar([b"5 " * 4000 + b"=\n"]), {}, "not '<length> <keyword>"),
+    "tar PAX headers chained past recursion": (lambda: _pax_tar([b"10 a=bcde\n"] * 3000), {}, "in a row"),
+    "tar GNU long name of 200 kB": (
+        lambda: tar_bytes(None, "w", [(member("L" * 200_000), b"x")]),
+        {},
+        "extended header",
+    ),  # fmt: skip
+    "tar sparse file (PAX GNU.sparse)": (
+        lambda: _pax_tar([b"22 GNU.sparse.major=1\n22 GNU.sparse.minor=0\n"]),
+        {},
+        "sparse",
+    ),  # fmt: skip
     "not an archive (a PNG)": (png, {}, "not a zip or tar"),
     "gzip without a tar": (lambda: __import__("gzip").compress(b"hello " * 100), {}, "does not hold a tar"),
     "empty upload": (lambda: b"", {}, "the file is empty"),
@@ -204,6 +260,7 @@ def test_a_hostile_or_unreadable_archive_is_refused_and_leaves_nothing(tmp_path,
     assert isinstance(info.value, NotAnArchive) == (case in not_archives)
     assert left_behind(tmp_path / "files") == [] and store.list("acme") == []
     assert not (tmp_path / "evil.png").exists() and not Path("/tmp/evil.png").exists()
+    assert str(tmp_path) not in str(info.value)  # the server's paths are not the client's business
 
 
 def test_an_upload_past_max_bytes_stops_mid_stream_and_leaves_nothing(tmp_path):
