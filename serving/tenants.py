@@ -117,9 +117,11 @@ def registry_name(tenant: Tenant | str, name: str) -> str:
 
 def owner_of(model: str) -> str | None:
     """The tenant a model name (``<tenant>--<name>``, with or without ``@alias`` or ``/version``) belongs to; None
-    for a name without a tenant prefix (the operator's)."""
+    for a name without a tenant prefix (the operator's). The prefix is read in any letter case, as a registry with a
+    case-insensitive collation finds ``acme--x`` when asked for ``ACME--x``."""
     registered = model.split("@", 1)[0].split("/", 1)[0]
     owner, sep, rest = registered.partition(SEP)
+    owner = owner.lower()  # registries on MySQL/SQL Server compare names case-insensitively: ACME--x is acme's
     return owner if sep and rest and TENANT_NAME.match(owner) and len(owner) <= TENANT_MAX else None
 
 
@@ -211,11 +213,18 @@ def parse_keys(text: str, source: str) -> KeysDocument:
 
 
 def read_keys(path: Path) -> KeysDocument:
-    """The keys file at ``path``; an empty document when it does not exist. Raises KeysFileError (``parse_keys``)."""
+    """The keys file at ``path``; an empty document when it does not exist.
+
+    Raises:
+        KeysFileError: see ``parse_keys``; also a file that exists but cannot be read (permissions, a folder).
+    """
     try:
-        return parse_keys(path.read_text(), str(path))
+        text = path.read_text()
     except FileNotFoundError:
         return KeysDocument()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise KeysFileError(f"{path}: cannot be read ({exc}); make it a file the server's user can read") from exc
+    return parse_keys(text, str(path))
 
 
 def write_keys(path: Path, doc: KeysDocument) -> None:
@@ -349,6 +358,11 @@ class KeyRing:
                 st = self.path.stat() if self.path is not None else None
             except FileNotFoundError:
                 st = None
+            except OSError as exc:  # its folder cannot be searched: as a broken file (KeysFileError below)
+                if strict:
+                    raise KeysFileError(f"{self.path}: cannot be read ({exc})") from exc
+                log.error("keeping the previous API keys: %s: cannot be read (%s)", self.path, exc)
+                return
             signature = (st.st_ino, st.st_mtime_ns, st.st_size) if st else None
             if signature == self._signature:
                 return

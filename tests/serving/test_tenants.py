@@ -121,6 +121,11 @@ def test_a_broken_keys_file_stops_a_start_but_not_a_running_server(tmp_path):
     assert keys.tenant_for(key) == Tenant("acme")  # the last good keys stay in force
     with pytest.raises(KeysFileError, match=re.escape(str(path))):
         ring(path)
+    path.unlink()
+    path.mkdir()  # a keys file the server cannot read (as one of mode 000 for another user): refused, not a 500
+    assert keys.tenant_for(key) == Tenant("acme")
+    with pytest.raises(KeysFileError, match="cannot be read"):
+        ring(path)
     missing = ring(tmp_path / "never-written.json")
     assert missing.required and missing.tenant_for("anything") is None
     open_server = KeyRing(TenantArgs(), None, {})
@@ -154,9 +159,12 @@ def test_the_keys_cli_prints_the_key_once_and_lists_and_revokes(tmp_path, capsys
 def test_registry_names_carry_their_tenant_and_foreign_ids_read_as_missing():
     name = registry_name("acme", "my-style")
     assert name == "acme--my-style" and registry_name(Tenant("acme"), "v1.2") == "acme--v1.2"
-    assert [owner_of(n) for n in (name, f"{name}@champion", f"{name}/3", "toy-sks-lora", "x--", "A--b")] == [
+    assert [owner_of(n) for n in (name, f"{name}@champion", f"{name}/3", "toy-sks-lora", "x--", "A_--b")] == [
         "acme", "acme", "acme", None, None, None,
     ]  # fmt: skip
+    # a registry on MySQL / SQL Server (case-insensitive collations) finds acme--my-style for these: acme's too
+    assert [owner_of(n) for n in ("ACME--my-style", "Acme--my-style@champion", "A--b")] == ["acme", "acme", "a"]
+    assert not Tenant("bravo").sees(owner_of("ACME--my-style"))
     for bad_tenant, bad_name in (("acme--x", "s"), ("Acme", "s"), ("acme", "a/b"), ("acme", "x" * 60)):
         with pytest.raises(ValueError):
             registry_name(bad_tenant, bad_name)
