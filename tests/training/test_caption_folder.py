@@ -4,12 +4,14 @@ a refusal or a dry run. Folder logic is tested with fixed captions; one CLI run 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 
 import pytest
 
 from cluster.cli import main
-from training.captioning.folder import plan_captions, write_captions
+from training.captioning.folder import StalePlan, plan_captions, write_captions
 from training.config import DataConfig
 from training.data import validate_dataset
 from training.toy_world import world
@@ -102,3 +104,55 @@ def test_cli_captions_a_toy_folder_so_that_it_validates(repo, toy_dataset, tmp_p
     assert main([*args, "--json"]) == 0  # nothing left to do; existing captions kept
     result = json.loads(capsys.readouterr().out)
     assert result["captions"] == [] and len(result["kept"]) == 8 and result["written"] == []
+
+
+# ---- nothing lost, nothing half-written (hostile review) --------------------------------------------------------
+def test_rewritten_caption_files_keep_their_permission_bits(tmp_path):
+    folder = _images_only(tmp_path)
+    meta = folder / "metadata.jsonl"
+    meta.write_text(json.dumps({"file_name": "00.png", "text": ""}) + "\n")
+    os.chmod(meta, 0o644)  # read by a Ray worker or a colleague under another user
+    plan = plan_captions(folder)
+    write_captions(plan, [(t, "a caption") for t in plan.todo])
+    assert stat.S_IMODE(meta.stat().st_mode) == 0o644 and len(meta.read_text().splitlines()) == 3
+    sidecars = _images_only(tmp_path / "b")
+    (sidecars / "00.txt").write_text("mine\n")
+    os.chmod(sidecars / "00.txt", 0o640)
+    plan = plan_captions(sidecars, overwrite=True)
+    write_captions(plan, [(t, "new") for t in plan.todo])
+    assert stat.S_IMODE((sidecars / "00.txt").stat().st_mode) == 0o640 and (sidecars / "00.txt").read_text() == "new\n"
+    (tmp_path / "probe").write_text("")  # a new caption file gets the mode `open` gives (0666 less the umask)
+    assert (sidecars / "01.txt").stat().st_mode == (tmp_path / "probe").stat().st_mode
+
+
+def test_metadata_edited_while_captioning_is_not_overwritten_at_the_planned_line_numbers(tmp_path):
+    folder = _images_only(tmp_path)
+    meta = folder / "metadata.jsonl"
+    mine = json.dumps({"file_name": "01.png", "text": "my own caption"})
+    meta.write_text(json.dumps({"file_name": "00.png", "text": ""}) + "\n" + mine + "\n")
+    plan = plan_captions(folder)
+    assert [(t.name, t.line) for t in plan.todo] == [("00.png", 1), ("02.png", None)]
+    edited = mine + "\n" + json.dumps({"file_name": "00.png", "text": ""}) + "\n"  # the user moved a row meanwhile
+    meta.write_text(edited)
+    with pytest.raises(StalePlan, match="changed while captioning"):
+        write_captions(plan, [(t, "machine caption") for t in plan.todo])
+    assert meta.read_text() == edited  # line 1 is now the user's caption: it was not replaced
+
+
+def test_two_images_that_would_share_a_caption_file_are_refused_before_anything_is_written(tmp_path):
+    folder = _images_only(tmp_path, n=2)
+    shutil.copy(folder / "00.png", folder / "00.jpg")
+    plan = plan_captions(folder, "sidecar")
+    assert any("share the caption file 00.txt" in p.message for p in plan.errors)
+    with pytest.raises(ValueError, match="nothing written"):
+        write_captions(plan, [(t, "x") for t in plan.todo])
+    assert sorted(p.name for p in folder.iterdir()) == ["00.jpg", "00.png", "01.png"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes read-only files")
+def test_read_only_caption_files_are_refused_by_the_plan(tmp_path):
+    folder = _images_only(tmp_path)
+    (folder / "00.txt").write_text("mine\n")
+    os.chmod(folder / "00.txt", 0o444)
+    plan = plan_captions(folder, overwrite=True)
+    assert [p.file for p in plan.errors] == ["00.txt"] and "read-only" in plan.errors[0].message

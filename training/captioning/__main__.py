@@ -17,7 +17,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from training.captioning import CaptionConfig, build_captioner
-from training.captioning.folder import CaptionPlan, load_images, plan_captions, write_captions
+from training.captioning.folder import CaptionPlan, StalePlan, load_images, plan_captions, write_captions
 from training.config import DataConfig
 from training.configuration import ConfigError, validate_values
 
@@ -102,7 +102,11 @@ def main(argv: list[str] | None = None) -> int:
         pairs = list(zip(todo, captioner.caption(images)))
         rows = [{"file": t.name, "caption": c, "was": t.old} for t, c in pairs]
         if not plan.errors and not a.dry_run:
-            written = write_captions(plan, pairs)
+            try:
+                written = write_captions(plan, pairs)
+            except StalePlan as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 1
     _print(plan, rows, written, a.dry_run, a.json)
     return 1 if plan.errors else 0
 

@@ -12,9 +12,11 @@ files next to metadata.jsonl) is refused before anything is written.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import tempfile
+import secrets
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -27,6 +29,10 @@ from training.layout import DatasetFileError, Layout, Problem, find_layout, read
 from training.textfile import split_lines
 
 Format = Literal["auto", "metadata", "sidecar"]
+
+
+class StalePlan(RuntimeError):
+    """A file the plan read changed before the captions were written; nothing of that file was written."""
 
 
 @dataclass(frozen=True)
@@ -51,6 +57,7 @@ class CaptionPlan:
     todo: list[Todo] = field(default_factory=list)
     kept: list[str] = field(default_factory=list)  # names of images that keep their caption
     problems: list[Problem] = field(default_factory=list)  # errors refuse the whole plan; warnings are notes
+    metadata_sha256: str | None = None  # metadata.jsonl's bytes when planned (None: absent): line numbers refer to them
 
     @property
     def errors(self) -> list[Problem]:
@@ -117,6 +124,7 @@ def plan_captions(root: str | Path, fmt: Format = "auto", overwrite: bool = Fals
     rows: dict[str, tuple[int, str | None]] = {}
     if layout.format == "metadata":
         rows = read_metadata(root, data, Layout("metadata"))
+    plan.metadata_sha256 = _sha256(root / "metadata.jsonl")
     folded = {k.casefold(): k for k in rows}
     sidecars = (
         _caption_files([c.path for c in layout.candidates], data.caption_extension) if target == "sidecar" else {}
@@ -141,7 +149,42 @@ def plan_captions(root: str | Path, fmt: Format = "auto", overwrite: bool = Fals
             file = sidecars.get((cand.path.parent, cand.path.stem.casefold()))
             target_file = file or cand.path.with_suffix(data.caption_extension)
             plan.todo.append(Todo(cand.path, cand.name, old, target=target_file, replace=file is not None))
+    _check_targets(plan)
     return plan
+
+
+def _sha256(path: Path) -> str | None:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except FileNotFoundError:
+        return None
+
+
+def _check_targets(plan: CaptionPlan) -> None:
+    """Errors for what ``write_captions`` could only do halfway: two images whose caption would go to one file
+    (``a.png`` and ``a.jpg``), and files or folders the user made read-only."""
+    if plan.format == "metadata":
+        files = [plan.root / "metadata.jsonl"] if plan.todo else []
+    else:
+        by_target: dict[Path, list[str]] = {}
+        for item in plan.todo:
+            by_target.setdefault(item.target, []).append(item.name)  # type: ignore[arg-type]
+        for target, names in by_target.items():
+            if len(names) > 1:
+                plan.problems.append(Problem(names[0], "error", f"{' and '.join(names)} would share the caption file "
+                                             f"{target.name}; rename one image so each has its own"))  # fmt: skip
+        files = list(by_target)
+    for path in files:
+        if path.exists() and not os.access(path, os.W_OK):
+            plan.problems.append(Problem(_rel(path, plan.root), "error", "read-only: make it writable (chmod u+w) "
+                                         "to write captions into it"))  # fmt: skip
+        elif not os.access(path.parent, os.W_OK):
+            plan.problems.append(Problem(_rel(path.parent, plan.root), "error", "a read-only folder: make it "
+                                         "writable (chmod u+w) to write captions into it"))  # fmt: skip
+
+
+def _rel(path: Path, root: Path) -> str:
+    return path.relative_to(root).as_posix() if path != root else "."
 
 
 def load_images(plan: CaptionPlan) -> tuple[list[Todo], list[Image.Image]]:
@@ -158,26 +201,41 @@ def load_images(plan: CaptionPlan) -> tuple[list[Todo], list[Image.Image]]:
     return todo, images
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def _write_atomic(path: Path, data: bytes, replace: bool) -> None:
+    """Write ``data`` to ``path`` whole or not at all: a temporary file in the same folder, fsynced, then renamed over
+    ``path`` keeping its permission bits (``replace``), or linked to it (new: ``os.link`` refuses an existing file,
+    so one written meanwhile is never replaced; the mode is 0666 less the umask, as ``open`` makes it).
+
+    Raises:
+        FileExistsError: not ``replace`` and ``path`` exists.
+    """
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+            f.flush()
+            os.fsync(f.fileno())
+        if replace:
+            os.chmod(tmp, stat.S_IMODE(path.stat().st_mode))
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_captions(plan: CaptionPlan, captions: list[tuple[Todo, str]]) -> list[Path]:
     """Write ``captions`` (each ``Todo`` of ``plan`` with its new caption); returns the files written.
 
-    metadata.jsonl is rewritten atomically (a temporary file renamed over it), keeping every other line as it was;
-    a new caption file is created exclusively, so one written meanwhile by someone else is never replaced.
+    Every file is written whole or not at all (``_write_atomic``), keeping its permission bits. metadata.jsonl is
+    rewritten keeping every other line as it was, and only if it is still what the plan read (its line numbers
+    refer to those bytes); a new caption file is created exclusively, so one written meanwhile is never replaced.
 
     Raises:
         ValueError: the plan has errors (nothing is written).
-        FileExistsError: a caption file appeared since the plan was made (the files before it are written).
+        StalePlan: metadata.jsonl changed since the plan was made (nothing is written), or a caption file appeared
+            (the files before it are written).
     """
     if plan.errors:
         raise ValueError(f"{len(plan.errors)} problem(s) in {plan.root}; nothing written")
@@ -186,11 +244,16 @@ def write_captions(plan: CaptionPlan, captions: list[tuple[Todo, str]]) -> list[
     if plan.format == "sidecar":
         written = []
         for item, text in captions:
-            with open(item.target, "wb" if item.replace else "xb") as f:  # type: ignore[arg-type]
-                f.write(f"{text}\n".encode())
+            try:
+                _write_atomic(item.target, f"{text}\n".encode(), item.replace)  # type: ignore[arg-type]
+            except FileExistsError:
+                raise StalePlan(f"{item.target} appeared while captioning; it is kept: run caption again") from None
             written.append(item.target)
         return written
     path = plan.root / "metadata.jsonl"
+    if _sha256(path) != plan.metadata_sha256:
+        raise StalePlan(f"{path} changed while captioning (its rows may have moved); nothing written: run caption "
+                        "again")  # fmt: skip
     lines = split_lines(read_dataset_file(plan.root, path)) if path.exists() else []
     img_col, cap_col = plan.data.image_column, plan.data.caption_column
     for item, text in captions:
@@ -200,5 +263,5 @@ def write_captions(plan: CaptionPlan, captions: list[tuple[Todo, str]]) -> list[
         row = json.loads(lines[item.line - 1])
         row[cap_col] = text
         lines[item.line - 1] = json.dumps(row, ensure_ascii=False).encode()
-    _write_atomic(path, b"".join(line + b"\n" for line in lines))
+    _write_atomic(path, b"".join(line + b"\n" for line in lines), replace=plan.metadata_sha256 is not None)
     return [path]
