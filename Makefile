@@ -28,8 +28,8 @@ $(STAMP): pyproject.toml
 # The main job on the embedded default: a local cluster on 127.0.0.1, the toy dataset, the pipeline as a Ray job
 # (tune -> evaluate -> gate -> register -> serve -> smoke test), then SDK images: runs/demo/before_after.png.
 # MODEL=toy-sdxl runs it on models/toy-sdxl (SDXL's architecture): the tune trials' base model, served by the pipeline,
-# registered as toy-sks-sdxl-lora (a registered model holds one base model's adapters), grid before_after-toy-sdxl.png. Its gate
-# refuses toy-sdxl's adapters today (README, "The toy world").
+# registered as toy-sks-sdxl-lora (a registered model holds one base model's adapters), grid before_after-toy-sdxl.png
+# (README, "The toy world": ~7.5 min on 2 cores).
 MODEL ?=
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m cluster.demo $(if $(MODEL),"tune.overrides=[trial.base_model=models/$(MODEL)]" \
