@@ -278,6 +278,32 @@ class TenantArgs(_Section):
         return value
 
 
+class FineTuneArgs(_Section):
+    """``/v1/fine_tuning/jobs`` (serving/finetune): what a job runs and how many run at once."""
+
+    enabled: bool = Field(True, description="serve the fine-tuning routes and run the job queue in the ingress")
+    submitter: str = Field(
+        "cluster.finetune:RaySubmitter",
+        description="'module:Class' that starts jobs (serving.finetune.queue.Submitter); built on the first poll, "
+        "with ray_address, tracking_uri, cpus_per_job and gpus_per_job",
+    )
+    ray_address: str | None = Field(
+        None, description="the Ray dashboard jobs are submitted to; null = $RAY_API_SERVER_ADDRESS or `lorafleet up`'s"
+    )
+    pipeline_config: str = Field("configs/pipeline.yaml", description="the pipeline config every job starts from")
+    tune_config: str = Field(
+        "configs/tune.yaml", description="its tune stage's config: the default lr, search space and known-good point"
+    )
+    max_running: int | None = Field(
+        None, ge=1, description="jobs running at once; null = cluster GPUs / gpus_per_job, else CPUs / cpus_per_job"
+    )
+    per_tenant: int = Field(1, ge=1, description="jobs of one tenant running at once (the rest wait in the queue)")
+    cpus_per_job: float = Field(2, gt=0, description="CPUs one job holds (its trials' workers + the driver)")
+    gpus_per_job: float = Field(1, gt=0, description="GPUs one job holds on a GPU cluster")
+    auto_trials: int = Field(4, ge=1, description="trials of a search when a hyperparameter is 'auto'")
+    poll_s: float = Field(2.0, gt=0, description="seconds between the queue's polls of its jobs")
+
+
 class ServeArgs(_Section):
     base_model: str = Field(
         "models/toy-sd",
@@ -336,6 +362,7 @@ class ServeArgs(_Section):
     image_urls: ImageUrlArgs = Field(default_factory=ImageUrlArgs)
     speed: SpeedArgs = Field(default_factory=SpeedArgs)
     files: FilesArgs = Field(default_factory=FilesArgs)
+    finetune: FineTuneArgs = Field(default_factory=FineTuneArgs)
 
     @field_validator("adapters")
     @classmethod

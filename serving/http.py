@@ -44,6 +44,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.config import ServeArgs
 from serving.engine import ImageRequest
+from serving.finetune import routes as finetune
+from serving.finetune.jobs import CreateJobBody
 from serving.image_store import IMAGE_ID
 from serving.schemas import GenerateQuery, GenerationBody, ImageData, ImagesResponse, ModelList, Params, error_body
 from serving.tenants import STATE_KEY, KeyRing, NotFound, Tenant, tenant_of
@@ -430,6 +432,9 @@ class Api:
         Gate.max_bytes = self.args.limits.max_body_bytes
         self.files = FileStore(self.args.files)  # uploads (serving/uploads); created on the first one
         Gate.upload_bytes = files.upload_limit(self.files)
+        self.finetune = finetune.FineTuning(self.args, self.files)  # jobs live next to the files (serving/finetune)
+        if self.args.finetune.enabled:
+            self.finetune.start()  # the queue's poller: starts queued jobs, follows running ones
 
     # ---- helpers ---------------------------------------------------------------------------------------------
     def authenticate(self, scope: dict) -> Tenant | Refusal | None:
@@ -606,3 +611,37 @@ class Api:
     @web.delete("/v1/files/{file_id}", summary="delete an uploaded file and its data")
     async def delete_file(self, request: Request, file_id: str) -> Response:
         return await files.delete_file(self.files, request, file_id)
+
+    # ---- fine-tuning: OpenAI's fine-tuning jobs API over serving/finetune (handlers and errors live there) -------
+    def _finetune(self) -> "finetune.FineTuning":
+        if not self.args.finetune.enabled:
+            raise ApiError(404, "fine-tuning is off on this server (finetune.enabled=false)")
+        return self.finetune
+
+    @web.post("/v1/fine_tuning/jobs", summary="start a fine-tuning job on an uploaded file")
+    async def create_job(self, request: Request, body: CreateJobBody) -> Response:
+        return await finetune.create_job(self._finetune(), request, body)
+
+    @web.get("/v1/fine_tuning/jobs", summary="your fine-tuning jobs, newest first")
+    async def list_jobs(self, request: Request, query: Annotated[finetune.PageQuery, Query()]) -> Response:
+        return await finetune.list_jobs(self._finetune(), request, query)
+
+    @web.get("/v1/fine_tuning/jobs/{job_id}", summary="one fine-tuning job")
+    async def retrieve_job(self, request: Request, job_id: str) -> Response:
+        return await finetune.retrieve_job(self._finetune(), request, job_id)
+
+    @web.post("/v1/fine_tuning/jobs/{job_id}/cancel", summary="cancel a fine-tuning job in any state")
+    async def cancel_job(self, request: Request, job_id: str) -> Response:
+        return await finetune.cancel_job(self._finetune(), request, job_id)
+
+    @web.get("/v1/fine_tuning/jobs/{job_id}/events", summary="a job's stage progress, newest first")
+    async def job_events(
+        self, request: Request, job_id: str, query: Annotated[finetune.PageQuery, Query()]
+    ) -> Response:
+        return await finetune.list_events(self._finetune(), request, job_id, query)
+
+    @web.get("/v1/fine_tuning/jobs/{job_id}/checkpoints", summary="a succeeded job's registered adapter")
+    async def job_checkpoints(
+        self, request: Request, job_id: str, query: Annotated[finetune.PageQuery, Query()]
+    ) -> Response:
+        return await finetune.list_checkpoints(self._finetune(), request, job_id, query)

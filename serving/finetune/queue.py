@@ -1,0 +1,230 @@
+"""Admission and state of fine-tuning jobs: bounded concurrency, a per-tenant limit, start in order, cancel in
+every state. Plain Python: the Ray side is a ``Submitter`` passed in (``cluster.finetune.RaySubmitter`` in the
+Serve app, a fake in tests).
+
+    queue = JobQueue(store, submitter, max_running=None, per_tenant=2)   # None: submitter.capacity()
+    queue.tick()              # refresh every submitted job from its Ray job + pipeline.json, then start queued ones
+
+``tick`` is called by the ingress replica's poller (``serving.finetune.routes.Poller``) every ``finetune.poll_s``.
+Everything it knows is on disk (the job records, the pipeline's ``pipeline.json``) and in the Ray job (its status
+by submission id), so a restarted Serve app picks up where it was. The submission id is the job id: Ray refuses a
+second job under one id, so a job is never run twice, even by two ingress replicas (their ticks also take a file
+lock).
+
+Status (OpenAI's): ``validating_files`` while the dataset is being held, ``queued`` before it is submitted and
+while its Ray job is PENDING, ``running`` while RUNNING, then ``succeeded`` (the pipeline registered the model),
+``failed`` (``error`` = the failed stage's message, e.g. the gate's reasons) or ``cancelled``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+from serving.finetune.jobs import TERMINAL, JobRecord, JobStore
+
+log = logging.getLogger(__name__)
+RAY_ENDED = ("SUCCEEDED", "FAILED", "STOPPED")
+SUMMARY = "pipeline.json"  # written by cluster.pipeline into <output_dir>/<name>/
+
+
+class Submitter(Protocol):
+    """What the queue needs of a cluster (``cluster.finetune.RaySubmitter`` over ``cluster.jobs.Jobs``)."""
+
+    def submit(self, job_id: str, overrides: list[str]) -> str:
+        """Start ``python -m cluster.pipeline`` with ``overrides`` as job ``job_id``; returns its submission id."""
+
+    def status(self, submission_id: str) -> str:
+        """The Ray job's status: PENDING, RUNNING, SUCCEEDED, FAILED or STOPPED."""
+
+    def stop(self, submission_id: str) -> None:
+        """SIGTERM the job's entry point (the pipeline stops its trials and exits)."""
+
+    def capacity(self) -> int:
+        """Jobs that fit at once: cluster GPUs ÷ GPUs per job, else CPUs ÷ CPUs per job (at least 1)."""
+
+
+class JobQueue:
+    """See the module docstring. ``clock``: Unix seconds."""
+
+    def __init__(self, store: JobStore, submitter: Submitter, max_running: int | None = None, per_tenant: int = 1,
+                 clock: Callable[[], float] = time.time):  # fmt: skip
+        self.store, self.submitter, self.clock = store, submitter, clock
+        self.max_running, self.per_tenant = max_running, per_tenant
+        self._thread_lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """One writer at a time: threads of this replica and other ingress replicas (a file lock)."""
+        self.store.root.mkdir(parents=True, exist_ok=True)
+        with self._thread_lock, open(self.store.root / ".lock", "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def bound(self) -> int:
+        return self.max_running or max(1, self.submitter.capacity())
+
+    # ---- the poller's step ------------------------------------------------------------------------------------
+    def tick(self) -> None:
+        """Refresh every submitted job that has not ended, then start queued jobs in order within the bounds."""
+        with self.locked():
+            records = self.store.all()
+            for record in records:
+                if record.submission_id and record.ray_status not in RAY_ENDED:
+                    self._refresh(record)
+            self._admit(records)
+
+    def _active(self, record: JobRecord) -> bool:
+        return record.submission_id is not None and record.ray_status not in RAY_ENDED
+
+    def _admit(self, records: list[JobRecord]) -> None:
+        active = [r for r in records if self._active(r)]
+        bound = self.bound()
+        per: dict[str, int] = {}
+        for r in active:
+            per[r.tenant] = per.get(r.tenant, 0) + 1
+        for record in records:
+            if len(active) >= bound:
+                return
+            if record.status != "queued" or record.submission_id or per.get(record.tenant, 0) >= self.per_tenant:
+                continue
+            self._submit(record)
+            if self._active(record):
+                active.append(record)
+                per[record.tenant] = per.get(record.tenant, 0) + 1
+
+    def _submit(self, record: JobRecord) -> None:
+        now = self.clock()
+        try:
+            record.submission_id = self.submitter.submit(record.id, record.overrides)
+        except Exception as exc:  # noqa: BLE001 - any refusal ends this job, never the poller
+            log.warning("fine-tuning job %s could not be submitted: %s", record.id, exc)
+            self._end(record, "failed", now, {"code": "submit_failed", "message": str(exc)[:2000], "param": None})
+        else:
+            record.ray_status = "PENDING"
+            record.event("submitted", f"started as Ray job {record.submission_id}", now)
+        self.store.save(record)
+
+    def _refresh(self, record: JobRecord) -> None:
+        now = self.clock()
+        try:
+            ray_status = self.submitter.status(record.submission_id)
+        except Exception as exc:  # noqa: BLE001 - the dashboard is away: try again next tick
+            log.warning("fine-tuning job %s: status unknown (%s)", record.id, exc)
+            return
+        summary = read_summary(self.store.folder(record.id), record.id)
+        changed = self._stage_events(record, summary, now) or ray_status != record.ray_status
+        record.ray_status = ray_status
+        if record.status not in TERMINAL:
+            if ray_status == "RUNNING" and record.status != "running":
+                record.status = "running"
+                record.event("running", "the pipeline is running", now)
+            elif ray_status in RAY_ENDED:
+                self._finish(record, ray_status, summary, now)
+        if changed:
+            self.store.save(record)
+
+    def _stage_events(self, record: JobRecord, summary: dict[str, Any], now: float) -> bool:
+        """Events for pipeline stages whose status changed since the last tick; True when any did."""
+        changed = False
+        for name, stage in (summary.get("stages") or {}).items():
+            status = stage.get("status", "?")
+            if record.stages.get(name) == status:
+                continue
+            record.stages[name] = status
+            changed = True
+            numbers = {k: v for k, v in stage.items() if isinstance(v, (int, float, str, bool)) and k != "status"}
+            message = f"stage {name}: {status}" + (f" ({stage['seconds']} s)" if "seconds" in stage else "")
+            if status == "failed" and stage.get("error"):
+                message += f": {stage['error']}"
+            level = "error" if status == "failed" else "warn" if status == "stopped" else "info"
+            record.event(f"stage/{name}/{status}", message, now, level=level, data=numbers or None)
+        return changed
+
+    def _finish(self, record: JobRecord, ray_status: str, summary: dict[str, Any], now: float) -> None:
+        stages = summary.get("stages") or {}
+        register = stages.get("register") or {}
+        if record.cancel_requested or (ray_status == "STOPPED" and record.status == "cancelled"):
+            self._end(record, "cancelled", now)
+        elif ray_status == "SUCCEEDED" and register.get("status") in ("done", "skipped") and register.get("version"):
+            record.checkpoints = checkpoints(record, stages, now)
+            self._end(record, "succeeded", now)
+        else:
+            failed = next((f"{n}: {s['error']}" for n, s in stages.items() if s.get("status") == "failed"), None)
+            why = failed or (
+                "stopped by someone other than this API (ray job stop)" if ray_status == "STOPPED" else
+                f"the Ray job {record.submission_id} ended {ray_status} before the pipeline recorded a stage; see "
+                f"`ray job logs {record.submission_id}`"
+            )  # fmt: skip
+            code = "gate_failed" if (stages.get("gate") or {}).get("status") == "failed" else "pipeline_failed"
+            self._end(record, "failed", now, {"code": code, "message": why, "param": None})
+
+    def _end(self, record: JobRecord, status: str, now: float, error: dict[str, Any] | None = None) -> None:
+        record.status, record.error, record.finished_at = status, error, int(now)
+        message = f"the job {status}" + (f": {error['message']}" if error else "")
+        if status == "succeeded":
+            message += f"; fine_tuned_model {record.fine_tuned_model} is served now"
+        record.event(f"end/{status}", message, now, level="error" if error else "info")
+
+    # ---- requests ---------------------------------------------------------------------------------------------
+    def enqueue(self, record: JobRecord) -> None:
+        """A new job whose dataset is held: ``queued``, started by the next tick when the bounds allow."""
+        with self.locked():
+            record.status = "queued"
+            record.event("queued", "files validated; the job is queued", self.clock())
+            self.store.save(record)
+
+    def cancel(self, job_id: str, tenant: str) -> JobRecord:
+        """Cancel in any state: a queued job is never submitted; a submitted one is stopped (SIGTERM: the
+        pipeline stops its trials and exits); an ended one is returned as it is (OpenAI answers the same).
+
+        Raises:
+            serving.tenants.NotFound: no such job for this tenant.
+        """
+        with self.locked():
+            record = self.store.get(job_id, tenant)
+            if record.status in TERMINAL:
+                return record
+            now = self.clock()
+            if self._active(record):
+                record.cancel_requested = True
+                try:
+                    self.submitter.stop(record.submission_id)
+                except Exception as exc:  # noqa: BLE001 - recorded; the next tick sees how the Ray job ended
+                    log.warning("fine-tuning job %s: stop failed (%s)", record.id, exc)
+                record.event("cancel", "cancel requested: the Ray job was asked to stop", now, level="warn")
+            self._end(record, "cancelled", now)
+            self.store.save(record)
+            return record
+
+
+def read_summary(job_folder: Path, name: str) -> dict[str, Any]:
+    """The pipeline's ``pipeline.json`` for this job ({} while there is none, or while it is being rewritten)."""
+    try:
+        return json.loads((job_folder / "runs" / name / SUMMARY).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def checkpoints(record: JobRecord, stages: dict[str, Any], now: float) -> list[dict[str, Any]]:
+    """OpenAI's ``fine_tuning.job.checkpoint`` for the registered adapter: ``<model>/<version>`` (a name
+    ``/v1/images/generations`` accepts) with the best trial's numbers."""
+    register, best = stages["register"], (stages.get("tune") or {}).get("best") or {}
+    loss = best.get("val_loss") if isinstance(best, dict) else None
+    step = best.get("training_iteration") or best.get("epoch") or 0 if isinstance(best, dict) else 0
+    return [{
+        "id": f"ftckpt-{record.id.removeprefix('ftjob-')}", "object": "fine_tuning.job.checkpoint",
+        "created_at": int(now), "fine_tuned_model_checkpoint": f"{register['model']}/{register['version']}",
+        "fine_tuning_job_id": record.id, "step_number": int(step),
+        "metrics": {"valid_loss": loss, "step": float(step)} if loss is not None else {"step": float(step)},
+    }]  # fmt: skip

@@ -1,0 +1,223 @@
+"""OpenAI's fine-tuning routes over the job store and queue: what ``serving.http``'s ingress methods call.
+
+    client.fine_tuning.jobs.create(training_file=f.id, model="base", suffix="my-style",
+                                   hyperparameters={"n_epochs": 4}, extra_body={"trigger": "sks"})
+    client.fine_tuning.jobs.retrieve(job.id).status          # validating_files → queued → running → succeeded
+    client.images.generate(model=job.fine_tuned_model, prompt="a sks circle")     # served at once, no redeploy
+
+Every route acts for the request's tenant; another tenant's job (or file) is a 404 worded as a missing one. Errors
+are OpenAI's body with the status chosen here (``STATUS``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import secrets
+import threading
+from functools import wraps
+from typing import Any
+
+from pydantic import Field
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from serving.config import ServeArgs, project_path
+from serving.finetune.jobs import (
+    CreateJobBody,
+    JobRecord,
+    JobRequestError,
+    JobStore,
+    page,
+    pipeline_overrides,
+    search_overrides,
+)
+from serving.finetune.queue import JobQueue
+from serving.schemas import Params, error_body
+from serving.tenants import NotFound, registry_name, tenant_of
+from serving.uploads.store import FileNotFound, FileStore, InvalidUpload
+
+log = logging.getLogger(__name__)
+STATUS: dict[type[Exception], int] = {NotFound: 404, FileNotFound: 404, JobRequestError: 400, InvalidUpload: 400}
+
+
+class PageQuery(Params):
+    """OpenAI's list parameters (``after``: the previous page's last id; ``limit``: 1-100, default 20)."""
+
+    after: str | None = Field(None, description="an id: the page starts after it")
+    limit: int = Field(20, ge=1, le=100, description="items per page")
+
+    @classmethod
+    def _not_given(cls, value: object) -> bool:
+        return value == ""
+
+
+def _answers_errors(route):
+    @wraps(route)
+    async def answer(*args, **kwargs):
+        try:
+            return JSONResponse(await route(*args, **kwargs))
+        except tuple(STATUS) as exc:
+            status = next(code for kind, code in STATUS.items() if isinstance(exc, kind))
+            message = str(exc) + ("; list yours with GET /v1/fine_tuning/jobs" if isinstance(exc, NotFound) else "")
+            return JSONResponse(error_body(status, message, getattr(exc, "param", None)), status_code=status)
+
+    return answer
+
+
+class FineTuning:
+    """The routes' state in one ingress replica: the store, the queue (its submitter built on first use) and the
+    poller thread that calls ``queue.tick()`` every ``finetune.poll_s``."""
+
+    def __init__(self, args: ServeArgs, files: FileStore, submitter: Any = None):
+        self.args, self.cfg, self.files = args, args.finetune, files
+        self.store = JobStore(files.root / "jobs")
+        self._submitter = submitter
+        self.queue = JobQueue(self.store, _Lazy(self), self.cfg.max_running, self.cfg.per_tenant)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def submitter(self) -> Any:
+        if self._submitter is None:
+            module, cls = self.cfg.submitter.split(":")
+            self._submitter = getattr(importlib.import_module(module), cls)(
+                address=self.cfg.ray_address, tracking_uri=self.args.resolved_tracking_uri(),
+                config=self.cfg.pipeline_config, cpus_per_job=self.cfg.cpus_per_job, gpus_per_job=self.cfg.gpus_per_job,
+            )  # fmt: skip
+        return self._submitter
+
+    def start(self) -> None:
+        """Start the poller (a daemon thread: the Ray calls block)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._poll, name="finetune-queue", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.cfg.poll_s):
+            try:
+                self.queue.tick()
+            except Exception:  # noqa: BLE001 - a failed poll is logged and tried again
+                log.exception("fine-tuning queue: poll failed")
+
+    # ---- creating a job ---------------------------------------------------------------------------------------
+    def build(self, body: CreateJobBody, tenant: str) -> JobRecord:
+        """Check the request, hold its datasets and make the job's record (status ``validating_files``).
+
+        Raises:
+            JobRequestError: a model, suffix or file this server cannot train on (400).
+            serving.uploads.store.FileNotFound: no such file of this tenant (404).
+        """
+        from training.configuration import load_config
+        from tuning.config import TuneConfig
+
+        base = self._base_model(body.model)
+        job_id = self.store.new_id()
+        try:
+            fine_tuned = registry_name(tenant, body.suffix or f"ft-{job_id[6:14]}")
+        except ValueError as exc:
+            raise JobRequestError(str(exc), "suffix") from exc
+        data = self._dataset(body.training_file, tenant, "training_file")
+        held = self._dataset(body.validation_file, tenant, "validation_file") if body.validation_file else None
+        seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
+        tune = load_config(TuneConfig, str(project_path(self.cfg.tune_config)), [])
+        record = JobRecord(
+            id=job_id, tenant=tenant, created_at=int(self.store.clock()), model=body.model, base_model=base,
+            training_file=body.training_file, validation_file=body.validation_file, seed=seed,
+            hyperparameters=body.hyperparameters, suffix=body.suffix, metadata=body.metadata, trigger=body.trigger,
+            fine_tuned_model=fine_tuned, overrides=[],
+        )  # fmt: skip
+        folder = self.store.folder(job_id)
+        record.overrides = pipeline_overrides(
+            record, folder / "data", folder / "heldout" if held else None,
+            search_overrides(body.hyperparameters, tune, self.cfg.auto_trials, seed), self.cfg.tune_config,
+        )  # fmt: skip
+        record.event("created", f"fine-tuning job created for {body.training_file}", self.store.clock())
+        self.store.save(record)
+        self.store.hold_dataset(data, job_id)
+        if held:
+            self.store.hold_dataset(held, job_id, "heldout")
+        return record
+
+    def _base_model(self, model: str) -> str:
+        base = self.args.base_model
+        if model in ("base", base, base.rstrip("/").rsplit("/", 1)[-1]):
+            return base
+        raise JobRequestError(
+            f"model {model[:80]!r}: this server fine-tunes its base model only — pass 'base' (or {base!r}); continuing "
+            "the training of an existing adapter is not supported yet",
+            "model",
+        )
+
+    def _dataset(self, file_id: str, tenant: str, param: str):
+        try:
+            path = self.files.data_dir(file_id, tenant)
+            facts = self.files.get(file_id, tenant).dataset
+        except FileNotFound as exc:
+            raise NotFound("file", file_id, param) from exc
+        except InvalidUpload as exc:
+            raise JobRequestError(str(exc), param) from exc
+        if facts is not None and not facts.captions:
+            raise JobRequestError(
+                f"{param} {file_id}: its images came without captions and jobs do not caption yet; caption them "
+                "(`lorafleet caption DIR`) and upload the folder again",
+                param,
+            )
+        return path
+
+
+class _Lazy:
+    """The queue's submitter, built on first use (the cluster may come up after the Serve app)."""
+
+    def __init__(self, owner: FineTuning):
+        self.owner = owner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.owner.submitter(), name)
+
+
+# ---- the routes ---------------------------------------------------------------------------------------------------
+@_answers_errors
+async def create_job(ft: FineTuning, request: Request, body: CreateJobBody) -> dict:
+    """``POST /v1/fine_tuning/jobs``: the job object (status ``queued``)."""
+    record = await asyncio.to_thread(ft.build, body, tenant_of(request).name)
+    await asyncio.to_thread(ft.queue.enqueue, record)
+    return record.to_openai()
+
+
+@_answers_errors
+async def list_jobs(ft: FineTuning, request: Request, query: PageQuery) -> dict:
+    """``GET /v1/fine_tuning/jobs``: the tenant's jobs, newest first."""
+    tenant = tenant_of(request).name
+    records = [r for r in reversed(await asyncio.to_thread(ft.store.all)) if r.tenant == tenant]
+    out = page(records, query.after, query.limit, lambda r: r.id, "fine-tuning job")
+    return out | {"data": [r.to_openai() for r in out["data"]]}
+
+
+@_answers_errors
+async def retrieve_job(ft: FineTuning, request: Request, job_id: str) -> dict:
+    return (await asyncio.to_thread(ft.store.get, job_id, tenant_of(request).name)).to_openai()
+
+
+@_answers_errors
+async def cancel_job(ft: FineTuning, request: Request, job_id: str) -> dict:
+    return (await asyncio.to_thread(ft.queue.cancel, job_id, tenant_of(request).name)).to_openai()
+
+
+@_answers_errors
+async def list_events(ft: FineTuning, request: Request, job_id: str, query: PageQuery) -> dict:
+    """``GET /v1/fine_tuning/jobs/{id}/events``: newest first, as OpenAI lists them."""
+    record = await asyncio.to_thread(ft.store.get, job_id, tenant_of(request).name)
+    out = page(list(reversed(record.events)), query.after, query.limit, lambda e: e.id, "event")
+    return out | {"data": [e.model_dump() for e in out["data"]]}
+
+
+@_answers_errors
+async def list_checkpoints(ft: FineTuning, request: Request, job_id: str, query: PageQuery) -> dict:
+    record = await asyncio.to_thread(ft.store.get, job_id, tenant_of(request).name)
+    out = page(record.checkpoints, query.after, query.limit, lambda c: c["id"], "checkpoint")
+    data = out["data"]
+    return out | {"first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}
