@@ -27,7 +27,7 @@ import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -54,12 +54,12 @@ class JobRequestError(ValueError):
 class Hyperparameters(Params):
     """OpenAI's ``hyperparameters`` plus lorafleet's ``rank`` and ``optimizer``; ``"auto"`` = searched by Tune."""
 
-    n_epochs: int | Auto = Field("auto", ge=1, le=1000, description="epochs over the dataset (train.epochs)")
-    learning_rate_multiplier: float | Auto = Field(
-        "auto", gt=0, le=100, description="times the tune config's trial.train.lr (train.lr)"
+    n_epochs: Annotated[int, Field(ge=1, le=1000)] | Auto = Field("auto", description="epochs (train.epochs)")
+    learning_rate_multiplier: Annotated[float, Field(gt=0, le=100)] | Auto = Field(
+        "auto", description="times the tune config's trial.train.lr (train.lr)"
     )
-    batch_size: int | Auto = Field("auto", ge=1, le=256, description="images per step (train.batch_size)")
-    rank: int | Auto = Field("auto", ge=1, le=256, description="lorafleet: LoRA rank r (lora.rank)")
+    batch_size: Annotated[int, Field(ge=1, le=256)] | Auto = Field("auto", description="images per step")
+    rank: Annotated[int, Field(ge=1, le=256)] | Auto = Field("auto", description="lorafleet: LoRA rank (lora.rank)")
     optimizer: Literal["adamw", "adamw8bit", "prodigy", "auto"] = Field(
         "auto", description="lorafleet: train.optimizer (adamw8bit needs a CUDA GPU)"
     )
@@ -100,6 +100,7 @@ class JobRecord(BaseModel):
     id: str = Field(description="'ftjob-' + 24 hex digits")
     tenant: str = Field(description="the owner; other tenants get 404")
     created_at: int = Field(description="Unix seconds")
+    order: float = Field(description="creation time, Unix seconds with fractions: queued jobs start in this order")
     status: Status = Field("validating_files", description="OpenAI's job status")
     model: str = Field(description="the base model as requested")
     base_model: str = Field(description="the served base model the job trains on (trial.base_model)")
@@ -188,9 +189,9 @@ class JobStore:
         return record
 
     def all(self) -> list[JobRecord]:
-        """Every job, oldest first (by created_at, then id): the order queued jobs start in."""
+        """Every job, oldest first (by creation time, then id): the order queued jobs start in."""
         found = [r for p in (self.root.iterdir() if self.root.is_dir() else ()) if (r := self.load(p.name))]
-        return sorted(found, key=lambda r: (r.created_at, r.id))
+        return sorted(found, key=lambda r: (r.order, r.id))
 
 
 def page(items: list[Any], after: str | None, limit: int, ident: Callable[[Any], str], kind: str) -> dict[str, Any]:

@@ -88,6 +88,8 @@ class JobQueue:
         return record.submission_id is not None and record.ray_status not in RAY_ENDED
 
     def _admit(self, records: list[JobRecord]) -> None:
+        if not any(r.status == "queued" and not r.submission_id for r in records):
+            return  # nothing to start: the submitter (the cluster) is not asked for its capacity
         active = [r for r in records if self._active(r)]
         bound = self.bound()
         per: dict[str, int] = {}
@@ -123,33 +125,30 @@ class JobQueue:
             log.warning("fine-tuning job %s: status unknown (%s)", record.id, exc)
             return
         summary = read_summary(self.store.folder(record.id), record.id)
-        changed = self._stage_events(record, summary, now) or ray_status != record.ray_status
+        before = record.model_dump_json()
         record.ray_status = ray_status
-        if record.status not in TERMINAL:
-            if ray_status == "RUNNING" and record.status != "running":
-                record.status = "running"
-                record.event("running", "the pipeline is running", now)
-            elif ray_status in RAY_ENDED:
-                self._finish(record, ray_status, summary, now)
-        if changed:
+        if record.status not in TERMINAL and ray_status == "RUNNING" and record.status != "running":
+            record.status = "running"
+            record.event("running", "the pipeline is running", now)
+        self._stage_events(record, summary, now)
+        if record.status not in TERMINAL and ray_status in RAY_ENDED:
+            self._finish(record, ray_status, summary, now)
+        if record.model_dump_json() != before:
             self.store.save(record)
 
-    def _stage_events(self, record: JobRecord, summary: dict[str, Any], now: float) -> bool:
-        """Events for pipeline stages whose status changed since the last tick; True when any did."""
-        changed = False
+    def _stage_events(self, record: JobRecord, summary: dict[str, Any], now: float) -> None:
+        """Events for pipeline stages whose status changed since the last tick."""
         for name, stage in (summary.get("stages") or {}).items():
             status = stage.get("status", "?")
             if record.stages.get(name) == status:
                 continue
             record.stages[name] = status
-            changed = True
             numbers = {k: v for k, v in stage.items() if isinstance(v, (int, float, str, bool)) and k != "status"}
             message = f"stage {name}: {status}" + (f" ({stage['seconds']} s)" if "seconds" in stage else "")
             if status == "failed" and stage.get("error"):
                 message += f": {stage['error']}"
             level = "error" if status == "failed" else "warn" if status == "stopped" else "info"
             record.event(f"stage/{name}/{status}", message, now, level=level, data=numbers or None)
-        return changed
 
     def _finish(self, record: JobRecord, ray_status: str, summary: dict[str, Any], now: float) -> None:
         stages = summary.get("stages") or {}

@@ -124,8 +124,9 @@ class FineTuning:
         held = self._dataset(body.validation_file, tenant, "validation_file") if body.validation_file else None
         seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
         tune = load_config(TuneConfig, str(project_path(self.cfg.tune_config)), [])
+        now = self.store.clock()
         record = JobRecord(
-            id=job_id, tenant=tenant, created_at=int(self.store.clock()), model=body.model, base_model=base,
+            id=job_id, tenant=tenant, created_at=int(now), order=now, model=body.model, base_model=base,
             training_file=body.training_file, validation_file=body.validation_file, seed=seed,
             hyperparameters=body.hyperparameters, suffix=body.suffix, metadata=body.metadata, trigger=body.trigger,
             fine_tuned_model=fine_tuned, overrides=[],
