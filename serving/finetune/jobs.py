@@ -31,7 +31,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field
 
-from serving.schemas import Params
+from serving.schemas import RequestBody
 from serving.tenants import NotFound
 from serving.uploads.store import write_json
 
@@ -51,7 +51,7 @@ class JobRequestError(ValueError):
         self.param = param
 
 
-class Hyperparameters(Params):
+class Hyperparameters(RequestBody):
     """OpenAI's ``hyperparameters`` plus lorafleet's ``rank`` and ``optimizer``; ``"auto"`` = searched by Tune."""
 
     n_epochs: Annotated[int, Field(ge=1, le=1000)] | Auto = Field("auto", description="epochs (train.epochs)")
@@ -65,8 +65,9 @@ class Hyperparameters(Params):
     )
 
 
-class CreateJobBody(Params):
-    """``POST /v1/fine_tuning/jobs`` (OpenAI's fields; lorafleet's ``trigger`` through the client's extra_body)."""
+class CreateJobBody(RequestBody):
+    """``POST /v1/fine_tuning/jobs`` (OpenAI's fields; lorafleet's ``trigger`` through the client's extra_body).
+    ``null`` for an optional field means "not given" (``RequestBody``), as OpenAI's SDKs send it."""
 
     model: str = Field(..., min_length=1, max_length=200, description="'base' or the served base model's name")
     training_file: str = Field(..., description="an uploaded file's id (POST /v1/files, purpose fine-tune)")

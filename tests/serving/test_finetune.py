@@ -348,3 +348,13 @@ def test_records_are_written_whole(setup):
     job = make_job(s.store, s.queue, "a")
     assert [p.name for p in s.store.folder(job.id).iterdir()] == ["job.json"]  # no temporary file left behind
     assert s.store.load(job.id) == JobRecord.model_validate_json(Path(s.store.folder(job.id) / "job.json").read_text())
+
+
+def test_null_for_an_optional_field_of_a_job_request_means_not_given():
+    minimal = {"model": "base", "training_file": "file-" + "0" * 24}
+    nulled = {**minimal, **dict.fromkeys(CreateJobBody.optional_keys())}
+    assert CreateJobBody.model_validate(nulled) == CreateJobBody.model_validate(minimal)
+    hp = dict.fromkeys(Hyperparameters.optional_keys())
+    assert CreateJobBody.model_validate({**minimal, "hyperparameters": hp}).hyperparameters == Hyperparameters()
+    with pytest.raises(ValueError, match="training_file"):
+        CreateJobBody.model_validate({**minimal, "training_file": None})
