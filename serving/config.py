@@ -294,6 +294,11 @@ class FineTuneArgs(_Section):
     tune_config: str = Field(
         "configs/tune.yaml", description="its tune stage's config: the default lr, search space and known-good point"
     )
+    overrides: list[str] = Field(
+        default_factory=list,
+        description="the operator's dotted overrides of the pipeline config for every job, after the job's own, "
+        "e.g. evaluation.candidates=1 (a user cannot set these)",
+    )
     max_running: int | None = Field(
         None, ge=1, description="jobs running at once; null = cluster GPUs / gpus_per_job, else CPUs / cpus_per_job"
     )

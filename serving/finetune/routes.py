@@ -136,6 +136,7 @@ class FineTuning:
             record, folder / "data", folder / "heldout" if held else None,
             search_overrides(body.hyperparameters, tune, self.cfg.auto_trials, seed), self.cfg.tune_config,
         )  # fmt: skip
+        record.overrides += self.cfg.overrides
         record.event("created", f"fine-tuning job created for {body.training_file}", self.store.clock())
         self.store.save(record)
         self.store.hold_dataset(data, job_id)
