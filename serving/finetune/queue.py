@@ -217,10 +217,11 @@ def read_summary(job_folder: Path, name: str) -> dict[str, Any]:
 
 def checkpoints(record: JobRecord, stages: dict[str, Any], now: float) -> list[dict[str, Any]]:
     """OpenAI's ``fine_tuning.job.checkpoint`` for the registered adapter: ``<model>/<version>`` (a name
-    ``/v1/images/generations`` accepts) with the best trial's numbers."""
-    register, best = stages["register"], (stages.get("tune") or {}).get("best") or {}
-    loss = best.get("val_loss") if isinstance(best, dict) else None
-    step = best.get("training_iteration") or best.get("epoch") or 0 if isinstance(best, dict) else 0
+    ``/v1/images/generations`` accepts) with the best trial's search metric (val_loss in configs/tune.yaml) as
+    ``valid_loss`` and its epochs as the step."""
+    register, best = stages["register"], (stages.get("tune") or {}).get("best")
+    best = best if isinstance(best, dict) else {}  # tuning/summary.py's best trial: value (the metric), epochs
+    loss, step = best.get("value"), best.get("epochs") or 0
     return [{
         "id": f"ftckpt-{record.id.removeprefix('ftjob-')}", "object": "fine_tuning.job.checkpoint",
         "created_at": int(now), "fine_tuned_model_checkpoint": f"{register['model']}/{register['version']}",

@@ -15,7 +15,7 @@ from serving.finetune.queue import JobQueue
 from serving.tenants import NotFound
 
 PASSED = {"validate": {"status": "done", "images": 8, "seconds": 1.0}, "tune": {"status": "done", "seconds": 9.0,
-          "best": {"val_loss": 0.25, "training_iteration": 4}}, "evaluate": {"status": "done", "passed": True},
+          "best": {"value": 0.25, "epochs": 4}}, "evaluate": {"status": "done", "passed": True},
           "gate": {"status": "done"}, "register": {"status": "done", "model": "acme--x", "version": "3"}}  # fmt: skip
 
 
