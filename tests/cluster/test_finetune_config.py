@@ -1,0 +1,45 @@
+"""A fine-tuning job's overrides (serving/finetune) are a valid pipeline config that trains and registers what the
+request asked for: checked by the same ``cluster.jobs.validate_config`` that ``Jobs.submit`` runs (no cluster)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from serving.finetune.jobs import Hyperparameters, JobRecord, pipeline_overrides, search_overrides
+
+
+def job_config(repo: Path, hp: Hyperparameters, tmp_path: Path, operator: list[str] = ()):
+    from cluster.jobs import validate_config
+    from cluster.pipeline import Pipeline
+    from training.configuration import load_config
+    from tuning.config import TuneConfig
+
+    tune = load_config(TuneConfig, str(repo / "configs" / "tune.yaml"), [])
+    record = JobRecord(id="ftjob-" + "a" * 24, tenant="acme", created_at=1, order=1.0, model="base",
+                       base_model="models/toy-sd", training_file="file-" + "0" * 24, hyperparameters=hp, seed=5,
+                       fine_tuned_model="acme--my-style", overrides=[], trigger="sks")  # fmt: skip
+    overrides = pipeline_overrides(
+        record, tmp_path / "data", None, search_overrides(hp, tune, 2, 5), "configs/tune.yaml"
+    )
+    cfg = validate_config("pipeline", str(repo / "configs" / "pipeline.yaml"), [*overrides, *operator])
+    pipeline = Pipeline(cfg)
+    return cfg, pipeline, pipeline.tune_config()
+
+
+def test_a_job_registers_under_its_tenants_name_and_stops_before_deploying(repo, tmp_path):
+    operator = ['evaluation.overrides=["gate.checks.latency_p95_s={max: 600}"]']
+    cfg, pipeline, tune = job_config(repo, Hyperparameters(n_epochs=3, rank=8), tmp_path, operator)
+    assert cfg.until == "register" and not cfg.serve.enabled and cfg.trigger == "sks"
+    assert cfg.dataset == str(tmp_path / "data") and pipeline.run_dir == tmp_path / "runs" / ("ftjob-" + "a" * 24)
+    registry = [o for o in tune.evaluation.overrides if o.startswith("registry.model_name=")]
+    assert registry[-1] == "registry.model_name=acme--my-style"  # the last one wins over the pipeline's own
+    assert "gate.checks.latency_p95_s={max: 600}" in tune.evaluation.overrides
+    assert (tune.trial.train.epochs, tune.trial.lora.rank, tune.trial.train.seed) == (3, 8, 5)
+    assert tune.search.num_samples == 2 and set(tune.space) == {"train.optimizer", "train.lr", "train.d_coef"}
+
+
+def test_fixed_hyperparameters_make_a_one_trial_pipeline(repo, tmp_path):
+    hp = Hyperparameters(n_epochs=16, learning_rate_multiplier=3.0, rank=16, optimizer="adamw", batch_size=4)
+    _, _, tune = job_config(repo, hp, tmp_path)
+    assert tune.search.algorithm == "grid" and tune.search.num_samples == 1
+    assert tune.grid["train.lr"] == [3.0 * 1e-3] and tune.trial.base_model == "models/toy-sd"
