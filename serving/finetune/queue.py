@@ -32,6 +32,7 @@ from serving.finetune.jobs import TERMINAL, JobRecord, JobStore
 
 log = logging.getLogger(__name__)
 RAY_ENDED = ("SUCCEEDED", "FAILED", "STOPPED")
+STUCK_S = 3600  # a job still validating_files this long was cut off by a restart (holding takes seconds)
 SUMMARY = "pipeline.json"  # written by cluster.pipeline into <output_dir>/<name>/
 
 
@@ -82,6 +83,18 @@ class JobQueue:
             for record in records:
                 if record.submission_id and record.ray_status not in RAY_ENDED:
                     self._refresh(record)
+                elif record.status == "validating_files" and record.order < self.clock() - STUCK_S:
+                    self._end(
+                        record,
+                        "failed",
+                        self.clock(),
+                        {
+                            "code": "interrupted",
+                            "param": "training_file",
+                            "message": "the server stopped while it held this job's dataset; create the job again",
+                        },
+                    )
+                    self.store.save(record)  # fmt: skip
             self._admit(records)
 
     def _active(self, record: JobRecord) -> bool:

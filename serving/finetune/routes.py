@@ -139,9 +139,15 @@ class FineTuning:
         record.overrides += self.cfg.overrides
         record.event("created", f"fine-tuning job created for {body.training_file}", self.store.clock())
         self.store.save(record)
-        self.store.hold_dataset(data, job_id)
-        if held:
-            self.store.hold_dataset(held, job_id, "heldout")
+        try:
+            self.store.hold_dataset(data, job_id)
+            if held:
+                self.store.hold_dataset(held, job_id, "heldout")
+        except OSError as exc:
+            record.status, record.error = "failed", {"code": "storage", "message": str(exc), "param": None}
+            self.store.save(record)
+            raise JobRequestError(f"the job's dataset could not be held ({exc}); retry, or ask the operator to "
+                                  "check the space under files.root", "training_file") from exc  # fmt: skip
         return record
 
     def _base_model(self, model: str) -> str:

@@ -358,3 +358,17 @@ def test_null_for_an_optional_field_of_a_job_request_means_not_given():
     assert CreateJobBody.model_validate({**minimal, "hyperparameters": hp}).hyperparameters == Hyperparameters()
     with pytest.raises(ValueError, match="training_file"):
         CreateJobBody.model_validate({**minimal, "training_file": None})
+
+
+def test_a_job_cut_off_while_its_dataset_was_held_fails_after_a_restart(setup):
+    s = setup
+    record = JobRecord(id=s.store.new_id(), tenant="a", created_at=int(s.clock()), order=s.clock(), model="base",
+                       base_model="models/toy-sd", training_file="file-" + "0" * 24, seed=0,
+                       hyperparameters=Hyperparameters(), fine_tuned_model="a--x", overrides=[])  # fmt: skip
+    s.store.save(record)  # status validating_files, never queued: the server stopped here
+    s.queue.tick()
+    assert status(s, record) == "validating_files"  # holding a dataset takes seconds; give it an hour
+    s.clock.t += 3601
+    s.queue.tick()
+    assert status(s, record) == "failed" and s.store.load(record.id).error["code"] == "interrupted"
+    assert s.cluster.submitted == []
