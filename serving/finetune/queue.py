@@ -78,6 +78,8 @@ class JobQueue:
     # ---- the poller's step ------------------------------------------------------------------------------------
     def tick(self) -> None:
         """Refresh every submitted job that has not ended, then start queued jobs in order within the bounds."""
+        if not self.store.root.is_dir():
+            return  # no job yet: nothing is created on disk by polling
         with self.locked():
             records = self.store.all()
             for record in records:
