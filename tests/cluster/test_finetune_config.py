@@ -43,3 +43,28 @@ def test_fixed_hyperparameters_make_a_one_trial_pipeline(repo, tmp_path):
     _, _, tune = job_config(repo, hp, tmp_path)
     assert tune.search.algorithm == "grid" and tune.search.num_samples == 1
     assert tune.grid["train.lr"] == [3.0 * 1e-3] and tune.trial.base_model == "models/toy-sd"
+
+
+def test_the_ray_submitter_takes_a_job_already_submitted_under_its_id_as_submitted(monkeypatch):
+    import pytest
+
+    import cluster.finetune as finetune
+    from cluster.jobs import JobError
+
+    class FakeJobs:
+        def __init__(self, address, tracking_uri):
+            self.calls = []
+
+        def submit(self, kind, config, overrides, submission_id):
+            self.calls.append((kind, config, submission_id))
+            if submission_id == "ftjob-dup":
+                raise JobError(f"submitting failed: Job with submission_id {submission_id} already exists. Please "
+                               "use a different submission_id.")  # fmt: skip
+            raise JobError("submitting failed: the dashboard is down")
+
+    monkeypatch.setattr(finetune, "Jobs", FakeJobs)
+    submitter = finetune.RaySubmitter(None, None, "configs/pipeline.yaml", cpus_per_job=2, gpus_per_job=1)
+    assert submitter.submit("ftjob-dup", []) == "ftjob-dup"
+    assert submitter.jobs.calls[0][:1] == ("pipeline",) and submitter.jobs.calls[0][1].endswith("configs/pipeline.yaml")
+    with pytest.raises(JobError, match="dashboard is down"):
+        submitter.submit("ftjob-new", [])
