@@ -60,7 +60,8 @@ def _answers_errors(route):
             return JSONResponse(await route(*args, **kwargs))
         except tuple(STATUS) as exc:
             status = next(code for kind, code in STATUS.items() if isinstance(exc, kind))
-            message = str(exc) + ("; list yours with GET /v1/fine_tuning/jobs" if isinstance(exc, NotFound) else "")
+            where = {"file": "/v1/files"}.get(getattr(exc, "kind", None), "/v1/fine_tuning/jobs")
+            message = str(exc) + (f"; list yours with GET {where}" if isinstance(exc, NotFound) else "")
             return JSONResponse(error_body(status, message, getattr(exc, "param", None)), status_code=status)
 
     return answer
