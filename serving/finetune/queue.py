@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 RAY_ENDED = ("SUCCEEDED", "FAILED", "STOPPED")
 STUCK_S = 3600  # a job still validating_files this long was cut off by a restart (holding takes seconds)
 SUMMARY = "pipeline.json"  # written by cluster.pipeline into <output_dir>/<name>/
+TRIALS = "search/results.json"  # the search's trials (tuning/results.py), once it ended
 
 
 class Submitter(Protocol):
@@ -146,6 +147,7 @@ class JobQueue:
             record.status = "running"
             record.event("running", "the pipeline is running", now)
         self._stage_events(record, summary, now)
+        self._trial_events(record, now)
         if record.status not in TERMINAL and ray_status in RAY_ENDED:
             self._finish(record, ray_status, summary, now)
         if record.model_dump_json() != before:
@@ -164,6 +166,25 @@ class JobQueue:
                 message += f": {stage['error']}"
             level = "error" if status == "failed" else "warn" if status == "stopped" else "info"
             record.event(f"stage/{name}/{status}", message, now, level=level, data=numbers or None)
+
+    def _trial_events(self, record: JobRecord, now: float) -> None:
+        """One event per trial of the search, once it wrote ``results.json`` (tuning/results.py's TrialRecord)."""
+        try:
+            trials = json.loads((self.store.folder(record.id) / "runs" / record.id / TRIALS).read_text())
+        except (OSError, ValueError):
+            return
+        for t in trials if isinstance(trials, list) else ():
+            if not isinstance(t, dict) or "trial_id" not in t:
+                continue
+            numbers = {k: t.get(k) for k in ("metric", "best_metric", "epochs", "planned_epochs", "time_s")}
+            numbers["params"] = json.dumps(t.get("params") or {}, sort_keys=True)
+            message = (
+                f"trial {t['trial_id']}: {t.get('status')} after {t.get('epochs')} epoch(s), metric {t.get('metric')}"
+            )
+            if t.get("error"):
+                message += f": {str(t['error'])[:500]}"
+            level = "error" if t.get("status") == "failed" else "info"
+            record.event(f"trial/{t['trial_id']}/{t.get('status')}", message, now, level=level, data=numbers)
 
     def _finish(self, record: JobRecord, ray_status: str, summary: dict[str, Any], now: float) -> None:
         stages = summary.get("stages") or {}

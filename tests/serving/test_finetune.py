@@ -134,9 +134,25 @@ def test_a_passing_pipeline_succeeds_with_its_registered_name_events_and_checkpo
     assert messages[-3:] == ["the pipeline is running", "stage validate: done (1.0 s)", "stage tune: running"]
     assert len({e.id for e in record.events}) == len(record.events) and messages.count("stage tune: running") == 1
     write_summary(s.store, job.id, PASSED)
+    trials = [
+        {
+            "trial_id": "a1",
+            "status": "completed",
+            "epochs": 4,
+            "planned_epochs": 4,
+            "metric": 0.25,
+            "params": {"lora.rank": 16},
+        },
+        {"trial_id": "b2", "status": "failed", "epochs": 0, "error": "OOM"},
+    ]
+    (s.store.folder(job.id) / "runs" / job.id / "search").mkdir()
+    (s.store.folder(job.id) / "runs" / job.id / "search" / "results.json").write_text(json.dumps(trials))
     s.cluster.jobs[job.id] = "SUCCEEDED"
     s.queue.tick()
     record = s.store.load(job.id)
+    trial_events = [e for e in record.events if e.message.startswith("trial ")]
+    assert [(e.level, e.data["epochs"]) for e in trial_events] == [("info", 4), ("error", 0)]
+    assert "metric 0.25" in trial_events[0].message and "OOM" in trial_events[1].message
     job_object = record.to_openai()
     assert job_object["status"] == "succeeded" and job_object["fine_tuned_model"] == "acme--x"
     assert job_object["finished_at"] and job_object["error"] is None and job_object["object"] == "fine_tuning.job"
