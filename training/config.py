@@ -149,6 +149,12 @@ class LoraArgs(_Section):
     text_encoder_target_modules: list[str] = Field(
         ["q_proj", "k_proj", "v_proj", "out_proj"], description="text-encoder projections adapted when enabled"
     )
+    init_adapter: str | None = Field(
+        None,
+        description="continue training this adapter folder (lorafleet_adapter.json + safetensors): the LoRA starts "
+        "from its weights (optimizer and schedule start fresh); rank, alpha, target_modules, text_encoder and "
+        "base_model must match it (training/init_adapter.py); null = a new LoRA (B zero-initialised)",
+    )
 
 
 class OptimArgs(_Section):

@@ -23,6 +23,7 @@ from training.config import TrainConfig
 from training.data import Example
 from training.dataset import make_source
 from training.heldout import HeldOut
+from training.init_adapter import load_init_adapter
 from training.loop import TrainState, make_state, train_loop
 from training.model import Parts, add_lora, enable_gradient_checkpointing, load_parts
 from training.precision import set_matmul_precision
@@ -79,6 +80,8 @@ class WorkerSpec:
         if cfg.pretrained_vae_model_name_or_path:
             cfg.pretrained_vae_model_name_or_path = _localize(cfg.pretrained_vae_model_name_or_path, cwd)
         cfg.data.path = _localize(cfg.data.path, cwd)
+        if cfg.lora.init_adapter:
+            cfg.lora.init_adapter = _localize(cfg.lora.init_adapter, cwd)
         mirrors = {root: str(local_copy(uri)) for root, uri in d.get("mirrors", {}).items()}
 
         def here(path: str) -> Path:
@@ -192,17 +195,21 @@ def validation_grid(parts: Parts, cfg: TrainConfig) -> Image.Image:
 
 
 def build_worker_parts(cfg: TrainConfig, device: torch.device) -> Parts:
-    """The frozen base in ``train.mixed_precision``'s dtypes on ``device``, with a fresh LoRA adapter.
+    """The frozen base in ``train.mixed_precision``'s dtypes on ``device``, with a fresh LoRA adapter, or one
+    initialized from ``lora.init_adapter`` (``training.init_adapter``).
 
     On CUDA, fp32 matmuls use TF32 when ``train.allow_tf32`` (``training.precision.set_matmul_precision``).
 
     Raises:
         PrecisionError: fp16/bf16 off CUDA, naming train.mixed_precision and the fix.
+        InitAdapterError: ``lora.init_adapter`` does not fit this LoRA config (naming the keys to set).
     """
     parts = load_parts(cfg.base_model, device, cfg.train.mixed_precision, vae=cfg.pretrained_vae_model_name_or_path)
     set_matmul_precision(device, cfg.train.allow_tf32)
     torch.manual_seed(cfg.train.seed)  # LoRA A is drawn from the global RNG: same init on every run and rank
     add_lora(parts, cfg.lora)
+    if cfg.lora.init_adapter:  # continue an existing adapter: its weights, not a fresh init
+        load_init_adapter(parts, cfg)
     if cfg.train.gradient_checkpointing:
         enable_gradient_checkpointing(parts)
     return parts

@@ -1,0 +1,99 @@
+"""Continuing an adapter (``lora.init_adapter``): training starts from its exact weights and its loss; a LoRA config
+of another shape is refused before anything trains, naming the keys to set."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import get_peft_model_state_dict
+
+from training.adapter import AdapterMeta, save_adapter
+from training.data import validate_dataset
+from training.heldout import HeldOut
+from training.init_adapter import InitAdapterError, check_init_adapter
+from training.tracking import NullTracker
+from training.worker import WorkerSpec, build_worker_parts, run_worker
+
+
+def lora_state(parts) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(parts.raw_unet).items()}
+
+
+@pytest.fixture
+def earlier(train_config, tmp_path):
+    """An "earlier" adapter (rank 4, alpha 8) whose up weights are not zero, saved as training saves adapters; with
+    the config, its in-memory weights and its held-out loss."""
+    cfg = train_config(**{"lora.rank": 4, "lora.alpha": 8})
+    parts = build_worker_parts(cfg, torch.device("cpu"))
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in parts.raw_unet.named_parameters():
+            if "lora_B" in name:  # B is zero in a fresh LoRA: give it values, as training would
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    report = validate_dataset(cfg.data)
+    meta = AdapterMeta(base_model=cfg.base_model, rank=4, alpha=8.0, target_modules=list(cfg.lora.target_modules))
+    save_adapter(tmp_path / "earlier", parts.unet, meta, family=parts.family.name)
+    held = report.examples[:3]
+    return cfg, tmp_path / "earlier", lora_state(parts), HeldOut(held, cfg, parts).loss(parts), held, report
+
+
+def test_the_lora_starts_from_the_adapters_weights_and_loss(earlier):
+    cfg, folder, weights, loss, held, _ = earlier
+    continued = cfg.model_copy(update={"lora": cfg.lora.model_copy(update={"init_adapter": str(folder)})})
+    parts = build_worker_parts(continued, torch.device("cpu"))
+    got = lora_state(parts)
+    assert got.keys() == weights.keys()
+    assert all(torch.equal(got[k], weights[k]) for k in weights)  # bit for bit, A and B
+    assert all(p.dtype == torch.float32 and p.requires_grad for p in parts.trainable)
+    fresh = build_worker_parts(cfg, torch.device("cpu"))  # the same seed without init_adapter: B is zero
+    base_loss = HeldOut(held, cfg, fresh).loss(fresh)
+    assert HeldOut(held, continued, parts).loss(parts) == pytest.approx(loss, rel=1e-6)
+    assert abs(base_loss - loss) > 1e-4  # the adapter's loss is not the base model's: the check can fail
+
+
+class Metrics(NullTracker):
+    def __init__(self):
+        self.logged: list[tuple[int, dict]] = []
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self.logged.append((step, dict(metrics)))
+
+
+def test_a_continued_run_reports_the_adapters_loss_before_its_first_step(earlier):
+    cfg, folder, _, loss, held, report = earlier
+    over = {"init_adapter": str(folder)}
+    continued = cfg.model_copy(update={"lora": cfg.lora.model_copy(update=over),
+                                       "train": cfg.train.model_copy(update={"epochs": 1})})  # fmt: skip
+    tracker = Metrics()
+    spec = WorkerSpec(continued, report.examples[3:], report.fingerprint(), heldout=held)
+    run_worker(spec, tracker=tracker)
+    assert tracker.logged[0][0] == 0 and tracker.logged[0][1]["val_loss"] == pytest.approx(loss, rel=1e-6)
+    assert tracker.logged[-1][1]["val_loss"] != tracker.logged[0][1]["val_loss"]  # and it trained on from there
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ({"lora.rank": 8}, "lora.rank=8 but the adapter in lora.init_adapter has 4: set lora.rank=4"),
+        ({"lora.alpha": 4}, "set lora.alpha=8.0"),
+        ({"lora.target_modules": '["to_q"]'}, "set lora.target_modules=['to_k', 'to_out.0', 'to_q', 'to_v']"),
+        ({"lora.text_encoder": "true"}, "set lora.text_encoder=False"),
+    ],
+)
+def test_another_lora_shape_is_refused_naming_the_key_and_value(earlier, train_config, override, named):
+    _, folder, *_ = earlier
+    cfg = train_config(**{"lora.rank": 4, "lora.alpha": 8, "lora.init_adapter": str(folder), **override})
+    with pytest.raises(InitAdapterError, match="lora") as info:
+        build_worker_parts(cfg, torch.device("cpu"))
+    assert named in str(info.value)
+
+
+def test_another_base_model_and_a_folder_that_is_no_adapter_are_refused(earlier, train_config, tiny_pipe_dir, tmp_path):
+    _, folder, *_ = earlier
+    other = train_config(**{"lora.rank": 4, "lora.alpha": 8, "lora.init_adapter": str(folder),
+                            "base_model": str(tiny_pipe_dir)})  # fmt: skip
+    with pytest.raises(InitAdapterError, match="set base_model to it"):
+        check_init_adapter(other)
+    missing = train_config(**{"lora.init_adapter": str(tmp_path / "nothing")})
+    with pytest.raises(InitAdapterError, match="lora.init_adapter=.*no lorafleet_adapter.json"):
+        check_init_adapter(missing)
