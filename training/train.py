@@ -27,6 +27,7 @@ from training.buckets import resolve_bucket_step
 from training.config import PreflightError, TrainConfig
 from training.configuration import ConfigError, load_config
 from training.data import DatasetError, validate_dataset
+from training.init_adapter import InitAdapterError, check_init_adapter
 from training.quiet import quiet_libraries
 from training.tracking import MlflowTracker, flatten, git_commit, resolve_tracking_uri, start_run
 from training.training_set import build_worker_spec, describe_epoch, epoch_counts
@@ -50,6 +51,11 @@ def preflight(cfg: TrainConfig, resume: bool) -> list[str]:
     problems = cfg.combination_problems(cfg.model_dump())  # again: a config changed after validation
     if cfg.train.optimizer == "prodigy" and not 0.1 <= cfg.train.lr <= 10:
         log.warning("prodigy sets its own step size; train.lr=%g is a multiplier, usually 1.0", cfg.train.lr)
+    if cfg.lora.init_adapter:
+        try:
+            check_init_adapter(cfg)
+        except InitAdapterError as exc:
+            problems.append(str(exc))
     run_dir = Path(cfg.storage_path) / cfg.run_name
     if "://" not in str(run_dir) and (problem := _unwritable(run_dir)):
         problems.append(problem)

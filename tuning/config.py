@@ -15,6 +15,8 @@ from training.configuration import MERGE, key_problem
 
 # what a trial reports each epoch that can be optimised (issue 5's quality score joins here)
 METRICS = {"val_loss": "min", "loss": "min"}
+# the LoRA's shape: fixed by trial.lora.init_adapter's adapter (training/init_adapter.py), so never searched then
+CONTINUED_SHAPE = ("lora.rank", "lora.alpha", "lora.target_modules", "lora.text_encoder", "lora.init_adapter")
 
 
 class ParamSpec(_Section):
@@ -112,6 +114,13 @@ class TuneConfig(_Section):
                 problems.append(f"{key!r} is set per trial by the search; it cannot be searched")
             elif why := key_problem(TrainConfig, key):
                 problems.append(f"search key {key!r}: {why}")
+        if self.trial.lora.init_adapter:
+            problems += [
+                f"{key!r} cannot be searched while trial.lora.init_adapter continues an adapter: its LoRA keeps the "
+                f"adapter's shape; drop {key} from {section}: (trial.{key} is checked against the adapter)"
+                for key in keys
+                if key in CONTINUED_SHAPE
+            ]
         for key, spec in self.space.items():
             for cond in spec.when or {}:
                 if cond not in self.space or self.space[cond].when:

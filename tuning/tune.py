@@ -38,6 +38,7 @@ from training.cluster_state import up_mlflow
 from training.config import PreflightError, TrainConfig
 from training.configuration import ConfigError, load_config
 from training.data import DatasetError, validate_dataset
+from training.init_adapter import InitAdapterError, check_init_adapter
 from training.quiet import quiet_libraries
 from training.tracking import MlflowTracker, flatten, git_commit, start_run
 from training.training_set import build_worker_spec, describe_epoch
@@ -159,6 +160,11 @@ def preflight(cfg: TuneConfig, run_dir: Path, resume: bool) -> list[str]:
         points += grid_points(cfg)
     problems += sorted(set(check_points(cfg, points)))
     problems += TrainConfig.ray_problems(cfg.trial.model_dump(), prefix="trial.")  # trials run on Ray's workers
+    if trial.lora.init_adapter:  # the adapter a continued search starts from fits every trial's LoRA
+        try:
+            check_init_adapter(trial)
+        except InitAdapterError as exc:
+            problems.append(f"trial: {exc}")
     tune_dir = run_dir / TUNE_DIR
     if resume and not tune_dir.is_dir():
         problems.append(f"--resume: no search to resume in {run_dir}; drop --resume to start it")
@@ -190,7 +196,7 @@ def absolute_paths(cfg: TuneConfig) -> TuneConfig:
     data = cfg.model_copy(update={"trial": resolve_resolution(cfg.trial)}).model_dump(mode="json")
     t = data["trial"]
     paths = ((t, "base_model"), (t, "pretrained_vae_model_name_or_path"), (t["data"], "path"),
-             (t["data"], "class_data_dir"), (t["validation"], "data_path"))  # fmt: skip
+             (t["data"], "class_data_dir"), (t["validation"], "data_path"), (t["lora"], "init_adapter"))  # fmt: skip
     for holder, key in paths:
         if holder[key] and not Path(holder[key]).is_absolute() and Path(holder[key]).exists():
             holder[key] = str(Path(holder[key]).resolve())
