@@ -69,7 +69,13 @@ class CreateJobBody(RequestBody):
     """``POST /v1/fine_tuning/jobs`` (OpenAI's fields; lorafleet's ``trigger`` through the client's extra_body).
     ``null`` for an optional field means "not given" (``RequestBody``), as OpenAI's SDKs send it."""
 
-    model: str = Field(..., min_length=1, max_length=200, description="'base' or the served base model's name")
+    model: str = Field(
+        ...,
+        min_length=1,
+        max_length=200,
+        description="'base' (or the served base model's name), or an adapter you may use — a fine_tuned_model, "
+        "<name>@<alias>, <name>/<version>, a shared one — to train it further (serving/finetune/continued.py)",
+    )
     training_file: str = Field(..., description="an uploaded file's id (POST /v1/files, purpose fine-tune)")
     validation_file: str | None = Field(None, description="held-out images: another uploaded file's id")
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters, description="fixed values or 'auto'")
@@ -80,6 +86,9 @@ class CreateJobBody(RequestBody):
     metadata: dict[str, str] | None = Field(None, max_length=16, description="up to 16 key-value pairs, returned")
     trigger: str | None = Field(
         None, min_length=1, max_length=64, description="lorafleet: the trigger word; null = from the captions"
+    )
+    mix_previous_data: bool = Field(
+        False, description="lorafleet, with model = an adapter: also train on the dataset of the job that made it"
     )
 
 
@@ -112,6 +121,8 @@ class JobRecord(BaseModel):
     suffix: str | None = Field(None, description="as requested")
     metadata: dict[str, str] | None = Field(None, description="as requested")
     trigger: str | None = Field(None, description="lorafleet: the trigger word, null = from the captions")
+    continued_from: str | None = Field(None, description="the adapter continued: <registered model>/<version>")
+    previous_data_job: str | None = Field(None, description="mix_previous_data: the job whose dataset was mixed in")
     fine_tuned_model: str = Field(description="the registered model name the job registers (shown once it succeeds)")
     overrides: list[str] = Field(description="the pipeline's dotted overrides")
     submission_id: str | None = Field(None, description="the Ray job's id once submitted")
@@ -144,6 +155,7 @@ class JobRecord(BaseModel):
             "training_file": self.training_file, "validation_file": self.validation_file, "estimated_finish": None,
             "integrations": [], "metadata": self.metadata, "method": {"type": "supervised", "supervised": {
                 "hyperparameters": hp}}, "user_provided_suffix": self.suffix, "trigger": self.trigger,
+            "continued_from": self.continued_from, "mix_previous_data": self.previous_data_job is not None,
         }  # fmt: skip
 
 
@@ -210,13 +222,17 @@ def page(items: list[Any], after: str | None, limit: int, ident: Callable[[Any],
     return {"object": "list", "data": shown, "has_more": len(items) > len(shown)}
 
 
-def search_overrides(hp: Hyperparameters, tune: Any, auto_trials: int, seed: int) -> list[str]:
+def search_overrides(hp: Hyperparameters, tune: Any, auto_trials: int, seed: int,
+                     pinned: dict[str, Any] | None = None) -> list[str]:  # fmt: skip
     """The tune stage's dotted overrides for ``hp`` over the tune config ``tune`` (a ``tuning.config.TuneConfig``).
 
     Fixed values are set on the trial (``trial.train.epochs`` …); the ``"auto"`` ones stay in the search space
     (conditions on a fixed key are resolved: a key whose ``when`` the fixed value fails is dropped). With nothing
-    left to search the job is one trial (a one-point grid); else ``search.num_samples = auto_trials``.
+    left to search the job is one trial (a one-point grid); else ``search.num_samples = auto_trials``. ``pinned``
+    (a continued adapter's ``lora.*`` shape and ``lora.init_adapter``) is set on the trial and leaves the space
+    like a fixed value, but is never a grid key (tuning refuses to search the shape of a continued adapter).
     """
+    pinned = pinned or {}
     fixed: dict[str, Any] = {}
     if hp.n_epochs != "auto":
         fixed["train.epochs"] = hp.n_epochs
@@ -226,16 +242,18 @@ def search_overrides(hp: Hyperparameters, tune: Any, auto_trials: int, seed: int
         fixed["lora.rank"] = hp.rank
     if hp.optimizer != "auto":
         fixed["train.optimizer"] = hp.optimizer
-    out = [f"trial.{k}={json.dumps(v)}" for k, v in fixed.items()]
+    fixed = {k: v for k, v in fixed.items() if k not in pinned}
+    known = fixed | pinned
+    out = [f"trial.{k}={json.dumps(v)}" for k, v in known.items()]
     if hp.batch_size != "auto":
         out.append(f"trial.train.batch_size={hp.batch_size}")
     out += [f"trial.train.seed={seed}", f"search.seed={seed}"]
     space = {}
     for key, spec in tune.model_dump(mode="json")["space"].items():
         when = spec.get("when") or {}
-        if key in fixed or any(c in fixed and fixed[c] not in allowed for c, allowed in when.items()):
+        if key in known or any(c in known and known[c] not in allowed for c, allowed in when.items()):
             continue
-        spec["when"] = {c: v for c, v in when.items() if c not in fixed} or None
+        spec["when"] = {c: v for c, v in when.items() if c not in known} or None
         space[key] = spec
     if not space:
         grid = {k: [v] for k, v in fixed.items()} or {"train.epochs": [tune.trial.train.epochs]}

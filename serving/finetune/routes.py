@@ -23,7 +23,9 @@ from pydantic import Field
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from serving.adapters import AdapterResolver, AdapterUnavailable, UnknownModel
 from serving.config import ServeArgs, project_path
+from serving.finetune import continued
 from serving.finetune.jobs import (
     CreateJobBody,
     JobRecord,
@@ -35,11 +37,13 @@ from serving.finetune.jobs import (
 )
 from serving.finetune.queue import JobQueue
 from serving.schemas import Params, error_body
-from serving.tenants import NotFound, registry_name, tenant_of
+from serving.tenants import NotFound, Tenant, owner_of, registry_name, tenant_of
 from serving.uploads.store import FileNotFound, FileStore, InvalidUpload
+from training.adapter import AdapterError
 
 log = logging.getLogger(__name__)
-STATUS: dict[type[Exception], int] = {NotFound: 404, FileNotFound: 404, JobRequestError: 400, InvalidUpload: 400}
+STATUS: dict[type[Exception], int] = {NotFound: 404, FileNotFound: 404, JobRequestError: 400, InvalidUpload: 400,
+                                      AdapterUnavailable: 503}  # fmt: skip
 
 
 class PageQuery(Params):
@@ -60,7 +64,7 @@ def _answers_errors(route):
             return JSONResponse(await route(*args, **kwargs))
         except tuple(STATUS) as exc:
             status = next(code for kind, code in STATUS.items() if isinstance(exc, kind))
-            where = {"file": "/v1/files"}.get(getattr(exc, "kind", None), "/v1/fine_tuning/jobs")
+            where = {"file": "/v1/files", "model": "/v1/models"}.get(getattr(exc, "kind", None), "/v1/fine_tuning/jobs")
             message = str(exc) + (f"; list yours with GET {where}" if isinstance(exc, NotFound) else "")
             return JSONResponse(error_body(status, message, getattr(exc, "param", None)), status_code=status)
 
@@ -71,10 +75,11 @@ class FineTuning:
     """The routes' state in one ingress replica: the store, the queue (its submitter built on first use) and the
     poller thread that calls ``queue.tick()`` every ``finetune.poll_s``."""
 
-    def __init__(self, args: ServeArgs, files: FileStore, submitter: Any = None):
+    def __init__(self, args: ServeArgs, files: FileStore, submitter: Any = None, resolver: Any = None):
         self.args, self.cfg, self.files = args, args.finetune, files
         self.store = JobStore(files.root / "jobs")
         self._submitter = submitter
+        self._resolver = resolver  # serving.adapters.AdapterResolver: what `model` names, built on first use
         self.queue = JobQueue(self.store, _Lazy(self), self.cfg.max_running, self.cfg.per_tenant)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -87,6 +92,11 @@ class FineTuning:
                 config=self.cfg.pipeline_config, cpus_per_job=self.cfg.cpus_per_job, gpus_per_job=self.cfg.gpus_per_job,
             )  # fmt: skip
         return self._submitter
+
+    def resolver(self) -> Any:
+        if self._resolver is None:
+            self._resolver = AdapterResolver(self.args, self.args.base_model, self.files.root / "jobs-adapters")
+        return self._resolver
 
     def start(self) -> None:
         """Start the poller (a daemon thread: the Ray calls block)."""
@@ -105,20 +115,33 @@ class FineTuning:
                 log.exception("fine-tuning queue: poll failed")
 
     # ---- creating a job ---------------------------------------------------------------------------------------
-    def build(self, body: CreateJobBody, tenant: str) -> JobRecord:
-        """Check the request, hold its datasets and make the job's record (status ``validating_files``).
+    def build(self, body: CreateJobBody, tenant: Tenant | str) -> JobRecord:
+        """Check the request, hold its datasets (and the adapter it continues) and make the job's record (status
+        ``validating_files``).
 
         Raises:
-            JobRequestError: a model, suffix or file this server cannot train on (400).
-            serving.uploads.store.FileNotFound: no such file of this tenant (404).
+            JobRequestError: a model, suffix or file this server cannot train on; earlier data that cannot be found
+                (400).
+            NotFound: no such file of this tenant, or no adapter ``model`` it may use (404).
+            AdapterUnavailable: the registry cannot be reached now (503).
         """
         from training.configuration import load_config
         from tuning.config import TuneConfig
 
-        base = self._base_model(body.model)
+        who = tenant if isinstance(tenant, Tenant) else Tenant(tenant)
+        tenant = who.name
+        source = self._adapter(body.model, who)  # None: the base model
+        if body.mix_previous_data and source is None:
+            raise JobRequestError("mix_previous_data needs model = an adapter to continue; with 'base' drop it",
+                                  "mix_previous_data")  # fmt: skip
+        pinned = continued.pinned_shape(source.meta, body.hyperparameters.rank) if source else {}
+        earlier = (continued.earlier_job(self.store, tenant, source.registered, source.version)
+                   if body.mix_previous_data else None)  # fmt: skip
         job_id = self.store.new_id()
+        own = source is not None and bool(source.registered) and owner_of(source.registered) == tenant
         try:
-            fine_tuned = registry_name(tenant, body.suffix or f"ft-{job_id[6:14]}")
+            name = body.suffix or f"ft-{job_id[6:14]}"
+            fine_tuned = source.registered if own and not body.suffix else registry_name(tenant, name)
         except ValueError as exc:
             raise JobRequestError(str(exc), "suffix") from exc
         data = self._dataset(body.training_file, tenant, "training_file")
@@ -127,23 +150,40 @@ class FineTuning:
         tune = load_config(TuneConfig, str(project_path(self.cfg.tune_config)), [])
         now = self.store.clock()
         record = JobRecord(
-            id=job_id, tenant=tenant, created_at=int(now), order=now, model=body.model, base_model=base,
+            id=job_id, tenant=tenant, created_at=int(now), order=now, model=body.model,
+            base_model=self.args.base_model,
             training_file=body.training_file, validation_file=body.validation_file, seed=seed,
             hyperparameters=body.hyperparameters, suffix=body.suffix, metadata=body.metadata, trigger=body.trigger,
-            fine_tuned_model=fine_tuned, overrides=[],
+            fine_tuned_model=fine_tuned, overrides=[], previous_data_job=earlier.id if earlier else None,
+            continued_from=(f"{source.registered}/{source.version}" if source.registered else source.name)
+            if source else None,
         )  # fmt: skip
         folder = self.store.folder(job_id)
+        if source:
+            pinned["lora.init_adapter"] = str(folder / continued.INIT_ADAPTER)
         record.overrides = pipeline_overrides(
             record, folder / "data", folder / "heldout" if held else None,
-            search_overrides(body.hyperparameters, tune, self.cfg.auto_trials, seed), self.cfg.tune_config,
+            search_overrides(body.hyperparameters, tune, self.cfg.auto_trials, seed, pinned), self.cfg.tune_config,
         )  # fmt: skip
         record.overrides += self.cfg.overrides
         record.event("created", f"fine-tuning job created for {body.training_file}", self.store.clock())
         self.store.save(record)
         try:
-            self.store.hold_dataset(data, job_id)
+            if source:
+                continued.hold_adapter(source.path, self.store, job_id)
+            if earlier:
+                mixed = continued.mix_datasets(data, self.store.folder(earlier.id) / "data", folder / "data",
+                                               dict(self.files.cfg.data))  # fmt: skip
+                record.event("mixed", f"{mixed['previous']} earlier images of {earlier.id} mixed with the "
+                             f"{mixed['new']} new ones", self.store.clock(), data=mixed)  # fmt: skip
+            else:
+                self.store.hold_dataset(data, job_id)
             if held:
                 self.store.hold_dataset(held, job_id, "heldout")
+        except JobRequestError as exc:  # the earlier data no longer validates
+            record.status, record.error = "failed", {"code": "invalid_data", "message": str(exc), "param": exc.param}
+            self.store.save(record)
+            raise
         except OSError as exc:
             record.status, record.error = "failed", {"code": "storage", "message": str(exc), "param": None}
             self.store.save(record)
@@ -151,15 +191,24 @@ class FineTuning:
                                   "check the space under files.root", "training_file") from exc  # fmt: skip
         return record
 
-    def _base_model(self, model: str) -> str:
+    def _adapter(self, model: str, tenant: Tenant) -> Any:
+        """None for the base model; else the verified adapter ``model`` names for ``tenant``
+        (``serving.adapters.ResolvedAdapter``), resolved as ``/v1/images/generations`` resolves it.
+
+        Raises:
+            NotFound: no adapter of that name this tenant may use (another tenant's is worded alike).
+            JobRequestError: the adapter fails verification (its files, or another base model).
+            AdapterUnavailable: the registry cannot be reached now.
+        """
         base = self.args.base_model
         if model in ("base", base, base.rstrip("/").rsplit("/", 1)[-1]):
-            return base
-        raise JobRequestError(
-            f"model {model[:80]!r}: this server fine-tunes its base model only — pass 'base' (or {base!r}); continuing "
-            "the training of an existing adapter is not supported yet",
-            "model",
-        )
+            return None
+        try:
+            return self.resolver().resolve(model, tenant)
+        except UnknownModel as exc:
+            raise NotFound("model", model, "model") from exc
+        except AdapterError as exc:
+            raise JobRequestError(f"model {model[:80]!r} cannot be continued: {exc}", "model") from exc
 
     def _dataset(self, file_id: str, tenant: str, param: str):
         try:
@@ -192,7 +241,7 @@ class _Lazy:
 @_answers_errors
 async def create_job(ft: FineTuning, request: Request, body: CreateJobBody) -> dict:
     """``POST /v1/fine_tuning/jobs``: the job object (status ``queued``)."""
-    record = await asyncio.to_thread(ft.build, body, tenant_of(request).name)
+    record = await asyncio.to_thread(ft.build, body, tenant_of(request))
     await asyncio.to_thread(ft.queue.enqueue, record)
     return record.to_openai()
 

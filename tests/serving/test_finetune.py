@@ -341,8 +341,9 @@ def test_the_openai_client_creates_follows_and_cancels_jobs(http, toy_dataset):
     assert [j.id for j in page.data] == [second.id] and page.has_more
     assert client.fine_tuning.jobs.cancel(second.id).status == "cancelled"
 
-    # refusals: a model that is not the base, an unknown file, another tenant's job
-    with pytest.raises(openai.BadRequestError, match="not supported yet"):
+    # refusals: another tenant's adapter (tests/serving/test_finetune_continue.py), an unknown file, another
+    # tenant's job
+    with pytest.raises(openai.NotFoundError, match="GET /v1/models"):
         client.fine_tuning.jobs.create(model="someone--adapter", training_file=other_file.id)
     with pytest.raises(openai.NotFoundError):
         client.fine_tuning.jobs.create(model="base", training_file="file-" + "a" * 24)
