@@ -97,3 +97,13 @@ def test_another_base_model_and_a_folder_that_is_no_adapter_are_refused(earlier,
     missing = train_config(**{"lora.init_adapter": str(tmp_path / "nothing")})
     with pytest.raises(InitAdapterError, match="lora.init_adapter=.*no lorafleet_adapter.json"):
         check_init_adapter(missing)
+
+
+def test_the_entry_points_preflight_names_the_problem_before_ray_starts(earlier, train_config):
+    from training.train import preflight
+
+    _, folder, *_ = earlier
+    cfg = train_config(**{"lora.rank": 8, "lora.alpha": 8, "lora.init_adapter": str(folder)})
+    assert any("set lora.rank=4" in p for p in preflight(cfg, resume=False))
+    fits = train_config(**{"lora.rank": 4, "lora.alpha": 8, "lora.init_adapter": str(folder)})
+    assert preflight(fits, resume=False) == []
