@@ -112,7 +112,7 @@ class JobRecord(BaseModel):
     created_at: int = Field(description="Unix seconds")
     order: float = Field(description="creation time, Unix seconds with fractions: queued jobs start in this order")
     status: Status = Field("validating_files", description="OpenAI's job status")
-    model: str = Field(description="the base model as requested")
+    model: str = Field(description="as requested: the base model, or the adapter it continues")
     base_model: str = Field(description="the served base model the job trains on (trial.base_model)")
     training_file: str = Field(description="the uploaded file's id")
     validation_file: str | None = Field(None, description="held-out images' file id")
