@@ -107,3 +107,36 @@ def test_the_entry_points_preflight_names_the_problem_before_ray_starts(earlier,
     assert any("set lora.rank=4" in p for p in preflight(cfg, resume=False))
     fits = train_config(**{"lora.rank": 4, "lora.alpha": 8, "lora.init_adapter": str(folder)})
     assert preflight(fits, resume=False) == []
+
+
+@pytest.mark.slow
+def test_a_real_run_continued_starts_at_the_loss_the_first_run_ended_with(train_config, toy_dataset, tmp_path):
+    """Two real runs on the toy dataset (plain-PyTorch worker, what each Ray Train worker runs): the second, started
+    from the first's saved adapter, reports before its first step the held-out loss the first reported at its end."""
+    from training.worker import ADAPTER_DIR, adapter_meta, write_checkpoint
+
+    held = validate_dataset(train_config().data.model_copy(update={"path": str(toy_dataset / "heldout")})).examples
+    cfg = train_config(**{"lora.rank": 4, "train.epochs": 2, "train.lr": 5e-3})
+    report = validate_dataset(cfg.data)
+    spec = WorkerSpec(cfg, report.examples, report.fingerprint(), heldout=held)
+    first = Metrics()
+    parts, state = run_worker(spec, tracker=first)
+    write_checkpoint(tmp_path / "first", parts, state, adapter_meta(spec, state))
+    lora = cfg.lora.model_copy(update={"init_adapter": str(tmp_path / "first" / ADAPTER_DIR)})
+    then = cfg.model_copy(update={"lora": lora, "train": cfg.train.model_copy(update={"epochs": 1})})
+    second = Metrics()
+    run_worker(WorkerSpec(then, report.examples, report.fingerprint(), heldout=held), tracker=second)
+    before = {step: m["val_loss"] for step, m in first.logged if "val_loss" in m}
+    after = {step: m["val_loss"] for step, m in second.logged if "val_loss" in m}
+    assert after[0] == pytest.approx(before[2], rel=1e-6)  # where the first run ended, not the base model's loss
+    assert abs(before[2] - before[0]) > 1e-3 and after[1] != after[0]
+
+
+def test_a_relative_init_adapter_means_the_drivers_folder_on_a_worker(earlier, monkeypatch, tmp_path):
+    cfg, folder, *_, report = earlier
+    monkeypatch.chdir(folder.parent)
+    spec = WorkerSpec(cfg.model_copy(update={"lora": cfg.lora.model_copy(update={"init_adapter": folder.name})}),
+                      report.examples, report.fingerprint())  # fmt: skip
+    shipped = spec.to_dict()
+    monkeypatch.chdir("/")  # the worker's own cwd: the relative name means nothing there
+    assert WorkerSpec.from_dict(shipped).cfg.lora.init_adapter == str(folder)
