@@ -33,6 +33,17 @@ from typing import Any
 import httpx
 from PIL import Image
 
+from serving.client_errors import (
+    RETRY_STATUS,
+    RETRYABLE,
+    BadRequest,
+    LorafleetError,
+    NotFound,
+    ServerBusy,
+    ServerError,
+    Unauthorized,
+    error_from,
+)
 from serving.client_files import Body, File, upload_body
 from serving.client_jobs import AsyncJob, Job, JobCancelled, JobError, JobFailed, JobTimeout
 from serving.images import from_b64
@@ -40,48 +51,6 @@ from serving.images import from_b64
 __all__ = ["AsyncClient", "AsyncJob", "BadRequest", "Client", "File", "Job", "JobCancelled", "JobError", "JobFailed",
            "JobTimeout", "LorafleetError", "NotFound", "ServerBusy", "ServerError", "Unauthorized"]  # fmt: skip
 JOBS = "/v1/fine_tuning/jobs"
-
-RETRY_STATUS = (408, 503, 504)
-RETRYABLE = (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError)  # the server restarting
-
-
-class LorafleetError(Exception):
-    """An error answer: ``status``, the server's ``message``, the field it names (``param``) and the whole OpenAI
-    error object (``details``; a rejected upload's holds ``problems``: the validator's report, file by file)."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, details: dict | None = None):
-        super().__init__(f"{status}: {message}")
-        self.status, self.message, self.param, self.details = status, message, param, details or {}
-
-
-class BadRequest(LorafleetError):
-    """The request is invalid (``param`` names the field); fix it, do not retry."""
-
-
-class Unauthorized(LorafleetError):
-    """Missing or wrong API key."""
-
-
-class NotFound(LorafleetError):
-    """No such model on this server: an unknown name, an alias or version the registry does not hold, or a version
-    the gate rejected (or one rolled back) asked for by number. Final: never retried."""
-
-
-class ServerBusy(LorafleetError):
-    """The server shed the request (503) or timed out (408/504), and the retries ran out."""
-
-
-class ServerError(LorafleetError):
-    """The server failed (5xx)."""
-
-
-def _error(status: int, body: Any) -> LorafleetError:
-    err = body.get("error", {}) if isinstance(body, dict) else {}
-    message = err.get("message") or (str(body)[:300] if body else f"HTTP {status}")
-    cls = {400: BadRequest, 401: Unauthorized, 404: NotFound, 422: BadRequest}.get(status)
-    if cls is None:
-        cls = ServerBusy if status in RETRY_STATUS or status == 429 else ServerError if status >= 500 else BadRequest
-    return cls(status, message, err.get("param"), err)
 
 
 def _given(**params: Any) -> dict:
@@ -150,7 +119,7 @@ class _Base:
                 body = response.json()
             except ValueError:
                 body = response.text
-            raise _error(response.status_code, body)
+            raise error_from(response.status_code, body)
         return response
 
     def _final(self, attempt: int, response: httpx.Response | None, exc: Exception | None) -> httpx.Response | None:

@@ -10,7 +10,8 @@ A job's fields are OpenAI's ``fine_tuning.job`` (``job.status``, ``job.error``, 
 ``job.data``), as of the last ``refresh()``. ``wait`` returns the job once it ``succeeded``; it raises ``JobFailed``
 (``error.message``: the failed stage's message, e.g. the gate's reasons; ``code``: ``gate_failed``,
 ``pipeline_failed`` …), ``JobCancelled``, or ``JobTimeout`` (a ``TimeoutError`` naming the job id; the job goes
-on) — what the client raises for a request (``serving.client.LorafleetError``) passes through.
+on). An unreachable server is polled again until the timeout; other request errors
+(``serving.client_errors.LorafleetError``) pass through.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
+
+from serving.client_errors import ServerBusy
 
 if TYPE_CHECKING:
     from serving.client import AsyncClient, Client
@@ -135,6 +138,10 @@ class _Progress:
         self.bar.set_description(f"{job.id} {job.status}", refresh=False)
         self.bar.update(len(events))
 
+    def away(self, exc: Exception) -> None:
+        if self.on:
+            self.bar.set_postfix_str(f"server unreachable, polling again ({str(exc)[:60]})")
+
     def close(self) -> None:
         self.bar.close()
 
@@ -164,6 +171,16 @@ class Job(_JobBase):
         self.data = self._client.request("POST", f"{ROUTE}/{self.id}/cancel")
         return self
 
+    def _poll(self) -> list[dict[str, Any]]:
+        """Refresh; the events not shown yet, oldest first."""
+        self.refresh()
+        new = []
+        for event in self.events():
+            if event["id"] in self._seen:
+                break
+            new.append(event)
+        return self._unseen(new)
+
     def wait(self, timeout: float | None = None, poll: float = 2.0, progress: bool = True) -> Job:
         """Poll every ``poll`` seconds until the job ends; with ``progress`` show a tqdm bar and each event.
 
@@ -172,21 +189,22 @@ class Job(_JobBase):
         Raises:
             JobFailed: the job failed (``reason``: the server's error message, e.g. the gate's).
             JobCancelled: it was cancelled.
-            JobTimeout: still going after ``timeout`` seconds (None: no limit).
+            JobTimeout: still going after ``timeout`` seconds (None: no limit). While the server does not answer
+                (``ServerBusy`` after the client's retries: a restart of the Serve app, whose jobs go on), ``wait``
+                keeps polling until ``timeout``; other errors of a request (``LorafleetError``) pass through.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         bar = _Progress(self, progress)
         try:
             while True:
-                self.refresh()
-                new = []
-                for event in self.events():
-                    if event["id"] in self._seen:
-                        break
-                    new.append(event)
-                bar.show(self, self._unseen(new))
-                if self._outcome():
-                    return self
+                try:
+                    new = self._poll()
+                except ServerBusy as exc:  # the Serve app restarting (its jobs go on): poll again
+                    bar.away(exc)
+                else:
+                    bar.show(self, new)
+                    if self._outcome():
+                        return self
                 if deadline is not None and time.monotonic() >= deadline:
                     raise JobTimeout(self, timeout)
                 time.sleep(poll if deadline is None else max(0.0, min(poll, deadline - time.monotonic())))
@@ -216,22 +234,30 @@ class AsyncJob(_JobBase):
         self.data = await self._client.request("POST", f"{ROUTE}/{self.id}/cancel")
         return self
 
+    async def _poll(self) -> list[dict[str, Any]]:
+        await self.refresh()
+        new = []
+        async with contextlib.aclosing(self.events()) as events:
+            async for event in events:
+                if event["id"] in self._seen:
+                    break
+                new.append(event)
+        return self._unseen(new)
+
     async def wait(self, timeout: float | None = None, poll: float = 2.0, progress: bool = True) -> AsyncJob:
         """``Job.wait`` without blocking the event loop (same returns and errors)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         bar = _Progress(self, progress)
         try:
             while True:
-                await self.refresh()
-                new = []
-                async with contextlib.aclosing(self.events()) as events:
-                    async for event in events:
-                        if event["id"] in self._seen:
-                            break
-                        new.append(event)
-                bar.show(self, self._unseen(new))
-                if self._outcome():
-                    return self
+                try:
+                    new = await self._poll()
+                except ServerBusy as exc:
+                    bar.away(exc)
+                else:
+                    bar.show(self, new)
+                    if self._outcome():
+                        return self
                 if deadline is not None and time.monotonic() >= deadline:
                     raise JobTimeout(self, timeout)
                 await asyncio.sleep(poll if deadline is None else max(0.0, min(poll, deadline - time.monotonic())))

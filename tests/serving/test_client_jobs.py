@@ -238,3 +238,51 @@ def test_upload_refuses_a_missing_path_and_an_empty_folder_before_sending(tmp_pa
         upload_body(tmp_path / "empty", "fine-tune")
     with pytest.raises(FileNotFoundError):
         upload_body(os.fspath(tmp_path / "nope"), "fine-tune")
+
+
+class Flaky(httpx.HTTPTransport):
+    """Refuses the first ``outages`` connections to a job's routes once ``armed`` (the Serve app restarting)."""
+
+    def __init__(self, outages: int):
+        super().__init__()
+        self.outages, self.refused, self.armed = outages, 0, False
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        if self.armed and "/v1/fine_tuning/jobs/" in request.url.path and self.refused < self.outages:
+            self.refused += 1
+            raise httpx.ConnectError("connection refused", request=request)
+        return super().handle_request(request)
+
+
+def test_wait_rides_out_a_server_that_stops_answering_for_a_while(server, toy_dataset, capsys):
+    flaky = Flaky(outages=5)
+    with Client(server.url, api_key=KEY, transport=flaky, retries=1, backoff_s=0.01) as client:
+        job = client.fine_tune(client.upload(toy_dataset).id, suffix="restart")
+        flaky.armed = True
+        assert job.wait(timeout=60, poll=0.05).status == "succeeded" and flaky.refused == 5
+    assert "server unreachable" in capsys.readouterr().err
+
+
+def test_a_folder_upload_holds_a_piece_in_memory_not_the_folder(tmp_path):
+    import tracemalloc
+
+    folder = tmp_path / "big"
+    folder.mkdir()
+    for i in range(4):
+        (folder / f"{i}.bin").write_bytes(os.urandom(4 << 20))
+    sent = []
+
+    class Drain(httpx.BaseTransport):  # not httpx.MockTransport: it reads the whole body before answering
+        def handle_request(self, request: httpx.Request) -> httpx.Response:
+            sent.append(sum(len(piece) for piece in request.stream))  # each piece dropped once counted
+            return httpx.Response(200, json={"id": "file-1", "bytes": sent[0], "created_at": 0, "filename": "big.tar",
+                                             "purpose": "fine-tune", "status": "processed"})  # fmt: skip
+
+    client = Client("http://x", transport=Drain())
+    tracemalloc.start()
+    try:
+        client.upload(folder)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert sent[0] > 16 << 20 and peak < 4 << 20, (sent, peak)  # 16 MiB sent, under 4 MiB held at once
