@@ -41,8 +41,9 @@ def test_the_sdk_turns_a_folder_into_a_served_adapter(cluster, toy_world_data, t
         waited = time.monotonic() - start
         [image] = client.generate("a blue square on a sks background", adapter=job.fine_tuned_model, seed=0)
         total = time.monotonic() - start
+        [ckpt] = job.checkpoints()  # before the client closes
     shown = capsys.readouterr().err
     assert job.fine_tuned_model == "default--sdk-style" and image.size[0] > 0
     assert "stage tune: done" in shown and "served now" in shown  # wait() showed the events as they came
-    assert job.checkpoints()[0]["fine_tuned_model_checkpoint"].startswith("default--sdk-style/")
+    assert ckpt["fine_tuned_model_checkpoint"].startswith("default--sdk-style/")
     print(f"\nSDK e2e: upload -> succeeded {waited:.0f} s; upload -> first image {total:.0f} s")
