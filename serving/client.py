@@ -7,6 +7,13 @@
         images[0].save("circle.png")           # PIL images; image.info has seed, model and version
         print(client.models(), client.health())
 
+Fine-tuning (OpenAI's files and fine-tuning jobs API; ``serving.client_files``, ``serving.client_jobs``):
+
+        file = client.upload("data/toy-sks")             # a folder (packed and streamed) or a zip/tar as it is
+        job = client.fine_tune(file.id, suffix="my-style", hyperparameters={"n_epochs": 16}, trigger="sks")
+        job.wait()                                      # tqdm bar + events; raises JobFailed (the gate's reasons)
+        client.generate("a red circle on a sks background", adapter=job.fine_tuned_model)
+
 ``AsyncClient`` has the same methods as coroutines. 503/408/504 answers and refused connections are retried
 with jittered exponential backoff (at least the server's ``Retry-After``); what is left raises a typed error
 carrying the server's message: ``BadRequest`` (400/422), ``Unauthorized`` (401), ``NotFound`` (404),
@@ -17,53 +24,37 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import random
 import time
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import httpx
 from PIL import Image
 
+from serving.client_errors import (
+    RETRY_STATUS,
+    RETRYABLE,
+    BadRequest,
+    LorafleetError,
+    NotFound,
+    ServerBusy,
+    ServerError,
+    Unauthorized,
+    error_from,
+)
+from serving.client_files import Body, File, upload_body
+from serving.client_jobs import AsyncJob, Job, JobCancelled, JobError, JobFailed, JobTimeout
 from serving.images import from_b64
 
-RETRY_STATUS = (408, 503, 504)
-RETRYABLE = (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError)  # the server restarting
+__all__ = ["AsyncClient", "AsyncJob", "BadRequest", "Client", "File", "Job", "JobCancelled", "JobError", "JobFailed",
+           "JobTimeout", "LorafleetError", "NotFound", "ServerBusy", "ServerError", "Unauthorized"]  # fmt: skip
+JOBS = "/v1/fine_tuning/jobs"
 
 
-class LorafleetError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None):
-        super().__init__(f"{status}: {message}")
-        self.status, self.message, self.param = status, message, param
-
-
-class BadRequest(LorafleetError):
-    """The request is invalid (``param`` names the field); fix it, do not retry."""
-
-
-class Unauthorized(LorafleetError):
-    """Missing or wrong API key."""
-
-
-class NotFound(LorafleetError):
-    """No such model on this server: an unknown name, an alias or version the registry does not hold, or a version
-    the gate rejected (or one rolled back) asked for by number. Final: never retried."""
-
-
-class ServerBusy(LorafleetError):
-    """The server shed the request (503) or timed out (408/504), and the retries ran out."""
-
-
-class ServerError(LorafleetError):
-    """The server failed (5xx)."""
-
-
-def _error(status: int, body: Any) -> LorafleetError:
-    err = body.get("error", {}) if isinstance(body, dict) else {}
-    message = err.get("message") or (str(body)[:300] if body else f"HTTP {status}")
-    cls = {400: BadRequest, 401: Unauthorized, 404: NotFound, 422: BadRequest}.get(status)
-    if cls is None:
-        cls = ServerBusy if status in RETRY_STATUS or status == 429 else ServerError if status >= 500 else BadRequest
-    return cls(status, message, err.get("param"))
+def _given(**params: Any) -> dict:
+    return {k: v for k, v in params.items() if v is not None}
 
 
 class _Base:
@@ -93,6 +84,15 @@ class _Base:
         body.update({k: v for k, v in extra.items() if v is not None})
         return body
 
+    @staticmethod
+    def _job_body(training_file: str | File, model: str, **fields: Any) -> dict:
+        """``POST /v1/fine_tuning/jobs``' body; None values are left out (the server's defaults)."""
+        file_id = training_file.id if isinstance(training_file, File) else training_file
+        validation = fields.get("validation_file")
+        if isinstance(validation, File):
+            fields["validation_file"] = validation.id
+        return {"training_file": file_id, "model": model} | {k: v for k, v in fields.items() if v is not None}
+
     def _delay(self, attempt: int, response: httpx.Response | None) -> float:
         """Full-jitter exponential backoff, never shorter than the server's Retry-After."""
         cap = min(self.max_backoff_s, self.backoff_s * 2**attempt)
@@ -119,7 +119,7 @@ class _Base:
                 body = response.json()
             except ValueError:
                 body = response.text
-            raise _error(response.status_code, body)
+            raise error_from(response.status_code, body)
         return response
 
     def _final(self, attempt: int, response: httpx.Response | None, exc: Exception | None) -> httpx.Response | None:
@@ -150,9 +150,11 @@ class Client(_Base):
             base_url=self.base_url, headers=self.headers, timeout=self.timeout, transport=transport
         )
 
-    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    def _request(self, method: str, path: str, body: Body | None = None, **kwargs: Any) -> httpx.Response:
         for attempt in itertools.count():
             response, exc = None, None
+            if body is not None:  # a streamed body starts over on each attempt
+                kwargs |= {"headers": body.headers, "content": body.chunks()}
             try:
                 response = self._http.request(method, path, **kwargs)
             except RETRYABLE as e:
@@ -195,6 +197,65 @@ class Client(_Base):
             live = ready = False
         return {"live": live, "ready": ready}
 
+    # ---- files and fine-tuning jobs (OpenAI's shapes) -------------------------------------------------------------
+    def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        """One call's JSON answer, retried like every call (``httpx`` keyword arguments: ``json``, ``params``)."""
+        return self._request(method, path, **kwargs).json()
+
+    def paginate(self, path: str, **params: Any) -> Iterator[dict]:
+        """Every item of an OpenAI list route, fetching the next page (``after`` = the last id) as it goes."""
+        while True:
+            page = self.request("GET", path, params=params)
+            yield from page["data"]
+            if not page.get("has_more") or not page["data"]:
+                return
+            params["after"] = page["data"][-1]["id"]
+
+    def upload(self, path: str | os.PathLike, purpose: str = "fine-tune") -> File:
+        """Upload a dataset: a folder (packed into a tar as it is sent) or a zip/tar file (sent as it is).
+
+        Raises:
+            BadRequest: the server rejected the dataset (``details["problems"]``: every problem, by file).
+            FileNotFoundError, ValueError: no such path; a folder with nothing to send.
+        """
+        return File.from_dict(self.request("POST", "/v1/files", body=upload_body(path, purpose)))
+
+    def files(self, purpose: str | None = None) -> list[File]:
+        """Your uploaded files, newest first."""
+        return [File.from_dict(f) for f in self.request("GET", "/v1/files", params=_given(purpose=purpose))["data"]]
+
+    def file(self, file_id: str) -> File:
+        return File.from_dict(self.request("GET", f"/v1/files/{file_id}"))
+
+    def delete_file(self, file_id: str) -> bool:
+        """Delete an upload (jobs already created keep their copy of it); True when deleted."""
+        return self.request("DELETE", f"/v1/files/{file_id}")["deleted"]
+
+    def fine_tune(
+        self,
+        training_file: str | File,
+        model: str = "base",
+        suffix: str | None = None,
+        hyperparameters: dict | None = None,
+        seed: int | None = None,
+        trigger: str | None = None,
+        validation_file: str | File | None = None,
+        **extras: Any,
+    ) -> Job:
+        """Start a fine-tuning job (``POST /v1/fine_tuning/jobs``; ``extras``: more lorafleet fields, e.g.
+        ``metadata``). ``hyperparameters``: ``n_epochs``, ``learning_rate_multiplier``, ``batch_size``, ``rank``,
+        ``optimizer`` — each a value or ``"auto"`` (searched). Raises BadRequest / NotFound naming the field."""
+        body = self._job_body(training_file, model, suffix=suffix, hyperparameters=hyperparameters, seed=seed,
+                              trigger=trigger, validation_file=validation_file, **extras)  # fmt: skip
+        return Job(self, self.request("POST", JOBS, json=body))
+
+    def job(self, job_id: str) -> Job:
+        return Job(self, self.request("GET", f"{JOBS}/{job_id}"))
+
+    def jobs(self) -> list[Job]:
+        """All your fine-tuning jobs, newest first (every page)."""
+        return [Job(self, j) for j in self.paginate(JOBS, limit=100)]
+
     def close(self) -> None:
         self._http.close()
 
@@ -220,9 +281,11 @@ class AsyncClient(_Base):
             base_url=self.base_url, headers=self.headers, timeout=self.timeout, transport=transport
         )
 
-    async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    async def _request(self, method: str, path: str, body: Body | None = None, **kwargs: Any) -> httpx.Response:
         for attempt in itertools.count():
             response, exc = None, None
+            if body is not None:
+                kwargs |= {"headers": body.headers, "content": body.achunks()}
             try:
                 response = await self._http.request(method, path, **kwargs)
             except RETRYABLE as e:
@@ -261,6 +324,53 @@ class AsyncClient(_Base):
         except httpx.HTTPError:
             live = ready = False
         return {"live": live, "ready": ready}
+
+    async def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        return (await self._request(method, path, **kwargs)).json()
+
+    async def paginate(self, path: str, **params: Any) -> AsyncIterator[dict]:
+        while True:
+            page = await self.request("GET", path, params=params)
+            for item in page["data"]:
+                yield item
+            if not page.get("has_more") or not page["data"]:
+                return
+            params["after"] = page["data"][-1]["id"]
+
+    async def upload(self, path: str | os.PathLike, purpose: str = "fine-tune") -> File:
+        return File.from_dict(await self.request("POST", "/v1/files", body=upload_body(path, purpose)))
+
+    async def files(self, purpose: str | None = None) -> list[File]:
+        return [
+            File.from_dict(f) for f in (await self.request("GET", "/v1/files", params=_given(purpose=purpose)))["data"]
+        ]
+
+    async def file(self, file_id: str) -> File:
+        return File.from_dict(await self.request("GET", f"/v1/files/{file_id}"))
+
+    async def delete_file(self, file_id: str) -> bool:
+        return (await self.request("DELETE", f"/v1/files/{file_id}"))["deleted"]
+
+    async def fine_tune(
+        self,
+        training_file: str | File,
+        model: str = "base",
+        suffix: str | None = None,
+        hyperparameters: dict | None = None,
+        seed: int | None = None,
+        trigger: str | None = None,
+        validation_file: str | File | None = None,
+        **extras: Any,
+    ) -> AsyncJob:
+        body = self._job_body(training_file, model, suffix=suffix, hyperparameters=hyperparameters, seed=seed,
+                              trigger=trigger, validation_file=validation_file, **extras)  # fmt: skip
+        return AsyncJob(self, await self.request("POST", JOBS, json=body))
+
+    async def job(self, job_id: str) -> AsyncJob:
+        return AsyncJob(self, await self.request("GET", f"{JOBS}/{job_id}"))
+
+    async def jobs(self) -> list[AsyncJob]:
+        return [AsyncJob(self, j) async for j in self.paginate(JOBS, limit=100)]
 
     async def close(self) -> None:
         await self._http.aclose()
