@@ -203,7 +203,7 @@ def test_upload_job_events_success_then_an_image_from_the_new_model(site, browse
     write_summary(site.api.finetune.store, job_id, {**PASSED, "register": {**PASSED["register"], "model": MODEL,
                                                                            "version": "1"}})  # fmt: skip
     site.cluster.jobs[job_id] = "SUCCEEDED"
-    until(lambda: "succeeded" in el("ft-status").text, 30, "no success shown")
+    until(lambda: el("ft-use").is_displayed(), 60, "no success shown")  # shown last, once the model is selected
     assert el("ft-status").text == f"job {job_id}: succeeded - {MODEL} is served now"
     events = texts(browser, "#ft-events li")
     assert "fine-tuning job created" in events[0] and "served now" in events[-1]
@@ -213,6 +213,7 @@ def test_upload_job_events_success_then_an_image_from_the_new_model(site, browse
         chosen.get_attribute("value") == MODEL and chosen.get_attribute("textContent") == f"{MODEL} (just fine-tuned)"
     )
     assert not el("ft-cancel").is_displayed() and el("ft-start").is_enabled()
+    browser.save_screenshot(str(toy_dataset.parent / "finetune-tab.png"))
 
     # generate with it: the generate tab, the new model selected, one image
     el("ft-use").click()
@@ -222,6 +223,7 @@ def test_upload_job_events_success_then_an_image_from_the_new_model(site, browse
     new = draw(browser, el, f"{MODEL} v1, 1 image(s)")
     Select(el("model")).select_by_value("")  # the same request from the base model: the adapter changed the image
     assert draw(browser, el, "base, 1 image(s)") != new
+    browser.save_screenshot(str(toy_dataset.parent / "generate-tab.png"))
 
 
 def draw(browser, el, status: str) -> str:
