@@ -12,8 +12,10 @@ writes ``<job id>/pipeline.json``). The record is all the queue needs to resume 
 
 What the job runs is ``python -m cluster.pipeline`` with the dotted overrides ``pipeline_overrides`` builds: the
 dataset, ``until=register`` (the running Serve app resolves the registered name on demand: no redeploy), the
-registered model name (``<tenant>--<suffix>``), and the search: fixed hyperparameters are one trial (a one-point
-grid), ``"auto"`` ones are searched (``search.num_samples`` = ``finetune.auto_trials``).
+registered model name (``<tenant>--<suffix>``), ``caption.enabled=true`` when the upload came without captions (the
+pipeline's caption stage; its ``caption.captioner`` — auto: toy for a toy base, BLIP otherwise — is set by an
+operator through ``finetune.overrides``), the evaluation suite's concept word, and the search: fixed hyperparameters
+are one trial (a one-point grid), ``"auto"`` ones are searched (``search.num_samples`` = ``finetune.auto_trials``).
 """
 
 from __future__ import annotations
@@ -81,6 +83,15 @@ class CreateJobBody(RequestBody):
     trigger: str | None = Field(
         None, min_length=1, max_length=64, description="lorafleet: the trigger word; null = from the captions"
     )
+    concept: str | None = Field(
+        None,
+        min_length=1,
+        max_length=64,
+        pattern=r"^\S(.*\S)?\Z",
+        description="lorafleet: the concept the trigger stands for in words the evaluation's CLIP knows, e.g. "
+        "'dotted' (the suite's concept word, evaluation auto_suite.concept): clip_t and concept_learned are "
+        "measured too; null = judged by image similarity only",
+    )
 
 
 class JobEvent(BaseModel):
@@ -112,6 +123,9 @@ class JobRecord(BaseModel):
     suffix: str | None = Field(None, description="as requested")
     metadata: dict[str, str] | None = Field(None, description="as requested")
     trigger: str | None = Field(None, description="lorafleet: the trigger word, null = from the captions")
+    concept: str | None = Field(None, description="lorafleet: the evaluation suite's concept word")
+    caption: bool = Field(False, description="the training file came without captions: the pipeline captions it")
+    progress_offset: int = Field(0, description="bytes of the search's progress.jsonl already turned into events")
     fine_tuned_model: str = Field(description="the registered model name the job registers (shown once it succeeds)")
     overrides: list[str] = Field(description="the pipeline's dotted overrides")
     submission_id: str | None = Field(None, description="the Ray job's id once submitted")
@@ -144,6 +158,7 @@ class JobRecord(BaseModel):
             "training_file": self.training_file, "validation_file": self.validation_file, "estimated_finish": None,
             "integrations": [], "metadata": self.metadata, "method": {"type": "supervised", "supervised": {
                 "hyperparameters": hp}}, "user_provided_suffix": self.suffix, "trigger": self.trigger,
+            "concept": self.concept,
         }  # fmt: skip
 
 
@@ -251,10 +266,15 @@ def search_overrides(hp: Hyperparameters, tune: Any, auto_trials: int, seed: int
 def pipeline_overrides(record: JobRecord, data: Path, heldout: Path | None, tune_overrides: list[str],
                        tune_config: str) -> list[str]:  # fmt: skip
     """The pipeline's dotted overrides (cluster/config.py's PipelineConfig) for one job."""
+    evaluation = [f"registry.model_name={record.fine_tuned_model}"]
+    if record.concept:  # quoted: a YAML scalar such as `yes` or `1` stays the word
+        evaluation.append(f"auto_suite.concept={json.dumps(record.concept)}")
     out = [f"name={record.id}", f"output_dir={data.parent / 'runs'}", f"dataset={data}", "until=register",
            "serve.enabled=false", f"tune.config={tune_config}",
            f"tune.overrides={json.dumps([f'trial.base_model={record.base_model}', *tune_overrides])}",
-           f"evaluation.overrides={json.dumps([f'registry.model_name={record.fine_tuned_model}'])}"]  # fmt: skip
+           f"evaluation.overrides={json.dumps(evaluation)}"]  # fmt: skip
+    if record.caption:
+        out.append("caption.enabled=true")
     if heldout is not None:
         out.append(f"heldout={heldout}")
     if record.trigger:
