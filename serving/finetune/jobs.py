@@ -87,7 +87,7 @@ class CreateJobBody(RequestBody):
         None,
         min_length=1,
         max_length=64,
-        pattern=r"^\S(.*\S)?\Z",
+        pattern=r"^\S(.*\S)?$",
         description="lorafleet: the concept the trigger stands for in words the evaluation's CLIP knows, e.g. "
         "'dotted' (the suite's concept word, evaluation auto_suite.concept): clip_t and concept_learned are "
         "measured too; null = judged by image similarity only",
