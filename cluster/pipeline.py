@@ -84,10 +84,13 @@ def config_file(path: str) -> str:
 
 
 def model_path(name: str) -> str:
-    """A model folder as given when it exists (or is absolute), else inside this checkout when it is there (the
-    toy models: the job's working dir), else as given (a hub id)."""
-    p = Path(name)
-    return str(PROJECT_ROOT / p if not p.is_absolute() and not p.exists() and (PROJECT_ROOT / p).exists() else p)
+    """A model folder (made absolute) when it exists here or inside this checkout (the toy models: the job's working
+    dir), else ``name`` as given (a hub id)."""
+    p = Path(name).expanduser()
+    for candidate in (p, PROJECT_ROOT / p):
+        if candidate.exists():
+            return str(candidate.resolve())
+    return name
 
 
 class _SigTerm:

@@ -271,9 +271,10 @@ class EvalConfig(_Section):
                 "suite: null builds the suite from the dataset's captions: set data.train_path, or write a suite "
                 "(see configs/eval-toy-sks.yaml)"
             )
-        if self.suite is not None and self.auto_suite.concept is not None:
-            problems.append("auto_suite.concept applies to a suite built from the dataset (suite: null); with a "
-                            "hand-written suite set suite.concept instead")  # fmt: skip
+        concept = self.auto_suite.concept
+        if self.suite is not None and concept is not None and concept != self.suite.concept:
+            problems.append(f"auto_suite.concept={concept!r} but suite.concept={self.suite.concept!r}: auto_suite "
+                            "applies to a suite built from the dataset (suite: null); set suite.concept")  # fmt: skip
         if self.trigger and self.suite is not None and self.trigger != self.suite.trigger:
             problems.append(f"trigger={self.trigger!r} but suite.trigger={self.suite.trigger!r}; make them agree")
         if self.registry.enabled and not self.registry.model_name and not self.data.train_path:
