@@ -7,6 +7,10 @@
     python -m cluster.pipeline --config configs/pipeline.yaml --resume     # after `lorafleet stop` (SIGTERM)
     lorafleet submit pipeline --config configs/pipeline-sdxl.yaml dataset=s3://bucket/my-photos   # an SDXL base
 
+Before validate, with ``caption.enabled`` (a fine-tuning job on an upload without captions sets it), the ``caption``
+stage captions the dataset's images that have none (``training.captioning.fill``; the captioner is
+``caption.captioner``: auto = toy for a toy-world base model, BLIP otherwise): a folder of bare images then trains.
+
 The base model is the tune config's ``trial.base_model``, of any family (SD 1.x/2.x, SDXL; docs/model-families.md):
 the trials train on it, the evaluation loads it from the adapter and renders at the trials' size, and the Serve
 application is deployed with it as its ``base_model``.
