@@ -308,7 +308,10 @@ class Pipeline:
         self.derived["captions"] = done.captions  # into dataset.json by the validate stage
         log.info("captioned %d image(s) with the %s captioner; %d kept theirs", len(done.captions),
                  ccfg.resolved_captioner(), done.kept)  # fmt: skip
-        return {"skipped": not done.captions, "captioner": ccfg.resolved_captioner(), "model": ccfg.resolved_model(),
+        model = Path(ccfg.resolved_model())
+        if model.is_relative_to(PROJECT_ROOT):  # the checkout's own model: no server path in a job's events
+            model = model.relative_to(PROJECT_ROOT)
+        return {"skipped": not done.captions, "captioner": ccfg.resolved_captioner(), "model": str(model),
                 "captioned": len(done.captions), "kept": done.kept, "format": done.format,
                 "captions": done.captions[:CAPTIONS_SHOWN]}  # fmt: skip
 

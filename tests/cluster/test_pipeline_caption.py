@@ -43,6 +43,7 @@ def test_images_without_captions_get_the_toy_captioners_captions_and_then_valida
     assert ccfg.trigger == "sks"
     out = p.caption(ccfg)
     assert (out["captioner"], out["captioned"], out["kept"], out["format"]) == ("toy", 8, 0, "metadata")
+    assert out["model"] == "models/toy-clip"  # the checkout's model, named without the server's path
     assert {r["file"]: r["caption"] for r in out["captions"]} == truth  # every caption recovered, with the trigger
     assert p.derived["captions"] == out["captions"]  # the validate stage writes them into dataset.json
     report = validate_dataset(DataConfig(path=str(folder), trigger="sks"))
