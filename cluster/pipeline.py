@@ -163,6 +163,7 @@ class Pipeline:
         started = time.monotonic()
         record: dict[str, Any] = {"status": "running"}
         self.summary["stages"][name] = record
+        self._save()  # the stage's start is visible at once (a fine-tuning job's events show it while it runs)
         try:
             out = fn(*args)
         except BaseException as exc:
