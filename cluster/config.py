@@ -72,6 +72,33 @@ class StorageArgs(_Section):
     )
 
 
+class CaptionStage(_Section):
+    """Captioning before validation (``training.captioning``) of the dataset's images that have no caption."""
+
+    enabled: bool = Field(
+        False,
+        description="caption the dataset's images that lack a caption, in the dataset folder, before validate (a "
+        "local folder only; needs trigger=); a fine-tuning job on an upload without captions sets it",
+    )
+    captioner: Literal["auto", "toy", "blip"] = Field(
+        "auto",
+        description="auto: toy when the tune config's trial.base_model is a toy-world model, else blip (a hub "
+        "captioning model); see caption.captioner of `lorafleet caption`",
+    )
+    model: str | None = Field(
+        None, description="toy: the CLIP scorer folder; blip: hub id or folder in BLIP's layout; null = default"
+    )
+    template: str | None = Field(
+        None, description="how caption and trigger combine, e.g. '{trigger}, {caption}'; null = the captioner's own"
+    )
+    batch_size: int = Field(16, ge=1, le=1024, description="images per forward pass")
+    max_new_tokens: int = Field(30, ge=1, le=512, description="blip: longest caption in tokens")
+    device: str = Field("auto", description="auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="blip weights: auto = bf16/fp16 on CUDA, fp32 on CPU; half precision needs CUDA"
+    )
+
+
 class PipelineConfig(_Section):
     name: str | None = Field(
         None,
@@ -95,6 +122,7 @@ class PipelineConfig(_Section):
         description="the trigger word; null = detected from the captions (the word in every caption that the base "
         "model's tokenizer knows least); the choice and its evidence are logged",
     )
+    caption: CaptionStage = Field(default_factory=CaptionStage)
     samples: SampleArgs = Field(default_factory=SampleArgs)
     until: Literal[STAGES] = Field("smoke", description="the last stage to run, e.g. tune: search only")
     tune: StageArgs = Field(default_factory=lambda: StageArgs(config="configs/tune.yaml"))

@@ -7,6 +7,10 @@
     python -m cluster.pipeline --config configs/pipeline.yaml --resume     # after `lorafleet stop` (SIGTERM)
     lorafleet submit pipeline --config configs/pipeline-sdxl.yaml dataset=s3://bucket/my-photos   # an SDXL base
 
+Before validate, with ``caption.enabled`` (a fine-tuning job on an upload without captions sets it), the ``caption``
+stage captions the dataset's images that have none (``training.captioning.fill``; the captioner is
+``caption.captioner``: auto = toy for a toy-world base model, BLIP otherwise): a folder of bare images then trains.
+
 The base model is the tune config's ``trial.base_model``, of any family (SD 1.x/2.x, SDXL; docs/model-families.md):
 the trials train on it, the evaluation loads it from the adapter and renders at the trials' size, and the Serve
 application is deployed with it as its ``base_model``.
@@ -36,11 +40,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel
+
 from cluster.config import STAGES, PipelineConfig
 from serving.config import PROJECT_ROOT
 
 log = logging.getLogger("cluster.pipeline")
 SUMMARY = "pipeline.json"
+CAPTIONS_SHOWN = 100  # captions the caption stage records in pipeline.json (all of them go to dataset.json)
 SEARCH = "search"  # the tune run's name inside the pipeline folder
 JOB_TAG = "lorafleet.job."  # + submission id, on the pipeline run of every job that ran it
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_STOPPED = 0, 1, 2, 3
@@ -78,6 +85,16 @@ def config_file(path: str) -> str:
     """A stage's config file: as given, else inside this checkout (the job's working dir)."""
     p = Path(path)
     return str(p if p.is_absolute() or p.exists() else PROJECT_ROOT / p)
+
+
+def model_path(name: str) -> str:
+    """A model folder (made absolute) when it exists here or inside this checkout (the toy models: the job's working
+    dir), else ``name`` as given (a hub id)."""
+    p = Path(name).expanduser()
+    for candidate in (p, PROJECT_ROOT / p):
+        if candidate.exists():
+            return str(candidate.resolve())
+    return name
 
 
 class _SigTerm:
@@ -146,6 +163,7 @@ class Pipeline:
         started = time.monotonic()
         record: dict[str, Any] = {"status": "running"}
         self.summary["stages"][name] = record
+        self._save()  # the stage's start is visible at once (a fine-tuning job's events show it while it runs)
         try:
             out = fn(*args)
         except BaseException as exc:
@@ -246,7 +264,58 @@ class Pipeline:
 
         return [*first, f"base_model={portable_model_name(tcfg.trial.base_model)}", *self.cfg.serve.overrides]
 
+    def caption_config(self, tcfg):
+        """The caption stage's ``CaptionConfig``: ``caption.*`` with the search's base model (auto picks the toy
+        captioner for a toy-world model, BLIP for others) and the pipeline's trigger.
+
+        Raises:
+            ConfigError: no trigger, a dataset URI, or a setting CaptionConfig refuses (named ``caption.<key>``).
+        """
+        from training.captioning import CaptionConfig
+        from training.configuration import ConfigError, validate_values
+
+        c = self.cfg.caption
+        problems = []
+        if not self.cfg.trigger:
+            problems.append("caption.enabled=true needs trigger=<word>: the captions it writes carry the trigger "
+                            "(without captions there is nothing to detect it from)")  # fmt: skip
+        if "://" in self.cfg.dataset:
+            problems.append(f"caption.enabled=true captions a local folder, not {self.cfg.dataset}: caption it "
+                            "with `lorafleet caption DIR` and upload the captions with the images")  # fmt: skip
+        if problems:
+            raise ConfigError(problems, "pipeline")
+
+        class Args(BaseModel):  # problems are named as in the pipeline config: caption.device
+            caption: CaptionConfig
+
+        values = c.model_dump(exclude={"enabled"}) | {"base_model": model_path(tcfg.trial.base_model),
+                                                      "trigger": self.cfg.trigger}  # fmt: skip
+        ccfg = validate_values(Args, {"caption": values}, source="pipeline").caption
+        return ccfg.model_copy(update={"model": model_path(ccfg.resolved_model())})
+
     # -- stages --------------------------------------------------------------------------------------------
+    def caption(self, ccfg) -> dict[str, Any]:
+        """Caption the dataset's images that have none (``training.captioning.fill``); images with a caption keep
+        theirs. Returns the stage's record: the captioner, counts, and up to ``CAPTIONS_SHOWN`` captions."""
+        from training.captioning.fill import CaptionError, fill_missing_captions
+        from training.configuration import ConfigError
+
+        try:
+            done = fill_missing_captions(resolve(self.cfg.dataset), ccfg)
+        except CaptionError as exc:
+            raise ConfigError([str(exc)], "dataset") from exc
+        except (FileNotFoundError, ValueError) as exc:  # the captioner's model or device: the message names the key
+            raise ConfigError([str(exc)], "pipeline") from exc
+        self.derived["captions"] = done.captions  # into dataset.json by the validate stage
+        log.info("captioned %d image(s) with the %s captioner; %d kept theirs", len(done.captions),
+                 ccfg.resolved_captioner(), done.kept)  # fmt: skip
+        model = Path(ccfg.resolved_model())
+        if model.is_relative_to(PROJECT_ROOT):  # the checkout's own model: no server path in a job's events
+            model = model.relative_to(PROJECT_ROOT)
+        return {"skipped": not done.captions, "captioner": ccfg.resolved_captioner(), "model": str(model),
+                "captioned": len(done.captions), "kept": done.kept, "format": done.format,
+                "captions": done.captions[:CAPTIONS_SHOWN]}  # fmt: skip
+
     def validate(self, tcfg) -> dict[str, Any]:
         """Every file of the dataset; then what the rest of the pipeline reads from it: the trigger (detected from
         the captions unless ``trigger`` is set, with its evidence), the held-out set, the sample and smoke prompts."""
@@ -295,7 +364,8 @@ class Pipeline:
                  "heldout_from": tcfg.trial.validation.data_path or f"{tcfg.trial.validation.holdout} held out of "
                  "the dataset", "suite_prompts": prompts, "fingerprint": fingerprint,
                  "class_images": len(classes.examples) if classes else 0,
-                 "prior_loss_weight": tcfg.trial.train.prior_loss_weight if classes else None}  # fmt: skip
+                 "prior_loss_weight": tcfg.trial.train.prior_loss_weight if classes else None,
+                 "auto_captions": self.derived.get("captions", [])}  # fmt: skip
         (self.run_dir / "dataset.json").write_text(json.dumps(facts, indent=2, default=str) + "\n")
         if self.run_id:
             from training.tracking import MlflowTracker
@@ -464,6 +534,7 @@ class Pipeline:
             )
         tcfg = self.tune_config()
         self.check_configs(tcfg)
+        ccfg = self.caption_config(tcfg) if self.cfg.caption.enabled else None
         self.run_dir.mkdir(parents=True, exist_ok=True)
         init_ray()
         self._check_storage(tcfg)
@@ -471,6 +542,8 @@ class Pipeline:
         previous = signal.signal(signal.SIGTERM, self.sigterm)
         status = "FAILED"
         try:
+            if ccfg is not None:
+                self._stage("caption", self.caption, ccfg)
             self._stage("validate", self.validate, tcfg)
             tcfg = self.tune_config()  # now with the dataset's trigger, held-out set and sample prompts
             tcfg.trial.mlflow.tracking_uri = self.uri

@@ -130,6 +130,13 @@ class AutoSuiteArgs(_Section):
         18, ge=1, le=200, description="at most this many trigger prompts: held-out captions, then content swaps"
     )
     seed: int = Field(0, description="which captions and swaps are chosen when there are more than max_prompts")
+    concept: str | None = Field(
+        None,
+        min_length=1,
+        max_length=64,
+        description="the built suite's concept word (suite.concept: the trigger spelled out in words the scorer "
+        "knows, e.g. 'dotted'): clip_t and concept_learned are then measured too; null = none",
+    )
 
 
 class GenerationArgs(_Section):
@@ -264,6 +271,10 @@ class EvalConfig(_Section):
                 "suite: null builds the suite from the dataset's captions: set data.train_path, or write a suite "
                 "(see configs/eval-toy-sks.yaml)"
             )
+        concept = self.auto_suite.concept
+        if self.suite is not None and concept is not None and concept != self.suite.concept:
+            problems.append(f"auto_suite.concept={concept!r} but suite.concept={self.suite.concept!r}: auto_suite "
+                            "applies to a suite built from the dataset (suite: null); set suite.concept")  # fmt: skip
         if self.trigger and self.suite is not None and self.trigger != self.suite.trigger:
             problems.append(f"trigger={self.trigger!r} but suite.trigger={self.suite.trigger!r}; make them agree")
         if self.registry.enabled and not self.registry.model_name and not self.data.train_path:
@@ -283,14 +294,15 @@ class EvalConfig(_Section):
         if self.gate.beat_champion:
             wanted.setdefault(self.gate.primary_metric, f"gate.primary_metric={self.gate.primary_metric}")
         suite, problems = self.suite, []
+        concept = suite.concept if suite is not None else self.auto_suite.concept
         for metric, key in wanted.items():
-            if metric in _NEEDS_CONCEPT and (suite is None or suite.concept is None):
+            if metric in _NEEDS_CONCEPT and concept is None:
                 where = "a suite built from the dataset has none" if suite is None else "suite.concept is null"
                 problems.append(
-                    f"{key} needs a concept word ({where}): use concept_gain / concept_win_rate, or a hand-written "
-                    "suite with suite.concept (configs/eval-toy-sks.yaml)"
+                    f"{key} needs a concept word ({where}): use concept_gain / concept_win_rate, set "
+                    "auto_suite.concept, or a hand-written suite with suite.concept (configs/eval-toy-sks.yaml)"
                 )
-            elif metric == "concept_hit_rate" and not suite.alternatives:
+            elif metric == "concept_hit_rate" and (suite is None or not suite.alternatives):
                 problems.append(f"{key} needs suite.alternatives (words to compare the concept with)")
             if metric == "prior_similarity" and suite is not None and not suite.prior_prompts:
                 problems.append(f"{key} needs suite.prior_prompts")

@@ -247,7 +247,7 @@ def materialise(cfg: EvalConfig, adapter_trigger: str | None = None) -> EvalConf
                                 max_prompts=a.max_prompts, seed=a.seed)  # fmt: skip
         except ValueError as exc:
             raise ConfigError([f"suite (built from data.train_path={d.train_path}): {exc}"], "eval") from exc
-        values["suite"] = suite.model_dump(mode="json")
+        values["suite"] = suite.model_dump(mode="json") | {"concept": a.concept}  # the concept word, when given
         source = f"eval, suite built from {d.heldout_path if held else d.train_path}"
     if cfg.registry.model_name is None and cfg.data.train_path:
         values["registry"]["model_name"] = default_model_name(cfg.data.train_path)

@@ -44,6 +44,7 @@ from training.tracking import MlflowTracker, flatten, git_commit, start_run
 from training.training_set import build_worker_spec, describe_epoch
 from tuning.config import TuneConfig
 from tuning.handoff import eval_config, evaluate_best
+from tuning.progress import PROGRESS, ProgressLog
 from tuning.results import TrialRecord
 from tuning.space import check_points, choice_points, for_hardware, grid_points, trial_config, with_rules
 from tuning.summary import finish
@@ -346,17 +347,19 @@ def build_tuner(cfg: TuneConfig, setup: TrialSetup, run_dir: Path, concurrency: 
             storage_path=str(run_dir),
             failure_config=ray.tune.FailureConfig(max_failures=0, fail_fast=False),  # a failed trial stays failed
             verbose=0,  # Tune's 9-line status table every 30 s made most of a job's log: one line per event instead
-            callbacks=[TrialProgress(cfg, setup.points, len(setup.points) or num_samples)],
+            callbacks=[TrialProgress(cfg, setup.points, len(setup.points) or num_samples, run_dir / PROGRESS)],
         ),
     )
 
 
 class TrialProgress(Callback):
     """The search's progress as one log line per trial event: started (its values), ended (completed or stopped
-    early by the scheduler, with the metric), failed (the error's last line)."""
+    early by the scheduler, with the metric), failed (the error's last line); and as JSON lines, one per trial
+    event and per epoch, in ``progress`` (``tuning.progress``: what a fine-tuning job's events show live)."""
 
-    def __init__(self, cfg: TuneConfig, points: list[dict[str, Any]], total: int):
+    def __init__(self, cfg: TuneConfig, points: list[dict[str, Any]], total: int, progress: Path):
         self.cfg, self.points, self.total = cfg, points, total
+        self.progress = ProgressLog(progress)
         self.started = 0
         self.last: dict[str, dict[str, Any]] = {}
         self.best: float | None = None
@@ -368,17 +371,33 @@ class TrialProgress(Callback):
         self.started += 1
         log.info("trial %s started (%d of %d): %s", trial.trial_id, self.started, self.total,
                  trial_name("", self._params(trial)).strip())  # fmt: skip
+        self.progress.write({"event": "start", "trial_id": trial.trial_id, "params": self._params(trial),
+                             "n": self.started, "total": self.total})  # fmt: skip
+
+    def _planned(self, trial) -> int:
+        return int(self._params(trial).get("train.epochs", self.cfg.trial.train.epochs))
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         self.last[trial.trial_id] = result
+        if "epoch" in result:  # training.loop's per-epoch report, forwarded by Train's TuneReportCallback
+            metric = self.cfg.search.metric
+            line = {"event": "epoch", "trial_id": trial.trial_id, "epoch": int(result["epoch"]),
+                    "planned_epochs": self._planned(trial), "loss": result.get("loss"),
+                    "time_total_s": round(float(result.get("time_total_s", 0.0)), 2)}  # fmt: skip
+            if metric in result:
+                line[metric] = result[metric]
+            self.progress.write(line)
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         result = self.last.get(trial.trial_id, {})
         metric, mode = self.cfg.search.metric, self.cfg.search.mode
         value = result.get(metric)
-        planned = int(self._params(trial).get("train.epochs", self.cfg.trial.train.epochs))
+        planned = self._planned(trial)
         epochs = int(result.get("epoch", 0))
         how = "completed" if epochs >= planned else "stopped early by the scheduler"
+        self.progress.write({"event": "end", "trial_id": trial.trial_id, "status": "completed" if epochs >= planned
+                             else "stopped", "epochs": epochs, "planned_epochs": planned, "metric": metric,
+                             "value": value})  # fmt: skip
         if value is not None and (self.best is None or (value < self.best if mode == "min" else value > self.best)):
             self.best = value
         shown = "-" if value is None else f"{value:.4g}"
@@ -387,6 +406,7 @@ class TrialProgress(Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         log.warning("trial %s failed; its error is in %s", trial.trial_id, trial.local_path or "the trial folder")
+        self.progress.write({"event": "error", "trial_id": trial.trial_id})
 
 
 def records_of(results, cfg: TuneConfig, run_dir: Path, points: list[dict[str, Any]]) -> list[TrialRecord]:

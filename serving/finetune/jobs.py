@@ -12,8 +12,10 @@ writes ``<job id>/pipeline.json``). The record is all the queue needs to resume 
 
 What the job runs is ``python -m cluster.pipeline`` with the dotted overrides ``pipeline_overrides`` builds: the
 dataset, ``until=register`` (the running Serve app resolves the registered name on demand: no redeploy), the
-registered model name (``<tenant>--<suffix>``), and the search: fixed hyperparameters are one trial (a one-point
-grid), ``"auto"`` ones are searched (``search.num_samples`` = ``finetune.auto_trials``).
+registered model name (``<tenant>--<suffix>``), ``caption.enabled=true`` when the upload came without captions (the
+pipeline's caption stage; its ``caption.captioner`` — auto: toy for a toy base, BLIP otherwise — is set by an
+operator through ``finetune.overrides``), the evaluation suite's concept word, and the search: fixed hyperparameters
+are one trial (a one-point grid), ``"auto"`` ones are searched (``search.num_samples`` = ``finetune.auto_trials``).
 """
 
 from __future__ import annotations
@@ -90,6 +92,15 @@ class CreateJobBody(RequestBody):
     mix_previous_data: bool = Field(
         False, description="lorafleet, with model = an adapter: also train on the dataset of the job that made it"
     )
+    concept: str | None = Field(
+        None,
+        min_length=1,
+        max_length=64,
+        pattern=r"^\S(.*\S)?$",
+        description="lorafleet: the concept the trigger stands for in words the evaluation's CLIP knows, e.g. "
+        "'dotted' (the suite's concept word, evaluation auto_suite.concept): clip_t and concept_learned are "
+        "measured too; null = judged by image similarity only",
+    )
 
 
 class JobEvent(BaseModel):
@@ -123,6 +134,9 @@ class JobRecord(BaseModel):
     trigger: str | None = Field(None, description="lorafleet: the trigger word, null = from the captions")
     continued_from: str | None = Field(None, description="the adapter continued: <registered model>/<version>")
     previous_data_job: str | None = Field(None, description="mix_previous_data: the job whose dataset was mixed in")
+    concept: str | None = Field(None, description="lorafleet: the evaluation suite's concept word")
+    caption: bool = Field(False, description="the training file came without captions: the pipeline captions it")
+    progress_offset: int = Field(0, description="bytes of the search's progress.jsonl already turned into events")
     fine_tuned_model: str = Field(description="the registered model name the job registers (shown once it succeeds)")
     overrides: list[str] = Field(description="the pipeline's dotted overrides")
     submission_id: str | None = Field(None, description="the Ray job's id once submitted")
@@ -156,6 +170,7 @@ class JobRecord(BaseModel):
             "integrations": [], "metadata": self.metadata, "method": {"type": "supervised", "supervised": {
                 "hyperparameters": hp}}, "user_provided_suffix": self.suffix, "trigger": self.trigger,
             "continued_from": self.continued_from, "mix_previous_data": self.previous_data_job is not None,
+            "concept": self.concept,
         }  # fmt: skip
 
 
@@ -269,10 +284,15 @@ def search_overrides(hp: Hyperparameters, tune: Any, auto_trials: int, seed: int
 def pipeline_overrides(record: JobRecord, data: Path, heldout: Path | None, tune_overrides: list[str],
                        tune_config: str) -> list[str]:  # fmt: skip
     """The pipeline's dotted overrides (cluster/config.py's PipelineConfig) for one job."""
+    evaluation = [f"registry.model_name={record.fine_tuned_model}"]
+    if record.concept:  # quoted: a YAML scalar such as `yes` or `1` stays the word
+        evaluation.append(f"auto_suite.concept={json.dumps(record.concept)}")
     out = [f"name={record.id}", f"output_dir={data.parent / 'runs'}", f"dataset={data}", "until=register",
            "serve.enabled=false", f"tune.config={tune_config}",
            f"tune.overrides={json.dumps([f'trial.base_model={record.base_model}', *tune_overrides])}",
-           f"evaluation.overrides={json.dumps([f'registry.model_name={record.fine_tuned_model}'])}"]  # fmt: skip
+           f"evaluation.overrides={json.dumps(evaluation)}"]  # fmt: skip
+    if record.caption:
+        out.append("caption.enabled=true")
     if heldout is not None:
         out.append(f"heldout={heldout}")
     if record.trigger:

@@ -29,12 +29,16 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from serving.finetune.jobs import TERMINAL, JobRecord, JobStore
+from tuning.progress import PROGRESS as PROGRESS_FILE
+from tuning.progress import read_progress
 
 log = logging.getLogger(__name__)
 RAY_ENDED = ("SUCCEEDED", "FAILED", "STOPPED")
 STUCK_S = 3600  # a job still validating_files this long was cut off by a restart (holding takes seconds)
 SUMMARY = "pipeline.json"  # written by cluster.pipeline into <output_dir>/<name>/
 TRIALS = "search/results.json"  # the search's trials (tuning/results.py), once it ended
+PROGRESS = f"search/{PROGRESS_FILE}"  # the search's live progress (tuning/progress.py), one line per trial event
+MAX_EPOCH_EVENTS = 500  # per job: a long search's epochs beyond this are in MLflow, not in the events
 
 
 class Submitter(Protocol):
@@ -147,6 +151,8 @@ class JobQueue:
             record.status = "running"
             record.event("running", "the pipeline is running", now)
         self._stage_events(record, summary, now)
+        caption_events(record, summary, now)
+        self._progress_events(record, now)
         self._trial_events(record, now)
         if record.status not in TERMINAL and ray_status in RAY_ENDED:
             self._finish(record, ray_status, summary, now)
@@ -166,6 +172,37 @@ class JobQueue:
                 message += f": {stage['error']}"
             level = "error" if status == "failed" else "warn" if status == "stopped" else "info"
             record.event(f"stage/{name}/{status}", message, now, level=level, data=numbers or None)
+
+    def _progress_events(self, record: JobRecord, now: float) -> None:
+        """Events for the search's progress lines written since the last tick (``tuning.progress``): a trial's
+        start, each epoch (train loss, the search metric, epoch n/N), its end. ``record.progress_offset`` keeps the
+        place; an event's id comes from the trial and epoch, so a line read twice is still one event."""
+        lines, record.progress_offset = read_progress(self.store.folder(record.id) / "runs" / record.id / PROGRESS,
+                                                      record.progress_offset)  # fmt: skip
+        epochs = sum(1 for e in record.events if e.data and "epoch" in e.data and "trial_id" in e.data)
+        for line in lines:
+            trial, kind, when = str(line.get("trial_id", "?")), line.get("event"), line.get("time") or now
+            if kind == "epoch":
+                epochs += 1
+                if epochs > MAX_EPOCH_EVENTS:
+                    record.event("progress/capped", f"more than {MAX_EPOCH_EVENTS} epochs: later ones are left out "
+                                 "of the events (every trial's metrics are in MLflow)", when, level="warn")  # fmt: skip
+                    continue
+                record.event(f"trial/{trial}/epoch/{line.get('epoch')}", epoch_message(line), when,
+                             data=epoch_data(line))  # fmt: skip
+            elif kind == "start":
+                params = json.dumps(line.get("params") or {}, sort_keys=True)
+                record.event(f"trial/{trial}/start", f"trial {trial} started ({line.get('n')} of {line.get('total')})"
+                             f": {params}", when, data={"trial_id": trial, "params": params})  # fmt: skip
+            elif kind == "end":  # the same key as results.json's event for the trial: one event, whichever is first
+                status, data = line.get("status"), {k: line.get(k) for k in ("trial_id", "epochs", "planned_epochs")}
+                data[str(line.get("metric"))] = line.get("value")
+                record.event(f"trial/{trial}/{status}", f"trial {trial}: {status} after {line.get('epochs')}/"
+                             f"{line.get('planned_epochs')} epoch(s), {line.get('metric')} {line.get('value')}", when,
+                             data=data)  # fmt: skip
+            elif kind == "error":
+                record.event(f"trial/{trial}/error", f"trial {trial} failed (its error is in the trial's event when "
+                             "the search ends)", when, level="error", data={"trial_id": trial})  # fmt: skip
 
     def _trial_events(self, record: JobRecord, now: float) -> None:
         """One event per trial of the search, once it wrote ``results.json`` (tuning/results.py's TrialRecord)."""
@@ -241,6 +278,38 @@ class JobQueue:
             self._end(record, "cancelled", now)
             self.store.save(record)
             return record
+
+
+def epoch_message(line: dict[str, Any]) -> str:
+    """``trial a1b2c3d4: epoch 3/8, train loss 0.1436, val_loss 0.1913`` from a progress line."""
+    extra = {k: v for k, v in line.items() if k not in EPOCH_KEYS and isinstance(v, (int, float))}
+    numbers = "".join(f", {k} {v:.4g}" for k, v in extra.items())
+    loss = line.get("loss")
+    loss_text = f", train loss {loss:.4g}" if isinstance(loss, (int, float)) else ""
+    return f"trial {line.get('trial_id')}: epoch {line.get('epoch')}/{line.get('planned_epochs')}{loss_text}{numbers}"
+
+
+EPOCH_KEYS = ("event", "trial_id", "epoch", "planned_epochs", "loss", "time_total_s", "time")
+
+
+def epoch_data(line: dict[str, Any]) -> dict[str, Any]:
+    """A ``metrics`` event's data: trial, epoch n of N, train_loss, the search metric, seconds so far."""
+    extra = {k: v for k, v in line.items() if k not in EPOCH_KEYS}
+    return {"trial_id": line.get("trial_id"), "epoch": line.get("epoch"), "total_epochs": line.get("planned_epochs"),
+            "train_loss": line.get("loss"), **extra, "time_total_s": line.get("time_total_s")}  # fmt: skip
+
+
+def caption_events(record: JobRecord, summary: dict[str, Any], now: float) -> None:
+    """One event per caption the pipeline's caption stage wrote (it records at most 100 in pipeline.json), and a
+    note of how many more there were."""
+    stage = (summary.get("stages") or {}).get("caption") or {}
+    shown = stage.get("captions") if isinstance(stage.get("captions"), list) else []
+    for row in shown:
+        if isinstance(row, dict) and "file" in row:
+            record.event(f"caption/{row['file']}", f"caption {row['file']}: {row.get('caption')}", now,
+                         data={"file": row["file"], "caption": row.get("caption")})  # fmt: skip
+    if isinstance(stage.get("captioned"), int) and stage["captioned"] > len(shown):
+        record.event("caption/more", f"and {stage['captioned'] - len(shown)} more image(s) captioned (not shown)", now)
 
 
 def read_summary(job_folder: Path, name: str) -> dict[str, Any]:

@@ -17,6 +17,7 @@ import logging
 import secrets
 import threading
 from functools import wraps
+from pathlib import Path
 from typing import Any
 
 from pydantic import Field
@@ -144,8 +145,23 @@ class FineTuning:
             fine_tuned = source.registered if own and not body.suffix else registry_name(tenant, name)
         except ValueError as exc:
             raise JobRequestError(str(exc), "suffix") from exc
-        data = self._dataset(body.training_file, tenant, "training_file")
-        held = self._dataset(body.validation_file, tenant, "validation_file") if body.validation_file else None
+        data, captioned = self._dataset(body.training_file, tenant, "training_file")
+        if not captioned and not body.trigger:
+            raise JobRequestError(
+                f"training_file {body.training_file}: its images came without captions, so the job captions them, "
+                "and each caption carries the trigger: pass one (extra_body={'trigger': 'sks'}), or upload captions",
+                "trigger",
+            )
+        held = None
+        if body.validation_file:
+            held, held_captioned = self._dataset(body.validation_file, tenant, "validation_file")
+            if not held_captioned:
+                raise JobRequestError(
+                    f"validation_file {body.validation_file}: held-out images need captions (the held-out loss "
+                    "and the evaluation prompts are made of them); caption them (`lorafleet caption DIR`) and upload "
+                    "again, or leave validation_file out to hold out images of the training file",
+                    "validation_file",
+                )
         seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
         tune = load_config(TuneConfig, str(project_path(self.cfg.tune_config)), [])
         now = self.store.clock()
@@ -156,7 +172,7 @@ class FineTuning:
             hyperparameters=body.hyperparameters, suffix=body.suffix, metadata=body.metadata, trigger=body.trigger,
             fine_tuned_model=fine_tuned, overrides=[], previous_data_job=earlier.id if earlier else None,
             continued_from=(f"{source.registered}/{source.version}" if source.registered else source.name)
-            if source else None,
+            if source else None, concept=body.concept, caption=not captioned,
         )  # fmt: skip
         folder = self.store.folder(job_id)
         if source:
@@ -166,7 +182,9 @@ class FineTuning:
             search_overrides(body.hyperparameters, tune, self.cfg.auto_trials, seed, pinned), self.cfg.tune_config,
         )  # fmt: skip
         record.overrides += self.cfg.overrides
-        record.event("created", f"fine-tuning job created for {body.training_file}", self.store.clock())
+        record.event("created", f"fine-tuning job created for {body.training_file}"
+                     + (" (its images have no captions: the job captions them first)" if record.caption else ""),
+                     self.store.clock())  # fmt: skip
         self.store.save(record)
         try:
             if source:
@@ -210,7 +228,8 @@ class FineTuning:
         except AdapterError as exc:
             raise JobRequestError(f"model {model[:80]!r} cannot be continued: {exc}", "model") from exc
 
-    def _dataset(self, file_id: str, tenant: str, param: str):
+    def _dataset(self, file_id: str, tenant: str, param: str) -> tuple[Path, bool]:
+        """(the file's dataset folder, whether its images came with captions)."""
         try:
             path = self.files.data_dir(file_id, tenant)
             facts = self.files.get(file_id, tenant).dataset
@@ -218,13 +237,7 @@ class FineTuning:
             raise NotFound("file", file_id, param) from exc
         except InvalidUpload as exc:
             raise JobRequestError(str(exc), param) from exc
-        if facts is not None and not facts.captions:
-            raise JobRequestError(
-                f"{param} {file_id}: its images came without captions and jobs do not caption yet; caption them "
-                "(`lorafleet caption DIR`) and upload the folder again",
-                param,
-            )
-        return path
+        return path, facts is None or facts.captions
 
 
 class _Lazy:

@@ -8,7 +8,7 @@ from pathlib import Path
 from serving.finetune.jobs import Hyperparameters, JobRecord, pipeline_overrides, search_overrides
 
 
-def job_config(repo: Path, hp: Hyperparameters, tmp_path: Path, operator: list[str] = ()):
+def job_config(repo: Path, hp: Hyperparameters, tmp_path: Path, operator: list[str] = (), **fields):
     from cluster.jobs import validate_config
     from cluster.pipeline import Pipeline
     from training.configuration import load_config
@@ -17,7 +17,7 @@ def job_config(repo: Path, hp: Hyperparameters, tmp_path: Path, operator: list[s
     tune = load_config(TuneConfig, str(repo / "configs" / "tune.yaml"), [])
     record = JobRecord(id="ftjob-" + "a" * 24, tenant="acme", created_at=1, order=1.0, model="base",
                        base_model="models/toy-sd", training_file="file-" + "0" * 24, hyperparameters=hp, seed=5,
-                       fine_tuned_model="acme--my-style", overrides=[], trigger="sks")  # fmt: skip
+                       fine_tuned_model="acme--my-style", overrides=[], trigger="sks", **fields)  # fmt: skip
     overrides = pipeline_overrides(
         record, tmp_path / "data", None, search_overrides(hp, tune, 2, 5), "configs/tune.yaml"
     )
@@ -43,6 +43,18 @@ def test_fixed_hyperparameters_make_a_one_trial_pipeline(repo, tmp_path):
     _, _, tune = job_config(repo, hp, tmp_path)
     assert tune.search.algorithm == "grid" and tune.search.num_samples == 1
     assert tune.grid["train.lr"] == [3.0 * 1e-3] and tune.trial.base_model == "models/toy-sd"
+
+
+def test_a_job_on_bare_images_captions_them_and_its_concept_reaches_the_evaluation_config(repo, tmp_path):
+    from tuning.handoff import eval_config
+
+    cfg, pipeline, tune = job_config(repo, Hyperparameters(n_epochs=2), tmp_path, caption=True, concept="yes")
+    assert cfg.caption.enabled and pipeline.caption_config(tune).resolved_captioner() == "toy"
+    enabled = tune.model_copy(update={"evaluation": tune.evaluation.model_copy(update={"enabled": True})})
+    ecfg = eval_config(enabled, tmp_path / "search", None, None, fetch=False)
+    assert ecfg.auto_suite.concept == "yes"  # quoted in the override: YAML's `yes` stays the word, not True
+    plain, _, _ = job_config(repo, Hyperparameters(n_epochs=2), tmp_path)
+    assert not plain.caption.enabled
 
 
 def test_the_ray_submitter_takes_a_job_already_submitted_under_its_id_as_submitted(monkeypatch):

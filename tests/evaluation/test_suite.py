@@ -192,3 +192,20 @@ def test_without_a_held_out_folder_the_images_training_held_out_are_the_held_out
     built = materialise(cfg, "ohwx")
     assert [p.prompt for p in built.suite.prompts][:2] == [e.caption for e in held]  # its prompts come first
     assert built.registry.model_name == "mine-lora"
+
+
+def test_auto_suite_concept_gives_the_built_suite_its_concept_word(repo, ohwx_data):
+    """A fine-tuning job's `concept` extra: the suite built from the captions spells the trigger out, so the
+    concept-word metrics can be measured (and gated)."""
+    cfg = _config(repo, ohwx_data, "auto_suite.concept=striped", "gate.checks.clip_t={min: 0.0}")
+    suite = materialise(cfg, "ohwx").suite
+    assert suite.concept == "striped" and suite.spelled_out("a red circle on a ohwx background") == (
+        "a red circle on a striped background"
+    )
+    assert materialise(_config(repo, ohwx_data), "ohwx").suite.concept is None
+    with pytest.raises(ConfigError, match="gate.checks.clip_t needs a concept word.*set auto_suite.concept"):
+        _config(repo, ohwx_data, "gate.checks.clip_t={min: 0.0}")
+    with pytest.raises(ConfigError, match="gate.checks.concept_hit_rate needs suite.alternatives"):
+        _config(repo, ohwx_data, "auto_suite.concept=striped", "gate.checks.concept_hit_rate={min: 0.5}")
+    with pytest.raises(ConfigError, match="auto_suite.concept='striped' but suite.concept='dotted'"):
+        load_config(EvalConfig, repo / "configs" / "eval-toy-sks.yaml", ["auto_suite.concept=striped"])

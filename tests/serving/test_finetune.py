@@ -348,7 +348,7 @@ def test_the_openai_client_creates_follows_and_cancels_jobs(http, toy_dataset):
     with pytest.raises(openai.NotFoundError):
         client.fine_tuning.jobs.create(model="base", training_file="file-" + "a" * 24)
     with pytest.raises(openai.BadRequestError, match="is not a field"):
-        client.fine_tuning.jobs.create(model="base", training_file=other_file.id, extra_body={"concept": "x"})
+        client.fine_tuning.jobs.create(model="base", training_file=other_file.id, extra_body={"colour": "x"})
     theirs = asyncio.run(http.api.files.create(io.BytesIO(tar_bytes(toy_dataset)), "t.tar.gz", "fine-tune", "globex"))
     theirs_job = http.ft.build(CreateJobBody(model="base", training_file=theirs.id), "globex")
     for call in (lambda: client.fine_tuning.jobs.retrieve(theirs_job.id), lambda: client.fine_tuning.jobs.cancel(
