@@ -152,6 +152,13 @@ class FineTuning:
                 "and each caption carries the trigger: pass one (extra_body={'trigger': 'sks'}), or upload captions",
                 "trigger",
             )
+        if earlier and not captioned:
+            raise JobRequestError(
+                f"training_file {body.training_file}: its images came without captions, and mix_previous_data joins "
+                "them to the earlier captioned dataset before any stage runs; upload them with captions "
+                "(`lorafleet caption DIR`), or leave mix_previous_data false",
+                "mix_previous_data",
+            )
         held = None
         if body.validation_file:
             held, held_captioned = self._dataset(body.validation_file, tenant, "validation_file")

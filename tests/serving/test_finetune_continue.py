@@ -99,6 +99,15 @@ def test_a_job_continues_the_tenants_adapter_as_a_new_version_with_its_earlier_d
     assert record.fine_tuned_model == "default--fork" and record.previous_data_job is None
     assert len((http.ft.store.folder(plain.id) / "data" / "metadata.jsonl").read_text().splitlines()) == 8
 
+    # images without captions are captioned by the job's first stage: too late to mix them with captioned ones
+    from tests.serving.test_finetune_events import images_only_tar
+
+    bare = client.files.create(file=("c.tar.gz", images_only_tar(toy_dataset)), purpose="fine-tune")
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.fine_tuning.jobs.create(model="default--my-style", training_file=bare.id,
+                                       extra_body={"mix_previous_data": True, "trigger": "sks"})  # fmt: skip
+    assert refused.value.body["param"] == "mix_previous_data" and "without captions" in refused.value.body["message"]
+
 
 def test_refusals_name_the_field(http, toy_dataset, adapter):  # noqa: F811
     openai = pytest.importorskip("openai")
