@@ -16,7 +16,7 @@ from tests.cluster.test_e2e import NO_LATENCY_BOUND, cli_ok, cluster, job_log, r
 from tests.cluster.test_finetune_e2e import JOB_S, tar_gz
 from tests.procs import wait_until
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
+pytestmark = [pytest.mark.slow, pytest.mark.reliability, pytest.mark.timeout(3600)]
 
 
 def test_an_upload_without_captions_is_captioned_and_its_epochs_show_while_it_runs(cluster, toy_world_data,  # noqa: F811

@@ -15,7 +15,7 @@ from serving.client import Client
 from tests.cluster.test_e2e import NO_LATENCY_BOUND, cli_ok, cluster, job_log, ray_tmpdir  # noqa: F401
 from tests.cluster.test_finetune_e2e import JOB_S
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
+pytestmark = [pytest.mark.slow, pytest.mark.reliability, pytest.mark.timeout(3600)]
 
 
 def test_the_sdk_turns_a_folder_into_a_served_adapter(cluster, toy_world_data, tmp_path, capsys):  # noqa: F811
