@@ -16,19 +16,23 @@ from __future__ import annotations
 
 import io
 import json
+import secrets
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from cluster.jobs import Jobs
 from serving.tenants import add_key
+from tests.cluster.decoy import short_tmpdir
 from tests.cluster.test_e2e import NO_LATENCY_BOUND, job_log
 from tests.procs import wait_until
 
 APP = "ft"
+ADMIN_KEY_ENV = "LORAFLEET_FT_TEST_ADMIN_KEY"  # the default tenant's key (serving.deploy's POST /admin/reload)
 JOB_S = 2400  # one pipeline job on a loaded 2-core machine
 # configs/tune.yaml's known-good point (lr 3e-3 = 3 x trial.train.lr): passes the gate on the toy concepts
 KNOWN_GOOD = {"n_epochs": 16, "learning_rate_multiplier": 3.0, "rank": 16, "optimizer": "adamw"}
@@ -65,6 +69,18 @@ class Service:
             c.close()
 
 
+@pytest.fixture(scope="module")
+def ray_tmpdir():
+    """tests/cluster/test_e2e.py's ``ray_tmpdir`` (its ``cluster`` fixture asks for it by name, so a module importing
+    this one gets it) plus the admin key in the environment of every process the cluster starts: with a keys file,
+    the deploy job needs the ``api_key_env`` key, and secrets travel in the cluster's environment, never in a job's
+    runtime env (cluster.jobs)."""
+    with short_tmpdir() as tmpdir, pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TMPDIR", str(tmpdir))
+        mp.setenv(ADMIN_KEY_ENV, secrets.token_urlsafe(32))
+        yield tmpdir
+
+
 def deploy(argv: list[str]) -> None:
     """``lorafleet serve ARGV`` (follows the deploy job until the app answers /readyz); asserts it exits 0."""
     from cluster.cli import main
@@ -79,7 +95,8 @@ def start_service(cluster, tmp: Path, tenants: list[str], max_running: int = 2, 
     every_job = json.dumps(["evaluation.candidates=1", NO_LATENCY_BOUND])  # the operator's: one candidate
     argv = ["serve", "--address", cluster.dashboard_url, "--tracking-uri", cluster.mlflow_uri, "--name", APP,
             "--port", str(cluster.ports.serve), "warmup=false", f"files.root={tmp / 'files'}",
-            f"tenants.keys_file={keys_file}", f"finetune.ray_address={cluster.dashboard_url}", "finetune.poll_s=1",
+            f"api_key_env={ADMIN_KEY_ENV}", f"tenants.keys_file={keys_file}",
+            f"finetune.ray_address={cluster.dashboard_url}", "finetune.poll_s=1",
             f"finetune.max_running={max_running}", f"finetune.per_tenant={per_tenant}",
             f"finetune.overrides={every_job}"]  # fmt: skip
     deploy(argv)

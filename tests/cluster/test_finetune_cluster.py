@@ -29,12 +29,13 @@ from tests.cluster.finetune_service import (
     events,
     job,
     ray_jobs,
+    ray_tmpdir,  # noqa: F401  (with the admin key in the cluster's environment)
     start_service,
     upload,
     wait_for_status,
     wait_quiet,
 )
-from tests.cluster.test_e2e import READY_S, cluster, job_log, ray_tmpdir  # noqa: F401
+from tests.cluster.test_e2e import READY_S, cluster, job_log  # noqa: F401
 from tests.procs import tail, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]

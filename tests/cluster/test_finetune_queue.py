@@ -33,11 +33,12 @@ from tests.cluster.finetune_service import (
     details,
     job,
     ray_jobs,
+    ray_tmpdir,  # noqa: F401  (with the admin key in the cluster's environment)
     start_service,
     upload,
     wait_quiet,
 )
-from tests.cluster.test_e2e import READY_S, cluster, ray_tmpdir  # noqa: F401
+from tests.cluster.test_e2e import READY_S, cluster  # noqa: F401
 from tests.procs import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.reliability, pytest.mark.timeout(6 * 3600)]
