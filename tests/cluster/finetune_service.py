@@ -99,9 +99,21 @@ def start_service(cluster, tmp: Path, tenants: list[str], max_running: int = 2, 
             f"finetune.ray_address={cluster.dashboard_url}", "finetune.poll_s=1",
             f"finetune.max_running={max_running}", f"finetune.per_tenant={per_tenant}",
             f"finetune.overrides={every_job}"]  # fmt: skip
+    wait_until(lambda: reachable(cluster), f"the Ray job API at {cluster.dashboard_url}", 600, poll_s=5)
     deploy(argv)
     url = f"http://127.0.0.1:{cluster.ports.serve}"
     return Service(url, keys, tmp / "files", Jobs(cluster.dashboard_url, cluster.mlflow_uri), argv)
+
+
+def reachable(cluster) -> bool:
+    """Whether a Jobs client connects (on a loaded machine the dashboard answers `up` before its job API does)."""
+    from cluster.jobs import NoCluster
+
+    try:
+        Jobs(cluster.dashboard_url, cluster.mlflow_uri)
+    except NoCluster:
+        return False
+    return True
 
 
 def tar_gz(folder: Path) -> bytes:
