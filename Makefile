@@ -96,7 +96,9 @@ bench-gpu: $(STAMP)
 test: $(STAMP) lint
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q --durations=25
 
-# Load, soak, fault and churn scenarios too long for `make test` (~18 min: churn, e2e stop/resume, Tune resume after a killed driver, fuzzing, soak); figures go into docs/reliability.md.
+# Load, soak, fault and churn scenarios too long for `make test` (~18 min: churn, e2e stop/resume, Tune resume after a killed driver, fuzzing, soak;
+# plus the fine-tuning API's gate failure and Serve restart, and the queue burst of 20 jobs from 4 tenants: LORAFLEET_QUEUE_JOBS/LORAFLEET_QUEUE_TENANTS
+# for fewer, tests/cluster/test_finetune_queue.py); figures go into docs/reliability.md.
 reliability: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -s -m reliability -p no:cacheprovider
 	HF_HUB_OFFLINE=1 LORAFLEET_FUZZ_EXAMPLES=200 $(BIN)/python -m pytest -q -s -p no:cacheprovider \
