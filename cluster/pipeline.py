@@ -217,13 +217,13 @@ class Pipeline:
         else:
             derived += ["trial.validation.data_path=null", f"trial.validation.holdout={c.holdout}"]
         if d.get("trigger"):
-            derived.append(f"trial.data.trigger={d['trigger']}")
+            derived.append(f"trial.data.trigger={json.dumps(d['trigger'])}")  # quoted: `yes` or `123` stays text
         if d.get("sample_prompts") is not None:
             derived += [f"trial.validation.prompts={json.dumps(d['sample_prompts'])}",
                         f"trial.validation.every_n_epochs={c.samples.every_n_epochs}",
                         f"trial.validation.steps={c.samples.steps}", "trial.validation.log_adapters=true"]  # fmt: skip
         evaluation = [f"registry.model_name={self.model_name}"] + (
-            [f"trigger={d['trigger']}"] if d.get("trigger") else []
+            [f"trigger={json.dumps(d['trigger'])}"] if d.get("trigger") else []
         )
         derived += [f"evaluation.config={config_file(c.evaluation.config)}",
                     f"evaluation.overrides={json.dumps(evaluation + list(c.evaluation.overrides))}",

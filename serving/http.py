@@ -368,6 +368,10 @@ def _json_position(doc: object, pos: object) -> str:
     return f" at line {line} column {column} (char {pos})"
 
 
+# pydantic's names for the members of a union in an error's location (`n_epochs.constrained-int`): not a field
+_UNION_TAG = re.compile(r"^(constrained-\w+|literal\[.*\]|function-\w+\[.*\]|lax-\w+|json-or-python\[.*\])\Z")
+
+
 @web.exception_handler(RequestValidationError)
 async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
     """Pydantic's complaints as one 400 naming every field (malformed JSON at its position); a body that came
@@ -379,14 +383,14 @@ async def _invalid(request: Request, exc: RequestValidationError) -> JSONRespons
         return JSONResponse(error_body(415, _not_json(content_type, exc.body), "Content-Type"), status_code=415)
     problems, first = [], None
     for err in errors:
-        loc = [str(x) for x in err["loc"] if x not in ("body", "query")]
+        loc = [str(x) for x in err["loc"] if x not in ("body", "query") and not _UNION_TAG.match(str(x))]
         field = ".".join(loc) or "body"
         msg = err["msg"]
         if err["type"] == "json_invalid":
             where = _json_position(exc.body, err["loc"][1] if len(err["loc"]) > 1 else None)
             field, msg = "body", f"is not valid JSON: {err.get('ctx', {}).get('error', 'parse error')}{where}"
-        elif err["type"] == "model_attributes_type":
-            field, msg = "body", "must be a JSON object"
+        elif err["type"] == "model_attributes_type":  # the body, or a field such as hyperparameters
+            msg = "must be a JSON object"
         elif err["type"] == "missing" and field == "body":
             msg = "missing: send a JSON object with the header 'Content-Type: application/json'"
         elif err["type"] == "one_key_per_field":

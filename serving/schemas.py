@@ -38,9 +38,11 @@ _ANNOTATIONS = ("title", "description", "default", "examples", "deprecated")
 
 
 def _is_number(annotation: Any) -> bool:
-    """``int``, ``float`` or either of them ``| None``."""
+    """``int``, ``float`` or either of them ``| None`` (or ``| Literal["auto"]``), constrained or not."""
     if annotation in (int, float):
         return True
+    if typing.get_origin(annotation) is typing.Annotated:  # e.g. Annotated[int, Field(ge=1)] | Literal["auto"]
+        return _is_number(typing.get_args(annotation)[0])
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         return any(_is_number(a) for a in typing.get_args(annotation) if a is not type(None))
     return False

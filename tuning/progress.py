@@ -53,7 +53,7 @@ def read_progress(path: Path, offset: int = 0) -> tuple[list[dict[str, Any]], in
     """The complete lines of ``path`` after byte ``offset`` (at most ``MAX_READ`` bytes), and the offset after them.
 
     A file shorter than ``offset`` was replaced (a search started again): it is read from the start. Lines that are
-    not JSON objects are skipped. No file yet: ``([], offset)``.
+    not JSON objects, and a line longer than ``MAX_READ``, are skipped. No file yet: ``([], offset)``.
     """
     try:
         with open(path, "rb") as f:
@@ -62,6 +62,8 @@ def read_progress(path: Path, offset: int = 0) -> tuple[list[dict[str, Any]], in
                 offset = 0
             f.seek(offset)
             chunk = f.read(MAX_READ)
+            if len(chunk) == MAX_READ and b"\n" not in chunk:  # a line longer than one read: skipped whole
+                return [], _past_line(f, offset + len(chunk))
     except OSError:
         return [], offset
     end = chunk.rfind(b"\n") + 1  # only whole lines; the rest is read next time
@@ -74,3 +76,14 @@ def read_progress(path: Path, offset: int = 0) -> tuple[list[dict[str, Any]], in
         if isinstance(line, dict):
             lines.append(line)
     return lines, offset + end
+
+
+def _past_line(f, position: int) -> int:
+    """The offset just past the newline that ends the line running through ``position``; while that line is still
+    being written (no newline yet), ``position`` is kept at the line's start so it is looked at again."""
+    start = position - MAX_READ
+    while piece := f.read(MAX_READ):
+        if (i := piece.find(b"\n")) >= 0:
+            return position + i + 1
+        position += len(piece)
+    return start

@@ -27,11 +27,12 @@ import re
 import secrets
 import shutil
 import time
+import unicodedata
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field, StringConstraints
 
 from serving.schemas import RequestBody
 from serving.tenants import NotFound
@@ -43,6 +44,19 @@ Status = Literal["validating_files", "queued", "running", "succeeded", "failed",
 TERMINAL = ("succeeded", "failed", "cancelled")
 Auto = Literal["auto"]
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
+
+
+def _word(value: str) -> str:
+    """A trigger or concept goes into every caption and prompt: no line breaks, tabs, escape or format characters
+    (category C: control, format such as U+202E, unassigned), no spaces at either end, not only spaces."""
+    if value != value.strip() or any(unicodedata.category(ch)[0] in "CZ" and ch != " " for ch in value):
+        raise ValueError("must be words: no control or format characters and no spaces at either end")
+    return value
+
+
+Word = Annotated[str, AfterValidator(_word)]
+MetadataKey = Annotated[str, StringConstraints(max_length=64)]
+MetadataValue = Annotated[str, StringConstraints(max_length=512)]
 
 
 class JobRequestError(ValueError):
@@ -85,14 +99,16 @@ class CreateJobBody(RequestBody):
         None, min_length=1, max_length=64, description="the registered model's name (prefixed with the tenant)"
     )
     seed: int | None = Field(None, ge=0, lt=2**31, description="trial and search seed; null = a random one")
-    metadata: dict[str, str] | None = Field(None, max_length=16, description="up to 16 key-value pairs, returned")
-    trigger: str | None = Field(
+    metadata: dict[MetadataKey, MetadataValue] | None = Field(
+        None, max_length=16, description="up to 16 key-value pairs (keys up to 64 characters, values 512), returned"
+    )
+    trigger: Word | None = Field(
         None, min_length=1, max_length=64, description="lorafleet: the trigger word; null = from the captions"
     )
     mix_previous_data: bool = Field(
         False, description="lorafleet, with model = an adapter: also train on the dataset of the job that made it"
     )
-    concept: str | None = Field(
+    concept: Word | None = Field(
         None,
         min_length=1,
         max_length=64,
@@ -296,5 +312,5 @@ def pipeline_overrides(record: JobRecord, data: Path, heldout: Path | None, tune
     if heldout is not None:
         out.append(f"heldout={heldout}")
     if record.trigger:
-        out.append(f"trigger={record.trigger}")
+        out.append(f"trigger={json.dumps(record.trigger)}")  # quoted, as the concept: `yes` or `null` stays the word
     return out

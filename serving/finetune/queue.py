@@ -22,6 +22,7 @@ import contextlib
 import fcntl
 import json
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -89,7 +90,10 @@ class JobQueue:
             records = self.store.all()
             for record in records:
                 if record.submission_id and record.ray_status not in RAY_ENDED:
-                    self._refresh(record)
+                    try:
+                        self._refresh(record)
+                    except Exception:  # noqa: BLE001 - one job's odd files must not stop every other job's poll
+                        log.exception("fine-tuning job %s: refresh failed; tried again next poll", record.id)
                 elif record.status == "validating_files" and record.order < self.clock() - STUCK_S:
                     self._end(
                         record,
@@ -181,7 +185,7 @@ class JobQueue:
                                                       record.progress_offset)  # fmt: skip
         epochs = sum(1 for e in record.events if e.data and "epoch" in e.data and "trial_id" in e.data)
         for line in lines:
-            trial, kind, when = str(line.get("trial_id", "?")), line.get("event"), line.get("time") or now
+            trial, kind, when = str(line.get("trial_id", "?")), line.get("event"), _when(line.get("time"), now)
             if kind == "epoch":
                 epochs += 1
                 if epochs > MAX_EPOCH_EVENTS:
@@ -249,12 +253,17 @@ class JobQueue:
         record.event(f"end/{status}", message, now, level="error" if error else "info")
 
     # ---- requests ---------------------------------------------------------------------------------------------
-    def enqueue(self, record: JobRecord) -> None:
-        """A new job whose dataset is held: ``queued``, started by the next tick when the bounds allow."""
+    def enqueue(self, record: JobRecord) -> JobRecord:
+        """A new job whose dataset is held: ``queued``, started by the next tick when the bounds allow. Returns the
+        job as it now is: one cancelled while its dataset was held (it is listed by then) stays cancelled."""
         with self.locked():
+            current = self.store.load(record.id)
+            if current is not None and current.status != "validating_files":
+                return current
             record.status = "queued"
             record.event("queued", "files validated; the job is queued", self.clock())
             self.store.save(record)
+            return record
 
     def cancel(self, job_id: str, tenant: str) -> JobRecord:
         """Cancel in any state: a queued job is never submitted; a submitted one is stopped (SIGTERM: the
@@ -278,6 +287,12 @@ class JobQueue:
             self._end(record, "cancelled", now)
             self.store.save(record)
             return record
+
+
+def _when(value: Any, now: float) -> float:
+    """A progress line's ``time`` when it is a plausible Unix time, else ``now`` (text, NaN or 1e400 is no time)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return value if ok and 0 < value < 1e11 else now
 
 
 def epoch_message(line: dict[str, Any]) -> str:
@@ -315,9 +330,14 @@ def caption_events(record: JobRecord, summary: dict[str, Any], now: float) -> No
 def read_summary(job_folder: Path, name: str) -> dict[str, Any]:
     """The pipeline's ``pipeline.json`` for this job ({} while there is none, or while it is being rewritten)."""
     try:
-        return json.loads((job_folder / "runs" / name / SUMMARY).read_text())
+        summary = json.loads((job_folder / "runs" / name / SUMMARY).read_text())
     except (OSError, ValueError):
         return {}
+    if not isinstance(summary, dict):
+        return {}
+    stages = summary.get("stages")  # every reader takes a stage as an object: anything else is left out
+    stages = {str(k): v for k, v in stages.items() if isinstance(v, dict)} if isinstance(stages, dict) else {}
+    return summary | {"stages": stages}
 
 
 def checkpoints(record: JobRecord, stages: dict[str, Any], now: float) -> list[dict[str, Any]]:

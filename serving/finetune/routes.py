@@ -260,10 +260,9 @@ class _Lazy:
 # ---- the routes ---------------------------------------------------------------------------------------------------
 @_answers_errors
 async def create_job(ft: FineTuning, request: Request, body: CreateJobBody) -> dict:
-    """``POST /v1/fine_tuning/jobs``: the job object (status ``queued``)."""
+    """``POST /v1/fine_tuning/jobs``: the job object (status ``queued``; ``cancelled`` if cancelled meanwhile)."""
     record = await asyncio.to_thread(ft.build, body, tenant_of(request))
-    await asyncio.to_thread(ft.queue.enqueue, record)
-    return record.to_openai()
+    return (await asyncio.to_thread(ft.queue.enqueue, record)).to_openai()
 
 
 @_answers_errors

@@ -203,7 +203,7 @@ def test_the_validate_stage_reads_trigger_heldout_and_prompts_from_the_dataset(p
     assert tcfg.trial.data.trigger == "ohwx" and tcfg.trial.validation.data_path == str(data / "heldout")
     assert tcfg.trial.validation.prompts == pipeline.derived["sample_prompts"]
     assert tcfg.trial.validation.every_n_epochs == 4 and tcfg.trial.validation.log_adapters
-    assert tcfg.evaluation.overrides[:2] == ["registry.model_name=ohwx-lora", "trigger=ohwx"]
+    assert tcfg.evaluation.overrides[:2] == ["registry.model_name=ohwx-lora", 'trigger="ohwx"']
 
     # a trigger given by hand wins, and one that no caption contains is refused with the fix
     from training.captions import TriggerError

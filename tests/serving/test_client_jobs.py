@@ -157,7 +157,7 @@ def test_fine_tune_waits_until_succeeded_showing_each_event_once(server, toy_dat
         file = client.upload(toy_dataset)
         job = client.fine_tune(file, suffix="my-style", hyperparameters={"n_epochs": 2}, seed=3, trigger="sks")
         assert job.status == "queued" and job.seed == 3 and job.hyperparameters["n_epochs"] == 2
-        assert "trigger=sks" in server.store.load(job.id).overrides
+        assert 'trigger="sks"' in server.store.load(job.id).overrides
         assert job.wait(timeout=60, poll=0.05) is job
         assert job.status == "succeeded" and job.fine_tuned_model == "default--my-style" and job.error is None
         shown = capsys.readouterr().err

@@ -312,7 +312,7 @@ def test_the_openai_client_creates_follows_and_cancels_jobs(http, toy_dataset):
         job.status == "queued" and job.seed == 3 and job.hyperparameters.n_epochs == 2 and job.fine_tuned_model is None
     )
     record = http.ft.store.load(job.id)
-    assert record.fine_tuned_model == "default--my-style" and "trigger=sks" in record.overrides
+    assert record.fine_tuned_model == "default--my-style" and 'trigger="sks"' in record.overrides
     assert client.files.delete(file.id).deleted  # the job holds its own copy of the dataset
     assert (http.ft.store.folder(job.id) / "data" / "metadata.jsonl").is_file()
 
