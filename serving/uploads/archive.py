@@ -130,10 +130,16 @@ def member_path(name: str) -> PurePosixPath | None:
     None for the archive's root itself (``./``).
 
     Raises:
-        ArchiveError: a NUL byte, an absolute name or a ``..`` part, naming the entry.
+        ArchiveError: a NUL byte, a name that is not UTF-8, an absolute name or a ``..`` part, naming the entry.
     """
     if "\x00" in name:
         raise ArchiveError("a NUL byte in the name; rename the file", repr(name))
+    try:  # a tar entry's name that is not UTF-8 comes decoded with surrogates: no JSON answer could carry it
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        raise ArchiveError("a name that is not UTF-8; rename the file (names are stored and shown as UTF-8)",
+                           shown) from None  # fmt: skip
     posix = name.replace("\\", "/")
     if posix.startswith("/") or _DRIVE.match(posix):
         raise ArchiveError("an absolute path; archive the files with paths relative to the dataset folder", name)

@@ -169,3 +169,23 @@ def test_the_pipeline_hands_its_trigger_on_as_the_same_text(repo, tmp_path, monk
     pipeline.derived["trigger"] = trigger
     tcfg = pipeline.tune_config()
     assert tcfg.trial.data.trigger == trigger and f"trigger={json.dumps(trigger)}" in tcfg.evaluation.overrides
+
+
+# ---- uploads ----------------------------------------------------------------------------------------------------
+def test_an_sdk_upload_of_a_folder_with_a_file_name_that_is_not_utf8_is_a_400_not_a_500(http, toy_dataset, tmp_path):
+    """Linux file names are bytes: the SDK's tar carries b'\\xff' in a PAX header, tarfile reads it back as a
+    surrogate, and the refusal that named the entry could not be encoded as JSON (UnicodeEncodeError: a 500)."""
+    import os
+    import shutil
+
+    from serving.client_files import upload_body
+
+    folder = tmp_path / "odd"
+    shutil.copytree(toy_dataset, folder)
+    shutil.copy(next(folder.glob("*.png")), os.path.join(os.fsencode(folder), b"caf\xe9.png"))
+    os.mkfifo(folder / "fifo.png")  # left out by the SDK, as are links
+    os.symlink("/etc/passwd", folder / "passwd.txt")
+    body = upload_body(folder, "fine-tune")
+    r = http.client.post("/v1/files", content=b"".join(body.chunks()), headers=body.headers)
+    assert r.status_code == 400, r.text
+    assert "not UTF-8" in r.json()["error"]["message"] and "caf\\xe9.png" in r.json()["error"]["message"]
