@@ -130,13 +130,21 @@ def pipeline_name(cfg: PipelineConfig) -> str:
     return slug(cfg.name) if cfg.name else dataset_name(resolve(cfg.dataset))
 
 
+def evaluation_model_name(cfg: PipelineConfig) -> str | None:
+    """The registered model name ``evaluation.overrides`` sets (``registry.model_name=…``, the last one wins, as it
+    does when the evaluation config is loaded), or None: what the register stage writes to, e.g. a fine-tuning job's
+    ``<tenant>--<suffix>`` (serving/finetune/jobs.py)."""
+    named = [o.split("=", 1)[1] for o in cfg.evaluation.overrides if o.startswith("registry.model_name=")]
+    return named[-1].strip().strip("\"'") if named else None
+
+
 class Pipeline:
     def __init__(self, cfg: PipelineConfig, *, resume: bool = False):
         from training.names import registered_model_name
 
         self.cfg, self.resume = cfg, resume
         self.name = pipeline_name(cfg)
-        self.model_name = registered_model_name(self.name)
+        self.model_name = evaluation_model_name(cfg) or registered_model_name(self.name)
         self.experiment = cfg.mlflow.experiment or f"lorafleet-{self.name}"
         self.run_dir = Path(resolve(cfg.output_dir)) / self.name
         self.search_dir = self.run_dir / SEARCH

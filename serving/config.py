@@ -43,6 +43,14 @@ def project_path(path: str) -> str:
     return str(PROJECT_ROOT / p)
 
 
+def workdir_path(path: str) -> Path:
+    """A path the server writes or an operator's CLI wrote (``files.root``, ``tenants.keys_file``) as an absolute
+    path: a relative one is under ``$LORAFLEET_WORKDIR`` when set (the checkout ``lorafleet serve`` / ``submit``
+    started from: a Ray job's working directory is an uploaded copy without ``runs/``), else the project root."""
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else Path(os.environ.get("LORAFLEET_WORKDIR") or PROJECT_ROOT) / p
+
+
 class ChampionArgs(_Section):
     model: str | None = Field(
         "toy-sks-lora", description="registered model whose alias is served as `name`; null = no champion"

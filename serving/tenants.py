@@ -51,7 +51,7 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from serving.config import MODEL_NAME, TENANT_MAX, TENANT_NAME, TenantArgs, project_path
+from serving.config import MODEL_NAME, TENANT_MAX, TENANT_NAME, TenantArgs, workdir_path
 from training.config import _Section
 
 log = logging.getLogger(__name__)
@@ -320,7 +320,7 @@ class KeyRing:
     def __init__(self, args: TenantArgs, api_key: str | None, environ: dict[str, str] | None = None):
         environ = os.environ if environ is None else environ
         self.args = args
-        self.path = Path(project_path(args.keys_file)) if args.keys_file else None
+        self.path = workdir_path(args.keys_file) if args.keys_file else None
         self.default = Tenant(args.default_tenant, sees_shared=True, admin=True)
         self._default = hashlib.sha256(api_key.encode()).digest() if api_key else None
         text = environ.get(args.keys_env, "").strip() if args.keys_env else ""

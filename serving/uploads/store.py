@@ -36,7 +36,7 @@ from typing import Any, BinaryIO, Literal
 
 from pydantic import BaseModel, Field
 
-from serving.config import PROJECT_ROOT, FilesArgs
+from serving.config import FilesArgs, workdir_path
 from serving.uploads.archive import CHUNK, ArchiveLimits, Extracted, extract
 from training.config import IMAGE_EXTENSIONS, DataConfig
 from training.data import DatasetReport, validate_dataset
@@ -121,8 +121,7 @@ class FileObject(BaseModel):
 def files_root(root: str) -> Path:
     """``files.root`` as an absolute path: a relative one is under ``$LORAFLEET_WORKDIR`` when set (what
     ``lorafleet submit`` gives jobs), else the project (Serve replicas do not share a working directory)."""
-    path = Path(root).expanduser()
-    return path if path.is_absolute() else Path(os.environ.get("LORAFLEET_WORKDIR") or PROJECT_ROOT) / path
+    return workdir_path(root)
 
 
 class Upload:

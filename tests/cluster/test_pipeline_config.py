@@ -59,6 +59,11 @@ def test_names_come_from_the_dataset_never_from_the_toy_default(pipeline_cfg, tm
     named = Pipeline(pipeline_cfg("dataset=s3://bucket/sets/My Cats", "mlflow.experiment=mine"))
     assert (named.name, named.model_name, named.experiment) == ("My-Cats", "My-Cats-lora", "mine")
     assert Pipeline(pipeline_cfg("dataset=data/ohwx", "name=try2")).model_name == "try2-lora"
+    # a fine-tuning job names its registered model in evaluation.overrides: the pipeline's messages and tags use it
+    job = Pipeline(pipeline_cfg("dataset=data/ohwx", "name=ftjob-1",
+                                'evaluation.overrides=["registry.model_name=acme--my-style"]'))  # fmt: skip
+    assert job.model_name == "acme--my-style"
+    assert job.tune_config().evaluation.overrides[-1:] == ["registry.model_name=acme--my-style"]
 
 
 def test_every_stage_config_problem_is_reported_before_anything_runs(pipeline_cfg, toy_dataset, tmp_path):

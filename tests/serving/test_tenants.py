@@ -53,6 +53,15 @@ def test_a_key_round_trips_through_the_file_which_holds_only_its_hash(tmp_path):
     assert keys.tenant_for(hash_key(key)) is None  # the stored hash is not a key
 
 
+def test_a_relative_keys_file_means_the_checkout_serve_started_from(tmp_path, monkeypatch):
+    """`lorafleet serve tenants.keys_file=runs/serve/keys.json`: the replicas run in an uploaded copy of the project
+    (no runs/), so a relative keys file is under $LORAFLEET_WORKDIR, where `lorafleet keys add` wrote it."""
+    key, _ = add_key(tmp_path / "runs" / "serve" / "keys.json", "acme")
+    monkeypatch.setenv("LORAFLEET_WORKDIR", str(tmp_path))
+    keys = KeyRing(TenantArgs(keys_file="runs/serve/keys.json", reload_s=0), None, {})
+    assert keys.path == tmp_path / "runs" / "serve" / "keys.json" and keys.tenant_for(key).name == "acme"
+
+
 def test_revoking_one_key_or_all_takes_effect_on_a_running_ring_and_bad_names_write_nothing(tmp_path):
     path = tmp_path / "keys.json"
     first, first_id = add_key(path, "acme")
