@@ -9,7 +9,9 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import tarfile
+import time
 
 import pytest
 
@@ -39,8 +41,10 @@ def test_the_openai_client_turns_an_upload_into_a_served_adapter(cluster, toy_wo
     cli_ok(capsys, argv)
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", timeout=300, max_retries=2)
 
+    t0 = time.monotonic()  # the figure the issue asks for: upload -> first image of fine_tuned_model
     file = client.files.create(file=("toy-sks.tar.gz", tar_gz(toy_world_data["dotted"])), purpose="fine-tune")
     assert file.status == "processed"
+    t_upload = time.monotonic() - t0
     job = client.fine_tuning.jobs.create(
         model="base",
         training_file=file.id,
@@ -72,3 +76,8 @@ def test_the_openai_client_turns_an_upload_into_a_served_adapter(cluster, toy_wo
     image = client.images.generate(model=done.fine_tuned_model, prompt="a blue square on a sks background",
                                    response_format="b64_json", n=1)  # fmt: skip
     assert base64.b64decode(image.data[0].b64_json)[:8] == b"\x89PNG\r\n\x1a\n"
+    t_image = time.monotonic() - t0
+    print(
+        f"\nupload -> first image of {done.fine_tuned_model}: {t_image:.0f} s (upload processed {t_upload:.1f} s, "
+        f"job created -> finished {done.finished_at - done.created_at} s; load average {os.getloadavg()[0]:.1f})"
+    )

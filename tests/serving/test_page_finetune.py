@@ -2,7 +2,8 @@
 uvicorn on 127.0.0.1) with a real engine over the tiny pipeline and a SQLite registry, and a fake cluster
 (tests/serving/test_finetune.py's FakeCluster) that the test moves along: the page uploads the toy dataset through
 its file input, starts a job, shows its events as they arrive and ``succeeded``, then draws with the new model;
-a refused upload shows the validator's problems. Every request carries the API key typed into the page."""
+a refused upload shows the validator's problems; a job failing the gate shows its reasons; a reload follows the job
+again and Cancel stops it. Every request carries the API key typed into the page."""
 
 from __future__ import annotations
 
@@ -135,8 +136,11 @@ def browser(tmp_path_factory):
 
 
 def open_tab(browser, site):
+    """The page with no job remembered from an earlier test (sessionStorage), the key typed, the Fine-tune tab."""
     from selenium.webdriver.common.by import By
 
+    browser.get(site.url + "/")
+    browser.execute_script("sessionStorage.clear()")
     browser.get(site.url + "/")
     browser.find_element(By.ID, "key").send_keys(KEY)
     browser.find_element(By.ID, "tab-finetune").click()
@@ -235,3 +239,86 @@ def draw(browser, el, status: str) -> str:
         pytest.fail(f"the status line says {el('status').text!r}, not {status!r}...")
     [image] = browser.find_elements(By.CSS_SELECTOR, "#images img.result")
     return image.get_attribute("src")
+
+
+def start_job(browser, site, el, toy_dataset, suffix: str) -> str:
+    """Upload the toy dataset through the page and start a 1-epoch job; returns its id once submitted."""
+    archive = toy_dataset.parent / "toy-sks.tar.gz"
+    archive.write_bytes(tar_bytes(toy_dataset))
+    before = set(site.cluster.submitted)
+    el("ft-file").send_keys(str(archive))
+    el("ft-trigger").send_keys("sks")
+    el("ft-suffix").send_keys(suffix)
+    el("ft-epochs").send_keys("1")
+    el("ft-start").click()
+    [job_id] = until(lambda: [j for j in site.cluster.submitted if j not in before], 60, "the job was not submitted")
+    return job_id
+
+
+def test_a_job_failing_the_gate_shows_the_gates_reasons(site, browser, toy_dataset):
+    from selenium.webdriver.common.by import By
+
+    el = open_tab(browser, site)
+    job_id = start_job(browser, site, el, toy_dataset, "gate-fails")
+    reasons = "no adapter passed the gate — candidate 1 (trial 0): concept_gain 0.02 < 0.11"
+    stages = {
+        **{k: PASSED[k] for k in ("validate", "tune", "evaluate")},
+        "gate": {"status": "failed", "error": reasons},
+    }
+    write_summary(site.api.finetune.store, job_id, stages, "failed")
+    site.cluster.jobs[job_id] = "FAILED"
+    until(lambda: el("ft-status").text.startswith(f"job {job_id}: failed"), 60, "no failure shown")
+    assert el("ft-status").text == f"job {job_id}: failed - gate: {reasons}"
+    assert el("ft-status").get_attribute("class") == "error"
+    last = browser.find_elements(By.CSS_SELECTOR, "#ft-events li")[-1]
+    assert last.get_attribute("class") == "error" and reasons in last.text
+    assert not el("ft-cancel").is_displayed() and el("ft-start").is_enabled() and not el("ft-use").is_displayed()
+
+
+def test_a_reload_follows_the_job_again_and_cancel_stops_it(site, browser, toy_dataset):
+    store = site.api.finetune.store
+    el = open_tab(browser, site)
+    job_id = start_job(browser, site, el, toy_dataset, "reloaded")
+    site.cluster.jobs[job_id] = "RUNNING"
+    write_summary(store, job_id, {"validate": PASSED["validate"], "tune": {"status": "running"}}, "running")
+    until(lambda: any("stage tune: running" in t for t in texts(browser, "#ft-events li")), 30, "no live event")
+
+    def reload_and_type_the_key():
+        browser.refresh()
+        assert el("finetune").is_displayed()  # the page opens on the job it followed
+        if not el("key").get_attribute("value"):  # the key is never stored: until it is typed, the page says so
+            until(lambda: f"type your API key above to follow job {job_id}" in el("ft-status").text, 30, "no hint")
+            el("key").send_keys(KEY)
+
+    reload_and_type_the_key()
+    until(lambda: el("ft-status").text == f"job {job_id}: running", 30, "the reloaded page does not follow the job")
+    until(lambda: any("stage tune: running" in t for t in texts(browser, "#ft-events li")), 30, "events not shown")
+    events = texts(browser, "#ft-events li")
+    assert "fine-tuning job created" in events[0] and len(events) == len(set(events)) == len(store.load(job_id).events)
+    assert el("ft-cancel").is_displayed() and not el("ft-start").is_enabled()
+
+    el("ft-cancel").click()
+    until(lambda: job_id in site.cluster.stopped, 30, "Cancel did not stop the Ray job")
+    until(lambda: el("ft-status").text == f"job {job_id}: cancelled", 30, "no cancellation shown")
+    assert any("cancel requested" in t for t in texts(browser, "#ft-events li"))
+    assert not el("ft-cancel").is_displayed() and el("ft-start").is_enabled()
+    assert store.load(job_id).status == "cancelled"
+
+    reload_and_type_the_key()  # an ended job is shown as it ended, its events once
+    until(lambda: el("ft-status").text == f"job {job_id}: cancelled", 30, "the ended job is not shown after a reload")
+    events = texts(browser, "#ft-events li")
+    assert len(events) == len(set(events)) == len(store.load(job_id).events)
+    assert not el("ft-cancel").is_displayed() and el("ft-start").is_enabled()
+
+
+def test_a_remembered_job_this_key_cannot_see_is_dropped(site, browser):
+    el = open_tab(browser, site)
+    gone = "ftjob-" + "0" * 24  # e.g. followed under another tenant's key
+    browser.execute_script("sessionStorage.setItem('lorafleet.finetune.job', arguments[0])", gone)
+    browser.refresh()
+    if not el("key").get_attribute("value"):
+        el("key").send_keys(KEY)
+    until(lambda: "is not found for this API key" in el("ft-status").text, 30, "no not-found message")
+    assert el("ft-status").text.startswith(f"job {gone} is not found for this API key (404: ")
+    assert el("ft-start").is_enabled() and not el("ft-cancel").is_displayed()
+    assert browser.execute_script("return sessionStorage.getItem('lorafleet.finetune.job')") is None
