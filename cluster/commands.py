@@ -69,6 +69,9 @@ def up(argv: list[str]) -> int:
         return 1
     print(f"lorafleet is up (state in {state.state_dir}):\n{urls(state)}")
     print(f"  Ray GCS         {state.address}   (temp dir {state.temp_dir or 'Ray default'})\n  {token_hint()}")
+    dashboard = Path(state.temp_dir or "/nonexistent") / "session_latest/metrics/grafana/dashboards"
+    if (dashboard / "lorafleet_serve_grafana_dashboard.json").is_file():
+        print(f"  Grafana: the lorafleet serving dashboard is in {dashboard} (README, Dashboards)")
     print(f"  for plain `ray job …` / MLflow clients: export RAY_AUTH_MODE=token "
           f"RAY_API_SERVER_ADDRESS={state.dashboard_url} MLFLOW_TRACKING_URI={state.mlflow_uri}")  # fmt: skip
     return 0

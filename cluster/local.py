@@ -96,6 +96,30 @@ def ray_env(state: ClusterState) -> dict[str, str]:
     return env
 
 
+GRAFANA_DASHBOARD = Path(__file__).resolve().parent / "grafana" / "lorafleet_serve.json"
+
+
+def install_grafana_dashboard(temp_dir: str | Path) -> Path | None:
+    """Copy lorafleet's Grafana dashboard (``cluster/grafana/lorafleet_serve.json``: the ``ray_lorafleet_*``
+    serving metrics) into the folder of Grafana dashboards Ray's dashboard writes for this session
+    (``<temp_dir>/session_latest/metrics/grafana/dashboards``), which the provisioning file Ray writes next to it
+    (``…/grafana/provisioning/dashboards/default.yml``) loads: a Grafana started with Ray's ``grafana.ini`` shows it
+    in its "Ray" folder next to Ray's own dashboards.
+
+    Returns:
+        The copy's path; None when Ray wrote no Grafana folder (a Ray without its metrics module).
+
+    Raises:
+        OSError: the folder exists but the copy cannot be written.
+    """
+    folder = Path(temp_dir) / "session_latest" / "metrics" / "grafana" / "dashboards"
+    if not folder.is_dir():
+        return None
+    target = folder / "lorafleet_serve_grafana_dashboard.json"
+    target.write_bytes(GRAFANA_DASHBOARD.read_bytes())
+    return target
+
+
 def _start_ray(state: ClusterState) -> int:
     p = state.ports
     ray_bin = Path(sys.executable).with_name("ray")
@@ -126,6 +150,7 @@ def _start_ray(state: ClusterState) -> int:
     except ClusterError:
         stop_group(proc.pid, 15)
         raise
+    install_grafana_dashboard(temp_dir)  # the dashboard has written its Grafana folder by the time it answers
     return proc.pid
 
 

@@ -12,6 +12,7 @@ import json
 import os
 import tarfile
 import time
+from pathlib import Path
 
 import pytest
 
@@ -32,6 +33,8 @@ def tar_gz(folder) -> bytes:
 
 def test_the_openai_client_turns_an_upload_into_a_served_adapter(cluster, toy_world_data, tmp_path, capsys):  # noqa: F811
     openai = pytest.importorskip("openai")
+    dashboards = Path(cluster.temp_dir) / "session_latest" / "metrics" / "grafana" / "dashboards"
+    assert (dashboards / "lorafleet_serve_grafana_dashboard.json").is_file()  # `up` put it where Ray's Grafana looks
     port = cluster.ports.serve
     every_job = json.dumps(["evaluation.candidates=1", NO_LATENCY_BOUND])  # the operator's: one candidate, no latency
     argv = ["serve", "--address", cluster.dashboard_url, "--tracking-uri", cluster.mlflow_uri, "--name", "ft",

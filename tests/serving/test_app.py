@@ -7,6 +7,7 @@ import base64
 import concurrent.futures as cf
 import io
 import os
+import re
 import socket
 import time
 from pathlib import Path
@@ -200,6 +201,12 @@ def test_concurrent_requests_share_batches_and_the_metrics_show_it(main_app, ser
         time.sleep(2)
     assert mean > 1, "ray_lorafleet_batch_images never showed batches of more than one image"
     assert "ray_lorafleet_adapter_cache" in text and "ray_lorafleet_requests" in text
+    # every series the Grafana dashboard (cluster/grafana/lorafleet_serve.json) reads is exported under that name
+    from tests.cluster.test_grafana import dashboard, queries
+
+    series = {s.name for family in text_string_to_metric_families(text) for s in family.samples}
+    wanted = {m for _, query in queries(dashboard()) for m in re.findall(r"\bray_lorafleet_\w+", query)}
+    assert wanted <= series, f"the dashboard reads series Ray does not export: {sorted(wanted - series)}"
 
 
 def test_api_key_guards_everything_but_health(serve_instance, module_args):
