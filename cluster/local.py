@@ -120,6 +120,38 @@ def install_grafana_dashboard(temp_dir: str | Path) -> Path | None:
     return target
 
 
+def pin_auth_mode() -> dict[str, str]:
+    """Ray's authentication mode for every process of a new head, fixed before it starts.
+
+    Ray 2.60 decides token auth per process: ``ray start`` turns it on only when ``~/.ray/auth_token`` exists, while
+    any later ``ray.init()`` that starts a local instance on this machine writes that file, and from then on each new
+    process connecting to the head (a job's driver, ``training.cluster_state.enable_token_auth``) switches to token
+    mode — and the head, still without auth, finds the driver's calls refused: it takes the driver for dead and
+    destroys its actors ("The actor never ran - it was cancelled before it started running"), so every Tune trial
+    of every later job failed. So the head and everything it starts run in one mode: the user's ``RAY_AUTH_MODE``
+    when set, else ``token``, with the token created first when missing (as ``ray get-auth-token --generate`` does,
+    readable by the owner only).
+
+    Returns:
+        The variables to add to the head's environment (empty when the user set ``RAY_AUTH_MODE`` or this Ray has no
+        token auth).
+    """
+    if os.environ.get("RAY_AUTH_MODE") is not None:
+        return {}
+    try:
+        from ray._private.authentication.authentication_token_setup import (
+            _get_default_token_path,
+            generate_and_save_token,
+        )
+    except ImportError:  # a Ray without token auth
+        return {}
+    token = _get_default_token_path()
+    if not (token.is_file() and token.read_text().strip()):
+        generate_and_save_token()
+        token.chmod(0o600)
+    return {"RAY_AUTH_MODE": "token"}
+
+
 def _start_ray(state: ClusterState) -> int:
     p = state.ports
     ray_bin = Path(sys.executable).with_name("ray")
@@ -138,7 +170,8 @@ def _start_ray(state: ClusterState) -> int:
         cmd += ["--num-gpus", str(state.num_gpus)]
     log = Path(state.state_dir) / "ray.log"
     with open(log, "ab") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=ray_env(state), start_new_session=True)
+        env = ray_env(state) | pin_auth_mode()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     state.ray_pid = proc.pid
     state.save()  # before waiting: an interrupted start is still cleaned up by `down`
     try:
