@@ -149,6 +149,12 @@ def pin_auth_mode() -> dict[str, str]:
     if not (token.is_file() and token.read_text().strip()):
         generate_and_save_token()
         token.chmod(0o600)
+        try:  # this process's clients (Jobs, Serve deploys after `up` in one process) read the new token
+            from ray._raylet import AuthenticationTokenLoader
+
+            AuthenticationTokenLoader.instance().reset_cache()
+        except (ImportError, AttributeError):
+            pass
     return {"RAY_AUTH_MODE": "token"}
 
 

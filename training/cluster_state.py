@@ -190,6 +190,12 @@ def enable_token_auth() -> None:
         )
     except ImportError:  # an older Ray without token auth
         return
+    try:  # re-read the token file: this process may have looked before `lorafleet up` (or anyone) created it
+        from ray._raylet import AuthenticationTokenLoader
+
+        AuthenticationTokenLoader.instance().reset_cache()
+    except (ImportError, AttributeError):
+        pass
     quiet = logging.getLogger(maybe_enable_token_auth_if_token_available.__module__)
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # it warns on every call that the cluster uses tokens; that is the point
