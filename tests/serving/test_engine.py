@@ -73,8 +73,11 @@ def test_seeds_make_images_reproducible(engine):
     assert a.seeds == [5, 6] and b.seeds == [6]
     assert np.abs(pixels(a.images[1]) - pixels(b.images[0])).max() <= 1  # image i of a request uses seed + i
     assert np.abs(pixels(a.images[0]) - pixels(a.images[1])).mean() > 2
+    a2, _ = run(engine, ImageRequest(PROMPT, model="ad0", seed=5, n=2), ImageRequest(PROMPT, model="ad0", seed=6))
+    assert np.array_equal(pixels(a2.images[0]), pixels(a.images[0]))  # the same pass again: the same pixels
+    # alone in its pass: the same image up to rounding (CPU kernels may sum in another order for another batch size)
     [again] = run(engine, ImageRequest(PROMPT, model="ad0", seed=5))
-    assert np.array_equal(pixels(again.images[0]), pixels(a.images[0]))
+    assert np.abs(pixels(again.images[0]) - pixels(a.images[0])).max() <= 1
     [random_seed] = run(engine, ImageRequest(PROMPT))
     assert 0 <= random_seed.seeds[0] < 2**31
 
