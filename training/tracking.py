@@ -161,6 +161,7 @@ class MlflowTracker(NullTracker):
         self._client = MlflowClient(uri)  # artifacts: MLflow's artifact repositories (S3, proxied, local)
         self._calls = run_calls(self._client, uri, run_id, self.limits)  # params/metrics/tags/status: limited
         self._monitor = None
+        self.system_metrics = False  # start_system_metrics was called
         self._pending_metrics: list = []
         self._pending_params: list = []
         self.dropped: list[str] = []  # what failed for good
@@ -282,9 +283,10 @@ class MlflowTracker(NullTracker):
         return True
 
     def exit_bound_s(self) -> float:
-        """The longest ``close`` takes over HTTP: the system-metrics wait, the flush window and one limited call
-        past it, then the gap tag and the status."""
-        return self.monitor_wait_s + self.exit_wait_s + 3 * self.limits.call_bound_s()
+        """The longest ``close`` takes over HTTP: the system-metrics wait (when they were started), the flush
+        window and one limited call past it, then the gap tag and the status."""
+        monitor = self.monitor_wait_s if self.system_metrics else 0.0
+        return monitor + self.exit_wait_s + 3 * self.limits.call_bound_s()
 
     def start_system_metrics(self) -> None:
         """CPU/memory (and GPU, where pynvml is present) sampled into the run while training."""
@@ -293,6 +295,7 @@ class MlflowTracker(NullTracker):
 
             self._monitor = SystemMetricsMonitor(self.run_id, sampling_interval=5, tracking_uri=self.uri)
             self._monitor.start()
+            self.system_metrics = True
         except Exception as exc:  # noqa: BLE001 — optional (needs psutil)
             log.info("system metrics unavailable: %s", exc)
 

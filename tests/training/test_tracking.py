@@ -133,6 +133,7 @@ def test_exit_with_the_server_hung_records_the_gap_locally_within_its_bound(tmp_
     finally:
         hole.close()
     assert took <= bound, f"exit took {took:.1f} s, more than its stated bound {bound:.1f} s"
+    print(f"hung server: exit took {took:.1f} s (bound {bound:.1f} s; exit_wait_s {tracker.exit_wait_s} s)")
     assert took >= tracker.exit_wait_s, f"exit gave the server only {took:.1f} s, not exit_wait_s"
     lines = record.read_text().splitlines()
     assert len(lines) == 1, lines
