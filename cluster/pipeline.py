@@ -44,6 +44,7 @@ from pydantic import BaseModel
 
 from cluster.config import STAGES, PipelineConfig
 from serving.config import PROJECT_ROOT
+from training.tracking import GAP_RECORD, NullTracker, driver_tracker
 
 log = logging.getLogger("cluster.pipeline")
 SUMMARY = "pipeline.json"
@@ -155,6 +156,7 @@ class Pipeline:
         self.derived: dict[str, Any] = {}  # what the validate stage read from the dataset (trigger, held-out set)
         self.uri: str | None = None
         self.run_id: str | None = None
+        self.tracker = NullTracker()  # the run's tracker while run() runs (its exit ends the MLflow run)
         self.serve_args = None  # the deploy stage's ServeArgs
         self.sigterm = _SigTerm()
 
@@ -164,8 +166,6 @@ class Pipeline:
 
     def _stage(self, name: str, fn, *args) -> Any:
         """Run one stage: time it, record its outcome in pipeline.json and on the MLflow run."""
-        from mlflow import MlflowClient
-
         self.sigterm.check()
         log.info("stage %s …", name)
         started = time.monotonic()
@@ -184,10 +184,8 @@ class Pipeline:
         finally:
             record["seconds"] = round(time.monotonic() - started, 1)
             self._save()
-            if self.run_id:
-                client = MlflowClient(self.uri)
-                client.log_metric(self.run_id, f"stage_seconds.{name}", record["seconds"])
-                client.set_tag(self.run_id, f"stage.{name}", record["status"])
+            self.tracker.log_metrics({f"stage_seconds.{name}": record["seconds"]}, step=0)
+            self.tracker.set_tags({f"stage.{name}": record["status"]})
             log.info("stage %s: %s (%.1f s)", name, record["status"], record["seconds"])
 
     # -- configs -------------------------------------------------------------------------------------------
@@ -375,13 +373,9 @@ class Pipeline:
                  "prior_loss_weight": tcfg.trial.train.prior_loss_weight if classes else None,
                  "auto_captions": self.derived.get("captions", [])}  # fmt: skip
         (self.run_dir / "dataset.json").write_text(json.dumps(facts, indent=2, default=str) + "\n")
-        if self.run_id:
-            from training.tracking import MlflowTracker
-
-            tracker = MlflowTracker(self.uri, self.run_id)
-            tracker.set_tags({"lorafleet.trigger": choice.trigger, "lorafleet.trigger_evidence": choice.describe(),
-                              "lorafleet.registered_model": self.model_name})  # fmt: skip
-            tracker.log_artifact(self.run_dir / "dataset.json")
+        self.tracker.set_tags({"lorafleet.trigger": choice.trigger, "lorafleet.trigger_evidence": choice.describe(),
+                               "lorafleet.registered_model": self.model_name})  # fmt: skip
+        self.tracker.log_artifact(self.run_dir / "dataset.json")
         return {"dataset": tcfg.trial.data.path, "images": len(train), "heldout": len(held),
                 "trigger": choice.trigger, "trigger_evidence": choice.describe(), "warnings": len(report.warnings),
                 "fingerprint": fingerprint, "class_images": len(classes.examples) if classes else 0}  # fmt: skip
@@ -501,20 +495,27 @@ class Pipeline:
         return out
 
     # -- the run -------------------------------------------------------------------------------------------
-    def _open_run(self, tcfg) -> None:
-        from training.tracking import MlflowTracker, flatten, start_run
+    def _open_run(self) -> bool:
+        """Create the pipeline's MLflow run, or reopen this run folder's; True when it is new."""
+        from training.tracking import start_run
 
         marker = self.run_dir / "mlflow_run.json"
         if marker.is_file():
             self.run_id = json.loads(marker.read_text())["run_id"]
-        else:
-            tags = {"lorafleet.kind": "pipeline", "lorafleet.dataset": self.cfg.dataset}
-            self.run_id = start_run(self.uri, self.experiment, f"pipeline {self.name}", tags)
-            marker.write_text(json.dumps({"run_id": self.run_id, "tracking_uri": self.uri}) + "\n")
-            MlflowTracker(self.uri, self.run_id).log_params(flatten(self.cfg.model_dump(mode="json")))
+            return False
+        tags = {"lorafleet.kind": "pipeline", "lorafleet.dataset": self.cfg.dataset}
+        self.run_id = start_run(self.uri, self.experiment, f"pipeline {self.name}", tags)
+        marker.write_text(json.dumps({"run_id": self.run_id, "tracking_uri": self.uri}) + "\n")
+        return True
+
+    def _describe_run(self, new: bool) -> None:
+        from training.tracking import flatten
+
+        if new:
+            self.tracker.log_params(flatten(self.cfg.model_dump(mode="json")))
         if job := os.environ.get("LORAFLEET_SUBMISSION_ID"):
             # a rerun reuses the run: the latest job's id, plus one tag per job so each stays findable
-            MlflowTracker(self.uri, self.run_id).set_tags({"lorafleet.submission_id": job, JOB_TAG + job: "pipeline"})
+            self.tracker.set_tags({"lorafleet.submission_id": job, JOB_TAG + job: "pipeline"})
 
     def _check_storage(self, tcfg) -> None:
         import ray
@@ -528,8 +529,6 @@ class Pipeline:
             raise PreflightError("\n  - ".join(["shared storage needed:", *problems]))
 
     def run(self) -> PipelineResult:
-        from mlflow import MlflowClient
-
         from training.cluster_state import up_mlflow
         from training.config import PreflightError
         from training.ray_train import init_ray
@@ -546,37 +545,39 @@ class Pipeline:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         init_ray()
         self._check_storage(tcfg)
-        self._open_run(tcfg)
+        new = self._open_run()
         previous = signal.signal(signal.SIGTERM, self.sigterm)
         status = "FAILED"
-        try:
-            if ccfg is not None:
-                self._stage("caption", self.caption, ccfg)
-            self._stage("validate", self.validate, tcfg)
-            tcfg = self.tune_config()  # now with the dataset's trigger, held-out set and sample prompts
-            tcfg.trial.mlflow.tracking_uri = self.uri
-            tcfg.trial.mlflow.parent_run_id = self.run_id
-            stages = [("tune", self.tune, tcfg), ("evaluate", self.evaluate, tcfg), ("gate", self.gate),
-                      ("register", self.register)]  # fmt: skip
-            if self.cfg.serve.enabled:
-                stages += [("deploy", self.deploy, tcfg), ("smoke", self.smoke)]
-            for name, fn, *args in stages[: STAGES.index(self.cfg.until)]:
-                self._stage(name, fn, *args)
-            status = "FINISHED"
-        except Stopped:
-            status = "KILLED"
-            raise
-        finally:
-            signal.signal(signal.SIGTERM, previous)
-            self.summary["status"] = status.lower()
-            self._save()
-            client = MlflowClient(self.uri)
-            client.log_artifact(self.run_id, str(self.run_dir / SUMMARY))
-            if job := os.environ.get("LORAFLEET_SUBMISSION_ID"):
-                client.log_artifact(self.run_id, str(self.run_dir / SUMMARY), f"jobs/{job}")  # this job's outcome
-            if (self.run_dir / "smoke.png").is_file() and status == "FINISHED":
-                client.log_artifact(self.run_id, str(self.run_dir / "smoke.png"))
-            client.set_terminated(self.run_id, status)
+        # the run ends with the block, with the status pipeline.json states; what MLflow missed is stated too
+        with driver_tracker(self.uri, self.run_id, local_record=self.run_dir / GAP_RECORD) as self.tracker:
+            try:
+                self._describe_run(new)
+                if ccfg is not None:
+                    self._stage("caption", self.caption, ccfg)
+                self._stage("validate", self.validate, tcfg)
+                tcfg = self.tune_config()  # now with the dataset's trigger, held-out set and sample prompts
+                tcfg.trial.mlflow.tracking_uri = self.uri
+                tcfg.trial.mlflow.parent_run_id = self.run_id
+                stages = [("tune", self.tune, tcfg), ("evaluate", self.evaluate, tcfg), ("gate", self.gate),
+                          ("register", self.register)]  # fmt: skip
+                if self.cfg.serve.enabled:
+                    stages += [("deploy", self.deploy, tcfg), ("smoke", self.smoke)]
+                for name, fn, *args in stages[: STAGES.index(self.cfg.until)]:
+                    self._stage(name, fn, *args)
+                status = "FINISHED"
+            except Stopped:
+                status = "KILLED"
+                raise
+            finally:
+                signal.signal(signal.SIGTERM, previous)
+                self.summary["status"] = status.lower()
+                self._save()
+                self.tracker.end_status = status
+                self.tracker.log_artifact(self.run_dir / SUMMARY)
+                if job := os.environ.get("LORAFLEET_SUBMISSION_ID"):
+                    self.tracker.log_artifact(self.run_dir / SUMMARY, f"jobs/{job}")  # this job's outcome
+                if (self.run_dir / "smoke.png").is_file() and status == "FINISHED":
+                    self.tracker.log_artifact(self.run_dir / "smoke.png")
         return PipelineResult(str(self.run_dir), self.summary, self.run_id, self.uri, self.summary["stages"])
 
 

@@ -55,7 +55,7 @@ from evaluation.suite import materialise
 from training.adapter import AdapterError, base_model_id
 from training.configuration import ConfigError, load_config
 from training.data import DatasetError
-from training.tracking import MlflowTracker, flatten, git_commit, resolve_tracking_uri, start_run
+from training.tracking import GAP_RECORD, MlflowTracker, flatten, git_commit, resolve_tracking_uri, start_run
 
 log = logging.getLogger("evaluation.evaluate")
 CANDIDATE, CHAMPION = "candidate", "champion"
@@ -251,8 +251,8 @@ def run(cfg: EvalConfig, adapter_ref: str) -> EvalResult:
     tags = {TAG_SHA: meta.sha256, TAG_BASE: base_model_id(base_model), "adapter_ref": adapter_ref,
             "gate": "passed" if gate.passed else "failed"}  # fmt: skip
     result.run_id = open_eval_run(cfg, uri, tags, meta.sha256)
-    tracker = MlflowTracker(uri, result.run_id)
-    try:
+    # the run ends with the block: FINISHED, or FAILED when anything in it raises (KILLED on Ctrl-C)
+    with MlflowTracker(uri, result.run_id, local_record=out_dir / GAP_RECORD) as tracker:
         suite_params = {
             "suite.sha": cfg.suite.sha(),
             "suite.built": str(built),
@@ -264,15 +264,11 @@ def run(cfg: EvalConfig, adapter_ref: str) -> EvalResult:
         if rival:
             logged |= {f"champion.{k}": v for k, v in rival["metrics"].items() if not math.isnan(v)}
         tracker.log_metrics(logged | {"gate_passed": float(gate.passed)}, step=0)
-        tracker.client.log_artifacts(result.run_id, str(fetched.path), "adapter")  # must land before registering
+        tracker.log_artifacts(fetched.path, "adapter", required=True)  # must land before registering
         if cfg.registry.enabled:
             result.registry = register_result(cfg, client_for(uri), result.run_id, result, champion)
         for path in write_outputs(cfg, result, evaluator, images):
             tracker.log_artifact(path, "report/grids" if path.parent.name == "grids" else "report")
-    except BaseException:
-        tracker.client.set_terminated(result.run_id, "FAILED")
-        raise
-    tracker.client.set_terminated(result.run_id, "FINISHED")
     return result
 
 

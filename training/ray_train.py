@@ -18,7 +18,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from training.cluster_state import HOST, enable_token_auth, free_port, private_temp_dir, recorded_cluster
 from training.config import PreflightError, TrainConfig
 from training.quiet import quiet_libraries
-from training.tracking import tracker_for
+from training.tracking import GAP_RECORD, tracker_for
 from training.worker import WorkerSpec, run_worker
 
 log = logging.getLogger(__name__)
@@ -84,12 +84,13 @@ def train_fn_per_worker(config: dict) -> list[dict[str, float]]:
     spec = WorkerSpec.from_dict(config["spec"])
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
-    tracker = tracker_for(config.get("tracking_uri"), config.get("run_id"), rank)
-    if spec.cfg.mlflow.system_metrics:
-        tracker.start_system_metrics()
+    gap_record = Path(spec.cfg.output_dir) / GAP_RECORD  # this node's disk, when even the gap tag cannot be sent
     checkpoint = ray.train.get_checkpoint()  # [1] None on a fresh start
     fallback = config.get("resume_from")  # Ray's snapshot was lost (a full disk): the latest complete checkpoint
-    try:
+    # the tracker's exit flushes and states what MLflow missed; the run's status is the driver's to set
+    with tracker_for(config.get("tracking_uri"), config.get("run_id"), rank, gap_record) as tracker:
+        if spec.cfg.mlflow.system_metrics:
+            tracker.start_system_metrics()
         with checkpoint.as_directory() if checkpoint else contextlib.nullcontext(fallback) as resume_dir:
             _, state = run_worker(
                 spec,
@@ -101,8 +102,6 @@ def train_fn_per_worker(config: dict) -> list[dict[str, float]]:
                 sink=_report,
                 tracker=tracker,
             )
-    finally:
-        tracker.close()
     return state.history
 
 

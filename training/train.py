@@ -29,7 +29,15 @@ from training.configuration import ConfigError, load_config
 from training.data import DatasetError, validate_dataset
 from training.init_adapter import InitAdapterError, check_init_adapter
 from training.quiet import quiet_libraries
-from training.tracking import MlflowTracker, flatten, git_commit, resolve_tracking_uri, start_run
+from training.tracking import (
+    GAP_RECORD,
+    MlflowTracker,
+    driver_tracker,
+    flatten,
+    git_commit,
+    resolve_tracking_uri,
+    start_run,
+)
 from training.training_set import build_worker_spec, describe_epoch, epoch_counts
 from training.worker import ADAPTER_DIR, WorkerSpec, trainer_state_is_whole
 
@@ -187,9 +195,10 @@ def open_run(cfg: TrainConfig, spec: WorkerSpec, resume: bool) -> tuple[str | No
         local = (Path(cfg.output_dir).resolve() / "mlartifacts").as_uri() if uri.startswith("sqlite:") else None
         name = cfg.mlflow.run_name or cfg.run_name
         run_id = start_run(uri, cfg.mlflow.experiment, name, tags, cfg.mlflow.parent_run_id, local)
-        tracker = MlflowTracker(uri, run_id)
         counts = {f"data.{k}": str(v) for k, v in epoch_counts(spec.examples).items()}  # images, × repeats, class
-        tracker.log_params(flatten(cfg.model_dump(mode="json")) | counts)
+        # run() ends the run; this exit only sends (or states) the params
+        with MlflowTracker(uri, run_id, owns_run=False, local_record=Path(cfg.output_dir) / GAP_RECORD) as tracker:
+            tracker.log_params(flatten(cfg.model_dump(mode="json")) | counts)
     marker.write_text(json.dumps({"run_id": run_id, "tracking_uri": uri}) + "\n")
     return uri, run_id
 
@@ -245,27 +254,24 @@ def run(cfg: TrainConfig, *, resume: bool = False, callbacks: list | None = None
 
     from training.ray_train import build_trainer, check_resources, init_ray  # Ray only past validation
 
-    init_ray()
-    check_resources(cfg)
-    tracker = MlflowTracker(uri, run_id) if run_id else None
-    run_dir = Path(cfg.storage_path) / cfg.run_name
-    fallback = resume_fallback(run_dir) if resume and "://" not in cfg.storage_path else None
-    trainer = build_trainer(cfg, spec, tracking_uri=uri, run_id=run_id, callbacks=callbacks, resume_from=fallback)
-    try:
-        result = trainer.fit()
-    except Exception as exc:
-        if tracker:
-            tracker._safe("set_terminated", tracker.client.set_terminated, run_id, "FAILED")
-        if "://" not in cfg.storage_path and (fault := storage_fault(exc, run_dir)):
-            raise fault from exc
-        raise
-    with result.checkpoint.as_directory() as ckpt:
-        adapter = export_adapter(Path(ckpt), output_dir)
-    meta = verify_adapter(adapter)
-    if tracker:
+    # the run ends with the block: FINISHED, or FAILED when anything below raises; what MLflow missed is stated
+    with driver_tracker(uri, run_id, local_record=output_dir / GAP_RECORD) as tracker:
+        init_ray()
+        check_resources(cfg)
+        run_dir = Path(cfg.storage_path) / cfg.run_name
+        fallback = resume_fallback(run_dir) if resume and "://" not in cfg.storage_path else None
+        trainer = build_trainer(cfg, spec, tracking_uri=uri, run_id=run_id, callbacks=callbacks, resume_from=fallback)
+        try:
+            result = trainer.fit()
+        except Exception as exc:
+            if "://" not in cfg.storage_path and (fault := storage_fault(exc, run_dir)):
+                raise fault from exc
+            raise
+        with result.checkpoint.as_directory() as ckpt:
+            adapter = export_adapter(Path(ckpt), output_dir)
+        meta = verify_adapter(adapter)
         tracker.log_artifacts(adapter, "adapter")
         tracker.set_tags({"adapter_sha256": meta.sha256, "trigger": str(meta.trigger)})
-        tracker._safe("set_terminated", tracker.client.set_terminated, run_id, "FINISHED")
     history = list(result.return_value or [])
     out = TrainResult(str(adapter), run_id, uri, dict(result.metrics or {}), result.checkpoint.path, history)
     (output_dir / "result.json").write_text(json.dumps(asdict(out), indent=2) + "\n")

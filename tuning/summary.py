@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from training.adapter import verify_adapter
-from training.tracking import MlflowTracker
+from training.tracking import NullTracker
 from training.worker import ADAPTER_DIR
 from tuning.config import TuneConfig
 from tuning.results import TrialRecord, best_record, study_of, write_plots, write_table
@@ -48,14 +48,16 @@ def finish(
     records: list[TrialRecord],
     run_dir: Path,
     uri: str | None,
-    parent: str | None,
     store: str | None = None,
+    study: NullTracker | None = None,
 ) -> dict:
-    """Results table, Optuna plots, the best adapter and ``best.json``; all logged to the parent run.
+    """Results table, Optuna plots, the best adapter and ``best.json``; all logged to the study's run through
+    ``study`` (the driver's tracker; its exit ends the run — FAILED when no trial finished with a metric).
 
     ``store``: the backend store of a tracking server started just for this search (its URL dies with it).
     """
-    tracker = MlflowTracker(uri, parent) if parent else None
+    study = study or NullTracker()
+    parent = study.run_id
     files = write_table(records, run_dir)
     plots = write_plots(study_of(records, cfg), run_dir / "plots", cfg.search.metric)
     counts = {s: sum(r.status == s for r in records) for s in ("completed", "stopped", "failed")}
@@ -100,18 +102,19 @@ def finish(
         summary["best"] = None
     best_json = run_dir / "best.json"
     best_json.write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    if tracker:
+    if parent:
         close_child_runs(records, uri)
         metrics = {f"trials_{k}": float(v) for k, v in counts.items()} | {"trial_epochs": summary["trial_epochs"]}
         if best is not None:
             metrics[f"best_{cfg.search.metric}"] = best.metric
-            tracker.set_tags({"best_trial_id": best.trial_id, "best_run_id": best.run_id or ""})
-            tracker.log_params({f"best.{k}": str(v) for k, v in best.params.items()})
-            tracker.log_artifacts(run_dir / "best" / ADAPTER_DIR, "best_adapter")
-        tracker.log_metrics(metrics, step=0)
+            study.set_tags({"best_trial_id": best.trial_id, "best_run_id": best.run_id or ""})
+            study.log_params({f"best.{k}": str(v) for k, v in best.params.items()})
+            study.log_artifacts(run_dir / "best" / ADAPTER_DIR, "best_adapter")
+        study.log_metrics(metrics, step=0)
         for path in [*files, best_json]:
-            tracker.log_artifact(path)
+            study.log_artifact(path)
         for path in plots:
-            tracker.log_artifact(path, "plots")
-        tracker.client.set_terminated(parent, "FINISHED" if best is not None else "FAILED")
+            study.log_artifact(path, "plots")
+    if best is None:
+        study.end_status = "FAILED"  # no trial finished with a finite metric
     return summary

@@ -40,7 +40,7 @@ from training.configuration import ConfigError, load_config
 from training.data import DatasetError, validate_dataset
 from training.init_adapter import InitAdapterError, check_init_adapter
 from training.quiet import quiet_libraries
-from training.tracking import MlflowTracker, flatten, git_commit, start_run
+from training.tracking import GAP_RECORD, MlflowTracker, driver_tracker, flatten, git_commit, start_run
 from training.training_set import build_worker_spec, describe_epoch
 from tuning.config import TuneConfig
 from tuning.handoff import eval_config, evaluate_best
@@ -216,22 +216,23 @@ def open_parent(cfg: TuneConfig, run_dir: Path, uri: str | None, notes: list[str
         tags["mlflow.source.git.commit"] = commit
     # trial.mlflow.parent_run_id (e.g. the pipeline's run) makes the study a child run; trials get the study
     run_id = start_run(uri, cfg.trial.mlflow.experiment, cfg.label or cfg.name, tags, cfg.trial.mlflow.parent_run_id)
-    tracker = MlflowTracker(uri, run_id)
     params = flatten(cfg.search.model_dump(mode="json"), "search.") | flatten(
         cfg.trial.model_dump(mode="json"), "trial."
     )
-    tracker.log_params(params)
-    try:
-        # how this search's adapters are evaluated: `lorafleet promote --trial … --epoch …` evaluates a picked
-        # checkpoint the same way (evaluation.promote)
-        ecfg = eval_config(cfg, run_dir, uri, run_id, fetch=False)
-        (run_dir / EVAL_CONFIG).write_text(json.dumps(ecfg.model_dump(mode="json"), indent=2) + "\n")
-        tracker.log_artifact(run_dir / EVAL_CONFIG)
-    except ConfigError as exc:  # checked in the preflight when the search evaluates; here only a convenience
-        log.warning("evaluation config not logged (promote will need --config): %s", exc)
-    space = {"space": cfg.model_dump(mode="json")["space"], "grid": cfg.grid, "dropped_on_this_hardware": notes}
-    (run_dir / "search_space.json").write_text(json.dumps(space, indent=2) + "\n")
-    tracker.log_artifact(run_dir / "search_space.json")
+    # run() ends the study's run; this exit only sends (or states) what is logged here
+    with MlflowTracker(uri, run_id, owns_run=False, local_record=run_dir / GAP_RECORD) as tracker:
+        tracker.log_params(params)
+        try:
+            # how this search's adapters are evaluated: `lorafleet promote --trial … --epoch …` evaluates a picked
+            # checkpoint the same way (evaluation.promote)
+            ecfg = eval_config(cfg, run_dir, uri, run_id, fetch=False)
+            (run_dir / EVAL_CONFIG).write_text(json.dumps(ecfg.model_dump(mode="json"), indent=2) + "\n")
+            tracker.log_artifact(run_dir / EVAL_CONFIG)
+        except ConfigError as exc:  # checked in the preflight when the search evaluates; here only a convenience
+            log.warning("evaluation config not logged (promote will need --config): %s", exc)
+        space = {"space": cfg.model_dump(mode="json")["space"], "grid": cfg.grid, "dropped_on_this_hardware": notes}
+        (run_dir / "search_space.json").write_text(json.dumps(space, indent=2) + "\n")
+        tracker.log_artifact(run_dir / "search_space.json")
     marker.write_text(json.dumps({"run_id": run_id, "tracking_uri": uri}) + "\n")
     return run_id
 
@@ -474,27 +475,33 @@ def run(cfg: TuneConfig, *, resume: bool = False) -> SearchResult:
                         server.state_dir)  # fmt: skip
     try:
         parent = open_parent(cfg, run_dir, uri, notes)
-        init_ray()
-        import ray
+        # the study's run ends with the block: FINISHED (FAILED when no trial finished), FAILED on an error,
+        # KILLED when stopped — a resumed search sets it again at its own end
+        with driver_tracker(uri, parent, local_record=run_dir / GAP_RECORD) as study:
+            init_ray()
+            import ray
 
-        check_resources(cfg.trial)
-        concurrency = max_concurrent(cfg, ray.cluster_resources(), ray.available_resources())
-        log.info("up to %d trials at once; MLflow %s parent run %s", concurrency, uri, parent)
-        points = grid_points(cfg) if cfg.search.algorithm == "grid" else []
-        setup = TrialSetup(cfg.model_dump(mode="json"), str(run_dir), points, uri, parent)
-        with sigterm_stops_tune() as stopped:
-            results = build_tuner(cfg, setup, run_dir, concurrency, resume).fit()
-        if stopped.is_set():
-            raise SearchInterrupted(f"the search was stopped (SIGTERM); its state is in {run_dir}: rerun with --resume")
-        records = records_of(results, cfg, run_dir, points)
-        store = f"sqlite:///{server.state_dir / 'mlflow.db'}" if server else None
-        summary = finish(cfg, records, run_dir, uri, parent, store)
-        # before the server stops: a search-scoped server holds the registry too
-        evaluated = (
-            evaluate_best(cfg, summary, run_dir, uri, parent, cfg.evaluation.candidates)
-            if cfg.evaluation.enabled
-            else None
-        )
+            check_resources(cfg.trial)
+            concurrency = max_concurrent(cfg, ray.cluster_resources(), ray.available_resources())
+            log.info("up to %d trials at once; MLflow %s parent run %s", concurrency, uri, parent)
+            points = grid_points(cfg) if cfg.search.algorithm == "grid" else []
+            setup = TrialSetup(cfg.model_dump(mode="json"), str(run_dir), points, uri, parent)
+            with sigterm_stops_tune() as stopped:
+                results = build_tuner(cfg, setup, run_dir, concurrency, resume).fit()
+            if stopped.is_set():
+                study.end_status = "KILLED"
+                raise SearchInterrupted(
+                    f"the search was stopped (SIGTERM); its state is in {run_dir}: rerun with --resume"
+                )
+            records = records_of(results, cfg, run_dir, points)
+            store = f"sqlite:///{server.state_dir / 'mlflow.db'}" if server else None
+            summary = finish(cfg, records, run_dir, uri, store, study)
+            # before the server stops: a search-scoped server holds the registry too
+            evaluated = (
+                evaluate_best(cfg, summary, run_dir, uri, parent, cfg.evaluation.candidates)
+                if cfg.evaluation.enabled
+                else None
+            )
     finally:
         if server is not None:
             server.stop()

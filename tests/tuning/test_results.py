@@ -95,3 +95,27 @@ def test_trials_the_scheduler_stopped_are_finished_runs_not_failures(tmp_path):
     assert runs["stopped"].data.tags["lorafleet.stopped_early"] == "by the scheduler after epoch 2"
     assert runs["stopped"].data.tags["lorafleet.trial_status"] == "stopped"
     assert "lorafleet.stopped_early" not in runs["completed"].data.tags
+
+
+def test_a_search_with_no_finished_trial_ends_its_study_run_failed_with_its_files(tune_config, tmp_path):
+    """``finish`` logs through the driver's study tracker; the tracker's exit ends the run, FAILED when no trial
+    finished with a metric (the block itself ended without an exception)."""
+    from mlflow import MlflowClient
+
+    from training.tracking import driver_tracker, start_run
+    from tuning.summary import finish
+
+    cfg, _ = for_hardware(tune_config())
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"  # MlflowClient's path (no HTTP limits to apply)
+    parent = start_run(uri, "e", "study", {"lorafleet.kind": "search"})
+    records = [record("a", None, status="failed"), record("b", None, status="failed")]
+    run_dir = tmp_path / "search"
+    run_dir.mkdir()
+    with driver_tracker(uri, parent) as study:
+        summary = finish(cfg, records, run_dir, uri, None, study)
+    assert summary["best"] is None and summary["trials"]["failed"] == 2
+    client = MlflowClient(uri)
+    run = client.get_run(parent)
+    assert run.info.status == "FAILED" and run.info.end_time is not None, run.info
+    assert run.data.metrics["trials_failed"] == 2.0
+    assert {"results.csv", "results.json", "best.json"} <= {a.path for a in client.list_artifacts(parent)}
