@@ -24,6 +24,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from concurrent.futures import Future, wait
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -32,7 +33,6 @@ import torch
 from evaluation.registry import (
     TAG_SHA,
     NotInRegistry,
-    RegistryError,
     client_for,
     fetch_adapter,
     parse_model_ref,
@@ -41,6 +41,7 @@ from evaluation.registry import (
 )
 from serving.catalog import RegistryCatalog
 from serving.config import BASE, MODEL_NAME, ServeArgs, is_folder_ref, project_path
+from serving.registry_watch import RegistryWatch
 from serving.tenants import Tenant, owner_of
 from training.adapter import AdapterError, AdapterMeta, load_adapter, verify_adapter
 
@@ -52,7 +53,12 @@ class UnknownModel(LookupError):
 
 
 class AdapterUnavailable(RuntimeError):
-    """The name is served here but its adapter cannot be fetched right now, e.g. the registry is down (HTTP 503)."""
+    """The name is served here but its adapter cannot be fetched right now, e.g. the registry is down (HTTP 503);
+    ``retry_after_s``: when to ask again (the ``Retry-After`` header), None for the deployment's default."""
+
+    def __init__(self, message: str, retry_after_s: int | None = None):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 @dataclass(frozen=True)
@@ -70,17 +76,30 @@ class ResolvedAdapter:
         return self.meta.sha256
 
 
+@dataclass(frozen=True)
+class _Hit:
+    adapter: ResolvedAdapter
+    expires: float  # time.monotonic() after which a moving reference is looked up again (in the background)
+    at: float  # time.time() of the look-up that last confirmed it
+
+
 class AdapterResolver:
-    """Model name -> verified local adapter folder, cached; registry aliases are looked up again after ``ttl_s``."""
+    """Model name -> verified local adapter folder, cached. Registry names are stale-while-revalidate: once resolved,
+    a name is answered from the cache at once, and looked up again on a registry thread after ``ttl_s``
+    (``serving.registry_watch``); a request never waits for the registry longer than ``registry_deadline_s``, and
+    not at all while the registry is known to be down."""
 
     def __init__(self, args: ServeArgs, base_model: str, cache_dir: Path, ttl_s: float | None = None):
         self.args = args
         self.base_model = base_model
         self.cache_dir = cache_dir
         self.ttl_s = args.champion.poll_s if ttl_s is None else ttl_s
-        self._cache: dict[str, tuple[ResolvedAdapter, float]] = {}
-        self._lock = threading.Lock()
-        self.catalog = RegistryCatalog(args)  # what /v1/models lists from the registry
+        self._cache: dict[str, _Hit] = {}
+        self._fetches: dict[str, tuple[Future, list[float]]] = {}  # name -> registry fetch, [time.monotonic() done]
+        self._lock = threading.Lock()  # guards _cache and _fetches; never held during a registry call
+        self._download = threading.Lock()  # one fetch at a time (two names may download one version into one folder)
+        self.watch = RegistryWatch(args.resolved_tracking_uri(), args.registry_deadline_s, args.registry_retry_s)
+        self.catalog = RegistryCatalog(args, self.watch)  # what /v1/models lists from the registry
 
     def configured(self) -> dict[str, str]:
         """Names served without asking: configured adapters and the champion."""
@@ -124,47 +143,138 @@ class AdapterResolver:
             return True
         return tenant.sees_shared and self.catalog.shared(name.split("@", 1)[0].split("/", 1)[0])
 
-    def resolve(self, name: str, tenant: Tenant | None = None) -> ResolvedAdapter | None:
+    def resolve(self, name: str, tenant: Tenant | None = None, wait_s: float | None = None) -> ResolvedAdapter | None:
         """None for the base model; else the verified adapter ``name`` means now, for ``tenant`` (None: anyone).
 
+        A name resolved before is answered from the cache (looked up again in the background once older than
+        ``ttl_s``); a registry name seen for the first time waits at most ``wait_s`` (default
+        ``registry_deadline_s``; 0: not at all) for its look-up and download, and not at all while the registry is
+        down.
+
         Raises:
-            UnknownModel (also: another tenant's adapter, worded as a missing one), AdapterUnavailable, AdapterError
-            (the adapter failed verification).
+            UnknownModel (also: another tenant's adapter, worded as a missing one), AdapterUnavailable (503 with
+            ``retry_after_s``: the registry is down or slower than the wait), AdapterError (the adapter failed
+            verification).
         """
         if name == BASE:
             return None
         if not self.visible(name, tenant):
             raise UnknownModel(f"model {name!r} is not served here; GET /v1/models lists the models you can use")
         ref = self.ref_for(name)
-        hit = self._cache.get(name)  # a fresh answer needs no lock: one slow fetch must not hold up the others
-        if hit and (hit[1] > time.monotonic() or not _moves(ref)):
-            return hit[0]
-        with self._lock:  # one fetch at a time (two names may download the same version into one folder)
-            hit = self._cache.get(name)
-            if hit and (hit[1] > time.monotonic() or not _moves(ref)):
-                return hit[0]
-            try:
-                resolved = self._fetch(name, ref, gated=name not in self.configured())
-            except (NotInRegistry, UnknownModel) as exc:  # the registry answered: nothing to serve under this name
-                self._cache.pop(name, None)
-                if isinstance(exc, UnknownModel):
-                    raise
-                raise UnknownModel(
-                    f"model {name!r} is not served here: {exc}; GET /v1/models lists the models"
-                ) from exc
-            except (RegistryError, AdapterUnavailable) as exc:
-                if hit:  # keep serving what we had while the registry is away
-                    log.warning("keeping %s at %s: %s", name, hit[0].version or hit[0].ref, exc)
-                    self._cache[name] = (hit[0], time.monotonic() + max(self.ttl_s, 1.0))
-                    return hit[0]
-                raise AdapterUnavailable(f"model {name!r} ({ref}) cannot be fetched: {exc}") from exc
-            expires = time.monotonic() + self.ttl_s if self.ttl_s > 0 else float("inf")
-            self._cache[name] = (resolved, expires)
+        hit = self._cache.get(name)  # no lock: a dict read, and one slow fetch must not hold up the others
+        if hit is not None:
+            if _moves(ref) and hit.expires <= time.monotonic() and self.watch.may_retry():
+                self._start(name, ref)  # stale-while-revalidate: this request is served what was known
+            return hit.adapter
+        if not ref.startswith(("runs:/", "models:/")):  # a configured folder: verified here, no registry
+            resolved = self._fetch(name, ref, gated=False)
+            self._store(name, resolved)
             return resolved
+        if not self.args.resolved_tracking_uri():
+            raise AdapterUnavailable(f"{ref} needs MLflow: set tracking_uri in the serve config or MLFLOW_TRACKING_URI")
+        return self._wait(name, ref, self.watch.deadline_s if wait_s is None else wait_s)
+
+    def pending(self, name: str, tenant: Tenant | None = None) -> Future | None:
+        """The registry fetch a request for ``name`` has to wait for (started now), or None when ``resolve`` answers
+        without waiting. Lets an async caller wait for it without holding a thread, then call ``resolve(wait_s=0)``."""
+        try:
+            if name == BASE or name in self._cache or not self.visible(name, tenant):
+                return None
+            ref = self.ref_for(name)
+        except UnknownModel:
+            return None
+        if not ref.startswith(("runs:/", "models:/")) or not self.args.resolved_tracking_uri():
+            return None
+        with self._lock:
+            running = self._fetches.get(name)
+        if running is not None:
+            return running[0] if not running[0].done() else None
+        return None if self.watch.down() else self._start(name, ref)
+
+    def _wait(self, name: str, ref: str, wait_s: float) -> ResolvedAdapter:
+        """A registry name not in the cache: its fetch's answer within ``wait_s``, or a 503 at once while the
+        registry is down."""
+        retry = self.watch.retry_after_s()
+        with self._lock:
+            running = self._fetches.get(name)
+            if running is not None and running[1] and time.monotonic() - running[1][0] > self.watch.retry_s:
+                running = None  # an answer older than a retry interval is not this request's
+        if running is None:
+            if self.watch.down():
+                if self.watch.may_retry():
+                    self._start(name, ref)  # in the background; the client retries after `retry`
+                raise AdapterUnavailable(
+                    f"model {name!r} ({ref}) is not available: the MLflow registry at {self.watch.uri} does not answer "
+                    f"({self.watch.error}) and this replica has not resolved it before; 'base' and adapters already "
+                    f"resolved still serve; retry after {retry} s",
+                    retry,
+                )
+            running = (self._start(name, ref), [])
+        future = running[0]
+        wait([future], timeout=wait_s)
+        if not future.done():
+            raise AdapterUnavailable(
+                f"model {name!r} ({ref}) is still being fetched from the MLflow registry at {self.watch.uri} "
+                f"(waited {wait_s:g} s, registry_deadline_s); retry after {retry} s",
+                retry,
+            )
+        with self._lock:
+            if self._fetches.get(name, (None,))[0] is future:
+                del self._fetches[name]
+        exc = future.exception()
+        if exc is None:
+            return future.result()
+        if isinstance(exc, NotInRegistry):
+            raise UnknownModel(f"model {name!r} is not served here: {exc}; GET /v1/models lists the models") from exc
+        if isinstance(exc, (UnknownModel, AdapterError)):
+            raise exc
+        raise AdapterUnavailable(
+            f"model {name!r} ({ref}) cannot be fetched: the MLflow registry at {self.watch.uri} did not answer "
+            f"({str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__}); retry after {retry} s",
+            retry,
+        ) from exc
+
+    def _start(self, name: str, ref: str) -> Future:
+        """The fetch of ``name`` in progress, or a new one on a registry thread."""
+        with self._lock:
+            running = self._fetches.get(name)
+            if running is not None and not running[0].done():
+                return running[0]
+            done: list[float] = []
+            future = self.watch.submit(self._fetch_and_store, name, ref, name not in self.configured())
+            future.add_done_callback(lambda _: done.append(time.monotonic()))
+            self._fetches[name] = (future, done)
+            return future
+
+    def _fetch_and_store(self, name: str, ref: str, gated: bool) -> ResolvedAdapter:
+        """On a registry thread: look ``name`` up, download and verify; the cache keeps the answer. A failure keeps
+        what the cache had (served until the registry answers again); a registry that says the name is gone drops
+        it."""
+        try:
+            with self._download:
+                resolved = self._fetch(name, ref, gated)
+        except (NotInRegistry, UnknownModel):
+            with self._lock:
+                self._cache.pop(name, None)
+            raise
+        except Exception as exc:
+            with self._lock:
+                hit = self._cache.get(name)
+                if hit is not None:  # keep serving it; try again after a retry interval
+                    log.warning("keeping %s at %s: %s", name, hit.adapter.version or hit.adapter.ref, exc)
+                    self._cache[name] = replace(hit, expires=time.monotonic() + self.watch.retry_s)
+            raise
+        self._store(name, resolved)
+        return resolved
+
+    def _store(self, name: str, resolved: ResolvedAdapter) -> None:
+        expires = time.monotonic() + self.ttl_s if self.ttl_s > 0 else float("inf")
+        with self._lock:
+            self._cache[name] = _Hit(resolved, expires, time.time())
 
     def _fetch(self, name: str, ref: str, gated: bool) -> ResolvedAdapter:
-        """Called under the lock. ``gated``: a client's own reference, so a version the gate rejected (or one rolled
-        back) that no alias holds is refused."""
+        """``gated``: a client's own reference, so a version the gate rejected (or one rolled back) that no alias
+        holds is refused. Registry references run on a registry thread (``_fetch_and_store``)."""
         uri = self.args.resolved_tracking_uri()
         if ref.startswith(("runs:/", "models:/")) and not uri:
             raise AdapterUnavailable(f"{ref} needs MLflow: set tracking_uri in the serve config or MLFLOW_TRACKING_URI")
@@ -178,29 +288,61 @@ class AdapterResolver:
         if gated and pinned and (why := unservable(version)):
             raise UnknownModel(why)
         number, sha = str(version.version), (version.tags or {}).get(TAG_SHA)
-        for other, _ in self._cache.values():  # the same version under any name: no second download
+        for hit in list(self._cache.values()):  # the same version under any name: no second download
+            other = hit.adapter
             if other.registered == version.name and other.version == number and other.meta.sha256 == sha:
                 return replace(other, name=name, ref=ref)
         f = fetch_adapter(f"models:/{version.name}/{number}", self.cache_dir, uri, expected_base=self.base_model)
         return ResolvedAdapter(name, ref, f.path, f.meta, f.version, version.name)
 
     def refresh(self) -> dict[str, str]:
-        """Look registry aliases up again now (the champion moved); returns name -> version or error."""
-        with self._lock:  # expire every alias lookup
-            self._cache = {n: (r, 0.0 if _moves(r.ref) else t) for n, (r, t) in self._cache.items()}
-        self.catalog.entries(force=True)
+        """Look the registry up again now — the catalog and every configured alias (the champion) — each waited for
+        at most ``registry_deadline_s`` (a replica's start, its poll, ``POST /admin/reload``). A name whose look-up
+        fails keeps the version it had. Returns name -> version, or ``"error: …"``."""
+        with self._lock:  # other registry names are looked up again on their next request
+            self._cache = {n: replace(h, expires=0.0) if _moves(h.adapter.ref) else h for n, h in self._cache.items()}
+        listing = self.catalog.start()
+        names = [n for n, r in self.configured().items() if _moves(r)]
+        futures = {n: self._start(n, self.configured()[n]) for n in names} if self.args.resolved_tracking_uri() else {}
         out = {}
-        for name in [n for n, r in self.configured().items() if _moves(r)]:
+        for name in names:
             try:
-                r = self.resolve(name)
-                out[name] = (r.version or r.ref) if r else BASE
-            except (UnknownModel, AdapterUnavailable, AdapterError) as exc:
-                out[name] = f"error: {exc}"
+                if name not in futures:
+                    raise AdapterUnavailable("no tracking URI: set tracking_uri (serve config) or MLFLOW_TRACKING_URI")
+                r = self.watch.wait(futures[name])
+                out[name] = r.version or r.ref
+            except Exception as exc:  # noqa: BLE001 - reported per name; the cache keeps what it had
+                hit = self._cache.get(name)
+                kept = f" (still serving version {hit.adapter.version})" if hit else ""
+                out[name] = f"error: {str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__}{kept}"
+        if listing is not None:
+            self.catalog.wait(listing)
         return out
 
     def known(self) -> dict[str, ResolvedAdapter]:
         """Names resolved so far (for /v1/models; a snapshot taken without waiting for a fetch in progress)."""
-        return {name: r for name, (r, _) in dict(self._cache).items()}
+        return {name: hit.adapter for name, hit in dict(self._cache).items()}
+
+    def state(self) -> dict:
+        """The registry as this replica sees it, for ``/readyz`` details and ``/admin/stats``: the watch's health,
+        the listing's age, and per configured registry name (the champion) the version served and the age of the
+        look-up that last confirmed it (it grows while the registry is down: stale-while-revalidate)."""
+        now = time.time()
+        names = {}
+        for name, ref in self.configured().items():
+            if ref.startswith(("runs:/", "models:/")):
+                hit = self._cache.get(name)
+                names[name] = {
+                    "ref": ref,
+                    "version": hit.adapter.version if hit else None,
+                    "age_s": round(now - hit.at, 1) if hit else None,
+                    "stale": bool(hit and _moves(ref) and now - hit.at > max(self.ttl_s, self.watch.retry_s) + 1),
+                }
+        return {"registry": self.watch.health() | self.catalog.state(), "names": names}
+
+    def close(self) -> None:
+        """Stop the registry threads (a call in progress ends on its own)."""
+        self.watch.close()
 
 
 def _moves(ref: str) -> bool:
