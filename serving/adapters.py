@@ -10,6 +10,12 @@ the same whether it exists or not. A name the registry does not hold, and a vers
 gate rejected or that was rolled back (and no alias holds), is ``UnknownModel`` (404) at once; a registry that cannot
 be reached is ``AdapterUnavailable`` (503, retryable) unless an earlier answer is still at hand.
 
+A registry that is down never stalls serving (issue 22): registry calls run on the replica's registry threads
+(``serving.registry_watch``), never on a request's; a name resolved once is answered from the cache and looked up
+again in the background (stale-while-revalidate); a registry name never resolved waits at most
+``registry_deadline_s`` for its first look-up, and gets 503 + ``Retry-After: registry_retry_s`` at once while the
+registry is known to be down.
+
 ``LoadedAdapters`` is the bounded LRU of adapters loaded into one pipeline: a miss loads with the plain diffusers
 call, an eviction deletes the adapter's layers (never fuse/unfuse: the replica is shared). With ``hotswap`` (a
 compiled UNet, ``speed.compile_unet``) the adapters live in fixed slots ``slot0…``: once all are taken, a miss
@@ -19,6 +25,7 @@ the weights in place, so the compiled graph is kept.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import threading
@@ -251,8 +258,7 @@ class AdapterResolver:
         what the cache had (served until the registry answers again); a registry that says the name is gone drops
         it."""
         try:
-            with self._download:
-                resolved = self._fetch(name, ref, gated)
+            resolved = self._fetch(name, ref, gated)
         except (NotInRegistry, UnknownModel):
             with self._lock:
                 self._cache.pop(name, None)
@@ -281,18 +287,20 @@ class AdapterResolver:
         if is_folder_ref(ref) and (why := self.args.outside_roots(Path(project_path(ref)))):
             raise AdapterError(why)  # checked again here: a symlink may have been swapped since start-up
         if not ref.startswith("models:/"):
-            f = fetch_adapter(ref, self.cache_dir, uri, expected_base=self.base_model)
+            with self._download if ref.startswith("runs:/") else contextlib.nullcontext():  # a folder: no lock
+                f = fetch_adapter(ref, self.cache_dir, uri, expected_base=self.base_model)
             return ResolvedAdapter(name, ref, f.path, f.meta, f.version)
         version = resolve_version(client_for(uri), ref)  # one metadata call; NotInRegistry when it names nothing
         pinned = parse_model_ref(ref)[2] is not None
         if gated and pinned and (why := unservable(version)):
             raise UnknownModel(why)
         number, sha = str(version.version), (version.tags or {}).get(TAG_SHA)
-        for hit in list(self._cache.values()):  # the same version under any name: no second download
-            other = hit.adapter
-            if other.registered == version.name and other.version == number and other.meta.sha256 == sha:
-                return replace(other, name=name, ref=ref)
-        f = fetch_adapter(f"models:/{version.name}/{number}", self.cache_dir, uri, expected_base=self.base_model)
+        with self._download:
+            for hit in list(self._cache.values()):  # the same version under any name: no second download
+                other = hit.adapter
+                if other.registered == version.name and other.version == number and other.meta.sha256 == sha:
+                    return replace(other, name=name, ref=ref)
+            f = fetch_adapter(f"models:/{version.name}/{number}", self.cache_dir, uri, expected_base=self.base_model)
         return ResolvedAdapter(name, ref, f.path, f.meta, f.version, version.name)
 
     def refresh(self) -> dict[str, str]:
