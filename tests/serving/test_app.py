@@ -392,7 +392,12 @@ def test_every_datasets_model_is_listed_and_a_missing_name_is_a_404_at_once(
     r = httpx.post(f"{down}/v1/images/generations", json={"prompt": PROMPT, "model": f"{sks}@champion"}, timeout=90)
     assert r.status_code == 503 and r.headers["retry-after"] == "3", r.text
     assert time.perf_counter() - start < 5 and f"registry at {dead} does not answer" in r.json()["error"]["message"]
-    assert [m["id"] for m in httpx.get(f"{down}/v1/models", timeout=60).json()["data"]] == ["base", *tiny_adapters]
+    start = time.perf_counter()
+    listed = httpx.get(f"{down}/v1/models", timeout=60).json()
+    assert time.perf_counter() - start < 1 and listed["registry"]["reachable"] is False
+    assert [m["id"] for m in listed["data"]] == ["base", *tiny_adapters] and all(m["available"] for m in listed["data"])
+    ready = httpx.get(f"{down}/readyz", timeout=60)
+    assert ready.status_code == 200 and ready.json()["details"]["registry"]["uri"] == dead, ready.text
     serve.delete("down")
 
 
