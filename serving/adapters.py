@@ -90,6 +90,13 @@ class _Hit:
     at: float  # time.time() of the look-up that last confirmed it
 
 
+@dataclass
+class _Fetch:
+    future: Future
+    started: float  # time.monotonic()
+    done: float | None = None  # time.monotonic() when it ended
+
+
 class AdapterResolver:
     """Model name -> verified local adapter folder, cached. Registry names are stale-while-revalidate: once resolved,
     a name is answered from the cache at once, and looked up again on a registry thread after ``ttl_s``
@@ -102,7 +109,7 @@ class AdapterResolver:
         self.cache_dir = cache_dir
         self.ttl_s = args.champion.poll_s if ttl_s is None else ttl_s
         self._cache: dict[str, _Hit] = {}
-        self._fetches: dict[str, tuple[Future, list[float]]] = {}  # name -> registry fetch, [time.monotonic() done]
+        self._fetches: dict[str, _Fetch] = {}  # name -> its registry fetch in progress (or just answered)
         self._lock = threading.Lock()  # guards _cache and _fetches; never held during a registry call
         self._download = threading.Lock()  # one fetch at a time (two names may download one version into one folder)
         self.watch = RegistryWatch(args.resolved_tracking_uri(), args.registry_deadline_s, args.registry_retry_s)
@@ -195,8 +202,8 @@ class AdapterResolver:
         with self._lock:
             running = self._fetches.get(name)
         if running is not None:
-            return running[0] if not running[0].done() else None
-        return None if self.watch.down() else self._start(name, ref)
+            return running.future if not running.future.done() else None
+        return None if self.watch.down() else self._start(name, ref).future
 
     def _wait(self, name: str, ref: str, wait_s: float) -> ResolvedAdapter:
         """A registry name not in the cache: its fetch's answer within ``wait_s``, or a 503 at once while the
@@ -204,11 +211,11 @@ class AdapterResolver:
         retry = self.watch.retry_after_s()
         with self._lock:
             running = self._fetches.get(name)
-            if running is not None and running[1] and time.monotonic() - running[1][0] > self.watch.retry_s:
+            if running is not None and running.done and time.monotonic() - running.done > self.watch.retry_s:
                 running = None  # an answer older than a retry interval is not this request's
-        if running is None:
-            if self.watch.down():
-                if self.watch.may_retry():
+        if running is None or not running.future.done():
+            if self.watch.down():  # no waiting, also not for a retry in progress
+                if running is None and self.watch.may_retry():
                     self._start(name, ref)  # in the background; the client retries after `retry`
                 raise AdapterUnavailable(
                     f"model {name!r} ({ref}) is not available: the MLflow registry at {self.watch.uri} does not answer "
@@ -216,17 +223,19 @@ class AdapterResolver:
                     f"resolved still serve; retry after {retry} s",
                     retry,
                 )
-            running = (self._start(name, ref), [])
-        future = running[0]
+            running = running or self._start(name, ref)
+        future = running.future
         wait([future], timeout=wait_s)
         if not future.done():
+            if time.monotonic() - running.started >= self.watch.deadline_s:  # this request, or one before, waited
+                self.watch.timed_out(self.watch.deadline_s)  # so the next ones do not: the registry counts as down
             raise AdapterUnavailable(
                 f"model {name!r} ({ref}) is still being fetched from the MLflow registry at {self.watch.uri} "
                 f"(waited {wait_s:g} s, registry_deadline_s); retry after {retry} s",
                 retry,
             )
         with self._lock:
-            if self._fetches.get(name, (None,))[0] is future:
+            if name in self._fetches and self._fetches[name].future is future:
                 del self._fetches[name]
         exc = future.exception()
         if exc is None:
@@ -241,17 +250,16 @@ class AdapterResolver:
             retry,
         ) from exc
 
-    def _start(self, name: str, ref: str) -> Future:
+    def _start(self, name: str, ref: str) -> _Fetch:
         """The fetch of ``name`` in progress, or a new one on a registry thread."""
         with self._lock:
             running = self._fetches.get(name)
-            if running is not None and not running[0].done():
-                return running[0]
-            done: list[float] = []
+            if running is not None and not running.future.done():
+                return running
             future = self.watch.submit(self._fetch_and_store, name, ref, name not in self.configured())
-            future.add_done_callback(lambda _: done.append(time.monotonic()))
-            self._fetches[name] = (future, done)
-            return future
+            fetch = self._fetches[name] = _Fetch(future, time.monotonic())
+            future.add_done_callback(lambda _: setattr(fetch, "done", time.monotonic()))
+            return fetch
 
     def _fetch_and_store(self, name: str, ref: str, gated: bool) -> ResolvedAdapter:
         """On a registry thread: look ``name`` up, download and verify; the cache keeps the answer. A failure keeps
@@ -310,10 +318,11 @@ class AdapterResolver:
         with self._lock:  # other registry names are looked up again on their next request
             self._cache = {n: replace(h, expires=0.0) if _moves(h.adapter.ref) else h for n, h in self._cache.items()}
         listing = self.catalog.start()
-        names = [n for n, r in self.configured().items() if _moves(r)]
-        futures = {n: self._start(n, self.configured()[n]) for n in names} if self.args.resolved_tracking_uri() else {}
+        refs = {n: r for n, r in self.configured().items() if _moves(r)}
+        uri = self.args.resolved_tracking_uri()
+        futures = {n: self._start(n, r).future for n, r in refs.items()} if uri else {}
         out = {}
-        for name in names:
+        for name in refs:
             try:
                 if name not in futures:
                     raise AdapterUnavailable("no tracking URI: set tracking_uri (serve config) or MLFLOW_TRACKING_URI")

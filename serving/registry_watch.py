@@ -94,8 +94,12 @@ class RegistryWatch:
         try:
             return future.result(timeout=limit)
         except FutureTimeout as exc:
-            self._failed(f"no answer within {limit:g} s")
+            self.timed_out(limit)
             raise RegistryTimeout(f"the registry at {self.uri} did not answer within {limit:g} s") from exc
+
+    def timed_out(self, seconds: float) -> None:
+        """A caller waited ``seconds`` for a call that has not answered: recorded as a failure (``down()``)."""
+        self._failed(f"no answer within {seconds:g} s")
 
     def call(self, fn: Callable[..., Any], *args: Any, deadline_s: float | None = None) -> Any:
         """``fn(*args)`` on a registry thread, waited for at most ``deadline_s``; see ``wait``."""

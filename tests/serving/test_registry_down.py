@@ -108,6 +108,34 @@ def cards(answer: Answer) -> dict[str, dict]:
     return {c["id"]: c for c in answer.response.json()["data"]}
 
 
+def test_a_registry_that_hangs_holds_a_request_no_longer_than_the_deadline(serve_args, monkeypatch):
+    """A server that takes connections but never answers (a hung registry; no connection refused to end the call):
+    the first look-up of a registry name ends at ``registry_deadline_s`` with a 503, later ones at once."""
+    import socket
+
+    from serving.app import error_result
+    from serving.engine import Engine, ImageRequest
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # each hung call ends after the timeout below
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "4")
+    with socket.create_server(("127.0.0.1", 0)) as hung:  # listens, never accepts: requests sit in its backlog
+        uri = f"http://127.0.0.1:{hung.getsockname()[1]}"
+        args = serve_args(**{"tracking_uri": uri, "registry_deadline_s": 1, "registry_retry_s": RETRY_S})
+        engine = Engine.from_args(args)
+        for limit in (1 + 1, AT_ONCE_S):  # the deadline (+1 s for a busy machine), then at once
+            start = time.perf_counter()
+            with pytest.raises(Exception) as info:
+                engine.prepare(ImageRequest(PROMPT, model="hung-lora/1"))
+            seconds = time.perf_counter() - start
+            error = error_result(info.value)["error"]
+            assert error["status"] == 503 and error["retry_after"] == RETRY_S and uri in error["message"], error
+            assert seconds < limit, f"waited {seconds:.2f} s for a hung registry (limit {limit} s)"
+        assert engine.prepare(ImageRequest(PROMPT, model="ad0")).adapter is not None  # folders never wait
+        health = engine.resolver.watch.health()
+        assert health["reachable"] is False and "no answer within 1 s" in health["last_error"], health
+        engine.resolver.close()
+
+
 def test_a_registry_unreachable_from_the_start_never_stalls_serving(serve_args, monkeypatch):
     pytest.importorskip("openai")
     import openai
