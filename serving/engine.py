@@ -30,8 +30,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from serving.adapters import AdapterResolver, LoadedAdapters, ResolvedAdapter
+from serving.adapters import AdapterResolver, ResolvedAdapter
 from serving.config import ServeArgs, project_path
+from serving.loaded import LoadedAdapters
 from serving.lora_batch import BASE_ROUTE, LoraRouter
 from serving.speed import apply_speed
 from serving.tenants import Tenant
