@@ -1,4 +1,4 @@
-"""Which adapter a model name means, and which adapters a pipeline holds.
+"""Which adapter a model name means (the adapters a pipeline holds: ``serving.loaded``).
 
 ``AdapterResolver`` turns the name a client sends (``champion``, a configured name, a registered model's name
 ``toy-ohwx-lora`` = its ``champion.alias``, ``toy-sks-lora@previous``, ``toy-sks-lora/3``) into a verified local
@@ -10,29 +10,26 @@ the same whether it exists or not. A name the registry does not hold, and a vers
 gate rejected or that was rolled back (and no alias holds), is ``UnknownModel`` (404) at once; a registry that cannot
 be reached is ``AdapterUnavailable`` (503, retryable) unless an earlier answer is still at hand.
 
-``LoadedAdapters`` is the bounded LRU of adapters loaded into one pipeline: a miss loads with the plain diffusers
-call, an eviction deletes the adapter's layers (never fuse/unfuse: the replica is shared). With ``hotswap`` (a
-compiled UNet, ``speed.compile_unet``) the adapters live in fixed slots ``slot0…``: once all are taken, a miss
-loads into the least recently used slot with diffusers' ``load_lora_weights(..., hotswap=True)``, which replaces
-the weights in place, so the compiled graph is kept.
+A registry that is down never stalls serving (issue 22): registry calls run on the replica's registry threads
+(``serving.registry_watch``), never on a request's; a name resolved once is answered from the cache and looked up
+again in the background (stale-while-revalidate); a registry name never resolved waits at most
+``registry_deadline_s`` for its first look-up, and gets 503 + ``Retry-After: registry_retry_s`` at once while the
+registry is known to be down.
 """
 
 from __future__ import annotations
 
-import gc
+import contextlib
 import logging
 import threading
 import time
-from collections import OrderedDict
+from concurrent.futures import Future, wait
 from dataclasses import dataclass, replace
 from pathlib import Path
-
-import torch
 
 from evaluation.registry import (
     TAG_SHA,
     NotInRegistry,
-    RegistryError,
     client_for,
     fetch_adapter,
     parse_model_ref,
@@ -41,8 +38,9 @@ from evaluation.registry import (
 )
 from serving.catalog import RegistryCatalog
 from serving.config import BASE, MODEL_NAME, ServeArgs, is_folder_ref, project_path
+from serving.registry_watch import RegistryWatch
 from serving.tenants import Tenant, owner_of
-from training.adapter import AdapterError, AdapterMeta, load_adapter, verify_adapter
+from training.adapter import AdapterError, AdapterMeta
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +50,12 @@ class UnknownModel(LookupError):
 
 
 class AdapterUnavailable(RuntimeError):
-    """The name is served here but its adapter cannot be fetched right now, e.g. the registry is down (HTTP 503)."""
+    """The name is served here but its adapter cannot be fetched right now, e.g. the registry is down (HTTP 503);
+    ``retry_after_s``: when to ask again (the ``Retry-After`` header), None for the deployment's default."""
+
+    def __init__(self, message: str, retry_after_s: int | None = None):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 @dataclass(frozen=True)
@@ -70,17 +73,37 @@ class ResolvedAdapter:
         return self.meta.sha256
 
 
+@dataclass(frozen=True)
+class _Hit:
+    adapter: ResolvedAdapter
+    expires: float  # time.monotonic() after which a moving reference is looked up again (in the background)
+    at: float  # time.time() of the look-up that last confirmed it
+
+
+@dataclass
+class _Fetch:
+    future: Future
+    started: float  # time.monotonic()
+    done: float | None = None  # time.monotonic() when it ended
+
+
 class AdapterResolver:
-    """Model name -> verified local adapter folder, cached; registry aliases are looked up again after ``ttl_s``."""
+    """Model name -> verified local adapter folder, cached. Registry names are stale-while-revalidate: once resolved,
+    a name is answered from the cache at once, and looked up again on a registry thread after ``ttl_s``
+    (``serving.registry_watch``); a request never waits for the registry longer than ``registry_deadline_s``, and
+    not at all while the registry is known to be down."""
 
     def __init__(self, args: ServeArgs, base_model: str, cache_dir: Path, ttl_s: float | None = None):
         self.args = args
         self.base_model = base_model
         self.cache_dir = cache_dir
         self.ttl_s = args.champion.poll_s if ttl_s is None else ttl_s
-        self._cache: dict[str, tuple[ResolvedAdapter, float]] = {}
-        self._lock = threading.Lock()
-        self.catalog = RegistryCatalog(args)  # what /v1/models lists from the registry
+        self._cache: dict[str, _Hit] = {}
+        self._fetches: dict[str, _Fetch] = {}  # name -> its registry fetch in progress (or just answered)
+        self._lock = threading.Lock()  # guards _cache and _fetches; never held during a registry call
+        self._download = threading.Lock()  # one fetch at a time (two names may download one version into one folder)
+        self.watch = RegistryWatch(args.resolved_tracking_uri(), args.registry_deadline_s, args.registry_retry_s)
+        self.catalog = RegistryCatalog(args, self.watch)  # what /v1/models lists from the registry
 
     def configured(self) -> dict[str, str]:
         """Names served without asking: configured adapters and the champion."""
@@ -124,220 +147,212 @@ class AdapterResolver:
             return True
         return tenant.sees_shared and self.catalog.shared(name.split("@", 1)[0].split("/", 1)[0])
 
-    def resolve(self, name: str, tenant: Tenant | None = None) -> ResolvedAdapter | None:
+    def resolve(self, name: str, tenant: Tenant | None = None, wait_s: float | None = None) -> ResolvedAdapter | None:
         """None for the base model; else the verified adapter ``name`` means now, for ``tenant`` (None: anyone).
 
+        A name resolved before is answered from the cache (looked up again in the background once older than
+        ``ttl_s``); a registry name seen for the first time waits at most ``wait_s`` (default
+        ``registry_deadline_s``; 0: not at all) for its look-up and download, and not at all while the registry is
+        down.
+
         Raises:
-            UnknownModel (also: another tenant's adapter, worded as a missing one), AdapterUnavailable, AdapterError
-            (the adapter failed verification).
+            UnknownModel (also: another tenant's adapter, worded as a missing one), AdapterUnavailable (503 with
+            ``retry_after_s``: the registry is down or slower than the wait), AdapterError (the adapter failed
+            verification).
         """
         if name == BASE:
             return None
         if not self.visible(name, tenant):
             raise UnknownModel(f"model {name!r} is not served here; GET /v1/models lists the models you can use")
         ref = self.ref_for(name)
-        hit = self._cache.get(name)  # a fresh answer needs no lock: one slow fetch must not hold up the others
-        if hit and (hit[1] > time.monotonic() or not _moves(ref)):
-            return hit[0]
-        with self._lock:  # one fetch at a time (two names may download the same version into one folder)
-            hit = self._cache.get(name)
-            if hit and (hit[1] > time.monotonic() or not _moves(ref)):
-                return hit[0]
-            try:
-                resolved = self._fetch(name, ref, gated=name not in self.configured())
-            except (NotInRegistry, UnknownModel) as exc:  # the registry answered: nothing to serve under this name
-                self._cache.pop(name, None)
-                if isinstance(exc, UnknownModel):
-                    raise
-                raise UnknownModel(
-                    f"model {name!r} is not served here: {exc}; GET /v1/models lists the models"
-                ) from exc
-            except (RegistryError, AdapterUnavailable) as exc:
-                if hit:  # keep serving what we had while the registry is away
-                    log.warning("keeping %s at %s: %s", name, hit[0].version or hit[0].ref, exc)
-                    self._cache[name] = (hit[0], time.monotonic() + max(self.ttl_s, 1.0))
-                    return hit[0]
-                raise AdapterUnavailable(f"model {name!r} ({ref}) cannot be fetched: {exc}") from exc
-            expires = time.monotonic() + self.ttl_s if self.ttl_s > 0 else float("inf")
-            self._cache[name] = (resolved, expires)
+        hit = self._cache.get(name)  # no lock: a dict read, and one slow fetch must not hold up the others
+        if hit is not None:
+            if _moves(ref) and hit.expires <= time.monotonic() and self.watch.may_retry():
+                self._start(name, ref)  # stale-while-revalidate: this request is served what was known
+            return hit.adapter
+        if not ref.startswith(("runs:/", "models:/")):  # a configured folder: verified here, no registry
+            resolved = self._fetch(name, ref, gated=False)
+            self._store(name, resolved)
             return resolved
+        if not self.args.resolved_tracking_uri():
+            raise AdapterUnavailable(f"{ref} needs MLflow: set tracking_uri in the serve config or MLFLOW_TRACKING_URI")
+        return self._wait(name, ref, self.watch.deadline_s if wait_s is None else wait_s)
+
+    def pending(self, name: str, tenant: Tenant | None = None) -> Future | None:
+        """The registry fetch a request for ``name`` has to wait for (started now), or None when ``resolve`` answers
+        without waiting. Lets an async caller wait for it without holding a thread, then call ``resolve(wait_s=0)``."""
+        try:
+            if name == BASE or name in self._cache or not self.visible(name, tenant):
+                return None
+            ref = self.ref_for(name)
+        except UnknownModel:
+            return None
+        if not ref.startswith(("runs:/", "models:/")) or not self.args.resolved_tracking_uri():
+            return None
+        with self._lock:
+            running = self._fetches.get(name)
+        if running is not None:
+            return running.future if not running.future.done() else None
+        return None if self.watch.down() else self._start(name, ref).future
+
+    def _wait(self, name: str, ref: str, wait_s: float) -> ResolvedAdapter:
+        """A registry name not in the cache: its fetch's answer within ``wait_s``, or a 503 at once while the
+        registry is down."""
+        retry = self.watch.retry_after_s()
+        with self._lock:
+            running = self._fetches.get(name)
+            if running is not None and running.done and time.monotonic() - running.done > self.watch.retry_s:
+                running = None  # an answer older than a retry interval is not this request's
+        if running is None or not running.future.done():
+            if self.watch.down():  # no waiting, also not for a retry in progress
+                if running is None and self.watch.may_retry():
+                    self._start(name, ref)  # in the background; the client retries after `retry`
+                raise AdapterUnavailable(
+                    f"model {name!r} ({ref}) is not available: the MLflow registry at {self.watch.uri} does not answer "
+                    f"({self.watch.error}) and this replica has not resolved it before; 'base' and adapters already "
+                    f"resolved still serve; retry after {retry} s",
+                    retry,
+                )
+            running = running or self._start(name, ref)
+        future = running.future
+        wait([future], timeout=wait_s)
+        if not future.done():
+            if time.monotonic() - running.started >= self.watch.deadline_s:  # this request, or one before, waited
+                self.watch.timed_out(self.watch.deadline_s)  # so the next ones do not: the registry counts as down
+            raise AdapterUnavailable(
+                f"model {name!r} ({ref}) is still being fetched from the MLflow registry at {self.watch.uri} "
+                f"(waited {wait_s:g} s, registry_deadline_s); retry after {retry} s",
+                retry,
+            )
+        with self._lock:
+            if name in self._fetches and self._fetches[name].future is future:
+                del self._fetches[name]
+        exc = future.exception()
+        if exc is None:
+            return future.result()
+        if isinstance(exc, NotInRegistry):
+            raise UnknownModel(f"model {name!r} is not served here: {exc}; GET /v1/models lists the models") from exc
+        if isinstance(exc, (UnknownModel, AdapterError)):
+            raise exc
+        raise AdapterUnavailable(
+            f"model {name!r} ({ref}) cannot be fetched: the MLflow registry at {self.watch.uri} did not answer "
+            f"({str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__}); retry after {retry} s",
+            retry,
+        ) from exc
+
+    def _start(self, name: str, ref: str) -> _Fetch:
+        """The fetch of ``name`` in progress, or a new one on a registry thread."""
+        with self._lock:
+            running = self._fetches.get(name)
+            if running is not None and not running.future.done():
+                return running
+            future = self.watch.submit(self._fetch_and_store, name, ref, name not in self.configured())
+            fetch = self._fetches[name] = _Fetch(future, time.monotonic())
+            future.add_done_callback(lambda _: setattr(fetch, "done", time.monotonic()))
+            return fetch
+
+    def _fetch_and_store(self, name: str, ref: str, gated: bool) -> ResolvedAdapter:
+        """On a registry thread: look ``name`` up, download and verify; the cache keeps the answer. A failure keeps
+        what the cache had (served until the registry answers again); a registry that says the name is gone drops
+        it."""
+        try:
+            resolved = self._fetch(name, ref, gated)
+        except (NotInRegistry, UnknownModel):
+            with self._lock:
+                self._cache.pop(name, None)
+            raise
+        except Exception as exc:
+            with self._lock:
+                hit = self._cache.get(name)
+                if hit is not None:  # keep serving it; try again after a retry interval
+                    log.warning("keeping %s at %s: %s", name, hit.adapter.version or hit.adapter.ref, exc)
+                    self._cache[name] = replace(hit, expires=time.monotonic() + self.watch.retry_s)
+            raise
+        self._store(name, resolved)
+        return resolved
+
+    def _store(self, name: str, resolved: ResolvedAdapter) -> None:
+        expires = time.monotonic() + self.ttl_s if self.ttl_s > 0 else float("inf")
+        with self._lock:
+            self._cache[name] = _Hit(resolved, expires, time.time())
 
     def _fetch(self, name: str, ref: str, gated: bool) -> ResolvedAdapter:
-        """Called under the lock. ``gated``: a client's own reference, so a version the gate rejected (or one rolled
-        back) that no alias holds is refused."""
+        """``gated``: a client's own reference, so a version the gate rejected (or one rolled back) that no alias
+        holds is refused. Registry references run on a registry thread (``_fetch_and_store``)."""
         uri = self.args.resolved_tracking_uri()
         if ref.startswith(("runs:/", "models:/")) and not uri:
             raise AdapterUnavailable(f"{ref} needs MLflow: set tracking_uri in the serve config or MLFLOW_TRACKING_URI")
         if is_folder_ref(ref) and (why := self.args.outside_roots(Path(project_path(ref)))):
             raise AdapterError(why)  # checked again here: a symlink may have been swapped since start-up
         if not ref.startswith("models:/"):
-            f = fetch_adapter(ref, self.cache_dir, uri, expected_base=self.base_model)
+            with self._download if ref.startswith("runs:/") else contextlib.nullcontext():  # a folder: no lock
+                f = fetch_adapter(ref, self.cache_dir, uri, expected_base=self.base_model)
             return ResolvedAdapter(name, ref, f.path, f.meta, f.version)
         version = resolve_version(client_for(uri), ref)  # one metadata call; NotInRegistry when it names nothing
         pinned = parse_model_ref(ref)[2] is not None
         if gated and pinned and (why := unservable(version)):
             raise UnknownModel(why)
         number, sha = str(version.version), (version.tags or {}).get(TAG_SHA)
-        for other, _ in self._cache.values():  # the same version under any name: no second download
-            if other.registered == version.name and other.version == number and other.meta.sha256 == sha:
-                return replace(other, name=name, ref=ref)
-        f = fetch_adapter(f"models:/{version.name}/{number}", self.cache_dir, uri, expected_base=self.base_model)
+        with self._download:
+            for hit in list(self._cache.values()):  # the same version under any name: no second download
+                other = hit.adapter
+                if other.registered == version.name and other.version == number and other.meta.sha256 == sha:
+                    return replace(other, name=name, ref=ref)
+            f = fetch_adapter(f"models:/{version.name}/{number}", self.cache_dir, uri, expected_base=self.base_model)
         return ResolvedAdapter(name, ref, f.path, f.meta, f.version, version.name)
 
     def refresh(self) -> dict[str, str]:
-        """Look registry aliases up again now (the champion moved); returns name -> version or error."""
-        with self._lock:  # expire every alias lookup
-            self._cache = {n: (r, 0.0 if _moves(r.ref) else t) for n, (r, t) in self._cache.items()}
-        self.catalog.entries(force=True)
+        """Look the registry up again now — the catalog and every configured alias (the champion) — each waited for
+        at most ``registry_deadline_s`` (a replica's start, its poll, ``POST /admin/reload``). A name whose look-up
+        fails keeps the version it had. Returns name -> version, or ``"error: …"``."""
+        with self._lock:  # other registry names are looked up again on their next request
+            self._cache = {n: replace(h, expires=0.0) if _moves(h.adapter.ref) else h for n, h in self._cache.items()}
+        listing = self.catalog.start()
+        refs = {n: r for n, r in self.configured().items() if _moves(r)}
+        uri = self.args.resolved_tracking_uri()
+        futures = {n: self._start(n, r).future for n, r in refs.items()} if uri else {}
         out = {}
-        for name in [n for n, r in self.configured().items() if _moves(r)]:
+        for name in refs:
             try:
-                r = self.resolve(name)
-                out[name] = (r.version or r.ref) if r else BASE
-            except (UnknownModel, AdapterUnavailable, AdapterError) as exc:
-                out[name] = f"error: {exc}"
+                if name not in futures:
+                    raise AdapterUnavailable("no tracking URI: set tracking_uri (serve config) or MLFLOW_TRACKING_URI")
+                r = self.watch.wait(futures[name])
+                out[name] = r.version or r.ref
+            except Exception as exc:  # noqa: BLE001 - reported per name; the cache keeps what it had
+                hit = self._cache.get(name)
+                kept = f" (still serving version {hit.adapter.version})" if hit else ""
+                out[name] = f"error: {str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__}{kept}"
+        if listing is not None:
+            self.catalog.wait(listing)
         return out
 
     def known(self) -> dict[str, ResolvedAdapter]:
         """Names resolved so far (for /v1/models; a snapshot taken without waiting for a fetch in progress)."""
-        return {name: r for name, (r, _) in dict(self._cache).items()}
+        return {name: hit.adapter for name, hit in dict(self._cache).items()}
+
+    def state(self) -> dict:
+        """The registry as this replica sees it, for ``/readyz`` details and ``/admin/stats``: the watch's health,
+        the listing's age, and per configured registry name (the champion) the version served and the age of the
+        look-up that last confirmed it (it grows while the registry is down: stale-while-revalidate)."""
+        now = time.time()
+        names = {}
+        for name, ref in self.configured().items():
+            if ref.startswith(("runs:/", "models:/")):
+                hit = self._cache.get(name)
+                names[name] = {
+                    "ref": ref,
+                    "version": hit.adapter.version if hit else None,
+                    "age_s": round(now - hit.at, 1) if hit else None,
+                    "stale": bool(hit and _moves(ref) and now - hit.at > max(self.ttl_s, self.watch.retry_s) + 1),
+                }
+        return {"registry": self.watch.health() | self.catalog.state(), "names": names}
+
+    def close(self) -> None:
+        """Stop the registry threads (a call in progress ends on its own)."""
+        self.watch.close()
 
 
 def _moves(ref: str) -> bool:
     """References to look up again after ``ttl_s``: registry aliases move, and a pinned version's status can change
     (rolled back); an unchanged version is not downloaded again."""
     return ref.startswith("models:/")
-
-
-class LoadedAdapters:
-    """At most ``capacity`` adapters in the pipeline; least recently used goes first."""
-
-    def __init__(self, pipe, capacity: int, on_change=None, hotswap: bool = False, hotswap_max_rank: int = 64):
-        self.pipe = pipe
-        self.capacity = capacity
-        self.hotswap = hotswap
-        self.hotswap_max_rank = hotswap_max_rank
-        self.on_change = on_change  # called after a load or an eviction (the engine re-hooks LoRA layers)
-        self._slots: OrderedDict[str, str] = OrderedDict()  # key -> PEFT adapter name
-        self.hits = self.misses = self.evictions = 0
-
-    @staticmethod
-    def slot_name(key: str) -> str:
-        return f"a{key[:16]}"  # PEFT adapter names are module keys: no dots
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._slots
-
-    def __len__(self) -> int:
-        return len(self._slots)
-
-    def keys(self) -> list[str]:
-        """Keys (weights sha256) of the loaded adapters, least recently used first."""
-        return list(self._slots)
-
-    def ensure(self, adapters: list[ResolvedAdapter]) -> dict[str, str | AdapterError]:
-        """Load what is missing (evicting others), mark all as used; returns key -> slot, or the
-        ``AdapterError`` of an adapter that failed to load (the others load and serve as usual).
-
-        Raises:
-            ValueError: more distinct adapters than ``capacity`` (the engine splits batches before this).
-        """
-        unique = {a.key: a for a in adapters}
-        failed: dict[str, AdapterError] = {}
-        if len(unique) > self.capacity:
-            raise ValueError(f"{len(unique)} adapters in one pass > max_adapters {self.capacity}")
-        for key, adapter in unique.items():
-            if key in self._slots:
-                self.hits += 1
-                self._slots.move_to_end(key)
-                continue
-            self.misses += 1
-            if self.hotswap:
-                try:  # before a slot is chosen: a refused adapter leaves every slot as it was
-                    self._check_hot_swappable(adapter)
-                except AdapterError as exc:
-                    log.warning("adapter %s refused: %s", adapter.name, exc)
-                    failed[key] = exc
-                    continue
-            if self.hotswap and len(self._slots) >= self.capacity:
-                victim = next(k for k in self._slots if k not in unique)
-                slot, swap = self._slots.pop(victim), True
-                self.evictions += 1
-            else:
-                while len(self._slots) >= self.capacity:
-                    self.evict(next(k for k in self._slots if k not in unique))
-                slot, swap = self._free_slot(key), False
-            try:
-                self._load(adapter, slot, swap)
-            except AdapterError as exc:
-                log.warning("adapter %s refused: %s", adapter.name, exc)
-                failed[key] = exc
-                continue
-            self._slots[key] = slot
-            if self.on_change:
-                self.on_change()
-        return {key: failed.get(key) or self._slots[key] for key in unique}
-
-    def _free_slot(self, key: str) -> str:
-        if not self.hotswap:
-            return self.slot_name(key)
-        taken = set(self._slots.values())
-        return next(f"slot{i}" for i in range(self.capacity + 1) if f"slot{i}" not in taken)
-
-    def _load(self, adapter: ResolvedAdapter, slot: str, swap: bool) -> None:
-        """Load ``adapter`` as ``slot``; ``swap``: replace the weights of the adapter already in ``slot`` in place.
-
-        Raises:
-            AdapterError: it failed verification or does not fit (a failed swap leaves the slot deleted).
-        """
-        if not swap:
-            load_adapter(self.pipe, adapter.path, slot)
-            return
-        meta = verify_adapter(adapter.path)  # the sha256 again, just before the weights are read
-        try:
-            self.pipe.load_lora_weights(str(adapter.path), weight_name=meta.weights, adapter_name=slot, hotswap=True)
-        except Exception as exc:  # noqa: BLE001 - a file the swap refuses (rank above hotswap_max_rank, other targets)
-            self.pipe.delete_adapters(slot)
-            if self.on_change:
-                self.on_change()
-            raise AdapterError(
-                f"adapter {adapter.name!r} cannot be hot-swapped into the compiled UNet ({type(exc).__name__}: "
-                f"{str(exc)[:300]}); a hot swap needs the target modules of the slot's previous adapter (diffusers "
-                "refuses other ones): serve it without speed.compile_unet"
-            ) from exc
-
-    def _check_hot_swappable(self, adapter: ResolvedAdapter) -> None:
-        """What diffusers' hot swap cannot take, refused before anything is loaded.
-
-        Raises:
-            AdapterError: a rank above ``speed.hotswap_max_rank`` (the slots' padded rank: a bigger one would change
-                the compiled tensors' shapes) or text-encoder LoRA (diffusers hot-swaps the UNet only).
-        """
-        from safetensors import safe_open
-
-        meta = verify_adapter(adapter.path)
-        if meta.text_encoder:
-            raise AdapterError(
-                f"adapter {adapter.name!r} has text-encoder LoRA, which diffusers cannot hot-swap into a compiled "
-                "pipeline: serve it without speed.compile_unet"
-            )
-        with safe_open(str(Path(adapter.path) / meta.weights), framework="pt") as f:
-            downs = [k for k in f.keys() if k.endswith((".lora_A.weight", ".lora.down.weight", ".lora_down.weight"))]  # noqa: SIM118
-            ranks = [f.get_slice(k).get_shape()[0] for k in downs]
-        rank = max(ranks, default=0)
-        if rank > self.hotswap_max_rank:
-            raise AdapterError(
-                f"adapter {adapter.name!r} has LoRA rank {rank} > speed.hotswap_max_rank {self.hotswap_max_rank} (the "
-                f"compiled slots' rank): set speed.hotswap_max_rank to at least {rank}, or serve it without "
-                "speed.compile_unet"
-            )
-
-    def evict(self, key: str) -> None:
-        slot = self._slots.pop(key)
-        self.pipe.delete_adapters(slot)
-        self.evictions += 1
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        if self.on_change:
-            self.on_change()

@@ -52,7 +52,8 @@ def error_result(exc: Exception) -> dict:
     if isinstance(exc, AdapterError):
         return {"error": {"status": 422, "message": f"adapter refused: {exc}", "param": "model"}}
     if isinstance(exc, AdapterUnavailable):
-        return {"error": {"status": 503, "message": str(exc), "param": "model"}}
+        retry = {"retry_after": exc.retry_after_s} if exc.retry_after_s else {}
+        return {"error": {"status": 503, "message": str(exc), "param": "model", **retry}}
     return {"error": {"status": 500, "message": f"generation failed: {type(exc).__name__}: {exc}", "param": None}}
 
 
@@ -73,12 +74,16 @@ class Generator:
     def __init__(self, args: ServeArgs | dict):
         quiet_libraries()  # this replica's process: no library noise in the Serve logs
         self.args = ServeArgs.model_validate(args)
+        for key, value in self.args.registry_env().items():  # MLflow's HTTP retries, once per replica process,
+            os.environ.setdefault(key, value)  # before any registry call (build_app's runtime_env sets the same)
         # Every torch call of the replica runs on this one thread: with OpenMP teams started from two threads
         # (say, loading on one and generating on another), libgomp throttles its spin-waits once it manages more
         # threads than there are cores, and small ops got 3x slower on 2 cores (measured; see README, Serving).
         self._torch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch")
         cache = Path(project_path(self.args.adapter_cache_dir)) / f"replica-{os.getpid()}"
         self.engine = self._torch.submit(self._load, cache).result()
+        if self.args.resolved_tracking_uri():  # the champion and the listing, each waited for registry_deadline_s
+            log.info("registry %s: %s", self.args.resolved_tracking_uri(), self.engine.resolver.refresh())
         self.metrics = GeneratorMetrics()
         self._gone: dict[str, float] = {}  # request id whose caller went away -> when
         self._epoch = 0
@@ -100,7 +105,8 @@ class Generator:
             log.info("warm-up took %.2f s", self._torch.submit(self.engine.warm_up).result())
         self._check_gpu_memory()
         self._stop = threading.Event()
-        if self.args.champion.model and self.args.champion.poll_s > 0:
+        self._bg = ThreadPoolExecutor(max_workers=1, thread_name_prefix="registry-refresh")  # reloads from requests
+        if self.args.resolved_tracking_uri() and self.args.champion.poll_s > 0:
             threading.Thread(target=self._poll, daemon=True, name="champion-poll").start()
 
     def _load(self, cache: Path) -> Engine:
@@ -128,9 +134,12 @@ class Generator:
         model = req.model or self.args.default_model
         if epoch > self._epoch:  # an admin reload reached another replica first
             self._epoch = epoch
-            await asyncio.to_thread(self._refresh)
+            await self._wait_registry(self._bg.submit(self._refresh))
+        # a registry name this replica has not resolved: its fetch is awaited here, holding no thread, at most
+        # registry_deadline_s; base, folders and names resolved before never wait (resolve answers from its cache)
+        await self._wait_registry(self.engine.resolver.pending(model, req.tenant))
         try:
-            prepared = await asyncio.to_thread(self.engine.prepare, req)
+            prepared = await asyncio.to_thread(self.engine.prepare, req, 0.0)
         except Exception as exc:  # noqa: BLE001 - every failure becomes a typed error result
             out = error_result(exc)
             # a metric label is never the client's raw text (unbounded label values, bytes Prometheus refuses)
@@ -186,6 +195,12 @@ class Generator:
         """Look the champion (and other aliases) up again; load a moved champion before serving it."""
         return await asyncio.to_thread(self._refresh)
 
+    async def _wait_registry(self, future) -> None:
+        """Wait for a registry call at most ``registry_deadline_s``, and not at all while the registry is down (the
+        call goes on in the background either way)."""
+        if future is not None and not self.engine.resolver.watch.down():
+            await asyncio.wait({asyncio.wrap_future(future)}, timeout=self.args.registry_deadline_s)
+
     def _refresh(self) -> dict:
         versions = self.engine.resolver.refresh()
         moved = [n for n, v in versions.items() if not v.startswith("error")]
@@ -195,7 +210,10 @@ class Generator:
         return versions
 
     def _poll(self) -> None:
-        while not self._stop.wait(self.args.champion.poll_s):
+        """The background refresher: every ``champion.poll_s``, and every ``registry_retry_s`` while the registry
+        does not answer, look the champion and the listing up again."""
+        every, retry = self.args.champion.poll_s, self.args.registry_retry_s
+        while not self._stop.wait(min(every, retry) if self.engine.resolver.watch.down() else every):
             try:
                 self._refresh()
             except Exception:  # noqa: BLE001 - a failed poll keeps the current champion
@@ -216,23 +234,35 @@ class Generator:
             )
 
     async def models(self, tenant: Tenant | None = None) -> dict:
-        """``GET /v1/models``: what ``tenant`` may use (None: everything)."""
-        return await asyncio.to_thread(self._models, tenant)  # a registry read (once per poll_s) stays off the loop
+        """``GET /v1/models``: what ``tenant`` may use (None: everything), from what this replica knows (never waits
+        for the registry: serving.catalog)."""
+        return self._models(tenant)
 
     def _models(self, tenant: Tenant | None) -> dict:
-        cards = model_cards(self.engine.resolver, set(self.engine.adapters.keys()), tenant)
-        return {"object": "list", "data": cards}
+        resolver = self.engine.resolver
+        cards = model_cards(resolver, set(self.engine.adapters.keys()), tenant)
+        registry = resolver.state()["registry"] if self.engine.args.resolved_tracking_uri() else None
+        return {"object": "list", "data": cards, "registry": registry}
 
     def stats(self) -> dict:
-        return {"pid": os.getpid(), **self.metrics.snapshot(), "adapter_cache": self.engine.stats()}
+        return {
+            "pid": os.getpid(),
+            **self.metrics.snapshot(),
+            "adapter_cache": self.engine.stats(),
+            "registry": self.engine.resolver.state(),
+        }
 
-    def ready(self) -> bool:
-        return True
+    def ready(self) -> dict:
+        """Readiness details (``GET /readyz``): the registry as this replica sees it and the age of its champion."""
+        return {"pid": os.getpid(), **self.engine.resolver.state()}
 
     def __del__(self):
         stop = getattr(self, "_stop", None)
         if stop is not None:
             stop.set()
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.resolver.close()
 
 
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0})

@@ -2,8 +2,14 @@
 gated versions, read from MLflow at most once per ``champion.poll_s`` seconds (and at once on ``POST /admin/reload``).
 
     catalog = RegistryCatalog(args)     # reads nothing until asked
+    catalog.refresh()                   # read now, waiting at most registry_deadline_s (a replica's start, its poll)
     catalog.entries()                   # [Entry(id="toy-ohwx-lora", model="toy-ohwx-lora", version="2", ...), ...]
     model_cards(resolver, loaded_keys)  # the cards of GET /v1/models
+
+Reading never waits for the registry: ``entries`` answers from the last good listing and, when that is older than
+``champion.poll_s``, reads it again on a registry thread (``serving.registry_watch``), so ``GET /v1/models`` answers
+at once with what the replica knows while the registry is down, its registry-backed cards marked
+``available: false`` unless the replica resolved them before.
 
 For each registered model tagged ``lorafleet.adapter_model=true`` (``evaluation.registry.register`` tags it), plus
 the configured champion's model and the models configured ``models:/`` references name:
@@ -26,13 +32,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, replace
 
 from serving.config import BASE, MODEL_NAME, ServeArgs
+from serving.registry_watch import RegistryWatch
 from serving.tenants import TAG_SHARED, Tenant, owner_of
 
 log = logging.getLogger(__name__)
-RETRY_FAILED_S = 5.0  # with poll_s = 0 (reload only), a listing that failed is tried again after this long
 
 
 @dataclass(frozen=True)
@@ -53,9 +60,10 @@ class Entry:
 
 
 class RegistryCatalog:
-    """A cached listing of the registry; thread-safe, one read at a time (callers meanwhile wait for it)."""
+    """A cached listing of the registry; thread-safe. Reads never wait for the registry: they answer from the last
+    good listing, and one older than ``champion.poll_s`` is read again on a registry thread (``RegistryWatch``)."""
 
-    def __init__(self, args: ServeArgs):
+    def __init__(self, args: ServeArgs, watch: RegistryWatch | None = None):
         self.uri = args.resolved_tracking_uri()
         self.enabled = bool(self.uri and args.allow_registry_refs)
         self.alias = args.champion.alias
@@ -63,44 +71,79 @@ class RegistryCatalog:
         refs = [r for r in args.adapters.values() if r.startswith("models:/")]
         self.always = sorted({*([args.champion.model] if args.champion.model else []), *(_model_of(r) for r in refs)})
         self.taken = {BASE, *args.adapters, *([args.champion.name] if args.champion.model else [])}
+        self.watch = watch or RegistryWatch(self.uri, args.registry_deadline_s, args.registry_retry_s)
         self.error: str | None = None  # why the last read failed (the listing before it is kept)
+        self.read_at: float | None = None  # time.time() of the last good listing
         self._entries: list[Entry] = []
         self._refs: dict[str, Entry] = {}  # models:/m@alias and models:/m/version -> what it points at
         self._shared: frozenset[str] = frozenset()  # registered models tagged lorafleet.shared=true
         self._expires = float("-inf")
+        self._future: Future | None = None
         self._lock = threading.Lock()
 
-    def entries(self, force: bool = False) -> list[Entry]:
-        """The listed ids, read again when older than ``champion.poll_s`` s (0: only when ``force``)."""
-        self._read(force)
+    def entries(self) -> list[Entry]:
+        """The listed ids as of the last good listing (empty before the first; ``refresh`` reads one)."""
+        self._revalidate()
         return self._entries
 
     def describe(self, ref: str) -> Entry | None:
         """What a ``models:/`` reference pointed at when the registry was last read (aliases and unlisted versions
         included), or None."""
-        self._read(False)
+        self._revalidate()
         return self._refs.get(ref)
 
     def shared(self, model: str) -> bool:
         """Whether registered model ``model`` was tagged ``lorafleet.shared=true`` when the registry was last read."""
-        self._read(False)
+        self._revalidate()
         return model in self._shared
 
-    def _read(self, force: bool) -> None:
+    def answered(self) -> bool:
+        """Whether the last read of the listing got an answer (False before the first, and while it fails)."""
+        return self.enabled and self.read_at is not None and self.error is None
+
+    def refresh(self, deadline_s: float | None = None) -> bool:
+        """Read the listing now, waiting at most ``deadline_s`` (default ``registry_deadline_s``); True when it
+        answered. The last good listing is kept when it does not."""
+        future = self.start()
+        return True if future is None else self.wait(future, deadline_s)
+
+    def start(self) -> Future | None:
+        """Start reading the listing on a registry thread (or join the read in progress); None when disabled."""
         if not self.enabled:
-            return
+            return None
         with self._lock:
-            now = time.monotonic()
-            if not force and now < self._expires:
-                return
-            try:
-                self._entries, self._refs, self._shared = self._listing()
-                self.error = None
-                self._expires = now + self.ttl_s if self.ttl_s > 0 else float("inf")
-            except Exception as exc:  # noqa: BLE001 - the registry is away: keep the last listing, retry later
-                self.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
-                log.warning("registry listing failed, keeping the last one: %s", self.error)
-                self._expires = now + (self.ttl_s or RETRY_FAILED_S)
+            if self._future is None or self._future.done():
+                self._future = self.watch.submit(self._read)
+            return self._future
+
+    def wait(self, future: Future, deadline_s: float | None = None) -> bool:
+        """Whether the read ``future`` answered within ``deadline_s`` (default ``registry_deadline_s``)."""
+        try:
+            self.watch.wait(future, deadline_s)
+            return True
+        except Exception:  # noqa: BLE001 - recorded in self.error / the watch; the last listing is kept
+            return False
+
+    def state(self) -> dict:
+        """The listing's age and last error, for ``/readyz`` details and ``/admin/stats``."""
+        age = None if self.read_at is None else round(time.time() - self.read_at, 1)
+        return {"listing_age_s": age, "listing_error": self.error} if self.enabled else {}
+
+    def _revalidate(self) -> None:
+        if self.enabled and time.monotonic() >= self._expires and self.watch.may_retry():
+            self.start()
+
+    def _read(self) -> None:
+        """On a registry thread: the whole listing, swapped in at once when it is read."""
+        try:
+            entries, refs, shared = self._listing()
+        except Exception as exc:  # the registry is away: keep the last listing, retry after registry_retry_s
+            self.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+            self._expires = time.monotonic() + self.watch.retry_s
+            raise
+        self._entries, self._refs, self._shared = entries, refs, shared
+        self.error, self.read_at = None, time.time()
+        self._expires = time.monotonic() + self.ttl_s if self.ttl_s > 0 else float("inf")
 
     def _listing(self) -> tuple[list[Entry], dict[str, Entry], frozenset[str]]:
         from mlflow.exceptions import MlflowException
@@ -166,9 +209,11 @@ def _model_of(ref: str) -> str:
 def model_cards(resolver, loaded: set[str], tenant: Tenant | None = None) -> list[dict]:
     """The ``GET /v1/models`` cards: ``base``, the configured names (the champion among them), then the registry's
     entries ``tenant`` may use (None: all). ``resolver`` is the engine's ``AdapterResolver``; ``loaded`` the keys
-    (sha256) of loaded adapters."""
+    (sha256) of loaded adapters. ``available``: a request for the name can be served now — false for a registry
+    name this replica has not resolved while the registry does not answer. Never waits for the registry."""
     known = resolver.known()
-    cards = [{"id": BASE, "kind": "base", "ref": resolver.args.base_model, "loaded": True}]
+    up = not resolver.watch.down()
+    cards = [{"id": BASE, "kind": "base", "ref": resolver.args.base_model, "loaded": True, "available": True}]
     for name, ref in resolver.configured().items():
         r = known.get(name)
         card = {"id": name, "kind": "adapter", "ref": ref, "version": r.version if r else None}
@@ -176,9 +221,23 @@ def model_cards(resolver, loaded: set[str], tenant: Tenant | None = None) -> lis
         if e is not None and (r is None or r.version == e.version):  # what it serves, as the registry describes it
             card |= e.card()
         card["loaded"] = bool(r and r.key in loaded) or bool(e and e.sha256 in loaded)
+        card["available"] = r is not None or up or not ref.startswith(("runs:/", "models:/"))
         cards.append(card)
     for e in resolver.catalog.entries():
         if tenant is not None and not tenant.sees(e.owner, e.shared):
             continue
-        cards.append({"id": e.id, "kind": "registry", "ref": e.ref, **e.card(), "loaded": e.sha256 in loaded})
+        cards.append({"id": e.id, "kind": "registry", "ref": e.ref, **e.card(), "loaded": e.sha256 in loaded,
+                      "available": e.id in known or up})  # fmt: skip
+    return cards
+
+
+def configured_cards(args: ServeArgs) -> list[dict]:
+    """The cards the ingress can list without a generator replica: ``base`` and the configured names, registry-backed
+    ones marked ``available: false`` (nobody could say whether they resolve now)."""
+    refs = dict(args.adapters) | ({args.champion.name: f"models:/{args.champion.model}@{args.champion.alias}"}
+                                  if args.champion.model else {})  # fmt: skip
+    cards = [{"id": BASE, "kind": "base", "ref": args.base_model, "available": True}]
+    for name, ref in refs.items():
+        registry = ref.startswith(("runs:/", "models:/"))
+        cards.append({"id": name, "kind": "adapter", "ref": ref, "available": not registry})
     return cards

@@ -361,6 +361,19 @@ class ServeArgs(_Section):
     registry_timeout_s: int = Field(
         10, ge=1, description="seconds one registry HTTP request may take (MLFLOW_HTTP_REQUEST_TIMEOUT in a replica)"
     )
+    registry_deadline_s: float = Field(
+        5.0,
+        gt=0,
+        description="the longest a request waits for the registry (a first look-up or download of a registry name); "
+        "past it the request gets 503 + Retry-After and the call goes on in the background. Base, configured folders "
+        "and names already resolved never wait for the registry",
+    )
+    registry_retry_s: float = Field(
+        5.0,
+        gt=0,
+        description="while the registry does not answer: seconds between a replica's tries, and the Retry-After of a "
+        "503 for a name only the registry can resolve (the champion before its first look-up)",
+    )
     adapter_cache_dir: str = Field("runs/serve/adapters", description="where registry downloads are kept")
     max_adapters: int = Field(4, ge=1, description="adapters held in a replica's memory at once (LRU)")
     defaults: GenerationDefaults = Field(default_factory=GenerationDefaults)

@@ -30,8 +30,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from serving.adapters import AdapterResolver, LoadedAdapters, ResolvedAdapter
+from serving.adapters import AdapterResolver, ResolvedAdapter
 from serving.config import ServeArgs, project_path
+from serving.loaded import LoadedAdapters
 from serving.lora_batch import BASE_ROUTE, LoraRouter
 from serving.speed import apply_speed
 from serving.tenants import Tenant
@@ -164,8 +165,9 @@ class Engine:
         return cls(pipe, args, AdapterResolver(args, base, cache))
 
     # ---- requests -------------------------------------------------------------------------------------------
-    def prepare(self, req: ImageRequest) -> Prepared:
-        """Fill defaults, check limits, resolve the adapter (may fetch it from the registry).
+    def prepare(self, req: ImageRequest, wait_s: float | None = None) -> Prepared:
+        """Fill defaults, check limits, resolve the adapter (may fetch it from the registry, waiting at most
+        ``wait_s``: ``AdapterResolver.resolve``).
 
         Raises:
             RequestError: a field outside the configured limits.
@@ -204,7 +206,7 @@ class Engine:
                 f"for every n up to limits.max_n ({lim.max_n})",
             )
         model = req.model or self.args.default_model
-        adapter = self.resolver.resolve(model, req.tenant)
+        adapter = self.resolver.resolve(model, req.tenant, wait_s)
         return Prepared(req, model, adapter, seed, steps, guidance, width, height)
 
     def _scheduler_takes(self, steps: int) -> bool:
@@ -336,7 +338,7 @@ class Engine:
 
     def preload(self, names: list[str]) -> None:
         """Resolve ``names`` and load their adapters now, so the first request after a champion move is fast."""
-        adapters = [a for a in (self.resolver.resolve(n) for n in names) if a is not None]
+        adapters = [a for a in (self.resolver.resolve(n, wait_s=0) for n in names) if a is not None]
         with self._lock:
             self.adapters.ensure(adapters[: self.args.max_adapters])
 

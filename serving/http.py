@@ -42,6 +42,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from serving.catalog import configured_cards
 from serving.config import ServeArgs
 from serving.engine import ImageRequest
 from serving.finetune import routes as finetune
@@ -53,6 +54,7 @@ from serving.uploads import routes as files
 from serving.uploads.store import FileStore
 
 log = logging.getLogger("ray.serve")
+MODELS_WAIT_S = 1.0  # GET /v1/models answers within this (issue 22: it once waited for a registry that was down)
 PUBLIC = {"/healthz", "/readyz", "/", "/docs", "/openapi.json", "/docs/oauth2-redirect"}  # hold no data
 PAGE = (Path(__file__).parent / "static" / "index.html").read_text()
 
@@ -483,7 +485,8 @@ class Api:
             raise ApiError(504, f"generation took longer than {d.request_timeout_s} s; retry or lower steps/n") from exc
         if "error" in out:
             e = out["error"]
-            raise ApiError(e["status"], e["message"], e["param"], d.retry_after_s if e["status"] == 503 else None)
+            retry = e.get("retry_after") or d.retry_after_s  # the registry's retry interval for a registry name
+            raise ApiError(e["status"], e["message"], e["param"], retry if e["status"] == 503 else None)
         return out
 
     async def _images(self, method: str, *args):
@@ -515,15 +518,25 @@ class Api:
     @web.head("/readyz", include_in_schema=False)
     async def readyz(self) -> JSONResponse:
         try:
-            await asyncio.wait_for(self.gen.ready.remote(), timeout=5)
+            details = await asyncio.wait_for(self.gen.ready.remote(), timeout=5)
         except Exception as exc:  # noqa: BLE001 - any failure means not ready
             return JSONResponse(error_body(503, f"no generator replica is ready: {exc}"), status_code=503)
-        return JSONResponse({"status": "ready"})
+        # ready while the registry is down (base and resolved names serve); the details say how stale the champion is
+        return JSONResponse({"status": "ready", **({"details": details} if isinstance(details, dict) else {})})
 
     @web.get("/v1/models", response_model=ModelList, summary="base model, configured adapters, registry versions")
     @web.head("/v1/models", include_in_schema=False)
     async def models(self, request: Request) -> dict:
-        return await self.gen.models.remote(tenant_of(request))  # the tenant's own, shared and unowned adapters
+        """The tenant's own, shared and unowned adapters, as a generator replica knows them; within
+        ``MODELS_WAIT_S`` (a replica never asks the registry for it, but may be slow to answer under load), else the
+        configured names alone (``configured_cards``)."""
+        response = self.gen.models.remote(tenant_of(request))
+        try:
+            return await asyncio.wait_for(response, timeout=MODELS_WAIT_S)
+        except asyncio.TimeoutError:
+            response.cancel()
+            log.warning("no generator replica answered within %s s: listing the configured names", MODELS_WAIT_S)
+            return {"object": "list", "data": configured_cards(self.args), "registry": None}
 
     @web.post("/v1/images/generations", response_model=ImagesResponse, summary="OpenAI-compatible image generation")
     async def generations(self, body: GenerationBody, request: Request) -> ImagesResponse:

@@ -276,11 +276,21 @@ class ModelCard(BaseModel):
     aliases: list[str] = Field(default_factory=list, description="every alias that version holds")
     status: str | None = Field(None, description="the gate's validation_status of that version (passed, ...)")
     loaded: bool = Field(False, description="its adapter is in a replica's memory now")
+    available: bool = Field(
+        True,
+        description="a request for it can be served now; false for a registry name the replica has not resolved while "
+        "the MLflow registry does not answer (such a request gets 503 + Retry-After)",
+    )
 
 
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+    registry: dict[str, Any] | None = Field(
+        None,
+        description="the MLflow registry as the answering replica last saw it: uri, reachable, last_ok_age_s, "
+        "last_error, listing_age_s (null: no registry configured, or no replica answered in time)",
+    )
 
 
 # OpenAI's error types by status; any other 4xx is the client's ("invalid_request_error"), any other 5xx ours

@@ -394,13 +394,20 @@ def test_every_datasets_model_is_listed_and_a_missing_name_is_a_404_at_once(
             assert time.perf_counter() - start < 2, name  # no retries: 404 is final
     serve.delete("fleet")
 
-    # the registry down: 503 + Retry-After within seconds (registry_retries), the listing keeps the configured names
-    down = deploy(serve_instance, module_args(tracking_uri=f"http://127.0.0.1:{closed_port()}"), "down")
+    # the registry down: 503 + Retry-After (registry_retry_s) at once — the replica found it down when it started —
+    # naming the registry; the listing keeps the configured names
+    dead = f"http://127.0.0.1:{closed_port()}"
+    down = deploy(serve_instance, module_args(tracking_uri=dead, registry_retry_s=3), "down")
     start = time.perf_counter()
     r = httpx.post(f"{down}/v1/images/generations", json={"prompt": PROMPT, "model": f"{sks}@champion"}, timeout=90)
-    assert r.status_code == 503 and r.headers["retry-after"] == "1", r.text
-    assert time.perf_counter() - start < 15 and "registry did not answer" in r.json()["error"]["message"]
-    assert [m["id"] for m in httpx.get(f"{down}/v1/models", timeout=60).json()["data"]] == ["base", *tiny_adapters]
+    assert r.status_code == 503 and r.headers["retry-after"] == "3", r.text
+    assert time.perf_counter() - start < 5 and f"registry at {dead} does not answer" in r.json()["error"]["message"]
+    start = time.perf_counter()
+    listed = httpx.get(f"{down}/v1/models", timeout=60).json()
+    assert time.perf_counter() - start < 1 and listed["registry"]["reachable"] is False
+    assert [m["id"] for m in listed["data"]] == ["base", *tiny_adapters] and all(m["available"] for m in listed["data"])
+    ready = httpx.get(f"{down}/readyz", timeout=60)
+    assert ready.status_code == 200 and ready.json()["details"]["registry"]["uri"] == dead, ready.text
     serve.delete("down")
 
 

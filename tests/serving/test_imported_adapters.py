@@ -99,6 +99,7 @@ def test_an_imported_adapter_is_registered_served_by_name_and_batched_with_train
     assert version.tags[TAG_SOURCE] == "imported" and version.tags["adapter_sha256"] == verify_adapter(folder).sha256
 
     engine = Engine.from_args(serve_args(tracking_uri=mlflow_server))
+    engine.resolver.refresh()  # as a replica does at start
     assert "imp-style" in {e.id for e in engine.resolver.catalog.entries()}  # GET /v1/models lists it
     reqs = [ImageRequest(PROMPT, model=m, seed=20 + i) for i, m in enumerate(["imp-style", "ad0", "base", "imp-style"])]
     mixed = engine.generate([engine.prepare(r) for r in reqs])

@@ -50,7 +50,9 @@ def registry(tmp_path_factory, tiny_adapters) -> str:
 def fleet(serve_args, registry) -> Engine:
     """An engine whose champion is cat-sks-lora's, over the module's registry (no periodic look-ups)."""
     args = serve_args(**{"tracking_uri": registry, "champion.model": SKS, "champion.poll_s": 3600})
-    return Engine.from_args(args)
+    engine = Engine.from_args(args)
+    engine.resolver.refresh()  # what a replica does before it reports ready: the listing and the champion
+    return engine
 
 
 def cards(engine: Engine) -> dict[str, dict]:
@@ -72,7 +74,7 @@ def test_the_listing_holds_each_models_champion_aliases_and_gated_versions_only(
     assert list(listed) == CONFIGURED + LISTED  # not sks/3 (rejected), ohwx/2 (rolled back), ohwx/3, sklearn-model
     assert listed[SKS] == {
         "id": SKS, "kind": "registry", "ref": f"models:/{SKS}@champion", "registered_model": SKS, "version": "2",
-        "aliases": ["champion"], "status": "passed", "loaded": False,
+        "aliases": ["champion"], "status": "passed", "loaded": False, "available": True,
     }  # fmt: skip
     assert (listed[f"{SKS}@previous"]["version"], listed[f"{SKS}/1"]["aliases"]) == ("1", ["previous"])
     assert listed[OHWX]["version"] == "1" and listed[OHWX]["aliases"] == ["champion"]
@@ -91,11 +93,11 @@ def test_the_listing_is_read_once_per_poll_and_again_on_reload(fleet, registry, 
     monkeypatch.setattr(registry_module, "adapter_models", lambda client: reads.append(1) or searched(client))
     for _ in range(3):
         assert list(cards(fleet))[-len(LISTED) :] == LISTED
-    assert len(reads) == 1
+    assert len(reads) == 0  # read once when the replica started (the fixture's refresh), not per request
     register_adapter(registry, "cat-new-lora", tiny_adapters["ad1"], status="passed")
     assert "cat-new-lora" not in cards(fleet)  # cached for champion.poll_s
     fleet.resolver.refresh()  # POST /admin/reload
-    assert {"cat-new-lora", "cat-new-lora/1"} <= cards(fleet).keys() and len(reads) == 2
+    assert {"cat-new-lora", "cat-new-lora/1"} <= cards(fleet).keys() and len(reads) == 1
 
 
 def test_a_bare_model_name_draws_with_that_models_champion(fleet):
@@ -141,6 +143,7 @@ def test_a_registry_that_is_down_is_a_503_and_the_listing_keeps_the_configured_n
     with pytest.raises(AdapterUnavailable, match="registry did not answer") as info:
         engine.prepare(ImageRequest(PROMPT, model=f"{SKS}@previous"))
     assert error_result(info.value)["error"]["status"] == 503 and time.perf_counter() - start < 10
+    engine.resolver.refresh()  # a replica's poll while the registry is down
     assert list(cards(engine)) == CONFIGURED and "Max retries exceeded" in (engine.resolver.catalog.error or "")
     assert draw(engine, "ad0").model == "ad0"  # configured folders still serve
 
@@ -148,6 +151,7 @@ def test_a_registry_that_is_down_is_a_503_and_the_listing_keeps_the_configured_n
 def test_a_name_clash_lists_the_alias_instead_of_the_bare_name(serve_args, registry, tiny_adapters):
     args = serve_args(**{"tracking_uri": registry, f"adapters.{OHWX}": str(tiny_adapters["ad2"])})
     engine = Engine.from_args(args)
+    engine.resolver.refresh()
     listed = cards(engine)
     assert listed[OHWX]["kind"] == "adapter" and f"{OHWX}@champion" in listed  # the configured folder wins
     assert draw(engine, OHWX).version is None and draw(engine, f"{OHWX}@champion").version == "1"

@@ -251,7 +251,9 @@ def tenant_server(monkeypatch, tmp_path, serve_args, tenant_registry):
            "tenants.keys_file": str(path), "tenants.reload_s": 0, "defaults.steps": 2}
     )  # fmt: skip
     urls = ImageUrls.func_or_class(args.image_urls.model_dump())
-    api = Api.func_or_class.__mro__[1](Remote(EngineGenerator(Engine.from_args(args))), args, Remote(urls))
+    engine = Engine.from_args(args)
+    engine.resolver.refresh()  # as a replica does before it reports ready: the registry's listing
+    api = Api.func_or_class.__mro__[1](Remote(EngineGenerator(engine)), args, Remote(urls))
     monkeypatch.setattr(serve, "get_replica_context", lambda: SimpleNamespace(servable_object=api))
     with TestClient(web) as http:
         yield SimpleNamespace(http=http, keys=keys, path=path)
