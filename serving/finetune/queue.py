@@ -242,7 +242,11 @@ class JobQueue:
                 f"the Ray job {record.submission_id} ended {ray_status} before the pipeline recorded a stage; see "
                 f"`ray job logs {record.submission_id}`"
             )  # fmt: skip
-            code = "gate_failed" if (stages.get("gate") or {}).get("status") == "failed" else "pipeline_failed"
+            gate_failed = (stages.get("gate") or {}).get("status") == "failed"
+            code = "gate_failed" if gate_failed else "pipeline_failed"
+            why = gate_message(stages) if gate_failed else why
+            # the server's own paths mean nothing to an API client (and are not theirs to see)
+            why = why.replace(str(self.store.folder(record.id)) + "/", "")
             self._end(record, "failed", now, {"code": code, "message": why, "param": None})
 
     def _end(self, record: JobRecord, status: str, now: float, error: dict[str, Any] | None = None) -> None:
@@ -287,6 +291,32 @@ class JobQueue:
             self._end(record, "cancelled", now)
             self.store.save(record)
             return record
+
+
+GATE_ADVICE = (
+    "Nothing is served. To pass, train more (hyperparameters.n_epochs, learning_rate_multiplier) or leave them "
+    '"auto" for a search, and make every caption name the concept with the trigger word; the stage evaluate event '
+    "has every measured value."
+)
+LATENCY_ADVICE = (
+    " latency_p95_s is the drawing time measured on the cluster while it ran: with other jobs running it can miss "
+    "the operator's bound however good the adapter is; try again when the queue is shorter, or ask the operator."
+)
+
+
+def gate_message(stages: dict[str, Any]) -> str:
+    """The job's ``error.message`` when the gate refused every candidate: each candidate's failed checks
+    (``evaluate.candidates[].gate``, from ``evaluation.gate``), then what an API client can do about it — not the
+    pipeline's operator advice (``lorafleet promote``, config overrides, report paths on the server)."""
+    candidates = [c for c in (stages.get("evaluate") or {}).get("candidates") or [] if c.get("gate")]
+    if not candidates:  # an older or partial summary: the gate stage's own words
+        return f"gate: {(stages.get('gate') or {}).get('error') or 'the gate refused the adapter'}"
+    checks = "; ".join(
+        f"candidate {i} (trial {c.get('trial_id')}): {str(c['gate']).removeprefix('gate FAILED: ')}"
+        for i, c in enumerate(candidates, 1)
+    )
+    advice = GATE_ADVICE + (LATENCY_ADVICE if "latency_p95_s" in checks else "")
+    return f"gate: no adapter passed the gate — {checks}. {advice}"
 
 
 def _when(value: Any, now: float) -> float:

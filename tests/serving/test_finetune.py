@@ -182,6 +182,44 @@ def test_a_gate_refusal_fails_the_job_with_the_gates_reasons(setup):
     assert any(e.level == "error" and reasons in e.message for e in record.events)
 
 
+def test_a_gate_refusal_says_what_an_api_client_can_do_and_no_server_paths(setup):
+    s = setup
+    job = make_job(s.store, s.queue, "acme")
+    s.queue.tick()
+    folder = s.store.folder(job.id)
+    checks = "gate FAILED: concept_gain >= 0.11: 0.0008846, short by 0.1091; latency_p95_s <= 2: 3.17, over by 1.17"
+    operator = (f"no adapter passed the gate — candidate 1 (trial t1): {checks}; the champion is unchanged. Report: "
+                f"{folder}/runs/{job.id}/search/eval/x/report.html. A rerun with evaluation.candidates=2 evaluates the "
+                f"next-best trial; `lorafleet promote acme--x --trial ID --epoch N` one you picked")  # fmt: skip
+    evaluate = {**PASSED["evaluate"], "passed": False, "candidates": [{"trial_id": "t1", "passed": False,
+                                                                        "gate": checks}]}  # fmt: skip
+    stages = {"validate": PASSED["validate"], "tune": PASSED["tune"], "evaluate": evaluate,
+              "gate": {"status": "failed", "error": operator}}  # fmt: skip
+    write_summary(s.store, job.id, stages, "failed")
+    s.cluster.jobs[job.id] = "FAILED"
+    s.queue.tick()
+    message = s.store.load(job.id).error["message"]
+    assert message.startswith("gate: no adapter passed the gate — candidate 1 (trial t1): concept_gain >= 0.11: ")
+    assert "latency_p95_s <= 2: 3.17, over by 1.17" in message and "n_epochs" in message
+    assert "try again when the queue is shorter" in message  # a latency miss: the cluster was busy
+    for operator_only in ("lorafleet promote", "evaluation.candidates", str(folder), "report.html"):
+        assert operator_only not in message, operator_only
+
+
+def test_a_failed_stage_names_files_relative_to_the_job_not_the_servers_folders(setup):
+    s = setup
+    job = make_job(s.store, s.queue, "acme")
+    s.queue.tick()
+    where = f"{s.store.folder(job.id)}/runs/{job.id}/search/results.csv"
+    write_summary(s.store, job.id, {"validate": PASSED["validate"], "tune": {
+        "status": "failed", "error": f"no trial finished with a finite val_loss; see {where}"}}, "failed")  # fmt: skip
+    s.cluster.jobs[job.id] = "FAILED"
+    s.queue.tick()
+    error = s.store.load(job.id).error
+    assert error["code"] == "pipeline_failed"
+    assert error["message"] == f"tune: no trial finished with a finite val_loss; see runs/{job.id}/search/results.csv"
+
+
 def test_cancel_in_every_state(setup):
     s = setup
     s.cluster.cap = 1
