@@ -191,6 +191,8 @@ class AdapterResolver:
             return None
         with self._lock:
             running = self._fetches.get(name)
+            if running is not None and running.done and time.monotonic() - running.done > self.watch.retry_s:
+                running = None  # an old answer: as in _wait, a new look-up (when the registry answers)
         if running is not None:
             return running.future if not running.future.done() else None
         return None if self.watch.down() else self._start(name, ref).future
@@ -207,10 +209,10 @@ class AdapterResolver:
             if self.watch.down():  # no waiting, also not for a retry in progress
                 if running is None and self.watch.may_retry():
                     self._start(name, ref)  # in the background; the client retries after `retry`
-                raise AdapterUnavailable(
+                raise AdapterUnavailable(  # not the watch's error text: another request's, perhaps with paths
                     f"model {name!r} ({ref}) is not available: the MLflow registry at {self.watch.uri} does not answer "
-                    f"({self.watch.error}) and this replica has not resolved it before; 'base' and adapters already "
-                    f"resolved still serve; retry after {retry} s",
+                    f"and this replica has not resolved it before; 'base' and adapters already resolved still serve; "
+                    f"retry after {retry} s",
                     retry,
                 )
             running = running or self._start(name, ref)
@@ -218,15 +220,14 @@ class AdapterResolver:
         wait([future], timeout=wait_s)
         if not future.done():
             if time.monotonic() - running.started >= self.watch.deadline_s:  # this request, or one before, waited
-                self.watch.timed_out(self.watch.deadline_s)  # so the next ones do not: the registry counts as down
+                # so the next ones do not: the registry counts as down, unless another call answered meanwhile
+                self.watch.timed_out(self.watch.deadline_s, since=time.time() - (time.monotonic() - running.started))
             raise AdapterUnavailable(
                 f"model {name!r} ({ref}) is still being fetched from the MLflow registry at {self.watch.uri} "
                 f"(waited {wait_s:g} s, registry_deadline_s); retry after {retry} s",
                 retry,
             )
-        with self._lock:
-            if name in self._fetches and self._fetches[name].future is future:
-                del self._fetches[name]
+        # the finished fetch stays for retry_s (then it expires, above): every request waiting on it gets its answer
         exc = future.exception()
         if exc is None:
             return future.result()
@@ -246,8 +247,11 @@ class AdapterResolver:
             running = self._fetches.get(name)
             if running is not None and not running.future.done():
                 return running
+            now = time.monotonic()  # forget answers older than a retry interval: clients choose the names asked
+            for old in [n for n, f in self._fetches.items() if f.done and now - f.done > self.watch.retry_s]:
+                del self._fetches[old]
             future = self.watch.submit(self._fetch_and_store, name, ref, name not in self.configured())
-            fetch = self._fetches[name] = _Fetch(future, time.monotonic())
+            fetch = self._fetches[name] = _Fetch(future, now)
             future.add_done_callback(lambda _: setattr(fetch, "done", time.monotonic()))
             return fetch
 
@@ -350,6 +354,15 @@ class AdapterResolver:
     def close(self) -> None:
         """Stop the registry threads (a call in progress ends on its own)."""
         self.watch.close()
+
+
+def public_state(state: dict) -> dict:
+    """``AdapterResolver.state()`` for anyone (``GET /readyz`` needs no key; ``/v1/models`` goes to every tenant):
+    whether the registry answers and how old each answer is — not its URI, error texts or references, which may name
+    hosts, credentials and server paths (those stay in ``/admin/stats``)."""
+    registry = {k: v for k, v in (state.get("registry") or {}).items() if k != "uri" and not k.endswith("error")}
+    names = {n: {k: v for k, v in d.items() if k != "ref"} for n, d in (state.get("names") or {}).items()}
+    return {"registry": registry, "names": names}
 
 
 def _moves(ref: str) -> bool:

@@ -21,7 +21,7 @@ import torch
 from ray import serve
 from ray.serve import Application
 
-from serving.adapters import AdapterUnavailable, UnknownModel
+from serving.adapters import AdapterUnavailable, UnknownModel, public_state
 from serving.catalog import model_cards
 from serving.config import ServeArgs, project_path
 from serving.engine import Cancelled, Engine, ImageRequest, ImageResult, Prepared, RequestError
@@ -241,7 +241,7 @@ class Generator:
     def _models(self, tenant: Tenant | None) -> dict:
         resolver = self.engine.resolver
         cards = model_cards(resolver, set(self.engine.adapters.keys()), tenant)
-        registry = resolver.state()["registry"] if self.engine.args.resolved_tracking_uri() else None
+        registry = public_state(resolver.state())["registry"] if self.engine.args.resolved_tracking_uri() else None
         return {"object": "list", "data": cards, "registry": registry}
 
     def stats(self) -> dict:
@@ -253,8 +253,9 @@ class Generator:
         }
 
     def ready(self) -> dict:
-        """Readiness details (``GET /readyz``): the registry as this replica sees it and the age of its champion."""
-        return {"pid": os.getpid(), **self.engine.resolver.state()}
+        """Readiness details (``GET /readyz``, public): whether the registry answers and the age of the champion's
+        version (``serving.adapters.public_state``; the full state is in ``/admin/stats``)."""
+        return public_state(self.engine.resolver.state())
 
     def __del__(self):
         stop = getattr(self, "_stop", None)

@@ -371,6 +371,7 @@ class ServeArgs(_Section):
     registry_retry_s: float = Field(
         5.0,
         gt=0,
+        le=3600,
         description="while the registry does not answer: seconds between a replica's tries, and the Retry-After of a "
         "503 for a name only the registry can resolve (the champion before its first look-up)",
     )
@@ -415,6 +416,12 @@ class ServeArgs(_Section):
             )
         if lim.min_size > lim.max_size:
             problems.append(f"limits.min_size ({lim.min_size}) > limits.max_size ({lim.max_size})")
+        if self.registry_deadline_s >= d.request_timeout_s:
+            problems.append(
+                f"registry_deadline_s ({self.registry_deadline_s}) >= deployment.request_timeout_s "
+                f"({d.request_timeout_s}): a request would time out (504) before the registry's 503; lower "
+                "registry_deadline_s"
+            )
         if not lim.min_size <= self.defaults.size <= lim.max_size:
             problems.append(f"defaults.size {self.defaults.size} is outside limits.min_size..limits.max_size")
         if self.defaults.steps > lim.max_steps:

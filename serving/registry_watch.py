@@ -48,9 +48,21 @@ def reached_registry(exc: BaseException) -> bool:
         return True
     if isinstance(exc, MlflowException):
         return exc.error_code in MISSING_CODES
-    if isinstance(exc, RegistryError):
-        return False
+    if isinstance(exc, RegistryError):  # a wrapped download error: missing artifacts are an answer, too
+        cause = exc.__cause__
+        return cause is not None and cause is not exc and reached_registry(cause)
     return not isinstance(exc, (OSError, TimeoutError, RuntimeError))
+
+
+def shown_uri(uri: str) -> str:
+    """``uri`` as clients and logs may see it: without ``user:password@`` (``http://u:p@host`` → ``http://host``)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if parts.username is None and parts.password is None:
+        return uri
+    host = parts.hostname or ""
+    return urlunsplit(parts._replace(netloc=host + (f":{parts.port}" if parts.port else "")))
 
 
 class RegistryWatch:
@@ -65,7 +77,7 @@ class RegistryWatch:
     """
 
     def __init__(self, uri: str | None, deadline_s: float = 5.0, retry_s: float = 5.0, workers: int = 2):
-        self.uri = uri
+        self.uri = shown_uri(uri)  # in messages, /admin/stats and logs: never the credentials
         self.deadline_s = deadline_s
         self.retry_s = retry_s
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="registry")
@@ -81,7 +93,9 @@ class RegistryWatch:
         """Start ``fn(*args)`` on a registry thread; its outcome updates ``down()`` and ``health()``."""
         with self._lock:
             self._tried_at = time.monotonic()
-        return self._pool.submit(self._run, fn, *args)
+        future = self._pool.submit(self._run, fn, *args)
+        future.submitted_at = time.time()  # type: ignore[attr-defined]  # for timed_out: did others answer since?
+        return future
 
     def wait(self, future: Future, deadline_s: float | None = None) -> Any:
         """``future``'s result within ``deadline_s`` (default ``self.deadline_s``).
@@ -91,14 +105,20 @@ class RegistryWatch:
             Exception: whatever the call raised.
         """
         limit = self.deadline_s if deadline_s is None else deadline_s
+        since = getattr(future, "submitted_at", time.time())
         try:
             return future.result(timeout=limit)
         except FutureTimeout as exc:
-            self.timed_out(limit)
+            self.timed_out(limit, since)
             raise RegistryTimeout(f"the registry at {self.uri} did not answer within {limit:g} s") from exc
 
-    def timed_out(self, seconds: float) -> None:
-        """A caller waited ``seconds`` for a call that has not answered: recorded as a failure (``down()``)."""
+    def timed_out(self, seconds: float, since: float | None = None) -> None:
+        """A caller waited ``seconds`` for a call that has not answered: recorded as a failure (``down()``) unless
+        another call answered after this one began (``since``, ``time.time()``): the registry is up, only this call
+        is slow (a large download, a long listing)."""
+        with self._lock:
+            if since is not None and self._ok_at is not None and self._ok_at >= since:
+                return
         self._failed(f"no answer within {seconds:g} s")
 
     def call(self, fn: Callable[..., Any], *args: Any, deadline_s: float | None = None) -> Any:
