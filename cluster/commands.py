@@ -47,7 +47,7 @@ def token_hint() -> str:
 
 
 def up(argv: list[str]) -> int:
-    from cluster.local import ClusterError, Ports
+    from cluster.local import ClusterError, Ports, grafana_dashboard_copy
     from cluster.local import up as start
 
     p = _parser("up", "Start a local Ray head and MLflow server on 127.0.0.1 (idempotent).")
@@ -69,9 +69,8 @@ def up(argv: list[str]) -> int:
         return 1
     print(f"lorafleet is up (state in {state.state_dir}):\n{urls(state)}")
     print(f"  Ray GCS         {state.address}   (temp dir {state.temp_dir or 'Ray default'})\n  {token_hint()}")
-    dashboard = Path(state.temp_dir or "/nonexistent") / "session_latest/metrics/grafana/dashboards"
-    if (dashboard / "lorafleet_serve_grafana_dashboard.json").is_file():
-        print(f"  Grafana: the lorafleet serving dashboard is in {dashboard} (README, Dashboards)")
+    if state.temp_dir and (dashboard := grafana_dashboard_copy(state.temp_dir)).is_file():
+        print(f"  Grafana: the lorafleet serving dashboard is {dashboard} (README, Grafana dashboard)")
     print(f"  for plain `ray job …` / MLflow clients: export RAY_AUTH_MODE=token "
           f"RAY_API_SERVER_ADDRESS={state.dashboard_url} MLFLOW_TRACKING_URI={state.mlflow_uri}")  # fmt: skip
     return 0

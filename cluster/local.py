@@ -36,6 +36,7 @@ from training.cluster_state import (  # noqa: F401 — the state's home is train
     default_state_dir,
     ray_temp_dir,
     recorded_cluster,
+    reload_auth_token,
 )
 
 
@@ -112,12 +113,23 @@ def install_grafana_dashboard(temp_dir: str | Path) -> Path | None:
     Raises:
         OSError: the folder exists but the copy cannot be written.
     """
-    folder = Path(temp_dir) / "session_latest" / "metrics" / "grafana" / "dashboards"
-    if not folder.is_dir():
+    target = grafana_dashboard_copy(temp_dir)
+    if not target.parent.is_dir():
         return None
-    target = folder / "lorafleet_serve_grafana_dashboard.json"
     target.write_bytes(GRAFANA_DASHBOARD.read_bytes())
     return target
+
+
+def grafana_dashboard_copy(temp_dir: str | Path) -> Path:
+    """Where ``install_grafana_dashboard`` puts the dashboard for the Ray session of ``temp_dir``."""
+    return (
+        Path(temp_dir)
+        / "session_latest"
+        / "metrics"
+        / "grafana"
+        / "dashboards"
+        / "lorafleet_serve_grafana_dashboard.json"
+    )
 
 
 def pin_auth_mode() -> dict[str, str]:
@@ -149,12 +161,7 @@ def pin_auth_mode() -> dict[str, str]:
     if not (token.is_file() and token.read_text().strip()):
         generate_and_save_token()
         token.chmod(0o600)
-        try:  # this process's clients (Jobs, Serve deploys after `up` in one process) read the new token
-            from ray._raylet import AuthenticationTokenLoader
-
-            AuthenticationTokenLoader.instance().reset_cache()
-        except (ImportError, AttributeError):
-            pass
+        reload_auth_token()  # this process's clients (Jobs, Serve deploys after `up` in one process) read it
     return {"RAY_AUTH_MODE": "token"}
 
 

@@ -177,6 +177,16 @@ def listening(host: str, port: int, timeout: float = 1.0) -> bool:
         return False
 
 
+def reload_auth_token() -> None:
+    """Make this process read ``~/.ray/auth_token`` again at its next use: Ray caches the token (or its absence)
+    per process (``AuthenticationTokenLoader``). A no-op on a Ray without token auth."""
+    try:
+        from ray._raylet import AuthenticationTokenLoader
+    except ImportError:
+        return
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
 def enable_token_auth() -> None:
     """Send this machine's Ray auth token (``~/.ray/auth_token``) to clusters this process connects to.
 
@@ -190,12 +200,7 @@ def enable_token_auth() -> None:
         )
     except ImportError:  # an older Ray without token auth
         return
-    try:  # re-read the token file: this process may have looked before `lorafleet up` (or anyone) created it
-        from ray._raylet import AuthenticationTokenLoader
-
-        AuthenticationTokenLoader.instance().reset_cache()
-    except (ImportError, AttributeError):
-        pass
+    reload_auth_token()  # this process may have looked before `lorafleet up` (or anyone) created the token
     quiet = logging.getLogger(maybe_enable_token_auth_if_token_available.__module__)
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # it warns on every call that the cluster uses tokens; that is the point

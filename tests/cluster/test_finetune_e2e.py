@@ -12,11 +12,11 @@ import json
 import os
 import tarfile
 import time
-from pathlib import Path
 
 import pytest
 
 from cluster.jobs import Jobs
+from cluster.local import grafana_dashboard_copy
 from tests.cluster.test_e2e import NO_LATENCY_BOUND, READY_S, cli_ok, cluster, job_log, ray_tmpdir  # noqa: F401
 from tests.procs import wait_until
 
@@ -33,8 +33,7 @@ def tar_gz(folder) -> bytes:
 
 def test_the_openai_client_turns_an_upload_into_a_served_adapter(cluster, toy_world_data, tmp_path, capsys):  # noqa: F811
     openai = pytest.importorskip("openai")
-    dashboards = Path(cluster.temp_dir) / "session_latest" / "metrics" / "grafana" / "dashboards"
-    assert (dashboards / "lorafleet_serve_grafana_dashboard.json").is_file()  # `up` put it where Ray's Grafana looks
+    assert grafana_dashboard_copy(cluster.temp_dir).is_file()  # `up` put it where Ray's Grafana looks
     port = cluster.ports.serve
     every_job = json.dumps(["evaluation.candidates=1", NO_LATENCY_BOUND])  # the operator's: one candidate, no latency
     argv = ["serve", "--address", cluster.dashboard_url, "--tracking-uri", cluster.mlflow_uri, "--name", "ft",
