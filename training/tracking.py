@@ -90,7 +90,7 @@ def start_run(
     return client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
 
 
-GAP_TAG = "lorafleet.mlflow_gap"  # what a run is missing, in the run itself
+GAP_TAG = "lorafleet.mlflow_gap"  # what a run is missing, in the run itself (a Train worker's: GAP_TAG + ".rank0")
 GAP_RECORD = "mlflow_gap.jsonl"  # ... or, when even that tag cannot be sent, a line in this file next to the outputs
 MAX_PENDING = 100_000  # metric values held while the server is away (a few MB); older ones beyond that are dropped
 
@@ -146,16 +146,18 @@ class MlflowTracker(NullTracker):
         owns_run: False for a process that logs into a run it did not open (rank 0 of a Train worker group, a
             helper logging setup): exit flushes and states the gap but leaves the run's status to its owner.
         local_record: the JSON-lines file for what could not reach the server at all.
+        gap_tag: the tag that states this tracker's gap (default ``GAP_TAG``). Two trackers in one run (a Train
+            worker's rank 0 and its driver) each need their own, or the last to close overwrites the other's.
         limits: per-call retry/timeout limits for HTTP; default ``RequestLimits.from_env()``.
     """
 
     exit_wait_s, retry_every_s, monitor_wait_s = 30.0, 5.0, 15.0
 
     def __init__(self, uri: str, run_id: str, *, owns_run: bool = True, local_record: str | Path | None = None,
-                 limits: RequestLimits | None = None):  # fmt: skip
+                 gap_tag: str = GAP_TAG, limits: RequestLimits | None = None):  # fmt: skip
         from mlflow import MlflowClient
 
-        self.uri, self.run_id, self.owns_run = uri, run_id, owns_run
+        self.uri, self.run_id, self.owns_run, self.gap_tag = uri, run_id, owns_run, gap_tag
         self.local_record = Path(local_record) if local_record else None
         self.limits = limits or RequestLimits.from_env()
         self._client = MlflowClient(uri)  # artifacts: MLflow's artifact repositories (S3, proxied, local)
@@ -320,7 +322,7 @@ class MlflowTracker(NullTracker):
             if self.pending and not self.flush(self.exit_wait_s):
                 log.warning("MLflow run %s is incomplete: %s", self.run_id, self.gap())
             gap = self.gap()
-            tagged = gap is None or self._attempt("set_tag", self._calls.set_tag, GAP_TAG, gap)
+            tagged = gap is None or self._attempt("set_tag", self._calls.set_tag, self.gap_tag, gap)
             ended = status is None or self._attempt("set_terminated", self._calls.set_terminated, status)
             if not (tagged and ended):
                 self._record_locally(status, ended)
@@ -358,9 +360,10 @@ class MlflowTracker(NullTracker):
 
 def tracker_for(uri: str | None, run_id: str | None, rank: int, local_record: str | Path | None = None) -> NullTracker:
     """A Train worker's tracker: the real one on rank 0 when a run exists (it logs into the driver's run and leaves
-    its status to the driver), the null one elsewhere."""
+    its status to the driver; its gap goes into ``lorafleet.mlflow_gap.rank0``, next to the driver's), the null one
+    elsewhere."""
     if uri and run_id and rank == 0:
-        return MlflowTracker(uri, run_id, owns_run=False, local_record=local_record)
+        return MlflowTracker(uri, run_id, owns_run=False, local_record=local_record, gap_tag=f"{GAP_TAG}.rank{rank}")
     return NullTracker()
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from training.configuration import load_config
 from training.remote import localize
+from training.tracking import GAP_RECORD, GAP_TAG, MlflowTracker, NullTracker
 from tuning.config import TuneConfig
 
 log = logging.getLogger(__name__)
@@ -102,11 +103,19 @@ def ranked_candidates(cfg: TuneConfig, summary: dict[str, Any], run_dir: Path, n
 
 
 def evaluate_best(
-    cfg: TuneConfig, summary: dict[str, Any], run_dir: Path, uri: str | None, parent: str | None, candidates: int = 1
+    cfg: TuneConfig,
+    summary: dict[str, Any],
+    run_dir: Path,
+    uri: str | None,
+    parent: str | None,
+    candidates: int = 1,
+    study: NullTracker | None = None,
 ):
     """Evaluate and gate ``summary["best"]``'s adapter — and, while the gate refuses, the next ``candidates - 1``
     trials by the search metric (the metric is a proxy: the lowest val_loss need not learn the concept best).
-    The first adapter that passes is registered; the outcome goes to ``best.json`` (and the parent run).
+    The first adapter that passes is registered; the outcome goes to ``best.json`` (and the parent run: through
+    ``study``, the search's open tracker, or else a tracker of its own with the per-call limits, whose gap — the
+    server away — goes into the run's ``lorafleet.mlflow_gap.evaluation`` tag or ``mlflow_gap.jsonl``).
 
     Returns the last ``EvalResult`` (None when no trial finished).
     """
@@ -137,11 +146,15 @@ def evaluate_best(
     }
     (run_dir / "best.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     if uri and parent:
-        from evaluation.registry import client_for
-
-        client = client_for(uri)
-        client.set_tag(parent, "gate", "passed" if result.passed else "failed")
+        tags = {"gate": "passed" if result.passed else "failed"}
         if result.registry.get("version"):
-            client.set_tag(parent, "registered_version", f"{result.registry['model']}/{result.registry['version']}")
-        client.log_artifact(parent, str(run_dir / "best.json"))
+            tags["registered_version"] = f"{result.registry['model']}/{result.registry['version']}"
+        if study is not None:  # the search's own tracker, still open (tuning.tune)
+            study.set_tags(tags)
+            study.log_artifact(run_dir / "best.json")
+        else:  # the study's run was closed (a pipeline's evaluate stage): log into it, leave its status alone
+            gap_tag = f"{GAP_TAG}.evaluation"
+            with MlflowTracker(uri, parent, owns_run=False, local_record=run_dir / GAP_RECORD, gap_tag=gap_tag) as t:
+                t.set_tags(tags)
+                t.log_artifact(run_dir / "best.json")
     return result

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 from typing import Any
@@ -17,30 +18,49 @@ from tuning.config import TuneConfig
 from tuning.results import TrialRecord, best_record, study_of, write_plots, write_table
 from tuning.space import trial_config
 
+log = logging.getLogger(__name__)
 
-def close_child_runs(records: list[TrialRecord], uri: str | None) -> None:
+
+def close_child_runs(records: list[TrialRecord], uri: str | None) -> list[str]:
     """Say how each trial ended in its MLflow run: Tune kills a trial's process when ASHA stops it — also
     at its last epoch, when that is a rung or max_t — so the trial cannot always close its run itself.
 
     A trial the scheduler stopped early ran as planned (that is how ASHA spends its budget): its run is FINISHED
     with ``lorafleet.trial_status=stopped`` and ``lorafleet.stopped_early`` saying at which epoch, never FAILED or
-    KILLED (which the MLflow UI shows as errors)."""
+    KILLED (which the MLflow UI shows as errors).
+
+    Each call has the tracker's per-call limits (``training.tracking_rest.RequestLimits.from_env()``: one retry,
+    10 s timeouts), not MLflow's default of 7 retries; after the first call the server does not answer, the rest are
+    not tried (each would wait as long). Never raises.
+
+    Returns:
+        The run ids left open (empty when every trial's run was closed).
+    """
     if uri is None:
-        return
+        return []
     from mlflow import MlflowClient
 
-    client = MlflowClient(uri)
-    for r in records:
-        if r.run_id is None:
-            continue
-        client.set_tag(r.run_id, "lorafleet.trial_status", r.status)
-        if r.status == "failed":
-            client.set_tag(r.run_id, "lorafleet.error", r.error or "")
-            client.set_terminated(r.run_id, "FAILED")
-        else:
-            if r.status == "stopped":
-                client.set_tag(r.run_id, "lorafleet.stopped_early", f"by the scheduler after epoch {r.epochs}")
-            client.set_terminated(r.run_id, "FINISHED")
+    from training.tracking_rest import RequestLimits, run_calls
+
+    client, limits = MlflowClient(uri), RequestLimits.from_env()
+    runs = [r for r in records if r.run_id is not None]
+    for i, r in enumerate(runs):
+        calls = run_calls(client, uri, r.run_id, limits)
+        try:
+            calls.set_tag("lorafleet.trial_status", r.status)
+            if r.status == "failed":
+                calls.set_tag("lorafleet.error", r.error or "")
+                calls.set_terminated("FAILED")
+            else:
+                if r.status == "stopped":
+                    calls.set_tag("lorafleet.stopped_early", f"by the scheduler after epoch {r.epochs}")
+                calls.set_terminated("FINISHED")
+        except Exception as exc:  # noqa: BLE001 — the study's results are on disk; its run states the gap
+            left = [x.run_id for x in runs[i:]]
+            log.warning("MLflow did not answer while closing trial runs (%s); %d left open: %s",
+                        str(exc).splitlines()[0][:200], len(left), ", ".join(left))  # fmt: skip
+            return left
+    return []
 
 
 def finish(
@@ -103,7 +123,9 @@ def finish(
     best_json = run_dir / "best.json"
     best_json.write_text(json.dumps(summary, indent=2, default=str) + "\n")
     if parent:
-        close_child_runs(records, uri)
+        left_open = close_child_runs(records, uri)
+        if left_open:  # sent with the study's tracker: when that fails too, its gap tag / local record names it
+            study.set_tags({"lorafleet.trial_runs_left_open": ", ".join(left_open)})
         metrics = {f"trials_{k}": float(v) for k, v in counts.items()} | {"trial_epochs": summary["trial_epochs"]}
         if best is not None:
             metrics[f"best_{cfg.search.metric}"] = best.metric

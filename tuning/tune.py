@@ -498,7 +498,7 @@ def run(cfg: TuneConfig, *, resume: bool = False) -> SearchResult:
             summary = finish(cfg, records, run_dir, uri, store, study)
             # before the server stops: a search-scoped server holds the registry too
             evaluated = (
-                evaluate_best(cfg, summary, run_dir, uri, parent, cfg.evaluation.candidates)
+                evaluate_best(cfg, summary, run_dir, uri, parent, cfg.evaluation.candidates, study)
                 if cfg.evaluation.enabled
                 else None
             )

@@ -183,6 +183,9 @@ def test_pipeline_through_ray_job_submit_serves_the_champion(
     assert run.info.status == "FINISHED" and run.data.tags["stage.smoke"] == "done"
     study = ml.search_runs([run.info.experiment_id], f"tags.`mlflow.parentRunId` = '{run.info.run_id}'")
     assert [r.data.tags["lorafleet.kind"] for r in study] == ["search"]
+    # the evaluate stage logs the gate into the (closed) study run through a tracker of its own (tuning.handoff)
+    registered = f"{stages['register']['model']}/{version}"
+    assert (study[0].data.tags["gate"], study[0].data.tags["registered_version"]) == ("passed", registered)
     children = ml.search_runs([run.info.experiment_id], f"tags.`mlflow.parentRunId` = '{study[0].info.run_id}'")
     assert sorted(r.data.tags["lorafleet.kind"] for r in children) == ["evaluation", "trial"]
     assert all(r.data.tags["lorafleet.submission_id"] == "e2e-pipeline" for r in [run, *study, *children])

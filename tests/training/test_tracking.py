@@ -166,6 +166,15 @@ def test_an_exception_in_the_block_fails_the_run_and_a_worker_leaves_the_status_
         driver.end_status = "FAILED"  # said before the block ends without an exception (e.g. no trial finished)
     assert _status(mlflow_server, shared)[0] == "FAILED"
 
+    both = start_run(mlflow_server, "test-tracking", "two trackers, two gaps", {})
+    with tracker_for(mlflow_server, both, rank=0) as worker:
+        worker.dropped.append("samples/epoch_001.png")  # what a failed upload leaves (see the outage tests)
+    with driver_tracker(mlflow_server, both) as driver:
+        driver.dropped.append("tuning/plots.html")
+    tags = _status(mlflow_server, both)[2]  # the driver closes last: it must not overwrite rank 0's gap
+    assert tags[f"{GAP_TAG}.rank0"] == "not logged: samples/epoch_001.png", tags
+    assert tags[GAP_TAG] == "not logged: tuning/plots.html", tags
+
 
 def test_tracker_calls_leave_the_mlflow_settings_other_threads_read_unchanged(tmp_path, monkeypatch):
     """MLflow's system-metrics thread (or any other) reads MLFLOW_HTTP_REQUEST_* from the environment at each

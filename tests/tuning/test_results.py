@@ -86,7 +86,7 @@ def test_trials_the_scheduler_stopped_are_finished_runs_not_failures(tmp_path):
     for r in records:
         r.run_id = ids[r.status]
         r.error = "boom" if r.status == "failed" else None
-    close_child_runs(records, uri)
+    assert close_child_runs(records, uri) == []
     client = MlflowClient(uri)
     runs = {s: client.get_run(i) for s, i in ids.items()}
     assert {s: r.info.status for s, r in runs.items()} == {
@@ -95,6 +95,25 @@ def test_trials_the_scheduler_stopped_are_finished_runs_not_failures(tmp_path):
     assert runs["stopped"].data.tags["lorafleet.stopped_early"] == "by the scheduler after epoch 2"
     assert runs["stopped"].data.tags["lorafleet.trial_status"] == "stopped"
     assert "lorafleet.stopped_early" not in runs["completed"].data.tags
+
+
+def test_closing_trial_runs_with_the_server_down_gives_up_after_one_limited_call(tmp_path, monkeypatch):
+    """A dead server: one limited call (not MLflow's 7 retries per call, per run), every run named as left open."""
+    import socket
+    import time
+
+    from tuning.summary import close_child_runs
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
+    records = [record(s, 0.1, status=s) for s in ("completed", "stopped", "failed")]
+    for i, r in enumerate(records):
+        r.run_id = f"run{i}"
+    started = time.monotonic()
+    assert close_child_runs(records, f"http://127.0.0.1:{port}") == ["run0", "run1", "run2"]
+    assert time.monotonic() - started < 60  # refused connections: seconds; MLflow's defaults retry for minutes
 
 
 def test_a_search_with_no_finished_trial_ends_its_study_run_failed_with_its_files(tune_config, tmp_path):
