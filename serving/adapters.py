@@ -38,7 +38,7 @@ from evaluation.registry import (
 )
 from serving.catalog import RegistryCatalog
 from serving.config import BASE, MODEL_NAME, ServeArgs, is_folder_ref, project_path
-from serving.registry_watch import RegistryWatch
+from serving.registry_watch import RegistryWatch, refused_credentials
 from serving.tenants import Tenant, owner_of
 from training.adapter import AdapterError, AdapterMeta
 
@@ -210,9 +210,9 @@ class AdapterResolver:
                 if running is None and self.watch.may_retry():
                     self._start(name, ref)  # in the background; the client retries after `retry`
                 raise AdapterUnavailable(  # not the watch's error text: another request's, perhaps with paths
-                    f"model {name!r} ({ref}) is not available: the MLflow registry at {self.watch.uri} does not answer "
-                    f"and this replica has not resolved it before; 'base' and adapters already resolved still serve; "
-                    f"retry after {retry} s",
+                    f"model {name!r} ({ref}) is not available: the MLflow registry at {self.watch.uri} "
+                    f"{self.watch.problem()} and this replica has not resolved it before; 'base' and adapters "
+                    f"already resolved still serve; retry after {retry} s",
                     retry,
                 )
             running = running or self._start(name, ref)
@@ -235,8 +235,9 @@ class AdapterResolver:
             raise UnknownModel(f"model {name!r} is not served here: {exc}; GET /v1/models lists the models") from exc
         if isinstance(exc, (UnknownModel, AdapterError)):
             raise exc
+        what = "refused this server's credentials" if refused_credentials(exc) else "did not answer"
         raise AdapterUnavailable(
-            f"model {name!r} ({ref}) cannot be fetched: the MLflow registry at {self.watch.uri} did not answer "
+            f"model {name!r} ({ref}) cannot be fetched: the MLflow registry at {self.watch.uri} {what} "
             f"({str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__}); retry after {retry} s",
             retry,
         ) from exc

@@ -12,10 +12,12 @@ download — runs here, on the ``registry`` threads, never on a request's thread
     watch.health()            # {"uri", "reachable", "last_ok_age_s", "last_error", ...} for /readyz and /admin/stats
 
 A failure is a call that could not reach the registry (connection refused, no answer, an HTTP 5xx after MLflow's
-own retries); an answer that a name is missing is a success (the registry answered). MLflow's HTTP retries are set
-once per replica process at start (``ServeArgs.registry_env``), so a single call ends after about
-``registry_retries`` tries; the deadline here bounds what a caller waits even when a call hangs (a host that drops
-packets instead of refusing them).
+own retries) or that the registry refused for this replica's credentials (HTTP 401/403: told apart in messages
+and ``health()``, since waiting will not help — the Serve app needs ``MLFLOW_TRACKING_TOKEN`` or
+``MLFLOW_TRACKING_USERNAME``/``_PASSWORD``); an answer that a name is missing is a success (the registry
+answered). MLflow's HTTP retries are set once per replica process at start (``ServeArgs.registry_env``), so a
+single call ends after about ``registry_retries`` tries; the deadline here bounds what a caller waits even when a
+call hangs (a host that drops packets instead of refusing them).
 """
 
 from __future__ import annotations
@@ -54,6 +56,24 @@ def reached_registry(exc: BaseException) -> bool:
     return not isinstance(exc, (OSError, TimeoutError, RuntimeError))
 
 
+CREDENTIAL_CODES = ("UNAUTHENTICATED", "PERMISSION_DENIED")  # MLflow's error codes for HTTP 401 / 403
+
+
+def refused_credentials(exc: BaseException) -> bool:
+    """Whether the registry answered ``exc`` by refusing the caller's credentials (HTTP 401/403: MLflow's
+    ``UNAUTHENTICATED``/``PERMISSION_DENIED`` error codes, ``mlflow.utils.rest_utils.verify_rest_response``),
+    also when wrapped in ``evaluation.registry.RegistryError``."""
+    from mlflow.exceptions import MlflowException
+
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, MlflowException):
+            return exc.error_code in CREDENTIAL_CODES
+        exc = exc.__cause__
+    return False
+
+
 def shown_uri(uri: str) -> str:
     """``uri`` as clients and logs may see it: without ``user:password@`` (``http://u:p@host`` → ``http://host``)."""
     from urllib.parse import urlsplit, urlunsplit
@@ -87,6 +107,7 @@ class RegistryWatch:
         self._tried_at = float("-inf")  # time.monotonic() of the last call started
         self.error: str | None = None  # the last failure, one line
         self.failures = 0  # calls that failed since the last answer
+        self.refused = False  # the last failure was the registry refusing this replica's credentials (401/403)
 
     # ---- calls ----------------------------------------------------------------------------------------------
     def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
@@ -131,6 +152,12 @@ class RegistryWatch:
         except BaseException as exc:
             if reached_registry(exc):
                 self._answered()
+            elif refused_credentials(exc):
+                self._failed(
+                    f"refused this replica's credentials ({str(exc).splitlines()[0][:200]}): give the Serve app "
+                    "MLFLOW_TRACKING_TOKEN or MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD (runtime_env "
+                    "env_vars) that the registry accepts", refused=True,
+                )  # fmt: skip
             else:
                 self._failed(f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}")
             raise
@@ -141,11 +168,11 @@ class RegistryWatch:
         with self._lock:
             if self.failures:
                 log.info("the registry at %s answers again after %d failed calls", self.uri, self.failures)
-            self._ok_at, self.failures = time.time(), 0
+            self._ok_at, self.failures, self.refused = time.time(), 0, False
 
-    def _failed(self, why: str) -> None:
+    def _failed(self, why: str, refused: bool = False) -> None:
         with self._lock:
-            self._error_at, self.error = time.time(), why
+            self._error_at, self.error, self.refused = time.time(), why, refused
             self.failures += 1
         log.warning("registry call to %s failed: %s", self.uri, why)
 
@@ -164,6 +191,13 @@ class RegistryWatch:
     def _down(self) -> bool:  # under self._lock
         return self._error_at is not None and (self._ok_at is None or self._error_at > self._ok_at)
 
+    def problem(self) -> str:
+        """What is wrong with the registry, for a client's 503: "does not answer", or that it refuses this server's
+        credentials (no operator detail: that is in the log and ``health()``)."""
+        with self._lock:
+            refused = self.refused and self._down()
+        return "refuses this server's credentials (HTTP 401/403)" if refused else "does not answer"
+
     def retry_after_s(self) -> int:
         """Seconds a client should wait before asking again for a name only the registry can resolve."""
         return max(1, round(self.retry_s))
@@ -179,6 +213,7 @@ class RegistryWatch:
                 "last_error": self.error if self._down() else None,
                 "last_error_age_s": None if self._error_at is None else round(now - self._error_at, 1),
                 "failures": self.failures,
+                "refused_credentials": self.refused and self._down(),
             }
 
     def close(self) -> None:

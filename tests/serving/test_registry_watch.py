@@ -135,3 +135,35 @@ def test_a_registry_deadline_past_the_request_timeout_is_refused(tiny_pipe_dir, 
 
     with pytest.raises(ValueError, match="registry_deadline_s .* lower registry_deadline_s"):
         tiny_serve_args(tiny_pipe_dir, {}, tmp_path, registry_deadline_s=90, **{"deployment.request_timeout_s": 60})
+
+
+def test_a_registry_that_refuses_the_credentials_is_told_apart_from_one_that_is_down(resolver):
+    """HTTP 401/403 from MLflow: waiting will not help, so neither the log nor the client's 503 says "does not
+    answer"; /admin/stats (health) says refused_credentials."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import PERMISSION_DENIED, UNAUTHENTICATED
+
+    from evaluation.registry import RegistryError
+    from serving.adapters import AdapterUnavailable
+    from serving.registry_watch import refused_credentials
+
+    def refusing(*_):
+        raise MlflowException("API request failed with error code 401 != 200", error_code=UNAUTHENTICATED)
+
+    wrapped = RegistryError("downloading x/1 failed")
+    wrapped.__cause__ = MlflowException("403", error_code=PERMISSION_DENIED)
+    assert refused_credentials(wrapped) and not refused_credentials(ConnectionRefusedError("refused"))
+    assert not reached_registry(wrapped)  # an outage for serving (nothing to serve from), only worded apart
+
+    resolver._fetch = lambda name, ref, gated: refusing()
+    with pytest.raises(AdapterUnavailable, match="refused this server's credentials"):
+        resolver.resolve("locked-lora/1", wait_s=5)
+    watch = resolver.watch
+    assert watch.down() and watch.health()["refused_credentials"] is True
+    assert "MLFLOW_TRACKING_TOKEN" in watch.health()["last_error"]
+    time.sleep(0.6)  # past registry_retry_s: the next request starts a retry in the background and answers at once
+    with pytest.raises(AdapterUnavailable, match="refuses this server's credentials") as info:
+        resolver.resolve("other-lora/1", wait_s=5)
+    assert "MLFLOW_TRACKING" not in str(info.value)  # operator advice stays in the log and /admin/stats
+    watch.call(lambda: "answer")  # credentials fixed: the next answer clears it
+    assert not watch.down() and watch.health()["refused_credentials"] is False
