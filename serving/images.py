@@ -6,11 +6,19 @@ import base64
 import io
 
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 
 
-def png_bytes(image: Image.Image) -> bytes:
+def png_bytes(image: Image.Image, text: dict[str, str] | None = None) -> bytes:
+    """``image`` as PNG bytes; ``text``: tEXt chunks (keyword -> Latin-1 value), e.g. ``{"lorafleet:image_id": id}``
+    (serving/feedback.py), which Pillow reads back into ``Image.info``."""
+    info = None
+    if text:
+        info = PngInfo()
+        for key, value in text.items():
+            info.add_text(key, value)
     buf = io.BytesIO()
-    image.save(buf, format="PNG")
+    image.save(buf, format="PNG", pnginfo=info)
     return buf.getvalue()
 
 
