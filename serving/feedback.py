@@ -54,10 +54,12 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from serving.images import PNG_KEY
 from serving.schemas import RequestBody
 
+__all__ = ["PNG_KEY", "FeedbackBody", "FeedbackError", "FeedbackStore", "Notices", "is_positive", "new_image_id"]
+
 log = logging.getLogger("ray.serve")
-PNG_KEY = "lorafleet:image_id"  # the PNG tEXt keyword that carries the image id
 ID_PREFIX = "img_"
 IMAGE_ID = re.compile(r"^img_[A-Za-z0-9_-]{24}\Z")  # ID_PREFIX + secrets.token_urlsafe(18)
 NO_VERSION = "none"  # summary key of a model without a registry version

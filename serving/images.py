@@ -8,6 +8,8 @@ import io
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+PNG_KEY = "lorafleet:image_id"  # the PNG tEXt keyword carrying a generated image's id (serving/feedback.py)
+
 
 def png_bytes(image: Image.Image, text: dict[str, str] | None = None) -> bytes:
     """``image`` as PNG bytes; ``text``: tEXt chunks (keyword -> Latin-1 value), e.g. ``{"lorafleet:image_id": id}``
