@@ -22,7 +22,9 @@ carrying the server's message: ``BadRequest`` (400/422), ``Unauthorized`` (401),
 
 Image ids: each image ``generate`` returns carries its id, the one ``feedback`` takes, as
 ``image.info["image_id"]`` (from the response's ``data[i].id``) and ``image.info["lorafleet:image_id"]`` (the PNG's
-own text chunk, which Pillow reads; it stays in a saved file: ``Image.open("circle.png").info``).
+own text chunk, which Pillow reads). The PNG bytes the server sent keep the id in a file (``curl -o``); Pillow's
+``image.save`` writes no text chunk unless asked: ``image.save(path, pnginfo=serving.images.png_text({PNG_KEY:
+image.info["image_id"]}))``.
 """
 
 from __future__ import annotations

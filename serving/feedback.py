@@ -200,9 +200,11 @@ class FeedbackStore:
             except (KeyError, TypeError, ValueError):
                 self.counts["bad_lines"] += 1
                 continue
-            self._images.pop(image_id, None)
-            self._images[image_id] = image
+            if image_id not in self._images:  # an id keeps its first owner, as in register
+                self._images[image_id] = image
         self._expire(now)
+        while len(self._images) > self.max_images:  # max_images may have been lowered since
+            self._images.popitem(last=False)
         latest: dict[tuple[str, str], dict] = {}  # (image id, tenant) -> its last rating
         for row in self._read(self._rating_log):
             if row.get("scale") != self.scale:
@@ -264,9 +266,10 @@ class FeedbackStore:
             if image is None or image.tenant != tenant:
                 self.counts["refused"] += 1
                 raise FeedbackError(
-                    404, f"no image {image_id!r} to rate: an image can be rated for {self.ttl_s:g} s after it was "
-                    f"drawn (feedback.ttl_s), while it is among the last {self.max_images} (feedback.max_images), "
-                    "with the API key it was drawn with; send the id of an image you generated", "image_id",
+                    404, f"image_id {image_id!r}: no such image to rate: an image can be rated for {self.ttl_s:g} s "
+                    f"after it was drawn (feedback.ttl_s), while it is among the last {self.max_images} "
+                    "(feedback.max_images), with the API key it was drawn with; send the id of an image you generated",
+                    "image_id",
                 )  # fmt: skip
             replaced = image.rating is not None
             row = {"image_id": image_id, "tenant": tenant, "model": image.model, "version": image.version,
