@@ -414,3 +414,15 @@ class _SyncASGI(httpx.BaseTransport):
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         r = self.http.request(request.method, request.url.path, content=request.read(), headers=dict(request.headers))
         return httpx.Response(r.status_code, headers=r.headers, content=r.content)
+
+
+def test_null_for_the_optional_comment_means_not_given(site):
+    """FeedbackBody is a RequestBody (tests/serving/test_http.py checks the image bodies): null = omitted."""
+    from serving.feedback import FeedbackBody
+
+    assert FeedbackBody.optional_keys() == {"comment"}
+    a, b = generated(site, n=2, seed=1)
+    nulled = site.http.post("/v1/feedback", json={"image_id": a, "rating": 3, "comment": None}).json()
+    omitted = site.http.post("/v1/feedback", json={"image_id": b, "rating": 3}).json()
+    assert nulled["comment"] is omitted["comment"] is None
+    assert {k: v for k, v in nulled.items() if k != "image_id"} == {k: v for k, v in omitted.items() if k != "image_id"}
