@@ -12,9 +12,10 @@ Two kinds of image id — do not confuse them:
 
 ``FeedbackStore`` (no Ray; tested alone) keeps a bounded index image id -> (tenant, model, version, created),
 at most ``feedback.max_images`` ids for ``feedback.ttl_s`` seconds each, and the ratings. Both are append-only
-JSON Lines files under ``feedback.root`` (``images.jsonl``, ``ratings.jsonl``), written before a call returns and
-replayed on start, so a restarted store loses nothing it acknowledged. ``images.jsonl`` is rewritten with the live
-ids once it holds twice ``max_images`` lines; ``ratings.jsonl`` keeps every rating ever given (it is the data).
+JSON Lines files under ``feedback.root`` (``images.jsonl``, ``ratings.jsonl``), written before a call returns (a
+rating also fsync'ed) and replayed on start, so a restarted store loses nothing it acknowledged.
+``images.jsonl`` is rewritten with the live ids once it holds twice ``max_images`` lines; ``ratings.jsonl`` keeps
+every rating ever given (it is the data).
 
 Rules of a rating (``FeedbackStore.rate``):
 
@@ -42,10 +43,13 @@ import asyncio
 import json
 import logging
 import math
+import os
 import re
 import secrets
+import struct
 import threading
 import time
+import zlib
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -57,7 +61,8 @@ from pydantic import Field
 from serving.images import PNG_KEY
 from serving.schemas import RequestBody
 
-__all__ = ["PNG_KEY", "FeedbackBody", "FeedbackError", "FeedbackStore", "Notices", "is_positive", "new_image_id"]
+__all__ = ["PNG_KEY", "FeedbackBody", "FeedbackError", "FeedbackStore", "Notices", "is_positive", "new_image_id",
+           "restamp"]  # fmt: skip
 
 log = logging.getLogger("ray.serve")
 ID_PREFIX = "img_"
@@ -70,6 +75,34 @@ WINDOW_S = 60.0  # the rate limit's sliding window
 def new_image_id() -> str:
     """A fresh image id: ``img_`` + 144 random bits as 24 URL-safe characters (``secrets.token_urlsafe(18)``)."""
     return ID_PREFIX + secrets.token_urlsafe(18)
+
+
+def restamp(png: bytes, image_id: str) -> bytes:
+    """``png`` with its ``lorafleet:image_id`` text chunk set to ``image_id`` (added when it has none), without
+    decoding the image: for a generation answered again from bytes (a response cache), whose images need ids of
+    their own. Chunk layout and CRC: PNG spec (ISO/IEC 15948) section 5.3.
+
+    Raises:
+        ValueError: ``png`` is not a PNG.
+    """
+    if not png.startswith(b"\x89PNG\r\n\x1a\n"):
+        raise ValueError("not a PNG: no PNG signature")
+    text = PNG_KEY.encode("latin-1") + b"\0" + image_id.encode("latin-1")
+    chunk = struct.pack(">I", len(text)) + b"tEXt" + text + struct.pack(">I", zlib.crc32(b"tEXt" + text))
+    out, pos, placed = [png[:8]], 8, False
+    while pos + 8 <= len(png):
+        length, kind = struct.unpack(">I4s", png[pos : pos + 8])
+        end = pos + 12 + length
+        data = png[pos + 8 : pos + 8 + length]
+        if kind == b"tEXt" and data.split(b"\0", 1)[0] == PNG_KEY.encode("latin-1"):
+            out.append(chunk)  # the old id's chunk, replaced in place
+            placed = True
+        else:
+            if kind == b"IEND" and not placed:
+                out.append(chunk)
+            out.append(png[pos:end])
+        pos = end
+    return b"".join(out)
 
 
 def is_positive(scale: str, rating: int) -> bool:
@@ -276,6 +309,7 @@ class FeedbackStore:
                    "rating": rating, "comment": comment, "scale": self.scale, "created": now}  # fmt: skip
             self._ratings_out.write(json.dumps(row) + "\n")
             self._ratings_out.flush()
+            os.fsync(self._ratings_out.fileno())  # a rating is acknowledged once it is on disk
             tally = self._tally(image.model, image.version)
             if replaced:
                 tally.add(self.scale, image.rating, -1)

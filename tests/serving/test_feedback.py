@@ -56,6 +56,22 @@ def test_encode_gives_each_image_its_own_id_inside_its_png():
     assert from_png(out["images"][0]).tobytes() == images[0].tobytes()  # the text chunk changes no pixel
 
 
+def test_restamp_gives_a_png_a_new_id_without_touching_its_pixels():
+    from serving.feedback import PNG_KEY, restamp
+    from serving.images import from_png, png_bytes
+
+    image = Image.new("RGB", (8, 8), (10, 200, 30))
+    old, new = ids(2)
+    stamped = png_bytes(image, {PNG_KEY: old})
+    again = restamp(stamped, new)
+    assert from_png(again).info[PNG_KEY] == new and from_png(again).tobytes() == image.tobytes()
+    assert len(again) == len(stamped) and again.count(b"tEXt") == 1  # replaced in place, not added
+    bare = restamp(png_bytes(image), new)  # no id yet: one is added before IEND
+    assert from_png(bare).info[PNG_KEY] == new and bare.endswith(b"IEND\xaeB`\x82")
+    with pytest.raises(ValueError, match="not a PNG"):
+        restamp(b"GIF89a", new)
+
+
 # ---- the store alone ---------------------------------------------------------------------------------------------
 def test_a_second_rating_replaces_the_first_and_the_summary_counts_the_last(tmp_path):
     s = store(tmp_path)
