@@ -2,7 +2,8 @@
 
 Errors use OpenAI's body (``{"error": {"message", "type", "param", "code"}}``): bad input is 400 (never 500),
 a body not sent as JSON 415, an unknown model or image 404, a refused adapter 422, a missing key 401, a full queue
-503 with ``Retry-After``, a generation slower than ``deployment.request_timeout_s`` 504.
+503 with ``Retry-After``, a generation slower than ``deployment.request_timeout_s`` 504, too many ratings a minute
+(``POST /v1/feedback``, serving/feedback_routes.py) 429 with ``Retry-After``.
 
 Request bodies are JSON only (``Content-Type: application/json``), as OpenAI's API: a body sent as a form
 (``curl -d``), ``text/plain`` or with no type is refused with 415 naming the type it came with, even when its text
