@@ -43,7 +43,7 @@ def site(tmp_path_factory):
         thread.start()
         until(lambda: server.started, 60, "uvicorn did not start")
         try:
-            yield SimpleNamespace(url=f"http://127.0.0.1:{port}", store=store.store)
+            yield SimpleNamespace(url=f"http://127.0.0.1:{port}", store=store.store, api=api)
         finally:
             server.should_exit = True
             thread.join(30)
@@ -86,3 +86,28 @@ def test_thumbs_under_each_image_rate_it_and_a_refusal_is_shown_as_text(site, br
     finally:
         site.store._limit = original
     assert "error" in other.get_attribute("class") and not browser.find_elements(By.ID, "injected")
+
+
+def test_on_the_stars_scale_each_image_gets_five_stars(site, browser):  # noqa: F811
+    from selenium.webdriver.common.by import By
+
+    routes, store = site.api.feedback, site.store
+    thumbs = routes.args
+    routes.args, store.scale = thumbs.model_copy(update={"scale": "stars"}), "stars"
+    try:
+        browser.get(site.url + "/")
+        browser.find_element(By.ID, "key").send_keys(KEY)
+        browser.find_element(By.ID, "go").click()
+        until(lambda: browser.find_element(By.ID, "status").text.startswith("base"), 30, "no image")
+        [figure] = browser.find_elements(By.CSS_SELECTOR, "#images figure")
+        stars = figure.find_elements(By.CSS_SELECTOR, ".rate button")
+        assert [b.text for b in stars] == ["1\u2605", "2\u2605", "3\u2605", "4\u2605", "5\u2605"]
+        before = store.summary().get("base", {}).get("7", {"count": 0, "positive": 0, "mean": 0.0})
+        stars[3].click()
+        said = figure.find_element(By.CSS_SELECTOR, ".rated")
+        until(lambda: said.text == "rated 4 of 5 - thank you", 10, f"no answer shown (shows {said.text!r})")
+        count = before["count"] + 1  # the store's tallies also hold the thumbs test's rating, if it ran first
+        mean = (before["mean"] * before["count"] + 4) / count
+        assert store.summary()["base"]["7"] == {"count": count, "positive": before["positive"] + 1, "mean": mean}
+    finally:
+        routes.args, store.scale = thumbs, "thumbs"
