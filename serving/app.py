@@ -25,6 +25,7 @@ from serving.adapters import AdapterUnavailable, UnknownModel, public_state
 from serving.catalog import model_cards
 from serving.config import ServeArgs, project_path
 from serving.engine import Cancelled, Engine, ImageRequest, ImageResult, Prepared, RequestError
+from serving.feedback import PNG_KEY, FeedbackError, FeedbackStore, new_image_id
 from serving.http import Api
 from serving.image_store import ImageStore, ImageStoreFull
 from serving.images import png_bytes
@@ -58,8 +59,11 @@ def error_result(exc: Exception) -> dict:
 
 
 def encode(result: ImageResult) -> dict:
+    """A generation's answer; each image gets its id (serving/feedback.py), also inside its PNG."""
+    ids = [new_image_id() for _ in result.images]
     return {
-        "images": [png_bytes(img) for img in result.images],
+        "images": [png_bytes(img, {PNG_KEY: i}) for img, i in zip(result.images, ids)],
+        "image_ids": ids,
         "seeds": result.seeds,
         "model": result.model,
         "version": result.version,
@@ -289,6 +293,35 @@ class ImageUrls:
         return self.store.stats()
 
 
+@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0})
+class Feedback:
+    """The ratings of generated images for every ingress replica (one replica, as ``ImageUrls``; the logic and
+    its rules are serving/feedback.py's ``FeedbackStore``)."""
+
+    def __init__(self, feedback: dict):
+        from serving.config import FeedbackArgs, workdir_path
+
+        a = FeedbackArgs.model_validate(feedback)
+        self.store = FeedbackStore(workdir_path(a.root), a.scale, a.ttl_s, a.max_images, a.max_comment_chars,
+                                   a.max_per_minute)  # fmt: skip
+
+    def register(self, tenant: str, model: str, version: str | None, image_ids: list[str]) -> int:
+        return self.store.register(tenant, model, version, image_ids)
+
+    def rate(self, tenant: str, image_id: str, rating: int, comment: str | None = None) -> dict:
+        """The stored rating, or ``{"error": {status, message, param, retry_after}}`` (FeedbackError's)."""
+        try:
+            return self.store.rate(tenant, image_id, rating, comment)
+        except FeedbackError as exc:
+            return exc.as_dict()
+
+    def summary(self) -> dict:
+        return self.store.summary()
+
+    def stats(self) -> dict:
+        return self.store.stats()
+
+
 def build_app(args: ServeArgs) -> Application:
     """The application ``serve run configs/serve.yaml`` starts: ``Api`` (HTTP) -> ``Generator`` replicas."""
     args = ServeArgs.model_validate(args) if isinstance(args, dict) else args
@@ -317,6 +350,7 @@ def build_app(args: ServeArgs) -> Application:
         * (d.num_replicas if isinstance(d.num_replicas, int) else 4),
     )
     images = ImageUrls.bind(args.image_urls.model_dump())
+    feedback = Feedback.bind(args.feedback.model_dump()) if args.feedback.enabled else None
     return Api.options(max_ongoing_requests=room, max_queued_requests=room, ray_actor_options={"num_cpus": 0}).bind(
-        generator, args.model_dump(), images
+        generator, args.model_dump(), images, feedback
     )

@@ -4,7 +4,8 @@
 
     with Client("http://127.0.0.1:8000", api_key=None) as client:
         images = client.generate("a red circle on a sks background", adapter="champion", n=2, seed=0)
-        images[0].save("circle.png")           # PIL images; image.info has seed, model and version
+        images[0].save("circle.png")           # PIL images; image.info has seed, model, version and image_id
+        client.feedback(images[0], +1)         # rate it (thumbs: -1/+1, stars: 1-5; GET /v1/feedback says which)
         print(client.models(), client.health())
 
 Fine-tuning (OpenAI's files and fine-tuning jobs API; ``serving.client_files``, ``serving.client_jobs``):
@@ -17,7 +18,13 @@ Fine-tuning (OpenAI's files and fine-tuning jobs API; ``serving.client_files``, 
 ``AsyncClient`` has the same methods as coroutines. 503/408/504 answers and refused connections are retried
 with jittered exponential backoff (at least the server's ``Retry-After``); what is left raises a typed error
 carrying the server's message: ``BadRequest`` (400/422), ``Unauthorized`` (401), ``NotFound`` (404),
-``ServerBusy`` (503/408/504 after the retries), ``ServerError`` (other 5xx).
+``ServerBusy`` (503/408/504 after the retries), ``RateLimited`` (429, not retried), ``ServerError`` (other 5xx).
+
+Image ids: each image ``generate`` returns carries its id, the one ``feedback`` takes, as
+``image.info["image_id"]`` (from the response's ``data[i].id``) and ``image.info["lorafleet:image_id"]`` (the PNG's
+own text chunk, which Pillow reads). The PNG bytes the server sent keep the id in a file (``curl -o``); Pillow's
+``image.save`` writes no text chunk unless asked: ``image.save(path, pnginfo=serving.images.png_text({PNG_KEY:
+image.info["image_id"]}))``.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ from serving.client_errors import (
     BadRequest,
     LorafleetError,
     NotFound,
+    RateLimited,
     ServerBusy,
     ServerError,
     Unauthorized,
@@ -46,10 +54,11 @@ from serving.client_errors import (
 )
 from serving.client_files import Body, File, upload_body
 from serving.client_jobs import AsyncJob, Job, JobCancelled, JobError, JobFailed, JobTimeout
-from serving.images import from_b64
+from serving.images import PNG_KEY, from_b64
 
 __all__ = ["AsyncClient", "AsyncJob", "BadRequest", "Client", "File", "Job", "JobCancelled", "JobError", "JobFailed",
-           "JobTimeout", "LorafleetError", "NotFound", "ServerBusy", "ServerError", "Unauthorized"]  # fmt: skip
+           "JobTimeout", "LorafleetError", "NotFound", "RateLimited", "ServerBusy", "ServerError",
+           "Unauthorized"]  # fmt: skip
 JOBS = "/v1/fine_tuning/jobs"
 
 
@@ -109,8 +118,27 @@ class _Base:
         for item in body["data"]:
             image = from_b64(item["b64_json"])
             image.info.update(seed=item.get("seed"), model=body.get("model"), version=body.get("version"))
+            image.info["image_id"] = item.get("id") or image.info.get(PNG_KEY)
             images.append(image)
         return images
+
+    @staticmethod
+    def _feedback_body(image: str | Image.Image, rating: int, comment: str | None) -> dict:
+        """``POST /v1/feedback``'s body; ``image``: an id, or an image ``generate`` returned (its id read from it).
+
+        Raises:
+            ValueError: an image without an id (not one this server drew, or one saved without its PNG text).
+        """
+        if isinstance(image, Image.Image):
+            image_id = image.info.get("image_id") or image.info.get(PNG_KEY)
+            if not image_id:
+                raise ValueError(
+                    f"this image carries no id (image.info has no 'image_id' or {PNG_KEY!r}): rate an image "
+                    "generate() returned, or one saved as PNG from it; or pass the id"
+                )
+        else:
+            image_id = image
+        return {"image_id": image_id, "rating": rating} | ({"comment": comment} if comment is not None else {})
 
     @staticmethod
     def _check(response: httpx.Response) -> httpx.Response:
@@ -119,7 +147,7 @@ class _Base:
                 body = response.json()
             except ValueError:
                 body = response.text
-            raise error_from(response.status_code, body)
+            raise error_from(response.status_code, body, response.headers.get("retry-after"))
         return response
 
     def _final(self, attempt: int, response: httpx.Response | None, exc: Exception | None) -> httpx.Response | None:
@@ -183,6 +211,26 @@ class Client(_Base):
 
     def models(self) -> list[dict]:
         return self._request("GET", "/v1/models").json()["data"]
+
+    def feedback(self, image: str | Image.Image, rating: int, comment: str | None = None) -> dict:
+        """Rate a generated image (``POST /v1/feedback``); rating it again replaces the earlier rating.
+
+        Args:
+            image: its id (``img_…``), or an image ``generate`` returned (the id is read from ``image.info``).
+            rating: -1 or 1 on the thumbs scale, 1 to 5 on the stars scale (``GET /v1/feedback`` says which).
+            comment: optional text (at most the server's ``feedback.max_comment_chars`` characters).
+
+        Returns:
+            The stored rating: ``{"object": "feedback", "image_id", "rating", "comment", "model", "version",
+            "created", "replaced"}``.
+
+        Raises:
+            BadRequest: the rating is off the scale, the comment too long, or the id is not an image id.
+            NotFound: no such image for this API key (unknown, expired, or another tenant's).
+            RateLimited: more ratings per minute than the server takes (``retry_after`` seconds).
+            ValueError: ``image`` is a PIL image without an id.
+        """
+        return self._request("POST", "/v1/feedback", json=self._feedback_body(image, rating, comment)).json()
 
     def reload(self) -> dict:
         """Make every replica look the champion up in the registry now (``POST /admin/reload``)."""
@@ -313,6 +361,11 @@ class AsyncClient(_Base):
 
     async def models(self) -> list[dict]:
         return (await self._request("GET", "/v1/models")).json()["data"]
+
+    async def feedback(self, image: str | Image.Image, rating: int, comment: str | None = None) -> dict:
+        """Rate a generated image (``POST /v1/feedback``): ``Client.feedback``'s twin."""
+        body = self._feedback_body(image, rating, comment)
+        return (await self._request("POST", "/v1/feedback", json=body)).json()
 
     async def reload(self) -> dict:
         return (await self._request("POST", "/admin/reload")).json()

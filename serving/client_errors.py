@@ -38,14 +38,28 @@ class ServerBusy(LorafleetError):
     """The server shed the request (503) or timed out (408/504), and the retries ran out."""
 
 
+class RateLimited(ServerBusy):
+    """429: this API key sent more requests of a kind than the server takes per minute (``POST /v1/feedback``:
+    ``feedback.max_per_minute``); ``retry_after`` is the server's Retry-After in seconds. Not retried."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, details: dict | None = None,
+                 retry_after: int | None = None):  # fmt: skip
+        super().__init__(status, message, param, details)
+        self.retry_after = retry_after
+
+
 class ServerError(LorafleetError):
     """The server failed (5xx)."""
 
 
-def error_from(status: int, body: Any) -> LorafleetError:
-    """The typed error of an error answer (OpenAI's body ``{"error": {"message", "param", …}}``, or any body)."""
+def error_from(status: int, body: Any, retry_after: str | None = None) -> LorafleetError:
+    """The typed error of an error answer (OpenAI's body ``{"error": {"message", "param", …}}``, or any body);
+    ``retry_after``: the answer's Retry-After header (a 429's ``RateLimited.retry_after``)."""
     err = body.get("error", {}) if isinstance(body, dict) else {}
     message = err.get("message") or (str(body)[:300] if body else f"HTTP {status}")
+    if status == 429:
+        return RateLimited(status, message, err.get("param"), err, int(retry_after) if retry_after and
+                           retry_after.isdigit() else None)  # fmt: skip
     cls = {400: BadRequest, 401: Unauthorized, 404: NotFound, 422: BadRequest}.get(status)
     if cls is None:
         cls = ServerBusy if status in RETRY_STATUS or status == 429 else ServerError if status >= 500 else BadRequest

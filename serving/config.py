@@ -172,6 +172,38 @@ class ImageUrlArgs(_Section):
     )
 
 
+class FeedbackArgs(_Section):
+    """User ratings of generated images (``POST /v1/feedback``; serving/feedback.py: one store for all ingress
+    replicas)."""
+
+    enabled: bool = Field(True, description="accept ratings; false: POST /v1/feedback answers 404 and no id is kept")
+    scale: Literal["thumbs", "stars"] = Field(
+        "thumbs", description="thumbs: a rating is -1 or +1; stars: 1 to 5 (4 and 5 count as positive)"
+    )
+    root: str = Field(
+        "runs/feedback",
+        description="folder of the append-only logs images.jsonl and ratings.jsonl, reloaded on start; relative = "
+        "under $LORAFLEET_WORKDIR when set, else the project. Shared storage on a multi-node cluster (the store's "
+        "one replica may restart on another node)",
+    )
+    ttl_s: float = Field(
+        7 * 86400.0, gt=0, description="seconds after its generation an image may still be rated (then 404)"
+    )
+    max_images: int = Field(
+        100_000, ge=1, description="image ids remembered at most for rating; beyond it the oldest are forgotten"
+    )
+    max_comment_chars: int = Field(1000, ge=0, le=100_000, description="longest comment (0: comments refused)")
+    max_per_minute: int = Field(
+        60, ge=1, description="ratings one tenant may send per minute (over every ingress replica); more get 429"
+    )
+    max_pending: int = Field(
+        1000,
+        ge=1,
+        description="new-image notices an ingress replica may have in flight to the store; more are dropped (and "
+        "counted) so that feedback never slows generation",
+    )
+
+
 class FilesArgs(_Section):
     """Uploads of ``POST /v1/files`` (serving/uploads): where they are kept and what an archive may hold."""
 
@@ -390,6 +422,7 @@ class ServeArgs(_Section):
     speed: SpeedArgs = Field(default_factory=SpeedArgs)
     files: FilesArgs = Field(default_factory=FilesArgs)
     finetune: FineTuneArgs = Field(default_factory=FineTuneArgs)
+    feedback: FeedbackArgs = Field(default_factory=FeedbackArgs)
 
     @field_validator("adapters")
     @classmethod

@@ -2,7 +2,8 @@
 
 Errors use OpenAI's body (``{"error": {"message", "type", "param", "code"}}``): bad input is 400 (never 500),
 a body not sent as JSON 415, an unknown model or image 404, a refused adapter 422, a missing key 401, a full queue
-503 with ``Retry-After``, a generation slower than ``deployment.request_timeout_s`` 504.
+503 with ``Retry-After``, a generation slower than ``deployment.request_timeout_s`` 504, too many ratings a minute
+(``POST /v1/feedback``, serving/feedback_routes.py) 429 with ``Retry-After``.
 
 Request bodies are JSON only (``Content-Type: application/json``), as OpenAI's API: a body sent as a form
 (``curl -d``), ``text/plain`` or with no type is refused with 415 naming the type it came with, even when its text
@@ -45,6 +46,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from serving.catalog import configured_cards
 from serving.config import ServeArgs
 from serving.engine import ImageRequest
+from serving.feedback import FeedbackBody
+from serving.feedback_routes import FeedbackRoutes
 from serving.finetune import routes as finetune
 from serving.finetune.jobs import CreateJobBody
 from serving.image_store import IMAGE_ID
@@ -429,10 +432,18 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
 @serve.deployment
 @serve.ingress(web)
 class Api:
-    def __init__(self, generator: DeploymentHandle, args: ServeArgs | dict, images: DeploymentHandle):
+    def __init__(
+        self,
+        generator: DeploymentHandle,
+        args: ServeArgs | dict,
+        images: DeploymentHandle,
+        feedback: DeploymentHandle | None = None,
+    ):
         self.gen = generator
         self.images = images  # serving.app.ImageUrls: the one store of response_format "url" images
         self.args = ServeArgs.model_validate(args)
+        # serving.app.Feedback: the one store of image ids and ratings (None: feedback.enabled is false)
+        self.feedback = FeedbackRoutes(self.args.feedback, feedback, self.args.deployment.retry_after_s)
         self.keys = KeyRing(self.args.tenants, self.args.api_key())
         self.epoch = 0
         Gate.max_bytes = self.args.limits.max_body_bytes
@@ -542,23 +553,26 @@ class Api:
     async def generations(self, body: GenerationBody, request: Request) -> ImagesResponse:
         tenant = tenant_of(request)
         out = await self._call(body.to_request(tenant))
+        self.feedback.notice(tenant.name, out)  # in the background: the answer never waits for the store
+        ids = out.get("image_ids") or [None] * len(out["images"])
         if body.response_format == "url":
             kept = await self._images("put", out["images"], tenant.name)
             if "error" in kept:
                 raise ApiError(507, kept["error"], "response_format")
             data = [
                 ImageData(
+                    id=rated_id,
                     url=str(request.url_for("image", image_id=image_id)),
                     expires_at=int(expires_at),
                     seed=seed,
                     revised_prompt=body.prompt,
                 )
-                for (image_id, expires_at), seed in zip(kept["images"], out["seeds"])
+                for (image_id, expires_at), seed, rated_id in zip(kept["images"], out["seeds"], ids)
             ]
         else:
             data = [
-                ImageData(b64_json=base64.b64encode(png).decode(), seed=seed, revised_prompt=body.prompt)
-                for png, seed in zip(out["images"], out["seeds"])
+                ImageData(id=i, b64_json=base64.b64encode(png).decode(), seed=seed, revised_prompt=body.prompt)
+                for png, seed, i in zip(out["images"], out["seeds"], ids)
             ]
         return ImagesResponse(
             created=int(time.time()), data=data, model=out["model"], version=out["version"], size=out["size"]
@@ -592,8 +606,12 @@ class Api:
         if repeated:
             key, times = next(iter(repeated.items()))
             raise ApiError(400, f"{key}: given {times} times in the query string; give it once", key)
-        out = await self._call(query.to_request(tenant_of(request)))
+        tenant = tenant_of(request)
+        out = await self._call(query.to_request(tenant))
+        self.feedback.notice(tenant.name, out)
         headers = {"X-Seed": str(out["seeds"][0]), "X-Model": out["model"], "X-Version": str(out["version"])}
+        if out.get("image_ids"):
+            headers["X-Image-Id"] = out["image_ids"][0]  # the id POST /v1/feedback takes (also in the PNG)
         return Response(out["images"][0], media_type="image/png", headers=headers)
 
     @web.post("/admin/reload", summary="look the champion up in the registry now (all replicas follow)")
@@ -607,6 +625,20 @@ class Api:
     async def stats(self, request: Request) -> dict:
         self._admin(request)
         return await self.gen.stats.remote()
+
+    # ---- feedback: ratings of generated images (serving/feedback.py, serving/feedback_routes.py) ---------------
+    @web.get("/v1/feedback", summary="the rating scale this server takes")
+    async def feedback_config(self) -> Response:
+        return self.feedback.config()
+
+    @web.post("/v1/feedback", summary="rate a generated image (data[i].id / X-Image-Id); a second rating replaces")
+    async def rate(self, request: Request, body: FeedbackBody) -> Response:
+        return await self.feedback.rate(tenant_of(request).name, body)
+
+    @web.get("/v1/feedback/summary", summary="admin: ratings per model and version")
+    async def feedback_summary(self, request: Request) -> Response:
+        self._admin(request)
+        return await self.feedback.summary()
 
     # ---- files: OpenAI's files API over serving/uploads (the handlers and their errors live there) ----------
     @web.post(

@@ -242,8 +242,13 @@ class GenerateQuery(Params):
 
 
 class ImageData(BaseModel):
-    """One image, as OpenAI's ``Image``: ``b64_json`` or ``url`` (by ``response_format``), plus its seed."""
+    """One image, as OpenAI's ``Image``: ``b64_json`` or ``url`` (by ``response_format``), plus its seed and id."""
 
+    id: str | None = Field(
+        None,
+        description="lorafleet: the image's id for POST /v1/feedback (also in the PNG's text chunk "
+        "lorafleet:image_id); not the id in `url`",
+    )
     b64_json: str | None = Field(None, description="the PNG, base64 (response_format b64_json)")
     url: str | None = Field(None, description="where to GET the PNG, with the API key (response_format url)")
     expires_at: int | None = Field(None, description="unix time after which `url` answers 404")

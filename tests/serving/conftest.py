@@ -33,6 +33,7 @@ def tiny_serve_args(pipe_dir: Path, adapters: dict[str, Path], cache: Path, **ov
         "limits": {"min_size": 32, "max_size": 128},
         "api_key_env": "LORAFLEET_UNSET_KEY",
         "files": {"root": str(Path(cache) / "files")},  # uploads (POST /v1/files) stay in pytest's folders
+        "feedback": {"root": str(Path(cache) / "feedback")},  # ratings too
     }
     return validate_values(ServeArgs, values, [f"{k}={v}" for k, v in overrides.items()])
 

@@ -104,6 +104,34 @@ def test_http_round_trip(main_app):
         assert form.status_code == 415 and form.json()["error"]["param"] == "Content-Type", form.text
 
 
+def test_images_get_ids_the_feedback_deployment_takes_ratings_for(main_app):
+    """Through Ray: the Generator's image ids reach the one-replica Feedback store in the background, which takes a
+    rating and sums it up per model and version (the store's rules: tests/serving/test_feedback.py)."""
+    from serving.images import PNG_KEY
+
+    with httpx.Client(base_url=main_app, timeout=60) as http:
+        out = http.post("/v1/images/generations", json={"prompt": PROMPT, "model": "ad1", "n": 2, "seed": 5}).json()
+        first = out["data"][0]
+        assert Image.open(io.BytesIO(base64.b64decode(first["b64_json"]))).info[PNG_KEY] == first["id"]
+        png = http.get("/v1/generate", params={"prompt": PROMPT, "seed": 5})
+        deadline, rated = time.monotonic() + 30, None
+        while time.monotonic() < deadline:  # the notice is fire-and-forget: it may land after the answer
+            rated = http.post("/v1/feedback", json={"image_id": first["id"], "rating": 1, "comment": "good"})
+            if rated.status_code != 404:
+                break
+            time.sleep(0.2)
+        assert rated.status_code == 200 and rated.json()["model"] == "ad1", rated.text
+        assert http.post("/v1/feedback", json={"image_id": first["id"], "rating": -1}).json()["replaced"] is True
+        until = time.monotonic() + 30
+        while http.post("/v1/feedback", json={"image_id": png.headers["x-image-id"], "rating": 1}).status_code == 404:
+            assert time.monotonic() < until, "the GET /v1/generate image never became ratable"
+            time.sleep(0.2)
+        summary = http.get("/v1/feedback/summary").json()
+        assert summary["data"] == {"ad1": {"none": {"count": 1, "positive": 0, "mean": -1.0}},
+                                   "base": {"none": {"count": 1, "positive": 1, "mean": 1.0}}}  # fmt: skip
+        assert summary["store"]["counts"]["registered"] >= 3
+
+
 BAD = [
     ({"prompt": ""}, 400, "prompt"),
     ({"prompt": "x" * 501}, 400, "prompt"),
