@@ -23,6 +23,7 @@ one tenant's large batch does not hold back another's.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import json
@@ -35,6 +36,7 @@ from serving.batches.inputs import BatchLine, read_lines, write_output_file
 from serving.batches.store import END, ERRORS, INPUT, OUTPUT, TERMINAL, BatchRecord, BatchStore
 from serving.config import BatchesArgs
 from serving.engine import ImageRequest
+from serving.schemas import error_body
 from serving.uploads.store import FileNotFound, FileStore, write_json
 
 log = logging.getLogger(__name__)
@@ -53,16 +55,12 @@ def result_line(batch_id: str, line: BatchLine, out: dict, request_id: str, now:
 
     A 200 carries the live route's response body (``ImagesResponse``: each image as ``b64_json``, its seed, the
     image id when the replica made one); an error carries OpenAI's error body with the replica's status."""
-    from serving.schemas import error_body
-
     if "error" in out:
         e = out["error"]
         response = {"status_code": e["status"], "request_id": request_id,
                     "body": error_body(e["status"], e["message"], e.get("param"))}  # fmt: skip
         return False, {"id": request_line_id(batch_id, line.custom_id), "custom_id": line.custom_id,
                        "response": response, "error": None}  # fmt: skip
-    import base64
-
     ids = out.get("image_ids") or [None] * len(out["images"])
     data = [
         {"b64_json": base64.b64encode(png).decode(), "seed": seed, "revised_prompt": line.body.prompt}

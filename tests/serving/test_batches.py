@@ -370,3 +370,40 @@ def test_a_fine_tuning_file_is_no_batch_input_and_has_no_content(http, toy_datas
     refused = http.client.post("/v1/batches", json=body)
     assert refused.status_code == 400 and "purpose=batch" in refused.json()["error"]["message"], refused.text
     assert http.client.get(f"/v1/files/{file_id}/content").status_code == 400
+
+
+def test_a_replica_refuses_batch_requests_past_its_bound_at_once_and_never_interactive_ones():
+    """``Generator.generate`` with ``priority="batch"``: at most ``batches.max_in_flight_per_replica`` held; the
+    next gets 429 at once (the runner resends it later); interactive requests are not counted."""
+    from serving.app import Generator
+    from serving.config import ServeArgs
+
+    replica = Generator.func_or_class.__new__(Generator.func_or_class)  # the class without Ray or an engine
+    replica.args = ServeArgs(champion={"model": None}, default_model="base", batches={"max_in_flight_per_replica": 2})
+    replica._batch_requests = 0
+    held: list[tuple[bool, asyncio.Event]] = []
+
+    async def generate(req, epoch, low):  # stands for the real path: prepare, pass queue, engine
+        held.append((low, asyncio.Event()))
+        await held[-1][1].wait()
+        return {"images": [], "low": low}
+
+    replica._generate = generate
+
+    async def main():
+        batch = [asyncio.create_task(replica.generate(object(), 0, "batch")) for _ in range(2)]
+        live = [asyncio.create_task(replica.generate(object())) for _ in range(3)]
+        await asyncio.sleep(0)
+        refused = await replica.generate(object(), 0, "batch")
+        for _, event in held:
+            event.set()
+        done = await asyncio.gather(*batch, *live)
+        again = asyncio.create_task(replica.generate(object(), 0, "batch"))  # room again once they finished
+        await asyncio.sleep(0)
+        held[-1][1].set()
+        return refused, done, await again
+
+    refused, done, again = asyncio.run(main())
+    assert refused["error"]["status"] == 429 and "batch room" in refused["error"]["message"]
+    assert [d["low"] for d in done] == [True, True, False, False, False] and again["low"] is True
+    assert replica._batch_requests == 0
