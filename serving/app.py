@@ -23,6 +23,7 @@ from ray.serve import Application
 
 from serving.adapters import AdapterUnavailable, UnknownModel, public_state
 from serving.batches.deployment import BatchWorker
+from serving.batches.runner import batch_room
 from serving.catalog import model_cards
 from serving.config import ServeArgs, project_path
 from serving.engine import Cancelled, Engine, ImageRequest, ImageResult, Prepared, RequestError
@@ -99,7 +100,8 @@ class Generator:
             low=lambda q: q.low,
             max_low=self.args.batches.max_images_per_pass,
         )
-        self._batch_requests = 0  # batch requests held now (at most batches.max_in_flight_per_replica)
+        self._batch_requests = 0  # batch requests held now, at most self._batch_room
+        self._batch_room = batch_room(self.args)
         self._batched = serve.batch(
             max_batch_size=b.max_batch_size,
             batch_wait_timeout_s=b.batch_wait_timeout_s,
@@ -137,10 +139,10 @@ class Generator:
     async def generate(self, req: ImageRequest, epoch: int = 0, priority: str = "interactive") -> dict:
         """One request -> ``encode``'s dict or ``{"error": {status, message, param}}``. ``priority="batch"`` (the
         batch runner, serving/batches): the request skips ``@serve.batch`` and waits in the pass queue behind every
-        interactive one; past ``batches.max_in_flight_per_replica`` of them it is refused at once with 429."""
+        interactive one; past ``batch_room`` of them (batches.max_in_flight_per_replica) it is refused at once, 429."""
         if priority != "batch":
             return await self._generate(req, epoch, False)
-        if self._batch_requests >= self.args.batches.max_in_flight_per_replica:
+        if self._batch_requests >= self._batch_room:
             return {"error": {"status": 429, "message": "this replica's batch room is full", "param": None}}
         self._batch_requests += 1
         try:

@@ -331,8 +331,9 @@ class BatchesArgs(_Section):
     max_in_flight_per_replica: int = Field(
         8,
         ge=1,
-        description="batch requests a generator replica holds at once; more are refused at once (429) and the runner "
-        "sends them again later, so batch work never fills a replica's max_ongoing_requests",
+        description="batch requests a generator replica holds at once, and at most half its "
+        "deployment.max_ongoing_requests (at least 1); more are refused at once (429) and the runner sends them again "
+        "later, so batch work never fills a replica's slots",
     )
     max_images_per_pass: int | None = Field(
         None,
@@ -451,12 +452,6 @@ class ServeArgs(_Section):
             problems.append(
                 f"limits.max_n ({lim.max_n}) > batching.max_batch_size ({b.max_batch_size}): a request's images "
                 "must fit one pass; lower max_n or raise max_batch_size"
-            )
-        if self.batches.max_in_flight_per_replica >= d.max_ongoing_requests:
-            problems.append(
-                f"batches.max_in_flight_per_replica ({self.batches.max_in_flight_per_replica}) >= "
-                f"deployment.max_ongoing_requests ({d.max_ongoing_requests}): batch requests could fill a replica and "
-                "keep interactive ones out; lower it"
             )
         if lim.min_size > lim.max_size:
             problems.append(f"limits.min_size ({lim.min_size}) > limits.max_size ({lim.max_size})")

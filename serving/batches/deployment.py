@@ -17,7 +17,7 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 
-from serving.batches.runner import BatchRunner, send_with
+from serving.batches.runner import BatchRunner, batch_room, send_with
 from serving.batches.store import BatchStore
 from serving.config import ServeArgs
 from serving.uploads.store import FileStore
@@ -26,13 +26,13 @@ GONE = (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError, Back
 
 
 def runner_concurrency(args: ServeArgs) -> int:
-    """Batch requests out at once: ``batches.max_in_flight_per_replica`` × generator replicas (autoscaling: its
-    ``max_replicas``); replicas refuse what they have no batch room for, so this only bounds the runner's tasks."""
+    """Batch requests out at once: ``batch_room`` × generator replicas (autoscaling: its ``max_replicas``); replicas
+    refuse what they have no batch room for, so this only bounds the runner's tasks."""
     d = args.deployment
     replicas = (
         d.num_replicas if isinstance(d.num_replicas, int) else int((d.autoscaling_config or {}).get("max_replicas", 1))
     )
-    return args.batches.max_in_flight_per_replica * max(1, replicas)
+    return batch_room(args) * max(1, replicas)
 
 
 @serve.deployment(num_replicas=1, max_ongoing_requests=100, ray_actor_options={"num_cpus": 0}, health_check_period_s=10)

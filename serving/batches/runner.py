@@ -12,7 +12,7 @@ actors would compete with the replicas for the same GPUs with nothing to bound t
 Batch capacity grows with the replicas (autoscaling counts the batch requests too), so a large catalogue uses the
 whole deployment.
 
-Flow control: at most ``concurrency`` requests are out at once (``batches.max_in_flight_per_replica`` × replicas);
+Flow control: at most ``concurrency`` requests are out at once (``batch_room`` × replicas);
 a replica whose batch room is full answers 429 at once and the request is sent again after ``batches.retry_s``;
 a 503 or a replica that went away is retried up to ``batches.max_attempts``; any other answer is final. Every
 finished request is appended to the batch's ``output.jsonl`` (200) or ``errors.jsonl`` at once, so a restarted
@@ -34,7 +34,7 @@ from pathlib import Path
 
 from serving.batches.inputs import BatchLine, read_lines, write_output_file
 from serving.batches.store import END, ERRORS, INPUT, OUTPUT, TERMINAL, BatchRecord, BatchStore
-from serving.config import BatchesArgs
+from serving.config import BatchesArgs, ServeArgs
 from serving.engine import ImageRequest
 from serving.schemas import error_body
 from serving.uploads.store import FileNotFound, FileStore, write_json
@@ -43,6 +43,12 @@ log = logging.getLogger(__name__)
 Send = Callable[[ImageRequest], Awaitable[dict]]
 BUSY = 429  # a replica's batch room is full: sent again later, not an attempt
 RETRYABLE = (503,)
+
+
+def batch_room(args: ServeArgs) -> int:
+    """Batch requests one generator replica holds at once: ``batches.max_in_flight_per_replica``, and at most half
+    of ``deployment.max_ongoing_requests`` (at least 1), so interactive requests always find free slots."""
+    return min(args.batches.max_in_flight_per_replica, max(1, args.deployment.max_ongoing_requests // 2))
 
 
 def request_line_id(batch_id: str, custom_id: str) -> str:

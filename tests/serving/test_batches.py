@@ -376,11 +376,16 @@ def test_a_replica_refuses_batch_requests_past_its_bound_at_once_and_never_inter
     """``Generator.generate`` with ``priority="batch"``: at most ``batches.max_in_flight_per_replica`` held; the
     next gets 429 at once (the runner resends it later); interactive requests are not counted."""
     from serving.app import Generator
+    from serving.batches.runner import batch_room
     from serving.config import ServeArgs
 
     replica = Generator.func_or_class.__new__(Generator.func_or_class)  # the class without Ray or an engine
     replica.args = ServeArgs(champion={"model": None}, default_model="base", batches={"max_in_flight_per_replica": 2})
-    replica._batch_requests = 0
+    replica._batch_requests, replica._batch_room = 0, 2
+    assert batch_room(replica.args) == 2
+    tight = ServeArgs(champion={"model": None}, default_model="base", deployment={"max_ongoing_requests": 1},
+                      batching={"max_batch_size": 1, "max_concurrent_batches": 1}, limits={"max_n": 1})  # fmt: skip
+    assert batch_room(tight) == 1  # at most half the slots, but never none
     held: list[tuple[bool, asyncio.Event]] = []
 
     async def generate(req, epoch, low):  # stands for the real path: prepare, pass queue, engine
