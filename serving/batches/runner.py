@@ -126,6 +126,7 @@ class BatchRunner:
         self.store, self.files, self.cfg, self.send, self.clock = store, files, cfg, send, clock
         self.slots = asyncio.Semaphore(concurrency)
         self.active: dict[str, _Active] = {}
+        self.ended: set[str] = set()  # batch ids seen ended: never read again
         self.wakeup = asyncio.Event()
 
     async def run_forever(self) -> None:
@@ -147,7 +148,7 @@ class BatchRunner:
         """Start every batch that has not ended and is not running (new ones, and those a restart cut off), and
         stop the running ones that were cancelled or expired."""
         now = self.clock()
-        for record in await asyncio.to_thread(self.store.all):
+        for record in await asyncio.to_thread(self._unended):
             active = self.active.get(record.id)
             if active is None and record.status not in TERMINAL:
                 active = self.active[record.id] = _Active(record)
@@ -158,6 +159,20 @@ class BatchRunner:
                 self._stop(active, "cancelled")
             elif now >= active.record.expires_at:
                 self._stop(active, "expired")
+
+    def _unended(self) -> list[BatchRecord]:
+        """The records of batches not seen ended yet, oldest first (an ended batch is not read again)."""
+        found = []
+        for batch_id in self.store.ids():
+            if batch_id in self.ended:
+                continue
+            active = self.active.get(batch_id)  # this runs in a worker thread: one look at the dict
+            record = active.record if active is not None else self.store.load(batch_id)
+            if record is not None and record.status in TERMINAL and active is None:
+                self.ended.add(batch_id)
+            elif record is not None:
+                found.append(record)
+        return sorted(found, key=lambda r: (r.order, r.id))
 
     async def wait_idle(self) -> None:
         """Wait until every running batch has ended (tests)."""

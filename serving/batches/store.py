@@ -155,6 +155,10 @@ class BatchStore:
             raise NotFound("batch", batch_id, "batch_id")
         return record
 
+    def ids(self) -> list[str]:
+        """Every batch id on disk (folder names), unordered."""
+        return [p.name for p in (self.root.iterdir() if self.root.is_dir() else ()) if BATCH_ID.match(p.name)]
+
     def all(self) -> list[BatchRecord]:
         """Every batch, oldest first."""
         found = [r for p in (self.root.iterdir() if self.root.is_dir() else ()) if (r := self.load(p.name))]

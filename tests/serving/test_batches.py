@@ -181,6 +181,8 @@ def test_a_batch_runs_every_request_once_and_ends_completed_with_output_and_erro
         runner = runner_for(files, store, gen)
         await runner.step()
         await runner.wait_idle()
+        await runner.step()  # an ended batch is not started again, nor read again
+        assert not runner.active and runner.ended == {record.id}
 
     asyncio.run(main())
     done = store.get(record.id, "acme")
