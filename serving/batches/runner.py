@@ -230,7 +230,11 @@ class BatchRunner:
         record, attempts = active.record, 0
         request = line.body.to_request(record.tenant_object())
         while True:
-            out = await self.send(request)
+            try:
+                out = await self.send(request)
+            except Exception as exc:  # noqa: BLE001 - an unexpected failure is this request's answer, not a lost line
+                log.exception("batch %s: request %s failed", record.id, line.custom_id[:64])
+                out = {"error": {"status": 500, "message": f"{type(exc).__name__}: {exc}", "param": None}}
             status = out.get("error", {}).get("status")
             if status == BUSY or (status in RETRYABLE and attempts + 1 < self.cfg.max_attempts):
                 attempts += status != BUSY

@@ -142,6 +142,8 @@ class FakeGenerator:
             return {"error": {"status": 429, "message": "batch room full", "param": None}}
         if self.gate is not None:
             await self.gate.acquire()
+        if "raise" in req.prompt:
+            raise RuntimeError("the handle broke")
         if "fail" in req.prompt:
             return {"error": {"status": 400, "message": "steps: too many", "param": "steps"}}
         return {"images": [b"\x89PNG" + bytes([i]) for i in range(req.n)], "seeds": [req.seed or 0] * req.n,
@@ -172,9 +174,10 @@ def read_file(files: FileStore, file_id: str, tenant: str = "acme") -> list[dict
 
 
 def test_a_batch_runs_every_request_once_and_ends_completed_with_output_and_error_files(tmp_path):
-    lines = [line(f"sku-{i}", seed=i, n=1 + i % 2) for i in range(10)] + [line("bad", prompt="fail me")]
+    lines = [line(f"sku-{i}", seed=i, n=1 + i % 2) for i in range(10)]
+    lines += [line("bad", prompt="fail me"), line("broke", prompt="raise")]
     files, store, record = make_batch(tmp_path, lines)
-    assert store.view(record)["status"] == "validating" and record.request_counts.total == 11
+    assert store.view(record)["status"] == "validating" and record.request_counts.total == 12
     gen = FakeGenerator(busy=3)
 
     async def main():
@@ -188,7 +191,7 @@ def test_a_batch_runs_every_request_once_and_ends_completed_with_output_and_erro
     done = store.get(record.id, "acme")
     view = store.view(done)
     assert view["object"] == "batch" and view["status"] == "completed" and view["metadata"] == {"k": "v"}
-    assert view["request_counts"] == {"total": 11, "completed": 10, "failed": 1}
+    assert view["request_counts"] == {"total": 12, "completed": 10, "failed": 2}
     assert view["in_progress_at"] and view["finalizing_at"] and view["completed_at"] and "tenant" not in view
     output = read_file(files, done.output_file_id)
     assert sorted(x["custom_id"] for x in output) == sorted(f"sku-{i}" for i in range(10))
@@ -198,9 +201,9 @@ def test_a_batch_runs_every_request_once_and_ends_completed_with_output_and_erro
         "id"
     ] == "img_1_0"
     errors = read_file(files, done.error_file_id)
-    assert [(e["custom_id"], e["response"]["status_code"]) for e in errors] == [("bad", 400)]
-    assert errors[0]["response"]["body"]["error"]["param"] == "steps"
-    assert len(gen.seen) == 11 + 3  # three 429s were sent again, each request ran once
+    assert sorted((e["custom_id"], e["response"]["status_code"]) for e in errors) == [("bad", 400), ("broke", 500)]
+    assert next(e for e in errors if e["custom_id"] == "bad")["response"]["body"]["error"]["param"] == "steps"
+    assert len(gen.seen) == 12 + 3  # three 429s were sent again, each request ran once
     assert all(r.tenant == Tenant("acme") for r in gen.seen)
     assert files.get(done.output_file_id, "acme").purpose == "batch_output"
 
