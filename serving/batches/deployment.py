@@ -45,7 +45,9 @@ class BatchWorker:
         files = FileStore(self.args.files)
         store = BatchStore(files.root / "batches", cfg.completion_window_s)
         send = send_with(lambda request: generator.generate.remote(request, 0, "batch"), GONE)
-        self.runner = BatchRunner(store, files, cfg, send, runner_concurrency(self.args))
+        self.runner = BatchRunner(
+            store, files, cfg, send, runner_concurrency(self.args), base_model=self.args.base_model
+        )
         self.task = asyncio.get_running_loop().create_task(self.runner.run_forever())
 
     async def wake(self) -> None:

@@ -52,7 +52,7 @@ class Batches:
     tests without Ray: the runner then finds new batches by polling)."""
 
     def __init__(self, args: ServeArgs, files: FileStore, worker=None):
-        self.cfg, self.files, self.worker = args.batches, files, worker
+        self.cfg, self.files, self.worker, self.base_model = args.batches, files, worker, args.base_model
         self.store = BatchStore(files.root / "batches", self.cfg.completion_window_s)
         files.handlers[BATCH_PURPOSE] = BatchFiles(self.cfg, args.limits)
 
@@ -75,7 +75,7 @@ async def create_batch(b: Batches, request: Request, body: CreateBatchBody) -> d
     except FileNotFound as exc:
         raise FileNotFound(f"no file {body.input_file_id!r}: upload the requests with POST /v1/files "
                            "(purpose=batch), or list yours with GET /v1/files", "input_file_id") from exc  # fmt: skip
-    record = await asyncio.to_thread(b.store.create, tenant, body, path, requests)
+    record = await asyncio.to_thread(b.store.create, tenant, body, path, requests, b.base_model)
     await b.wake()
     return b.store.view(record)
 

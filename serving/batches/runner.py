@@ -25,12 +25,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import IO
 
 from serving.batches.inputs import BatchLine, read_lines, write_output_file
 from serving.batches.store import END, ERRORS, INPUT, OUTPUT, TERMINAL, BatchRecord, BatchStore
@@ -97,6 +99,17 @@ def _done_ids(path: Path) -> list[str]:
     return [json.loads(raw)["custom_id"] for raw in whole.splitlines() if raw.strip()]
 
 
+def _claim(folder: Path) -> IO | None:
+    """An exclusive ``flock`` on ``folder/lock`` (the open file holds it), or None when another process has it."""
+    f = open(folder / "lock", "a")  # noqa: SIM115 - kept open while the batch runs
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        return None
+    return f
+
+
 class _Active:
     """One running batch: its record, counters and the tasks of its requests in flight."""
 
@@ -106,6 +119,7 @@ class _Active:
         self.stop: str | None = None  # "cancelled" or "expired" once asked
         self.saved = 0.0
         self.task: asyncio.Task | None = None
+        self.lock: IO | None = None  # the open lock file whose flock says this runner runs the batch
 
 
 class BatchRunner:
@@ -119,11 +133,13 @@ class BatchRunner:
             failure; a replica that went away must come back as a 503 error, not raise).
         concurrency: requests out at once over all batches.
         clock: Unix seconds.
+        base_model: run only batches created on an app serving this base model (None: every batch).
     """
 
     def __init__(self, store: BatchStore, files: FileStore, cfg: BatchesArgs, send: Send, concurrency: int,
-                 clock: Callable[[], float] = time.time):  # fmt: skip
+                 clock: Callable[[], float] = time.time, base_model: str | None = None):  # fmt: skip
         self.store, self.files, self.cfg, self.send, self.clock = store, files, cfg, send, clock
+        self.base_model = base_model
         self.slots = asyncio.Semaphore(concurrency)
         self.active: dict[str, _Active] = {}
         self.ended: set[str] = set()  # batch ids seen ended: never read again
@@ -151,7 +167,13 @@ class BatchRunner:
         for record in await asyncio.to_thread(self._unended):
             active = self.active.get(record.id)
             if active is None and record.status not in TERMINAL:
+                if None not in (self.base_model, record.base_model) and self.base_model != record.base_model:
+                    continue  # another app's batch (apps may share files.root)
+                lock = _claim(self.store.folder(record.id))
+                if lock is None:
+                    continue  # another runner (another app on this files.root) has it
                 active = self.active[record.id] = _Active(record)
+                active.lock = lock
                 active.task = asyncio.create_task(self._run(active))
             if active is None or active.stop:
                 continue
@@ -225,6 +247,8 @@ class BatchRunner:
             await self._fail(active, "runner_error", f"{type(exc).__name__}: {exc}")
         finally:
             self.active.pop(record.id, None)
+            if active.lock is not None:
+                active.lock.close()  # releases the flock
 
     async def _one(self, active: _Active, line: BatchLine) -> None:
         record, attempts = active.record, 0

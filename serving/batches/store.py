@@ -10,7 +10,8 @@ record, written atomically), ``input.jsonl`` (the input file, hard-linked at cre
 pull it from under a running batch), ``output.jsonl`` / ``errors.jsonl`` (one line per finished request, appended as
 they finish: the runner's progress; a restarted runner skips the ``custom_id``s found there) and ``cancel`` (written
 by ``POST /v1/batches/{id}/cancel``). After creation only the runner writes ``batch.json``; the ingress writes only
-the ``cancel`` marker, so the two never race on one file.
+the ``cancel`` marker, so the two never race on one file. A runner holds ``lock`` (``fcntl.flock``) while it runs a
+batch: two apps on one ``files.root`` never run the same batch twice.
 
 Status (OpenAI's): ``validating`` until the runner takes the batch, ``in_progress``, ``finalizing`` while the
 output and error files are stored, then ``completed``, ``failed`` (the input could not be read), ``cancelling`` →
@@ -80,6 +81,7 @@ class BatchRecord(BaseModel):
     tenant: str = Field(description="the owner; other tenants get 404")
     sees_shared: bool = Field(True, description="the owner's Tenant.sees_shared when the batch was created")
     order: float = Field(description="creation time with fractions: batches start in this order")
+    base_model: str | None = Field(None, description="the base model of the app it was created on (None: any)")
     input_file_id: str
     endpoint: str = ENDPOINT
     completion_window: str = "24h"
@@ -105,7 +107,7 @@ class BatchRecord(BaseModel):
     def to_openai(self, cancel_at: int | None = None) -> dict[str, Any]:
         """OpenAI's ``batch`` object; ``cancel_at`` (the cancel marker's time) shows a running batch as
         ``cancelling`` before the runner has seen the marker."""
-        out = self.model_dump(exclude={"tenant", "sees_shared", "order"})
+        out = self.model_dump(exclude={"tenant", "sees_shared", "order", "base_model"})
         if cancel_at is not None and self.status in ("validating", "in_progress"):
             out["status"], out["cancelling_at"] = "cancelling", cancel_at
         out["errors"] = {"object": "list", "data": self.errors} if self.errors else None
@@ -121,11 +123,13 @@ class BatchStore:
     def folder(self, batch_id: str) -> Path:
         return self.root / batch_id
 
-    def create(self, tenant: Tenant, body: CreateBatchBody, input_path: Path, requests: int) -> BatchRecord:
-        """A new batch (status ``validating``) holding its own link to the input file."""
+    def create(self, tenant: Tenant, body: CreateBatchBody, input_path: Path, requests: int,
+               base_model: str | None = None) -> BatchRecord:  # fmt: skip
+        """A new batch (status ``validating``) holding its own link to the input file; ``base_model``: the serving
+        app's, so only a runner of an app serving that model runs it (apps may share ``files.root``)."""
         now = self.clock()
         record = BatchRecord(id=f"batch_{secrets.token_hex(12)}", tenant=tenant.name, sees_shared=tenant.sees_shared,
-                             order=now, input_file_id=body.input_file_id, metadata=body.metadata,
+                             order=now, input_file_id=body.input_file_id, metadata=body.metadata, base_model=base_model,
                              created_at=int(now), expires_at=int(now + self.window_s),
                              request_counts=RequestCounts(total=requests))  # fmt: skip
         folder = self.folder(record.id)

@@ -492,13 +492,13 @@ def _interactive(http: httpx.Client, count: int, clients: int = 2) -> list[float
         return list(pool.map(one, range(count)))
 
 
-def test_a_batch_runs_next_to_interactive_traffic(serve_instance, module_args):
+def test_a_batch_runs_next_to_interactive_traffic(serve_instance, module_args, tmp_path):
     """A 50-request batch (OpenAI's Batch API) while interactive requests go on: every result comes back under its
     custom_id, and interactive p99 stays within a generous bound: an interactive request waits for at most the pass
     running when it arrives plus its own pass, each of at most max_batch_size images (serving/passes.py)."""
     size = 4
-    args = module_args(
-        **{"batching.max_batch_size": size, "batches.poll_s": 0.2, "batches.max_in_flight_per_replica": 8}
+    args = module_args(  # its own files.root: the module's other apps run batch runners too (serving/batches)
+        **{"batching.max_batch_size": size, "batches.poll_s": 0.2, "files.root": str(tmp_path / "files")}
     )
     url = deploy(serve_instance, args, "batch")
     with httpx.Client(base_url=url, timeout=120) as http:

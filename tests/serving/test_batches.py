@@ -162,9 +162,9 @@ def make_batch(tmp_path: Path, lines: list[str], tenant: str = "acme", clock=Non
     return files, store, record
 
 
-def runner_for(files, store, gen, clock=None, concurrency: int = 4, **cfg) -> BatchRunner:
+def runner_for(files, store, gen, clock=None, concurrency: int = 4, base_model=None, **cfg) -> BatchRunner:
     cfg = BatchesArgs(**({"retry_s": 0.01, "poll_s": 0.05} | cfg))
-    return BatchRunner(store, files, cfg, gen.generate, concurrency, clock or store.clock)
+    return BatchRunner(store, files, cfg, gen.generate, concurrency, clock or store.clock, base_model)
 
 
 def read_file(files: FileStore, file_id: str, tenant: str = "acme") -> list[dict]:
@@ -232,6 +232,28 @@ def test_cancel_stops_a_running_batch_keeping_finished_results_and_listing_the_r
 
     with pytest.raises(BatchRequestError, match="'cancelled'"):
         store.request_cancel(record.id, "acme")
+
+
+def test_two_runners_on_one_files_root_never_run_a_batch_twice_nor_another_models(tmp_path):
+    files, store, record = make_batch(tmp_path, [line(f"r{i}", seed=i) for i in range(6)])
+    body = CreateBatchBody(input_file_id=record.input_file_id, endpoint=URL, completion_window="24h")
+    other = store.create(Tenant("acme"), body, store.folder(record.id) / INPUT, 6, base_model="models/sdxl")
+    first, second = FakeGenerator(gate=asyncio.Semaphore(0)), FakeGenerator()
+
+    async def main():
+        a = runner_for(files, store, first, base_model="models/toy-sd")
+        b = runner_for(files, store, second, base_model="models/toy-sd")
+        await a.step()
+        await asyncio.sleep(0.02)
+        await b.step()  # the batch is a's (its lock); the other batch is another model's
+        assert set(a.active) == {record.id} and not b.active
+        for _ in range(6):
+            first.gate.release()
+        await a.wait_idle()
+
+    asyncio.run(main())
+    assert sorted(r.seed for r in first.seen) == list(range(6)) and second.seen == []
+    assert store.get(record.id, "acme").status == "completed" and store.get(other.id, "acme").status == "validating"
 
 
 def test_a_batch_past_its_window_expires(tmp_path):
