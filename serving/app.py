@@ -210,7 +210,8 @@ class Generator:
             for _, r in members:
                 per_model[r.model] = per_model.get(r.model, 0) + len(r.images)
             first = members[0][1]
-            self.metrics.batch(first.batch_images, first.seconds, [started - q.arrived for q, _ in members], per_model)
+            waits = [started - q.arrived for q, _ in members if not q.low]  # batch requests wait by design
+            self.metrics.batch(first.batch_images, first.seconds, waits, per_model)
         self.metrics.cache_state(self.engine.stats())
 
     async def refresh(self) -> dict:
@@ -272,6 +273,7 @@ class Generator:
             **self.metrics.snapshot(),
             "adapter_cache": self.engine.stats(),
             "registry": self.engine.resolver.state(),
+            "batch_requests": {"held": self._batch_requests, "room": self._batch_room},  # serving/batches
         }
 
     def ready(self) -> dict:

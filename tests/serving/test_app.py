@@ -528,6 +528,7 @@ def test_a_batch_runs_next_to_interactive_traffic(serve_instance, module_args, t
                 100 + i + k for k in range(1 + i % 2)
             ]
             assert decode(data[0]).shape == (64, 64, 3)
+        assert http.get("/admin/stats").json()["batch_requests"] == {"held": 0, "room": 8}  # all answered, none held
     with_batch = np.array(during)
     p = {
         name: (np.percentile(v, 50), np.percentile(v, 99)) for name, v in (("alone", alone), ("with batch", with_batch))
