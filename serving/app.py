@@ -22,6 +22,8 @@ from ray import serve
 from ray.serve import Application
 
 from serving.adapters import AdapterUnavailable, UnknownModel, public_state
+from serving.batches.deployment import BatchWorker
+from serving.batches.runner import batch_room
 from serving.catalog import model_cards
 from serving.config import ServeArgs, project_path
 from serving.engine import Cancelled, Engine, ImageRequest, ImageResult, Prepared, RequestError
@@ -42,6 +44,7 @@ log = logging.getLogger("ray.serve")
 class _Queued:
     prepared: Prepared
     arrived: float  # time.monotonic() when the replica got it
+    low: bool = False  # a batch request (serving/batches): fills the room interactive requests leave in a pass
 
 
 def error_result(exc: Exception) -> dict:
@@ -98,7 +101,11 @@ class Generator:
             max_images=b.max_batch_size,
             skip=lambda q: self._gone.pop(q.prepared.request.request_id, None) is not None,
             skipped=lambda q: Cancelled("the client went away before its pass"),
+            low=lambda q: q.low,
+            max_low=self.args.batches.max_images_per_pass,
         )
+        self._batch_requests = 0  # batch requests held now, at most self._batch_room
+        self._batch_room = batch_room(self.args)
         self._batched = serve.batch(
             max_batch_size=b.max_batch_size,
             batch_wait_timeout_s=b.batch_wait_timeout_s,
@@ -133,7 +140,21 @@ class Generator:
         if "batch_wait_timeout_s" in user_config:
             self._batched.set_batch_wait_timeout_s(float(user_config["batch_wait_timeout_s"]))
 
-    async def generate(self, req: ImageRequest, epoch: int = 0) -> dict:
+    async def generate(self, req: ImageRequest, epoch: int = 0, priority: str = "interactive") -> dict:
+        """One request -> ``encode``'s dict or ``{"error": {status, message, param}}``. ``priority="batch"`` (the
+        batch runner, serving/batches): the request skips ``@serve.batch`` and waits in the pass queue behind every
+        interactive one; past ``batch_room`` of them (batches.max_in_flight_per_replica) it is refused at once, 429."""
+        if priority != "batch":
+            return await self._generate(req, epoch, False)
+        if self._batch_requests >= self._batch_room:
+            return {"error": {"status": 429, "message": "this replica's batch room is full", "param": None}}
+        self._batch_requests += 1
+        try:
+            return await self._generate(req, epoch, True)
+        finally:
+            self._batch_requests -= 1
+
+    async def _generate(self, req: ImageRequest, epoch: int, low: bool) -> dict:
         arrived = time.monotonic()
         model = req.model or self.args.default_model
         if epoch > self._epoch:  # an admin reload reached another replica first
@@ -151,7 +172,8 @@ class Generator:
             self.metrics.request(label, str(out["error"]["status"]))
             return out
         try:
-            result = await self._batched(_Queued(prepared, arrived))
+            queued = _Queued(prepared, arrived, low)
+            result = (await self._passes.submit([queued]))[0] if low else await self._batched(queued)
         except asyncio.CancelledError:
             self._gone[req.request_id] = time.monotonic()
             self.metrics.request(prepared.model, "cancelled")
@@ -192,7 +214,8 @@ class Generator:
             for _, r in members:
                 per_model[r.model] = per_model.get(r.model, 0) + len(r.images)
             first = members[0][1]
-            self.metrics.batch(first.batch_images, first.seconds, [started - q.arrived for q, _ in members], per_model)
+            waits = [started - q.arrived for q, _ in members if not q.low]  # batch requests wait by design
+            self.metrics.batch(first.batch_images, first.seconds, waits, per_model)
         self.metrics.cache_state(self.engine.stats())
 
     async def refresh(self) -> dict:
@@ -254,6 +277,7 @@ class Generator:
             **self.metrics.snapshot(),
             "adapter_cache": self.engine.stats(),
             "registry": self.engine.resolver.state(),
+            "batch_requests": {"held": self._batch_requests, "room": self._batch_room},  # serving/batches
         }
 
     def ready(self) -> dict:
@@ -323,7 +347,8 @@ class Feedback:
 
 
 def build_app(args: ServeArgs) -> Application:
-    """The application ``serve run configs/serve.yaml`` starts: ``Api`` (HTTP) -> ``Generator`` replicas."""
+    """The application ``serve run configs/serve.yaml`` starts: ``Api`` (HTTP) -> ``Generator`` replicas, and the
+    one ``BatchWorker`` that feeds them batch requests at low priority (serving/batches)."""
     args = ServeArgs.model_validate(args) if isinstance(args, dict) else args
     d, b = args.deployment, args.batching
     replicas = (
@@ -351,6 +376,7 @@ def build_app(args: ServeArgs) -> Application:
     )
     images = ImageUrls.bind(args.image_urls.model_dump())
     feedback = Feedback.bind(args.feedback.model_dump()) if args.feedback.enabled else None
+    runner = BatchWorker.bind(generator, args.model_dump()) if args.batches.enabled else None  # serving/batches
     return Api.options(max_ongoing_requests=room, max_queued_requests=room, ray_actor_options={"num_cpus": 0}).bind(
-        generator, args.model_dump(), images, feedback
+        generator, args.model_dump(), images, feedback, runner
     )

@@ -349,6 +349,44 @@ class FineTuneArgs(_Section):
     poll_s: float = Field(2.0, gt=0, description="seconds between the queue's polls of its jobs")
 
 
+class BatchesArgs(_Section):
+    """``/v1/batches`` (serving/batches): OpenAI's Batch API for image requests, run at low priority on the
+    generator replicas' spare room in each UNet pass."""
+
+    enabled: bool = Field(True, description="serve /v1/batches, accept purpose=batch uploads and run the batch runner")
+    max_requests: int = Field(
+        10000, ge=1, le=50000, description="request lines one batch input file may hold (OpenAI's limit: 50,000)"
+    )
+    max_file_bytes: int = Field(
+        100 * 2**20, ge=1024, description="largest batch input file (JSONL) in bytes (OpenAI's: 200 MB)"
+    )
+    max_in_flight_per_replica: int = Field(
+        8,
+        ge=1,
+        description="batch requests a generator replica holds at once, and at most half its "
+        "deployment.max_ongoing_requests (at least 1); more are refused at once (429) and the runner sends them again "
+        "later, so batch work never fills a replica's slots",
+    )
+    max_images_per_pass: int | None = Field(
+        None,
+        ge=1,
+        description="batch images one UNet pass takes at most, after every waiting interactive request; null = all "
+        "the room interactive requests leave (batching.max_batch_size). Lower it to bound how much longer a pass "
+        "shared with batch images takes for the interactive requests in it",
+    )
+    poll_s: float = Field(1.0, gt=0, description="seconds between the runner's looks for new or cancelled batches")
+    retry_s: float = Field(0.5, gt=0, description="seconds a refused (busy) batch request waits before it is resent")
+    max_attempts: int = Field(
+        5, ge=1, description="tries per request for retryable failures (503, a replica that went away) before it fails"
+    )
+    completion_window_s: float = Field(
+        86400.0, gt=0, description="a batch not finished this long after creation expires (OpenAI's window: 24h)"
+    )
+    progress_every_s: float = Field(
+        1.0, ge=0, description="the batch object's request_counts are written at most this often while it runs"
+    )
+
+
 class ServeArgs(_Section):
     base_model: str = Field(
         "models/toy-sd",
@@ -423,6 +461,7 @@ class ServeArgs(_Section):
     files: FilesArgs = Field(default_factory=FilesArgs)
     finetune: FineTuneArgs = Field(default_factory=FineTuneArgs)
     feedback: FeedbackArgs = Field(default_factory=FeedbackArgs)
+    batches: BatchesArgs = Field(default_factory=BatchesArgs)
 
     @field_validator("adapters")
     @classmethod

@@ -43,6 +43,8 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from serving.batches import routes as batches
+from serving.batches.store import CreateBatchBody
 from serving.catalog import configured_cards
 from serving.config import ServeArgs
 from serving.engine import ImageRequest
@@ -438,6 +440,7 @@ class Api:
         args: ServeArgs | dict,
         images: DeploymentHandle,
         feedback: DeploymentHandle | None = None,
+        batch_worker: DeploymentHandle | None = None,
     ):
         self.gen = generator
         self.images = images  # serving.app.ImageUrls: the one store of response_format "url" images
@@ -452,6 +455,8 @@ class Api:
         self.finetune = finetune.FineTuning(self.args, self.files)  # jobs live next to the files (serving/finetune)
         if self.args.finetune.enabled:
             self.finetune.start()  # the queue's poller: starts queued jobs, follows running ones
+        # batches (serving/batches): purpose=batch uploads, /v1/batches; the runner is the BatchWorker deployment
+        self.batches = batches.Batches(self.args, self.files, batch_worker) if self.args.batches.enabled else None
 
     # ---- helpers ---------------------------------------------------------------------------------------------
     def authenticate(self, scope: dict) -> Tenant | Refusal | None:
@@ -694,3 +699,29 @@ class Api:
         self, request: Request, job_id: str, query: Annotated[finetune.PageQuery, Query()]
     ) -> Response:
         return await finetune.list_checkpoints(self._finetune(), request, job_id, query)
+
+    # ---- batches: OpenAI's Batch API over serving/batches (handlers and errors live there) ---------------------
+    def _batches(self) -> "batches.Batches":
+        if self.batches is None:
+            raise ApiError(404, "batches are off on this server (batches.enabled=false)")
+        return self.batches
+
+    @web.get("/v1/files/{file_id}/content", summary="a batch input, output or error file's JSONL")
+    async def file_content(self, request: Request, file_id: str) -> Response:
+        return await batches.file_content(self.files, request, file_id)
+
+    @web.post("/v1/batches", summary="run an uploaded JSONL of image requests (purpose=batch) at low priority")
+    async def create_batch(self, request: Request, body: CreateBatchBody) -> Response:
+        return await batches.create_batch(self._batches(), request, body)
+
+    @web.get("/v1/batches", summary="your batches, newest first")
+    async def list_batches(self, request: Request, query: Annotated[finetune.PageQuery, Query()]) -> Response:
+        return await batches.list_batches(self._batches(), request, query)
+
+    @web.get("/v1/batches/{batch_id}", summary="one batch: status, request_counts, output_file_id")
+    async def retrieve_batch(self, request: Request, batch_id: str) -> Response:
+        return await batches.retrieve_batch(self._batches(), request, batch_id)
+
+    @web.post("/v1/batches/{batch_id}/cancel", summary="cancel a batch (finished requests stay in its output file)")
+    async def cancel_batch(self, request: Request, batch_id: str) -> Response:
+        return await batches.cancel_batch(self._batches(), request, batch_id)

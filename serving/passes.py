@@ -19,7 +19,13 @@ R = TypeVar("R")
 class PassQueue(Generic[T, R]):
     """``await submit(items)`` -> one result per item; items run in arrival order, in passes of at most
     ``max_images`` (by ``size(item)``), one pass at a time through ``run``. Items for which ``skip(item)`` is
-    true when their pass is formed (their client left) get ``skipped(item)`` instead of running."""
+    true when their pass is formed (their client left) get ``skipped(item)`` instead of running.
+
+    Priority: items for which ``low(item)`` is true (batch requests, serving/batches) go into a pass only after
+    every waiting interactive item that fits, into the room those leave, and at most ``max_low`` images of them per
+    pass (None: all the room); a pass with no interactive item takes at least one low item, so batches always
+    move. An interactive request therefore never waits behind a batch request except for the one pass running
+    when it arrives."""
 
     def __init__(
         self,
@@ -28,8 +34,11 @@ class PassQueue(Generic[T, R]):
         max_images: int,
         skip: Callable[[T], bool] = lambda item: False,
         skipped: Callable[[T], R] | None = None,
+        low: Callable[[T], bool] = lambda item: False,
+        max_low: int | None = None,
     ):
         self.run, self.size, self.max_images, self.skip, self.skipped = run, size, max_images, skip, skipped
+        self.low, self.max_low = low, max_low
         self._waiting: list[tuple[T, asyncio.Future]] = []
         self._worker: asyncio.Task | None = None
 
@@ -43,16 +52,30 @@ class PassQueue(Generic[T, R]):
 
     def _next_pass(self) -> list[tuple[T, asyncio.Future]]:
         taken: list[tuple[T, asyncio.Future]] = []
-        images = 0
-        while self._waiting and (not taken or images + self.size(self._waiting[0][0]) <= self.max_images):
-            item, future = self._waiting.pop(0)
-            if future.done():  # cancelled by its caller
-                continue
-            if self.skip(item):
-                future.set_result(self.skipped(item) if self.skipped else None)
-                continue
-            taken.append((item, future))
-            images += self.size(item)
+        images = low_images = 0
+        for low in (False, True):  # interactive items first, in arrival order; then low ones into the room left
+            kept, full = [], False
+            for item, future in self._waiting:
+                if full or self.low(item) != low:
+                    kept.append((item, future))
+                    continue
+                if future.done():  # cancelled by its caller
+                    continue
+                if self.skip(item):
+                    future.set_result(self.skipped(item) if self.skipped else None)
+                    continue
+                size = self.size(item)
+                fits = images + size <= self.max_images
+                if low:
+                    fits = fits and (self.max_low is None or low_images + size <= self.max_low)
+                if taken and not fits:
+                    full = True  # later items wait too: arrival order within a priority
+                    kept.append((item, future))
+                    continue
+                taken.append((item, future))
+                images += size
+                low_images += size if low else 0
+            self._waiting = kept
         return taken
 
     async def _work(self) -> None:

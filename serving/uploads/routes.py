@@ -108,6 +108,8 @@ def error_response(exc: Exception) -> JSONResponse:
     if isinstance(exc, DatasetRejected):
         body["error"] |= {"code": "invalid_dataset", "file": exc.file.model_dump(),
                           "problems": [p.model_dump() for p in exc.file.dataset.problems]}  # fmt: skip
+    if hasattr(exc, "error_fields"):  # e.g. a batch file's bad lines (serving.batches.inputs.BatchFileRejected)
+        body["error"] |= exc.error_fields()
     return JSONResponse(body, status_code=status)
 
 
@@ -255,3 +257,5 @@ class _Form:
             self.fields[self._name] = self._data.decode("utf-8", "replace")
             if self._name == "purpose":  # refused before the archive is received, when it comes first
                 self.store.check_fields(self.fields["purpose"], self.tenant)
+                if (handler := self.store.handlers.get(self.fields["purpose"])) is not None:
+                    handler.bound(self.upload)  # e.g. batches.max_file_bytes, while the file streams in

@@ -129,6 +129,7 @@ class Upload:
 
     def __init__(self, folder: Path, max_bytes: int):
         self.folder, self.max_bytes, self.bytes, self.kept = folder, max_bytes, 0, False
+        self.limit_name = "files.max_bytes"  # the setting max_bytes comes from, named when it is passed
         self.id = folder.name
         self.archive = folder / "upload"
         self._out = open(self.archive, "xb")  # noqa: SIM115 - closed by close() (the staging context)
@@ -138,8 +139,8 @@ class Upload:
         self.bytes += len(chunk)
         if self.bytes > self.max_bytes:
             raise UploadTooLarge(
-                f"the upload is larger than {self.max_bytes} bytes (files.max_bytes): send fewer or smaller images, "
-                "or ask the operator to raise files.max_bytes"
+                f"the upload is larger than {self.max_bytes} bytes ({self.limit_name}): send a smaller file (fewer or "
+                f"smaller images, fewer requests), or ask the operator to raise {self.limit_name}"
             )
         self._out.write(chunk)
 
@@ -159,6 +160,7 @@ class FileStore:
     def __init__(self, cfg: FilesArgs, root: Path | None = None, clock: Callable[[], float] = time.time):
         self.cfg, self.clock = cfg, clock
         self.root = Path(root) if root is not None else files_root(cfg.root)
+        self.handlers: dict[str, Any] = {}  # purpose -> its handler (serving.batches.inputs.BatchFiles for "batch")
         self._sweep_staging()
 
     @property
@@ -214,9 +216,10 @@ class FileStore:
 
     def check_fields(self, purpose: str, tenant: str) -> None:
         """Raises InvalidUpload for a purpose not in ``files.purposes`` or an empty tenant."""
-        if purpose not in self.cfg.purposes:
+        if purpose not in self.cfg.purposes and purpose not in self.handlers:
             raise InvalidUpload(
-                f"purpose {purpose[:64]!r} is not accepted here: use one of {self.cfg.purposes} (files.purposes)",
+                f"purpose {purpose[:64]!r} is not accepted here: use one of {[*self.cfg.purposes, *self.handlers]} "
+                "(files.purposes, and batch while batches.enabled)",
                 "purpose",
             )
         if not isinstance(tenant, str) or not tenant:
@@ -226,6 +229,8 @@ class FileStore:
         """Unpack and validate a received ``Upload``, then move it into place; see ``create`` (same errors)."""
         upload.close()
         self.check_fields(purpose, tenant)
+        if purpose in self.handlers:  # not an archive: e.g. a batch's JSONL (serving/batches/inputs.py)
+            return self.handlers[purpose].ingest(self, upload, filename, tenant)
         data = upload.folder / "data"
         extracted = extract(upload.archive, data, self.limits)
         upload.archive.unlink()  # the unpacked folder is what jobs read

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import concurrent.futures as cf
 import io
+import json
 import os
 import re
 import socket
@@ -504,3 +505,64 @@ def test_fuzzing_every_route_from_its_openapi_schema_gets_no_server_error(serve_
     assert total >= 100 and len({k[0] for k in tried}) >= 7, tried
     assert not failures, failures[:8]
     assert statuses[200] > 0 and any(400 <= code < 500 for code in statuses), statuses  # both kinds were drawn
+
+
+def _interactive(http: httpx.Client, count: int, clients: int = 2) -> list[float]:
+    """Seconds per interactive request: ``count`` requests from ``clients`` threads, one after another each."""
+
+    def one(i: int) -> float:
+        started = time.perf_counter()
+        r = http.post("/v1/images/generations", json={"prompt": PROMPT, "seed": i, "size": "64x64"})
+        assert r.status_code == 200, r.text
+        return time.perf_counter() - started
+
+    with cf.ThreadPoolExecutor(clients) as pool:
+        return list(pool.map(one, range(count)))
+
+
+def test_a_batch_runs_next_to_interactive_traffic(serve_instance, module_args, tmp_path):
+    """A 50-request batch (OpenAI's Batch API) while interactive requests go on: every result comes back under its
+    custom_id, and interactive p99 stays within a generous bound: an interactive request waits for at most the pass
+    running when it arrives plus its own pass, each of at most max_batch_size images (serving/passes.py)."""
+    size = 4
+    args = module_args(  # its own files.root: the module's other apps run batch runners too (serving/batches)
+        **{"batching.max_batch_size": size, "batches.poll_s": 0.2, "files.root": str(tmp_path / "files")}
+    )
+    url = deploy(serve_instance, args, "batch")
+    with httpx.Client(base_url=url, timeout=120) as http:
+        _interactive(http, 4)  # warm
+        alone = np.array(_interactive(http, 24))
+        bodies = [{"prompt": PROMPT, "seed": 100 + i, "n": 1 + i % 2} for i in range(50)]
+        lines = [
+            json.dumps({"custom_id": f"sku-{i}", "method": "POST", "url": "/v1/images/generations", "body": b})
+            for i, b in enumerate(bodies)
+        ]
+        up = http.post("/v1/files", data={"purpose": "batch"}, files={"file": ("b.jsonl", "\n".join(lines).encode())})
+        assert up.status_code == 200, up.text
+        body = {"input_file_id": up.json()["id"], "endpoint": "/v1/images/generations", "completion_window": "24h"}
+        batch = http.post("/v1/batches", json=body).json()
+        started, during = time.perf_counter(), []
+        while (batch := http.get(f"/v1/batches/{batch['id']}").json())["status"] not in ("completed", "failed"):
+            assert time.perf_counter() - started < 600, batch
+            during += _interactive(http, 4)
+        took = time.perf_counter() - started
+        assert batch["status"] == "completed" and batch["request_counts"] == {"total": 50, "completed": 50, "failed": 0}
+        out = [json.loads(x) for x in http.get(f"/v1/files/{batch['output_file_id']}/content").text.splitlines()]
+        assert sorted(x["custom_id"] for x in out) == sorted(f"sku-{i}" for i in range(50))
+        for x in out:
+            i = int(x["custom_id"].split("-")[1])
+            data = x["response"]["body"]["data"]
+            assert x["response"]["status_code"] == 200 and [d["seed"] for d in data] == [
+                100 + i + k for k in range(1 + i % 2)
+            ]
+            assert decode(data[0]).shape == (64, 64, 3)
+        assert http.get("/admin/stats").json()["batch_requests"] == {"held": 0, "room": 8}  # all answered, none held
+    with_batch = np.array(during)
+    p = {
+        name: (np.percentile(v, 50), np.percentile(v, 99)) for name, v in (("alone", alone), ("with batch", with_batch))
+    }
+    print(f"batch of 50 requests (75 images) in {took:.1f} s next to {len(during)} interactive requests; interactive "
+          + "; ".join(f"{k}: p50 {a * 1000:.0f} ms, p99 {b * 1000:.0f} ms" for k, (a, b) in p.items()))  # fmt: skip
+    one_pass = p["alone"][0]  # a lone request is about one pass of one image; a pass of `size` images costs at most
+    bound = p["alone"][1] + 2 * size * one_pass  # `size` of those on CPU (less on a GPU)
+    assert len(during) >= 4 and p["with batch"][1] <= max(bound, 1.0), (p, bound)

@@ -349,7 +349,7 @@ def test_upload_list_retrieve_delete_over_http_in_openais_shapes(http, toy_datas
     "form, files, headers, status, says",
     [
         ({"purpose": "fine-tune"}, {"file": ("n.zip", zip_bytes({"a.txt": b"x"}))}, {}, 400, "1 error"),
-        ({"purpose": "batch"}, {"file": ("a.zip", b"PK\3\4")}, {}, 400, "files.purposes"),
+        ({"purpose": "assistants"}, {"file": ("a.zip", b"PK\3\4")}, {}, 400, "files.purposes"),
         ({}, {"file": ("a.zip", b"PK\3\4")}, {}, 400, "purpose: missing"),
         ({}, {"purpose": (None, "fine-tune")}, {}, 400, "file: missing"),  # multipart without a file part
         ({"purpose": "fine-tune"}, {}, {}, 415, "multipart/form-data"),  # a urlencoded form
