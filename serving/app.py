@@ -29,6 +29,7 @@ from serving.http import Api
 from serving.image_store import ImageStore, ImageStoreFull
 from serving.images import png_bytes
 from serving.passes import PassQueue
+from serving.response_cache import ResponseCache
 from serving.telemetry import GeneratorMetrics
 from serving.tenants import Tenant
 from training.adapter import AdapterError
@@ -85,6 +86,7 @@ class Generator:
         if self.args.resolved_tracking_uri():  # the champion and the listing, each waited for registry_deadline_s
             log.info("registry %s: %s", self.args.resolved_tracking_uri(), self.engine.resolver.refresh())
         self.metrics = GeneratorMetrics()
+        self.responses = ResponseCache.from_args(self.args.response_cache)  # seeded repeats, after prepare
         self._gone: dict[str, float] = {}  # request id whose caller went away -> when
         self._epoch = 0
         b = self.args.batching
@@ -146,6 +148,12 @@ class Generator:
             label = model if model in self.engine.resolver.served() else "invalid"
             self.metrics.request(label, str(out["error"]["status"]))
             return out
+        key = self.responses.key(prepared)  # prepared: the model resolved (and allowed) for this tenant
+        hit = self.responses.get(key)
+        self.metrics.response_cache(self.responses.stats())
+        if hit is not None:  # never queued: no pass, no batch metrics
+            self.metrics.request(prepared.model, "ok")
+            return hit
         try:
             result = await self._batched(_Queued(prepared, arrived))
         except asyncio.CancelledError:
@@ -157,7 +165,10 @@ class Generator:
             self.metrics.request(prepared.model, str(out["error"]["status"]))
             return out
         self.metrics.request(prepared.model, "ok")
-        return encode(result)
+        out = encode(result)
+        if self.responses.put(key, out):
+            self.metrics.response_cache(self.responses.stats())
+        return {**out, "cached": False}
 
     async def _run_batch(self, items: list[_Queued]) -> list[ImageResult | Exception]:
         """What ``@serve.batch`` formed goes into the pass queue, merged with batches formed meanwhile."""
@@ -249,6 +260,7 @@ class Generator:
             "pid": os.getpid(),
             **self.metrics.snapshot(),
             "adapter_cache": self.engine.stats(),
+            "response_cache": self.responses.stats(),
             "registry": self.engine.resolver.state(),
         }
 
