@@ -3,6 +3,7 @@
     python benchmarks/serve_throughput.py                     # toy model, 20 steps, 64x64, ~8 min (make bench-serve)
     python benchmarks/serve_throughput.py --seconds 5         # quicker, noisier
     python benchmarks/serve_throughput.py --engine-only       # only (e), the engine's fast paths, ~2 min
+    python benchmarks/serve_throughput.py --cache-only --seconds 4 --concurrency 8   # only (f), ~3 min
 
 (a) the Serve app with batching on (max_batch_size 8);
 (b) the same app with max_batch_size 1;
@@ -12,13 +13,19 @@
 (d) traffic spread over 4 adapters at concurrency 16: mixed-adapter batches vs one adapter per UNet pass;
 (e) the raw engine's LoRA fast paths, 8 images per call: base only, one adapter (merged weights), the same
     unmerged (PEFT's active adapter), 4 adapters mixed (batched LoRA),
-    4 adapters mixed through PEFT's per-sample routing (the old path), and the same 4 as one-adapter passes.
-(a)/(c) alternate round by round, as do the arms of (e) (order rotated per round); (b) and (d) run their
+    4 adapters mixed through PEFT's per-sample routing (the old path), and the same 4 as one-adapter passes;
+(f) the serving-throughput cost and benefit of the response cache (serving/response_cache.py), one app per arm,
+    each the benchmark app plus one config override (``OVERRIDE_ARMS``): cache off; cache on with all-miss traffic
+    (every seed unique: the pure overhead of key + store); cache on with a repeat-heavy mix (3 requests in 4 from a
+    pool of 16 seeds: the hit benefit). The same load generator drives every arm, at ``--concurrency``.
+(a)/(c) alternate round by round, as do the arms of (e) and of (f) (order rotated per round); (b) and (d) run their
 ``--rounds`` rounds back to back per deployment. Every arm is the median of ``--rounds`` rounds. A closed-loop
 load generator (``concurrency`` clients, each sending its next request when the last returns) runs each HTTP
 variant for ``--seconds`` after a warm-up; the replicas and the raw engine use ``--cpus`` torch threads (default
 1). Prints images/s, p50/p99 latency and the ratios; writes ``runs/benchmarks/serve_throughput.json`` and ``.png``
-(``--engine-only``: (e) alone, to ``runs/benchmarks/serve_fast_paths.json``, no plot). With an even ``--rounds`` the
+(``--engine-only``: (e) alone, to ``runs/benchmarks/serve_fast_paths.json``, no plot; ``--cache-only``: (f) alone, to
+``runs/benchmarks/serve_cache.json``, no plot). Seeds are unique across every request of a run unless an arm asks
+for repeats, so the response cache (on by default) never answers the other variants. With an even ``--rounds`` the
 median is the upper of the two middle rounds (a whole round is kept, so its latencies match its throughput).
 """
 
@@ -26,12 +33,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import itertools
 import json
 import os
 import socket
 import statistics
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -45,6 +55,27 @@ from training.configuration import validate_values
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "a red circle on a sks background"
 ADAPTERS = ["ad0", "ad1", "ad2", "ad3"]
+_SEEDS = itertools.count(10**6)  # unique seeds for a whole run: no variant is answered from the response cache
+REPEAT_POOL = 16  # seeds 0..15: the repeated requests of (f)'s repeat-heavy mix
+
+
+def unique_seed(i: int) -> int:
+    """A seed no other request of this run used: a response-cache miss whenever the cache is on."""
+    return next(_SEEDS)
+
+
+def repeat_heavy_seed(i: int) -> int:
+    """Requests 1-3 of every 4 take one of ``REPEAT_POOL`` seeds (hits once seen), the 4th a unique one (a miss)."""
+    return i % REPEAT_POOL if i % 4 else next(_SEEDS)
+
+
+# (f): one app per arm = the benchmark app + one list of dotted overrides, driven with the arm's seeds. Another
+# on/off comparison (e.g. generation records) is one more entry here: {"records_on": (["records.enabled=true"], ...)}
+OVERRIDE_ARMS: dict[str, tuple[list[str], Callable[[int], int]]] = {
+    "cache_off": (["response_cache.enabled=false"], unique_seed),
+    "cache_on_all_miss": (["response_cache.enabled=true"], unique_seed),
+    "cache_on_repeats": (["response_cache.enabled=true"], repeat_heavy_seed),
+}
 
 
 def make_adapters(root: Path) -> dict[str, str]:
@@ -97,8 +128,11 @@ def summary(latencies: list[float], images: int, wall: float) -> dict:
     }
 
 
-async def load(url: str, concurrency: int, seconds: float, models: list[str]) -> dict:
-    """Closed loop: each client sends one request after another; requests cycle through ``models``."""
+async def load(
+    url: str, concurrency: int, seconds: float, models: list[str], seeds: Callable[[int], int] = unique_seed
+) -> dict:
+    """Closed loop: each client sends one request after another; requests cycle through ``models``; request i has
+    seed ``seeds(i)``."""
     latencies: list[float] = []
     failures = 0
     counter = iter(range(10**9))
@@ -107,7 +141,7 @@ async def load(url: str, concurrency: int, seconds: float, models: list[str]) ->
         nonlocal failures
         while time.perf_counter() < stop:
             i = next(counter)
-            body = {"prompt": PROMPT, "model": models[i % len(models)], "seed": i}
+            body = {"prompt": PROMPT, "model": models[i % len(models)], "seed": seeds(i)}
             start = time.perf_counter()
             r = await http.post("/v1/images/generations", json=body)
             if r.status_code != 200:
@@ -202,11 +236,22 @@ def median_run(runs: list[dict]) -> dict:
     return ordered[len(ordered) // 2] | {"rounds_images_per_s": [r["images_per_s"] for r in runs]}
 
 
-def measure(url: str, concurrency: int, seconds: float, models: list[str]) -> dict:
-    """One closed-loop run against the app at ``url``, with the replica's pass figures for that run."""
+def measure(
+    url: str, concurrency: int, seconds: float, models: list[str], seeds: Callable[[int], int] = unique_seed
+) -> dict:
+    """One closed-loop run against the app at ``url``, with the replica's pass and response-cache figures for it."""
     before = httpx.get(f"{url}/admin/stats", timeout=30).json()
-    result = asyncio.run(load(url, concurrency, seconds, models))
-    return result | pass_stats(before, httpx.get(f"{url}/admin/stats", timeout=30).json())
+    result = asyncio.run(load(url, concurrency, seconds, models, seeds))
+    after = httpx.get(f"{url}/admin/stats", timeout=30).json()
+    return result | pass_stats(before, after) | cache_stats(before, after)
+
+
+def cache_stats(before: dict, after: dict) -> dict:
+    """Response-cache hits / (hits + misses) between two /admin/stats snapshots (warm-up included); None when the
+    cache was off or never asked."""
+    b, e = before.get("response_cache") or {}, after.get("response_cache") or {}
+    hits, misses = e.get("hits", 0) - b.get("hits", 0), e.get("misses", 0) - b.get("misses", 0)
+    return {"cache_hit_ratio": hits / (hits + misses) if hits + misses else None}
 
 
 def pass_stats(before: dict, after: dict) -> dict:
@@ -226,13 +271,83 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def served(args: ServeArgs, name: str, port: int):
+def served(args: ServeArgs, name: str, port: int, prefix: str = "/"):
     from ray import serve
 
     from serving.app import build_app
 
-    serve.run(build_app(args), name=name, route_prefix="/")
-    return f"http://127.0.0.1:{port}"
+    serve.run(build_app(args), name=name, route_prefix=prefix)
+    return f"http://127.0.0.1:{port}{prefix.rstrip('/')}"
+
+
+@contextlib.contextmanager
+def ray_serve(cpus: int) -> Iterator[int]:
+    """A private Ray instance on loopback with Serve's HTTP proxy; yields the proxy's port. ``cpus`` logical CPUs:
+    (f) holds one replica per arm at once (idle between their rounds)."""
+    import ray
+    from ray import serve
+
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    port = free_port()
+    # a private instance (never the "latest cluster" another `ray start` on the machine left in /tmp/ray)
+    ray.init(address="local", _temp_dir=str(private_temp_dir()), num_cpus=cpus, _node_ip_address="127.0.0.1",
+             include_dashboard=False, log_to_driver=False)  # fmt: skip
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        yield port
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def override_arms(
+    adapters: dict[str, str], cache: Path, port: int, a: argparse.Namespace, arms: dict = OVERRIDE_ARMS
+) -> dict:
+    """(f): every arm of ``arms`` (name -> (dotted overrides, seeds)) deployed side by side as its own app, all
+    driven by the same closed loop at each ``--concurrency`` level, arms alternating round by round (order rotated
+    per round); the median round of each arm is kept."""
+    from ray import serve
+
+    urls = {
+        name: served(serve_args(adapters, cache, wait_s=a.batch_wait, cpus=a.cpus, overrides=overrides), name, port,
+                     f"/{name}")
+        for name, (overrides, _) in arms.items()
+    }  # fmt: skip
+    names, out = list(arms), {name: {} for name in arms}
+    try:
+        for c in a.concurrency:
+            runs: dict[str, list[dict]] = {name: [] for name in names}
+            for r in range(a.rounds):
+                for name in names[r % len(names) :] + names[: r % len(names)]:
+                    runs[name].append(measure(urls[name], c, a.seconds, ["ad0"], arms[name][1]))
+            for name in names:
+                out[name][c] = median_run(runs[name])
+                print(f"(f) {name}, concurrency {c}: {out[name][c]}", flush=True)
+    finally:
+        for name in names:
+            serve.delete(name)
+    return out
+
+
+def report_arms(f: dict, levels: list[int]) -> dict[str, float]:
+    """Print (f)'s table and its ratios against cache off; returns the ratios."""
+    print("\n(f) response cache: images/s (p50 / p99 latency s) [hit ratio], median of the rounds")
+    print(f"{'arm':<20}" + "".join(f"{'c=' + str(c):>32}" for c in levels))
+    for name, by_level in f.items():
+        cells = []
+        for c in levels:
+            r, ratio = by_level[c], by_level[c]["cache_hit_ratio"]
+            hit = "  -  " if ratio is None else f"{ratio:.2f}"
+            cells.append(f"{r['images_per_s']:>8.2f} ({r['p50_s']:.2f}/{r['p99_s']:.2f}) [{hit}]")
+        print(f"{name:<20}" + "".join(f"{cell:>32}" for cell in cells))
+    ratios = {}
+    for c in levels:
+        off = f["cache_off"][c]["images_per_s"]
+        ratios[f"f cache on, all miss / off at c={c}"] = f["cache_on_all_miss"][c]["images_per_s"] / off
+        ratios[f"f cache on, repeats / off at c={c}"] = f["cache_on_repeats"][c]["images_per_s"] / off
+    for name, value in ratios.items():
+        print(f"  {name:<42} {value:5.3f}")
+    return ratios
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -241,16 +356,28 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--rounds", type=int, default=3, help="rounds of every arm; the median is kept")
     p.add_argument("--passes", type=int, default=3, help="(e): generate calls of 8 images per arm and round")
-    p.add_argument("--engine-only", action="store_true", help="run (e) only: no Ray, no HTTP")
+    only = p.add_mutually_exclusive_group()
+    only.add_argument("--engine-only", action="store_true", help="run (e) only: no Ray, no HTTP")
+    only.add_argument("--cache-only", action="store_true", help="run (f) only: the response cache's arms")
     p.add_argument("--cpus", type=int, default=1, help="CPUs (torch threads) of the replica and of the raw engine")
-    p.add_argument("--batch-wait", type=float, default=0.02, help="batching.batch_wait_timeout_s of (a) and (d)")
+    p.add_argument("--batch-wait", type=float, default=0.02, help="batching.batch_wait_timeout_s of (a), (d), (f)")
     p.add_argument("--out", default=str(REPO / "runs" / "benchmarks" / "serve_throughput.json"))
     a = p.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="serve-bench-"))
     adapters = make_adapters(tmp)
     cache = tmp / "cache"
-    results: dict = {"a_batching": {}, "b_no_batching": {}, "c_raw_engine": {}, "d_mixed": {}, "d_one_per_pass": {}}
     torch.set_num_threads(a.cpus)
+    cpus = max(2, len(OVERRIDE_ARMS) * a.cpus)  # logical: (f) holds one replica per arm
+    if a.cache_only:
+        with ray_serve(cpus) as port:
+            f = override_arms(adapters, cache, port, a)
+        ratios = report_arms(f, a.concurrency)
+        out = Path(a.out).with_name("serve_cache.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"f_cache": f, "ratios": ratios}, indent=2) + "\n")
+        print(f"wrote {out}")
+        return {"f_cache": f}
+    results: dict = {"a_batching": {}, "b_no_batching": {}, "c_raw_engine": {}, "d_mixed": {}, "d_one_per_pass": {}}
     results["e_fast_paths"] = fast_path_arms(adapters, cache, a.cpus, a.rounds, a.passes)
     report_fast_paths(results["e_fast_paths"])
     if a.engine_only:
@@ -261,16 +388,9 @@ def main(argv: list[str] | None = None) -> dict:
         return results
     engine = Engine.from_args(serve_args(adapters, cache, cpus=a.cpus))
 
-    import ray
     from ray import serve
 
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    port = free_port()
-    # a private instance (never the "latest cluster" another `ray start` on the machine left in /tmp/ray)
-    ray.init(address="local", _temp_dir=str(private_temp_dir()), num_cpus=2, _node_ip_address="127.0.0.1",
-             include_dashboard=False, log_to_driver=False)  # fmt: skip
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    try:
+    with ray_serve(cpus) as port:
         # (a) and (c) alternate, round by round, so the machine's drift hits both alike
         url = served(serve_args(adapters, cache, wait_s=a.batch_wait, cpus=a.cpus), "bench", port)
         for c in a.concurrency:
@@ -298,9 +418,7 @@ def main(argv: list[str] | None = None) -> dict:
                 results[key][c] = median_run([measure(url, c, a.seconds, models) for _ in range(a.rounds)])
                 print(f"({key}) concurrency {c}: {results[key][c]}", flush=True)
             serve.delete("bench")
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+        results["f_cache"] = override_arms(adapters, cache, port, a)
     report(results, a.concurrency, Path(a.out))
     return results
 
@@ -329,7 +447,8 @@ def report_fast_paths(e: dict) -> dict[str, float]:
 
 
 def report(results: dict, levels: list[int], out: Path) -> None:
-    ips = {k: {c: v["images_per_s"] for c, v in r.items()} for k, r in results.items() if k != "e_fast_paths"}
+    ips = {k: {c: v["images_per_s"] for c, v in results[k].items()} for k in ("a_batching", "b_no_batching",
+           "c_raw_engine", "d_mixed", "d_one_per_pass")}  # fmt: skip
     print("\nimages/s (p50 / p99 latency s)")
     print(f"{'variant':<16}" + "".join(f"{'c=' + str(c):>24}" for c in levels))
     for key in ("a_batching", "b_no_batching", "c_raw_engine"):
@@ -344,6 +463,7 @@ def report(results: dict, levels: list[int], out: Path) -> None:
         **{f"a/c at c={c}": ips["a_batching"][c] / ips["c_raw_engine"][c] for c in levels},
         "d mixed / one-adapter-per-pass at c=16": ips["d_mixed"][16] / ips["d_one_per_pass"][16],
         **{f"e {k}": v for k, v in report_fast_paths(results["e_fast_paths"]).items()},
+        **report_arms(results["f_cache"], levels),
     }
     targets = {f"a/b at c={top}": 1.5, "d mixed / one-adapter-per-pass at c=16": 1.3}
     print("\nratios")

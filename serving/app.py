@@ -32,6 +32,7 @@ from serving.http import Api
 from serving.image_store import ImageStore, ImageStoreFull
 from serving.images import png_bytes
 from serving.passes import PassQueue
+from serving.response_cache import ResponseCache
 from serving.telemetry import GeneratorMetrics
 from serving.tenants import Tenant
 from training.adapter import AdapterError
@@ -92,6 +93,7 @@ class Generator:
         if self.args.resolved_tracking_uri():  # the champion and the listing, each waited for registry_deadline_s
             log.info("registry %s: %s", self.args.resolved_tracking_uri(), self.engine.resolver.refresh())
         self.metrics = GeneratorMetrics()
+        self.responses = ResponseCache.from_args(self.args.response_cache)  # seeded repeats, after prepare
         self._gone: dict[str, float] = {}  # request id whose caller went away -> when
         self._epoch = 0
         b = self.args.batching
@@ -171,6 +173,13 @@ class Generator:
             label = model if model in self.engine.resolver.served() else "invalid"
             self.metrics.request(label, str(out["error"]["status"]))
             return out
+        key = self.responses.key(prepared)  # prepared: the model resolved (and allowed) for this tenant
+        owner = req.tenant.name if req.tenant else None
+        hit = self.responses.get(key, owner)
+        self.metrics.response_cache(self.responses.stats())
+        if hit is not None:  # never queued: no pass, no batch metrics
+            self.metrics.request(prepared.model, "ok")
+            return hit
         try:
             queued = _Queued(prepared, arrived, low)
             result = (await self._passes.submit([queued]))[0] if low else await self._batched(queued)
@@ -183,7 +192,10 @@ class Generator:
             self.metrics.request(prepared.model, str(out["error"]["status"]))
             return out
         self.metrics.request(prepared.model, "ok")
-        return encode(result)
+        out = encode(result)
+        if self.responses.put(key, out, owner):
+            self.metrics.response_cache(self.responses.stats())
+        return {**out, "cached": False}
 
     async def _run_batch(self, items: list[_Queued]) -> list[ImageResult | Exception]:
         """What ``@serve.batch`` formed goes into the pass queue, merged with batches formed meanwhile."""
@@ -276,6 +288,7 @@ class Generator:
             "pid": os.getpid(),
             **self.metrics.snapshot(),
             "adapter_cache": self.engine.stats(),
+            "response_cache": self.responses.stats(),
             "registry": self.engine.resolver.state(),
             "batch_requests": {"held": self._batch_requests, "room": self._batch_room},  # serving/batches
         }

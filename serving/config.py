@@ -204,6 +204,30 @@ class FeedbackArgs(_Section):
     )
 
 
+class ResponseCacheArgs(_Section):
+    """Answers to repeated seeded requests, kept in each generator replica (serving/response_cache.py)."""
+
+    enabled: bool = Field(True, description="answer a repeated request with an explicit seed from memory")
+    max_entries: int = Field(1024, ge=1, description="responses kept at most per replica; least recently used go first")
+    max_bytes: int = Field(
+        64 * 2**20, ge=1, description="PNG bytes kept at most per replica; least recently used go first"
+    )
+    ttl_s: float | None = Field(
+        None, gt=0, description="seconds an entry is served; null: until evicted (the key holds the model version)"
+    )
+    share_between_tenants: bool = Field(
+        False,
+        description="one tenant's entry answers another's identical request; off: a hit (and its speed) never "
+        "tells a tenant what another one asked for",
+    )
+    http_max_age_s: int = Field(
+        60,
+        ge=0,
+        description="Cache-Control max-age of GET /v1/generate with a seed: how long a client keeps an image of "
+        "a moving name (champion) without asking again; 0: revalidate every time (ETag)",
+    )
+
+
 class FilesArgs(_Section):
     """Uploads of ``POST /v1/files`` (serving/uploads): where they are kept and what an archive may hold."""
 
@@ -462,6 +486,7 @@ class ServeArgs(_Section):
     finetune: FineTuneArgs = Field(default_factory=FineTuneArgs)
     feedback: FeedbackArgs = Field(default_factory=FeedbackArgs)
     batches: BatchesArgs = Field(default_factory=BatchesArgs)
+    response_cache: ResponseCacheArgs = Field(default_factory=ResponseCacheArgs)
 
     @field_validator("adapters")
     @classmethod

@@ -53,6 +53,7 @@ from serving.feedback_routes import FeedbackRoutes
 from serving.finetune import routes as finetune
 from serving.finetune.jobs import CreateJobBody
 from serving.image_store import IMAGE_ID
+from serving.response_cache import etag, not_modified, png_headers
 from serving.schemas import GenerateQuery, GenerationBody, ImageData, ImagesResponse, ModelList, Params, error_body
 from serving.tenants import STATE_KEY, KeyRing, NotFound, Tenant, tenant_of
 from serving.uploads import routes as files
@@ -422,6 +423,12 @@ def _query_names(request: Request) -> list[str]:
     return names
 
 
+def _if_none_match(request: Request) -> str | None:
+    """Every ``If-None-Match`` field of the request as one list (RFC 9110 §5.3), None when it sent none."""
+    fields = request.headers.getlist("if-none-match")
+    return ", ".join(fields) if fields else None
+
+
 @web.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     """Routing's own answers (404, 405) in OpenAI's body; a 405 keeps its ``Allow`` header and names the methods."""
@@ -555,11 +562,12 @@ class Api:
             return {"object": "list", "data": configured_cards(self.args), "registry": None}
 
     @web.post("/v1/images/generations", response_model=ImagesResponse, summary="OpenAI-compatible image generation")
-    async def generations(self, body: GenerationBody, request: Request) -> ImagesResponse:
+    async def generations(self, body: GenerationBody, request: Request, response: Response) -> ImagesResponse:
         tenant = tenant_of(request)
         out = await self._call(body.to_request(tenant))
         self.feedback.notice(tenant.name, out)  # in the background: the answer never waits for the store
         ids = out.get("image_ids") or [None] * len(out["images"])
+        response.headers["X-Cache"] = "hit" if out.get("cached") else "miss"  # the replica's response cache
         if body.response_format == "url":
             kept = await self._images("put", out["images"], tenant.name)
             if "error" in kept:
@@ -603,7 +611,10 @@ class Api:
                 "response_format 'b64_json'",
                 "image_id",
             )
-        return Response(png, media_type="image/png", headers={"Cache-Control": "private, no-transform"})
+        headers = {"Cache-Control": "private, no-transform", "ETag": etag(png)}  # an id's image never changes
+        if not_modified(_if_none_match(request), headers["ETag"]):
+            return Response(status_code=304, headers=headers)
+        return Response(png, media_type="image/png", headers=headers)
 
     @web.get("/v1/generate", response_class=Response, summary="one image as raw image/png")
     async def generate_png(self, request: Request, query: Annotated[GenerateQuery, Query()]) -> Response:
@@ -617,6 +628,10 @@ class Api:
         headers = {"X-Seed": str(out["seeds"][0]), "X-Model": out["model"], "X-Version": str(out["version"])}
         if out.get("image_ids"):
             headers["X-Image-Id"] = out["image_ids"][0]  # the id POST /v1/feedback takes (also in the PNG)
+        headers["X-Cache"] = "hit" if out.get("cached") else "miss"
+        headers |= png_headers(out["images"][0], query.seed is not None, self.args.response_cache.http_max_age_s)
+        if not_modified(_if_none_match(request), headers.get("ETag")):  # RFC 9110 §15.4.5: 304 keeps the headers
+            return Response(status_code=304, headers=headers)
         return Response(out["images"][0], media_type="image/png", headers=headers)
 
     @web.post("/admin/reload", summary="look the champion up in the registry now (all replicas follow)")

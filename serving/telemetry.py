@@ -30,6 +30,13 @@ class GeneratorMetrics:
             "lorafleet_adapter_cache", "adapter cache events: hit, miss, eviction", tag_keys=("event",)
         )
         self.loaded = metrics.Gauge("lorafleet_adapters_loaded", "adapters held in the replica's memory")
+        self.responses = metrics.Counter(
+            "lorafleet_response_cache",
+            "response cache events: hit, miss, bypass (no seed / cache off), eviction",
+            tag_keys=("event",),
+        )
+        self.responses_bytes = metrics.Gauge("lorafleet_response_cache_bytes", "PNG bytes the response cache holds")
+        self._responses_seen = {"hits": 0, "misses": 0, "bypassed": 0, "evictions": 0}
         self.local = {
             "requests": Tally(),
             "batch_images": Tally(),
@@ -65,6 +72,15 @@ class GeneratorMetrics:
                 self.cache.inc(delta, tags={"event": event})
             self._seen[key] = stats[key]
         self.loaded.set(stats["loaded"])
+
+    def response_cache(self, stats: dict) -> None:
+        """Export the response cache's cumulative counters (``ResponseCache.stats()``) as increments, and its size."""
+        for key, event in (("hits", "hit"), ("misses", "miss"), ("bypassed", "bypass"), ("evictions", "eviction")):
+            delta = stats[key] - self._responses_seen[key]
+            if delta > 0:
+                self.responses.inc(delta, tags={"event": event})
+            self._responses_seen[key] = stats[key]
+        self.responses_bytes.set(stats["bytes"])
 
     def snapshot(self) -> dict:
         sizes = self.local["batch_images"]

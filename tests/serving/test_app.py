@@ -91,6 +91,17 @@ def test_http_round_trip(main_app):
         assert png.headers["content-type"] == "image/png" and png.headers["x-seed"] == "3"
         same = np.asarray(Image.open(io.BytesIO(png.content)), dtype=np.int16)
         assert np.abs(same - decode(out["data"][0])).max() <= 1
+        # the replica's response cache and HTTP validators through Serve: the repeat is a hit, then a 304
+        assert png.headers["x-cache"] == "miss" and png.headers["cache-control"].startswith("private, max-age=")
+        again = http.get("/v1/generate", params={"prompt": PROMPT, "adapter": "ad0", "seed": 3})
+        assert again.headers["x-cache"] == "hit" and again.content == png.content
+        assert again.headers["etag"] == png.headers["etag"]
+        unchanged = http.get(
+            "/v1/generate",
+            params={"prompt": PROMPT, "adapter": "ad0", "seed": 3},
+            headers={"If-None-Match": png.headers["etag"]},
+        )
+        assert unchanged.status_code == 304 and not unchanged.content
         assert "OpenAPI" in http.get("/docs").text or "swagger" in http.get("/docs").text.lower()
         assert "<form" in http.get("/").text
         # response_format url through the real proxy and route prefix: a link on this host, the same image
