@@ -42,6 +42,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from serving import canary
 from serving.catalog import configured_cards
 from serving.config import ServeArgs
 from serving.engine import ImageRequest
@@ -439,6 +440,8 @@ class Api:
         self.files = FileStore(self.args.files)  # uploads (serving/uploads); created on the first one
         Gate.upload_bytes = files.upload_limit(self.files)
         self.finetune = finetune.FineTuning(self.args, self.files)  # jobs live next to the files (serving/finetune)
+        # the feedback summary {model: {version: {count, positive, mean}}} for /admin/canary; None: no ratings source
+        self.feedback_summary: Callable[[], dict] | None = None
         if self.args.finetune.enabled:
             self.finetune.start()  # the queue's poller: starts queued jobs, follows running ones
 
@@ -465,6 +468,17 @@ class Api:
                 403, f"tenant {tenant.name!r} may not call {request.url.path}: admin routes need the api_key_env key "
                 "or a key of an admin tenant (lorafleet keys add NAME --admin)",
             )  # fmt: skip
+
+    @staticmethod
+    def _request_id(request: Request, req: ImageRequest) -> ImageRequest:
+        """``req`` with the client's ``X-Request-Id`` / ``Idempotency-Key`` (its canary arm's key; serving.canary)."""
+        try:
+            req.client_request_id = canary.client_request_id(
+                {h: request.headers.getlist(h) for h in canary.REQUEST_ID_HEADERS}
+            )
+        except canary.BadRequestId as exc:
+            raise ApiError(400, str(exc), exc.header) from exc
+        return req
 
     async def _call(self, req: ImageRequest) -> dict:
         d = self.args.deployment
@@ -541,7 +555,7 @@ class Api:
     @web.post("/v1/images/generations", response_model=ImagesResponse, summary="OpenAI-compatible image generation")
     async def generations(self, body: GenerationBody, request: Request) -> ImagesResponse:
         tenant = tenant_of(request)
-        out = await self._call(body.to_request(tenant))
+        out = await self._call(self._request_id(request, body.to_request(tenant)))
         if body.response_format == "url":
             kept = await self._images("put", out["images"], tenant.name)
             if "error" in kept:
@@ -561,8 +575,9 @@ class Api:
                 for png, seed in zip(out["images"], out["seeds"])
             ]
         return ImagesResponse(
-            created=int(time.time()), data=data, model=out["model"], version=out["version"], size=out["size"]
-        )
+            created=int(time.time()), data=data, model=out["model"], version=out["version"], size=out["size"],
+            arm=out.get("arm"),
+        )  # fmt: skip
 
     @web.get(
         "/v1/images/{image_id}.png",
@@ -592,8 +607,10 @@ class Api:
         if repeated:
             key, times = next(iter(repeated.items()))
             raise ApiError(400, f"{key}: given {times} times in the query string; give it once", key)
-        out = await self._call(query.to_request(tenant_of(request)))
+        out = await self._call(self._request_id(request, query.to_request(tenant_of(request))))
         headers = {"X-Seed": str(out["seeds"][0]), "X-Model": out["model"], "X-Version": str(out["version"])}
+        if out.get("arm"):
+            headers["X-Lorafleet-Arm"] = out["arm"]
         return Response(out["images"][0], media_type="image/png", headers=headers)
 
     @web.post("/admin/reload", summary="look the champion up in the registry now (all replicas follow)")
@@ -607,6 +624,28 @@ class Api:
     async def stats(self, request: Request) -> dict:
         self._admin(request)
         return await self.gen.stats.remote()
+
+    @web.get("/admin/canary", summary="the canary: each arm's version, counts, ratings and the verdict")
+    async def canary_report(self, request: Request) -> dict:
+        """``serving.canary.report`` over the generator replicas that answered: a handle reaches one replica per
+        call and cannot broadcast, so it asks twice as many times as there are replicas (concurrently) and sums the
+        distinct replicas' counts (``replicas`` lists their pids; fewer than ``replicas_expected`` means some
+        replica's counts are missing from this answer)."""
+        self._admin(request)
+        d = self.args.deployment
+        expected = d.num_replicas if isinstance(d.num_replicas, int) else None
+        calls = [self.gen.canary_state.remote() for _ in range(2 * (expected or 2))]
+        try:
+            answers = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), timeout=5)
+        except asyncio.TimeoutError as exc:
+            raise ApiError(503, f"no generator replica answered within 5 s; retry after {d.retry_after_s} s", None,
+                           d.retry_after_s) from exc  # fmt: skip
+        snapshots = list({a["pid"]: a for a in answers if isinstance(a, dict)}.values())
+        if not snapshots:
+            retry = d.retry_after_s
+            raise ApiError(503, f"no generator replica answered; retry after {retry} s", None, retry)
+        summary = self.feedback_summary() if self.feedback_summary is not None else None
+        return canary.report(snapshots, summary, self.args, expected)
 
     # ---- files: OpenAI's files API over serving/uploads (the handlers and their errors live there) ----------
     @web.post(
