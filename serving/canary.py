@@ -128,7 +128,9 @@ def wilson_interval(successes: int, n: int, z: float) -> tuple[float, float] | N
     denom = 1 + z2 / n
     centre = (p + z2 / (2 * n)) / denom
     half = z / denom * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
-    return max(0.0, centre - half), min(1.0, centre + half)
+    lo = 0.0 if successes == 0 else max(0.0, centre - half)  # exact at the ends (no rounding residue)
+    hi = 1.0 if successes == n else min(1.0, centre + half)
+    return lo, hi
 
 
 def p95(samples: Iterable[float]) -> float | None:
@@ -339,7 +341,7 @@ class Canary:
         ``known``: the resolver's resolved names (``AdapterResolver.known()``: name -> adapter with ``.version``); the
         challenger is picked only once its name is resolved there (preloaded by the poll).
         """
-        if not self.champion_names or asked not in self.champion_names:
+        if not self.enabled or asked not in self.champion_names:  # no canary: nothing re-routed, nothing counted
             return None
         champion = known.get(asked) or known.get(self.args.champion.name)
         challenger = known.get(self.challenger_name) if self.challenger_name else None
