@@ -201,8 +201,9 @@ def decide(arms: Mapping[str, Mapping[str, Any]], ratings: Mapping[str, Mapping[
     The test, stated: Wilson score intervals (``wilson_interval``) at ``decision.confidence`` on the positive-rating
     proportion and on the 5xx proportion; p95 latency within ``decision.latency_tolerance``. ``worse`` when any of
     them says worse (ratings' interval below, errors' interval above, p95 beyond the tolerance); ``better`` when the
-    ratings' interval lies above the champion's and neither errors nor latency say worse; else ``undecided`` (also
-    while an arm has fewer than ``min_requests`` requests or ``min_ratings`` ratings). Error rate and latency alone
+    ratings' interval lies above the champion's, each arm has ``min_requests`` requests and neither errors nor latency
+    say worse; else ``undecided`` (also while an arm has fewer than ``min_requests`` requests or ``min_ratings``
+    ratings). Error rate and latency alone
     never make a challenger better: a version must win on what users rate.
     """
     d = args.decision
@@ -235,7 +236,7 @@ def decide(arms: Mapping[str, Mapping[str, Any]], ratings: Mapping[str, Mapping[
         reasons.append("its positive-rating rate is significantly lower than the champion's")
     if reasons:
         verdict = "worse"
-    elif rated is not None and rated["outcome"] == "better":
+    elif rated is not None and rated["outcome"] == "better" and errors["outcome"] != "too_few":
         verdict, reasons = "better", ["its positive-rating rate is significantly higher; errors and latency hold"]
     else:
         verdict = "undecided"
@@ -243,7 +244,7 @@ def decide(arms: Mapping[str, Mapping[str, Any]], ratings: Mapping[str, Mapping[
             reasons.append("no ratings source: a challenger is judged better only on ratings")
         elif rated["outcome"] == "too_few":
             reasons.append(f"fewer than decision.min_ratings ({d.min_ratings}) ratings in an arm")
-        else:
+        elif rated["outcome"] == "undecided":
             reasons.append("the positive-rating intervals overlap")
         if errors["outcome"] == "too_few":
             reasons.append(f"fewer than decision.min_requests ({d.min_requests}) requests in an arm")

@@ -28,7 +28,9 @@ from serving.canary import (
     z_value,
 )
 from serving.config import ServeArgs
+from tests.serving import test_http
 
+server = test_http.server  # the ingress under Starlette's TestClient, with a fake generator
 Z95 = z_value(0.95)
 
 
@@ -105,6 +107,8 @@ def test_decide_errors_and_latency_can_only_make_it_worse():
     fewer_errors = decide(arms(errors=(60, 5)), None, cfg)  # no ratings source: never "better"
     assert fewer_errors["verdict"] == "undecided" and fewer_errors["errors"]["outcome"] == "better"
     assert decide(arms(requests=50, errors=(0, 30)), None, cfg)["errors"]["outcome"] == "too_few"
+    # better ratings but too few requests to judge errors: not yet better
+    assert decide(arms(requests=50), good_ratings, cfg)["verdict"] == "undecided"
 
 
 def test_compare_rates_is_symmetric():
@@ -274,3 +278,61 @@ def test_client_request_ids_are_validated():
         with pytest.raises(BadRequestId) as err:
             client_request_id(headers)
         assert err.value.header == name
+
+
+# ---- the HTTP face, without Ray (tests/serving/test_http.py's ingress under Starlette's TestClient) ---------------
+@pytest.fixture
+def http(server, monkeypatch):
+    """The ingress of ``test_http.server`` with a generator that answers as a canary replica: its arm by the request's
+    routing key (share 0.5), and ``canary_state`` from a ``Canary`` that counted a few requests."""
+    from ray import serve
+
+    gen, args = server.gen, canary_args(share=0.5)
+    state = synced(Canary(args))
+    state.registry_challenger = "4"
+    for i in range(30):
+        state.record(Route(CHAMPION, "champion", "3"), "ok", 0.2)
+        state.record(Route(CHALLENGER, "toy-canary@challenger", "4"), "ok" if i % 10 else "500", 0.3)
+    plain = gen.generate
+
+    async def generate(req, epoch: int = 0) -> dict:
+        out = await plain(req, epoch)
+        arm = arm_for(req.routing_key, 0.5)
+        return out | {"arm": arm, "version": "4" if arm == CHALLENGER else "3"}
+
+    monkeypatch.setattr(gen, "generate", generate, raising=False)
+    known = {"champion": adapter("3"), "toy-canary@challenger": adapter("4")}
+    monkeypatch.setattr(gen, "canary_state", lambda: {"pid": 7, **state.snapshot(known)}, raising=False)
+    api = serve.get_replica_context().servable_object
+    api.args = api.args.model_copy(update={"champion": args.champion, "canary": args.canary})
+    return SimpleNamespace(http=server.http, gen=gen, api=api)
+
+
+def test_a_client_request_id_picks_the_arm_and_the_answer_says_which(http):
+    key = key_for(CHALLENGER, 0.5)
+    for _ in range(2):  # a retry with the same id: the same arm
+        r = http.http.post("/v1/images/generations", json={"prompt": "a red circle"}, headers={"X-Request-Id": key})
+        assert r.status_code == 200 and r.json()["arm"] == CHALLENGER and r.json()["version"] == "4"
+        assert http.gen.requests[-1].client_request_id == key and http.gen.requests[-1].routing_key == key
+    other = key_for(CHAMPION, 0.5)
+    r = http.http.get("/v1/generate", params={"prompt": "a red circle"}, headers={"Idempotency-Key": other})
+    assert r.status_code == 200 and r.headers["X-Lorafleet-Arm"] == CHAMPION and r.headers["X-Version"] == "3"
+    r = http.http.post("/v1/images/generations", json={"prompt": "x"}, headers={"X-Request-Id": "no spaces please"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "X-Request-Id"
+    r = http.http.post("/v1/images/generations", json={"prompt": "x"})  # no id: the request's own random one
+    assert r.status_code == 200 and http.gen.requests[-1].client_request_id is None
+
+
+def test_admin_canary_reports_the_arms_with_ratings(http):
+    r = http.http.get("/admin/canary")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"] == "toy-canary" and body["replicas"] == [7] and body["ratings_source"] is False
+    assert (body["arms"][CHAMPION]["requests"], body["arms"][CHALLENGER]["errors"]) == (30, 3)
+    assert body["verdict"] == "undecided" and "Wilson" in body["test"]
+    http.api.feedback_summary = lambda: {"champion": {"3": {"count": 200, "positive": 60, "mean": 0.3},
+                                                      "4": {"count": 200, "positive": 150, "mean": 0.75}}}  # fmt: skip
+    body = http.http.get("/admin/canary").json()
+    assert body["ratings"]["outcome"] == "better" and body["arms"][CHALLENGER]["ratings"]["count"] == 200
+    assert body["verdict"] == "undecided"  # better ratings, but 30 requests < decision.min_requests (100)
+    assert any("min_requests" in why for why in body["reasons"])
