@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from serving.canary import CHALLENGER, CHAMPION, TAG_STOPPED, Canary, Route, report
+from serving.canary import arm_for as arm_of
 from tests.serving.conftest import register_adapter
 
 NAME = "toy-canary"
@@ -155,3 +156,61 @@ def test_an_engine_follows_the_challenger_and_serves_its_version(registry, serve
     [champ] = engine.generate([engine.prepare(ImageRequest("a red circle", model="champion", steps=2, seed=1))])
     assert champ.version == "1"
     engine.resolver.close()
+
+
+@pytest.mark.slow
+def test_the_replica_routes_counts_and_stops_the_challenger_end_to_end(registry, serve_args, monkeypatch):
+    """The real Generator deployment class behind the real ingress, in process (as tests/serving/test_registry_down.py
+    runs them): champion requests split by X-Request-Id, answers naming the arm, an explicit version never re-routed;
+    then the challenger's passes fail (injected), its share drops to 0 at once and the stop is in the registry."""
+    import asyncio
+
+    from evaluation.registry import set_challenger
+    from serving.engine import ImageResult
+    from tests.serving.test_registry_down import serving
+
+    uri, client = registry
+    set_challenger(client, NAME, "2")
+    args = serve_args(**{"champion.model": NAME, "tracking_uri": uri, "canary.share": 0.5, "champion.poll_s": 0,
+                         "default_model": "champion", "defaults.steps": 2, "warmup": False,
+                         "canary.rollback.min_requests": 5, "canary.rollback.window": 10})  # fmt: skip
+    to_challenger = [f"r{i}" for i in range(200) if arm_of(f"r{i}", 0.5) == CHALLENGER][:8]
+    to_champion = next(f"r{i}" for i in range(200) if arm_of(f"r{i}", 0.5) == CHAMPION)
+
+    async def scenario():
+        async with serving(args, monkeypatch) as s:
+            assert s.gen.engine.stats()["loaded"] == 1  # the challenger was preloaded at start
+            r = await s.http.get("/v1/generate", params={"prompt": "a red circle", "seed": 1},
+                                 headers={"X-Request-Id": to_challenger[0]})  # fmt: skip
+            assert r.status_code == 200 and r.headers["X-Lorafleet-Arm"] == CHALLENGER, r.text
+            assert (r.headers["X-Version"], r.headers["X-Model"]) == ("2", "champion")
+            for _ in range(2):  # a retry with the same id lands on the same arm
+                body = {"prompt": "a red circle", "model": NAME, "seed": 1}
+                r = await s.http.post("/v1/images/generations", json=body, headers={"X-Request-Id": to_champion})
+                assert (r.json()["arm"], r.json()["version"], r.json()["model"]) == (CHAMPION, "1", NAME)
+            body = {"prompt": "a red circle", "model": f"{NAME}/1", "seed": 1}
+            r = await s.http.post("/v1/images/generations", json=body, headers={"X-Request-Id": to_challenger[0]})
+            assert r.json()["arm"] is None and r.json()["version"] == "1"  # pinned: never re-routed
+
+            plain = s.gen.engine.generate
+
+            def failing(batch, should_stop=None):  # the challenger's passes fail: injected errors
+                out = plain(batch, should_stop)
+                return [RuntimeError("injected") if isinstance(o, ImageResult) and o.version == "2" else o
+                        for o in out]  # fmt: skip
+
+            s.gen.engine.generate = failing
+            statuses = []
+            for key in to_challenger[1:7]:
+                r = await s.http.get("/v1/generate", params={"prompt": "a red circle", "seed": 1},
+                                     headers={"X-Request-Id": key})  # fmt: skip
+                statuses.append((r.status_code, r.headers.get("X-Lorafleet-Arm")))
+            # 1 ok + 4 failed = rollback.min_requests (5) at 80 % 5xx: the share drops to 0 at once, in this replica
+            assert statuses == [(500, None)] * 4 + [(200, CHAMPION)] * 2
+            rep = (await s.http.get("/admin/canary")).json()
+            assert rep["share_now"] == 0.0 and "5xx rate 80%" in rep["stopped"]
+            assert (rep["arms"][CHALLENGER]["requests"], rep["arms"][CHALLENGER]["errors"]) == (5, 4)
+            s.gen._bg.submit(lambda: None).result()  # the stop's registry write has run
+            assert "5xx rate" in client.get_model_version(NAME, "2").tags[TAG_STOPPED]
+
+    asyncio.run(scenario())
