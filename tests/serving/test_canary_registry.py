@@ -214,3 +214,29 @@ def test_the_replica_routes_counts_and_stops_the_challenger_end_to_end(registry,
             assert "5xx rate" in client.get_model_version(NAME, "2").tags[TAG_STOPPED]
 
     asyncio.run(scenario())
+
+
+def test_the_evaluation_sets_the_challenger_when_configured(registry):
+    """``registry.promote_to: challenger`` (the pipeline's switch): a passing adapter gets the challenger alias and the
+    champion stays; with the default it becomes the champion."""
+    from evaluation.config import RegistryArgs
+    from evaluation.evaluate import register_result
+
+    uri, client = registry
+    exp = client.get_experiment_by_name("serving-tests").experiment_id
+    adapter = {"sha256": "ab" * 32, "base_model": "models/toy-sd"}
+    result = SimpleNamespace(adapter=adapter, metrics={"clip_score": 0.3}, passed=True,
+                             gate=SimpleNamespace(summary=lambda: "passed"))  # fmt: skip
+
+    def cfg(promote_to: str):
+        return SimpleNamespace(
+            registry=RegistryArgs(model_name=NAME, promote_to=promote_to),
+            comparable_key=lambda: "k",
+            suite=SimpleNamespace(trigger="sks"),
+        )
+
+    champion = {"version": "1", "sha256": "x"}
+    info = register_result(cfg("challenger"), client, client.create_run(exp).info.run_id, result, champion)
+    assert info["alias"] == CHALLENGER and aliases(client) == {"champion": "1", CHALLENGER: info["version"]}
+    info = register_result(cfg("champion"), client, client.create_run(exp).info.run_id, result, champion)
+    assert info["alias"] == "champion" and aliases(client)["champion"] == info["version"]
