@@ -408,7 +408,9 @@ class Canary:
         Raises:
             Exception: whatever the registry call raised (the share stays 0 until a sync answers).
         """
-        from evaluation.registry import current
+        from mlflow.exceptions import MlflowException
+
+        from evaluation.registry import MISSING_CODES
 
         if not self.model:
             return self.state()
@@ -420,7 +422,12 @@ class Canary:
                 with self._lock:
                     if self.unsaved.get(version) == reason:
                         del self.unsaved[version]
-            found = current(client, self.model, self.cfg.alias)
+            try:
+                found = client.get_model_version_by_alias(self.model, self.cfg.alias)
+            except MlflowException as exc:  # only "no such alias" is an answer; a registry that is down is not
+                if exc.error_code not in MISSING_CODES:
+                    raise
+                found = None
         except Exception as exc:
             with self._lock:
                 self.synced, self.sync_error = False, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"

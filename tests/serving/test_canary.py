@@ -202,6 +202,10 @@ class FakeRegistryClient:
         self.alias_to, self.tags, self.down = alias_to, {}, False
 
     def _check(self):
+        if self.down == "mlflow":  # what MlflowClient raises once its HTTP retries ran out
+            from mlflow.exceptions import MlflowException
+
+            raise MlflowException("API request failed with exception HTTPConnectionPool")  # INTERNAL_ERROR
         if self.down:
             raise ConnectionError("registry refused the connection")
 
@@ -213,8 +217,9 @@ class FakeRegistryClient:
         self._check()
         if self.alias_to is None:
             from mlflow.exceptions import MlflowException
+            from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-            raise MlflowException("alias not found", error_code="INVALID_PARAMETER_VALUE")
+            raise MlflowException("Registered model alias challenger not found.", INVALID_PARAMETER_VALUE)
         return SimpleNamespace(version=self.alias_to, tags=dict(self.tags.get(self.alias_to, {})))
 
 
@@ -236,6 +241,13 @@ def test_a_stop_is_recorded_in_the_registry_and_other_replicas_honour_it():
     registry.tags["4"].pop(TAG_STOPPED)  # `lorafleet promote toy-canary 4 --challenger` again: starts clean
     two.sync(registry)
     assert two.share("3", "4") == 0.1 and two.state()["stopped"] == {}
+    registry.down = "mlflow"  # an outage is not "no challenger": the share drops to 0 until the registry answers
+    with pytest.raises(Exception, match="API request failed"):
+        two.sync(registry)
+    assert two.share("3", "4") == 0.0 and "API request failed" in two.state()["registry_sync_error"]
+    registry.down, registry.alias_to = False, None  # the alias was removed (`lorafleet canary promote`)
+    two.sync(registry)
+    assert two.state()["challenger_version"] is None and two.state()["registry_synced"]
 
 
 def test_report_merges_replicas_and_attaches_ratings():
