@@ -418,7 +418,11 @@ class Canary:
             with self._lock:
                 unsaved = dict(self.unsaved)
             for version, reason in unsaved.items():
-                client.set_model_version_tag(self.model, version, TAG_STOPPED, reason[:5000])
+                try:
+                    client.set_model_version_tag(self.model, version, TAG_STOPPED, reason[:5000])
+                except MlflowException as exc:  # the version was deleted meanwhile: nothing left to record it on
+                    if exc.error_code not in MISSING_CODES:
+                        raise
                 with self._lock:
                     if self.unsaved.get(version) == reason:
                         del self.unsaved[version]
