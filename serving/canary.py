@@ -16,11 +16,11 @@ bytes of its SHA-256 read as a number in [0, 1): the same key lands on the same 
 A request naming a version (``toy-sks-lora/3``) or another alias is never re-routed.
 
 The share is 0 — every request goes to the champion — while any of these holds: no challenger alias, the challenger
-is the champion's version, its adapter is not resolved and loaded yet (it is preloaded by the poll, like the
-champion), it was stopped (the ``lorafleet.canary_stopped`` tag on its version), or the last registry read of its
-tags failed. The last one is the safer choice when the registry is down: another replica may have stopped the
-challenger meanwhile and this one could not learn of it, and the champion is the version that already proved itself;
-the canary only loses samples while the registry is away.
+is the champion's version, its version is not resolved in this replica yet (the replica's start and every poll
+resolve it and then load it, like the champion), it was stopped (the ``lorafleet.canary_stopped`` tag on its
+version), or the last registry read of its tags failed. The last one is the safer choice when the registry is down:
+another replica may have stopped the challenger meanwhile and this one could not learn of it, and the champion is the
+version that already proved itself; the canary only loses samples while the registry is away.
 
 Automatic stop. Each replica keeps the last ``rollback.window`` outcomes of each arm; once the challenger's window
 holds ``rollback.min_requests`` outcomes and its 5xx rate is above ``rollback.max_error_rate`` and above the
