@@ -15,6 +15,8 @@
     lorafleet registry show toy-sks-lora
     lorafleet promote toy-sks-lora 3            # champion -> version 3 (the old one becomes previous)
     lorafleet rollback toy-sks-lora             # champion back to the previous one
+    lorafleet promote toy-sks-lora 4 --challenger   # version 4 gets canary.share of the champion's traffic
+    lorafleet canary status toy-sks-lora | promote toy-sks-lora [--force]   # compare the arms; promote a better one
     lorafleet publish models:/toy-sks-lora@champion --repo-id you/toy-sks-lora --push
     lorafleet import-adapter my_lora.safetensors --name my-style --trigger ohwx   # a LoRA trained elsewhere
     lorafleet export-adapter my-style@champion --format kohya my_style.safetensors
@@ -118,6 +120,7 @@ def _promote(args: list[str]) -> int:
     ``--adapter REF`` evaluates and registers a checkpoint picked by eye first (evaluation.promote)."""
     if args[:1] in (["-h"], ["--help"]) or args == ["help"]:
         print("lorafleet promote NAME VERSION [--force]       move the champion alias to a registered version\n"
+              "lorafleet promote NAME VERSION --challenger   set the canary's challenger alias instead\n"
               "lorafleet promote NAME --trial ID --epoch N   evaluate + register a checkpoint picked from the sample "
               "grids\n")  # fmt: skip
         from evaluation.promote import main
@@ -128,6 +131,12 @@ def _promote(args: list[str]) -> int:
 
         return main(args)
     return _registry_verb("promote")(args)
+
+
+def _canary(args: list[str]) -> int:
+    from serving.canary_cli import main
+
+    return main(args)
 
 
 def _publish(args: list[str]) -> int:
@@ -188,6 +197,10 @@ COMMANDS = {
         "the sample grids: `promote NAME --trial ID --epoch N`",
     ),
     "rollback": (_registry_verb("rollback"), "move the champion alias back to the previous one: `rollback NAME`"),
+    "canary": (
+        _canary,
+        "the challenger against the champion on live traffic: `canary status NAME` | `canary promote NAME [--force]`",
+    ),
     "publish": (_publish, "push an adapter + model card to the Hugging Face Hub (python -m evaluation.publish)"),
     "import-adapter": (
         _import_adapter,
@@ -205,8 +218,8 @@ COMMANDS = {
 
 # the sub-commands that read $MLFLOW_TRACKING_URI when neither --tracking-uri nor their config names a server
 MLFLOW_COMMANDS = (
-    "train", "tune", "evaluate", "registry", "promote", "rollback", "publish", "import-adapter", "export-adapter",
-    "export-onnx",
+    "train", "tune", "evaluate", "registry", "promote", "rollback", "canary", "publish", "import-adapter",
+    "export-adapter", "export-onnx",
 )  # fmt: skip
 
 

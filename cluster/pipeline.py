@@ -485,12 +485,17 @@ class Pipeline:
         s = self.cfg.serve
         dep, reg = self.summary["stages"]["deploy"], self.summary["stages"]["register"]
         prompt = s.smoke_prompt or self.derived["smoke_prompt"]
-        out = smoke_test(dep["url"], prompt, model=dep["champion"], out=self.run_dir / "smoke.png",
+        # a new challenger (evaluation registry.promote_to=challenger) is asked for by its version: the champion
+        # stays what it was, and the canary sends it only canary.share of the champion's requests
+        challenger = reg.get("alias") == "challenger"
+        model = f"{reg['model']}/{reg['version']}" if challenger else dep["champion"]
+        out = smoke_test(dep["url"], prompt, model=model, out=self.run_dir / "smoke.png",
                          api_key=self.serve_args.api_key())  # fmt: skip
         if str(out.get("version")) != reg["version"]:
             raise StageFailed(
-                f"the endpoint answered with {out.get('model')} version {out.get('version')}, not the new champion "
-                f"{reg['model']}/{reg['version']}; check champion.poll_s and POST {dep['url']}/admin/reload"
+                f"the endpoint answered with {out.get('model')} version {out.get('version')}, not the new "
+                f"{'challenger' if challenger else 'champion'} {reg['model']}/{reg['version']}; check "
+                f"champion.poll_s and POST {dep['url']}/admin/reload"
             )
         return out
 
@@ -629,7 +634,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {name:9s} {stage['status']:8s} {stage['seconds']:7.1f} s")
     reg, smoke = result.stages.get("register"), result.stages.get("smoke")
     if reg:
-        print(f"champion: {reg['model']}/{reg['version']} (alias {reg['alias']})")
+        print(f"{reg['alias']}: {reg['model']}/{reg['version']} (alias {reg['alias']})")
     if smoke:
         print(f"serving: {smoke['url']}  smoke image: {smoke.get('image')} ({smoke['seconds']} s)")
     print(f"pipeline.json: {Path(result.run_dir) / SUMMARY}  mlflow run {result.run_id} ({result.tracking_uri})")

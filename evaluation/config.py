@@ -226,6 +226,12 @@ class RegistryArgs(_Section):
     )
     alias: str = Field("champion", description="the alias a passing adapter gets")
     previous_alias: str = Field("previous", description="the alias the replaced champion gets (rollback target)")
+    promote_to: Literal["champion", "challenger"] = Field(
+        "champion",
+        description="champion: a passing adapter gets `alias` at once | challenger: it gets the `challenger` alias "
+        "and the Serve app's canary.share of the champion's traffic until `lorafleet canary promote` (serving/"
+        "canary.py; with no champion yet it becomes the champion)",
+    )
 
 
 class EvalMlflowArgs(_Section):

@@ -36,6 +36,7 @@ from evaluation.gate import GateResult, run_gate
 from evaluation.metrics import ClipScorer, relative_metrics
 from evaluation.qa import SuiteImages, heldout_set, reference_embeddings, render_suite, score
 from evaluation.registry import (
+    CHALLENGER,
     TAG_BASE,
     TAG_KEY,
     TAG_METRIC,
@@ -48,6 +49,7 @@ from evaluation.registry import (
     fetch_adapter,
     promote,
     register,
+    set_challenger,
     stored_metrics,
 )
 from evaluation.report import write_report
@@ -201,7 +203,10 @@ def register_result(cfg: EvalConfig, client, run_id: str, result: EvalResult, ch
     tags |= {f"{TAG_METRIC}{k}": repr(v) for k, v in result.metrics.items() if not math.isnan(v)}
     version = register(client, r.model_name, f"runs:/{run_id}/adapter", run_id, tags, result.gate.summary())
     info |= {"version": str(version.version), "status": status, "action": "registered"}
-    if result.passed:
+    if result.passed and r.promote_to == CHALLENGER and champion is not None:  # the canary judges it next
+        replaced = set_challenger(client, r.model_name, str(version.version), CHALLENGER, r.alias)
+        info |= {"alias": CHALLENGER, "replaced": replaced}
+    elif result.passed:
         replaced = promote(client, r.model_name, str(version.version), r.alias, r.previous_alias)
         info |= {"alias": r.alias, "replaced": replaced}
     return info

@@ -3,6 +3,7 @@
     python -m evaluation.registry show toy-sks-lora
     python -m evaluation.registry rollback toy-sks-lora          # champion goes back to the previous one
     python -m evaluation.registry promote toy-sks-lora 3         # make version 3 the champion by hand
+    python -m evaluation.registry promote toy-sks-lora 4 --challenger   # version 4 gets the canary's share
 
 An adapter reference is a local folder, ``runs:/<run id>/<path>`` or ``models:/<name>@<alias>`` /
 ``models:/<name>/<version>``. Registered versions carry ``adapter_sha256`` and ``base_model`` tags;
@@ -31,6 +32,8 @@ TAG_STATUS = "validation_status"  # passed | rejected | rolled_back
 TAG_KEY = "eval.comparable_key"  # evaluations with the same key compare directly
 TAG_SOURCE = "source"  # imported: a LoRA trained elsewhere (lorafleet import-adapter); trained versions carry none
 TAG_METRIC = "metric."  # metric.<name> = value measured by the evaluation that registered the version
+TAG_CANARY_STOPPED = "lorafleet.canary_stopped"  # on a version: why a Serve replica stopped its canary, and when
+CHALLENGER = "challenger"  # the alias a canary serves next to the champion (serving/canary.py)
 HISTORY_TAG = "lorafleet.champion_history"  # registered-model tag: JSON list of versions that were champion
 MODEL_TAG = "lorafleet.adapter_model"  # registered-model tag "true": a model whose versions are lorafleet adapters
 # MLflow's answers for a name that is not there (RESOURCE_DOES_NOT_EXIST: no model / version; INVALID_PARAMETER_VALUE:
@@ -287,6 +290,44 @@ def promote(client, name: str, version: str, alias: str = "champion", previous_a
     return old
 
 
+def set_challenger(client, name: str, version: str, alias: str = CHALLENGER, champion: str = "champion") -> str | None:
+    """Point the challenger ``alias`` at ``version``, clearing its ``lorafleet.canary_stopped`` tag (a new try starts
+    clean); the champion and ``previous`` stay. Returns the version the alias held before, or None.
+
+    Raises:
+        RegistryError: ``version`` is the champion (a canary against itself measures nothing).
+    """
+    held = current(client, name, champion)
+    if held is not None and str(held.version) == str(version):
+        raise RegistryError(f"{name} version {version} is the {champion} already; a challenger must be another version")
+    found = current(client, name, alias)
+    old = None if found is None else str(found.version)
+    client.set_registered_model_alias(name, alias, str(version))
+    if TAG_CANARY_STOPPED in (client.get_model_version(name, str(version)).tags or {}):
+        client.delete_model_version_tag(name, str(version), TAG_CANARY_STOPPED)
+    client.set_registered_model_tag(name, MODEL_TAG, "true")
+    return old
+
+
+def promote_challenger(
+    client, name: str, alias: str = CHALLENGER, champion: str = "champion", previous_alias: str = "previous"
+) -> tuple[str | None, str]:
+    """Make the challenger the champion (``promote``: the old champion becomes ``previous_alias``, so ``rollback``
+    undoes it) and remove the challenger ``alias``. Returns (old champion or None, new champion).
+
+    Raises:
+        RegistryError: no challenger alias.
+    """
+    found = current(client, name, alias)
+    if found is None:
+        raise RegistryError(f"registered model {name!r} has no {alias!r} alias; set one: lorafleet promote {name} "
+                            "VERSION --challenger")  # fmt: skip
+    version = str(found.version)
+    old = promote(client, name, version, champion, previous_alias)
+    client.delete_registered_model_alias(name, alias)
+    return old, version
+
+
 def unservable(version) -> str | None:
     """Why a version asked for by its number alone must not be served, or None.
 
@@ -388,6 +429,12 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("--alias", default="champion")
     pr.add_argument("--previous-alias", default="previous")
     pr.add_argument("--force", action="store_true", help="promote even a version the gate rejected")
+    pr.add_argument(
+        "--challenger",
+        action="store_true",
+        help="set the challenger alias instead: the version gets the Serve app's canary.share of the champion's "
+        "requests until `lorafleet canary promote` (serving/canary.py)",
+    )
     args = p.parse_args(argv)
     uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
@@ -410,10 +457,15 @@ def main(argv: list[str] | None = None) -> int:
                     f"{args.name} version {args.version} was rejected by the gate (see its eval run's report); "
                     "pass --force to promote it anyway"
                 )
-            old = promote(client, args.name, args.version, args.alias, args.previous_alias)
+            if args.challenger:
+                alias = CHALLENGER if args.alias == "champion" else args.alias
+                old = set_challenger(client, args.name, args.version, alias, "champion")
+            else:
+                alias = args.alias
+                old = promote(client, args.name, args.version, args.alias, args.previous_alias)
             if status == "rolled_back":  # promoted again by hand: no longer the rolled-back one
                 client.set_model_version_tag(args.name, args.version, TAG_STATUS, "passed")
-            print(f"{args.name}: {args.alias} -> version {args.version}" + (f" (was {old})" if old else ""))
+            print(f"{args.name}: {alias} -> version {args.version}" + (f" (was {old})" if old else ""))
     except (RegistryError, MlflowException) as exc:
         print(f"error: {getattr(exc, 'message', exc)}", file=sys.stderr)
         return 1

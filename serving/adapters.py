@@ -106,11 +106,13 @@ class AdapterResolver:
         self.catalog = RegistryCatalog(args, self.watch)  # what /v1/models lists from the registry
 
     def configured(self) -> dict[str, str]:
-        """Names served without asking: configured adapters and the champion."""
+        """Names served without asking: configured adapters, the champion (and the challenger, with a canary)."""
         refs = dict(self.args.adapters)
         ch = self.args.champion
         if ch.model:
             refs[ch.name] = f"models:/{ch.model}@{ch.alias}"
+            if self.args.canary.share > 0:  # the challenger: followed and preloaded like the champion (serving.canary)
+                refs[f"{ch.model}@{self.args.canary.alias}"] = f"models:/{ch.model}@{self.args.canary.alias}"
         return refs
 
     def served(self) -> set[str]:

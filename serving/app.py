@@ -9,6 +9,7 @@ Ray stays in this file; the engine it wraps is plain diffusers code (serving/eng
 """
 
 import asyncio
+import dataclasses
 import logging
 import os
 import threading
@@ -21,9 +22,11 @@ import torch
 from ray import serve
 from ray.serve import Application
 
+from evaluation.registry import client_for
 from serving.adapters import AdapterUnavailable, UnknownModel, public_state
 from serving.batches.deployment import BatchWorker
 from serving.batches.runner import batch_room
+from serving.canary import Canary
 from serving.catalog import model_cards
 from serving.config import ServeArgs, project_path
 from serving.engine import Cancelled, Engine, ImageRequest, ImageResult, Prepared, RequestError
@@ -90,6 +93,7 @@ class Generator:
         self._torch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch")
         cache = Path(project_path(self.args.adapter_cache_dir)) / f"replica-{os.getpid()}"
         self.engine = self._torch.submit(self._load, cache).result()
+        self.canary = Canary(self.args)  # the challenger's share of champion requests (serving/canary.py)
         if self.args.resolved_tracking_uri():  # the champion and the listing, each waited for registry_deadline_s
             log.info("registry %s: %s", self.args.resolved_tracking_uri(), self.engine.resolver.refresh())
         self.metrics = GeneratorMetrics()
@@ -119,6 +123,9 @@ class Generator:
         self._check_gpu_memory()
         self._stop = threading.Event()
         self._bg = ThreadPoolExecutor(max_workers=1, thread_name_prefix="registry-refresh")  # reloads from requests
+        if self.canary.enabled:  # the challenger is loaded before it may draw (and its stop tag read)
+            self._sync_canary()
+            self._preload([self.canary.challenger_name])
         if self.args.resolved_tracking_uri() and self.args.champion.poll_s > 0:
             threading.Thread(target=self._poll, daemon=True, name="champion-poll").start()
 
@@ -143,21 +150,41 @@ class Generator:
             self._batched.set_batch_wait_timeout_s(float(user_config["batch_wait_timeout_s"]))
 
     async def generate(self, req: ImageRequest, epoch: int = 0, priority: str = "interactive") -> dict:
-        """One request -> ``encode``'s dict or ``{"error": {status, message, param}}``. ``priority="batch"`` (the
-        batch runner, serving/batches): the request skips ``@serve.batch`` and waits in the pass queue behind every
-        interactive one; past ``batch_room`` of them (batches.max_in_flight_per_replica) it is refused at once, 429."""
+        """One request -> ``encode``'s dict or ``{"error": {status, message, param}}``. A request for the champion
+        may be drawn by the challenger (``serving.canary``): its answer then says ``arm`` and the challenger's
+        ``version``. ``priority="batch"`` (the batch runner, serving/batches): the request skips ``@serve.batch`` and
+        waits in the pass queue behind every interactive one; past ``batch_room`` of them
+        (batches.max_in_flight_per_replica) it is refused at once, 429."""
         if priority != "batch":
-            return await self._generate(req, epoch, False)
+            return await self._routed(req, epoch, False)
         if self._batch_requests >= self._batch_room:
             return {"error": {"status": 429, "message": "this replica's batch room is full", "param": None}}
         self._batch_requests += 1
         try:
-            return await self._generate(req, epoch, True)
+            return await self._routed(req, epoch, True)
         finally:
             self._batch_requests -= 1
 
-    async def _generate(self, req: ImageRequest, epoch: int, low: bool) -> dict:
+    async def _routed(self, req: ImageRequest, epoch: int, low: bool) -> dict:
+        """``_generate`` on the canary's arm for this request (the champion's name asked for, or as asked)."""
         arrived = time.monotonic()
+        asked = req.model or self.args.default_model
+        route = self.canary.pick(asked, req.routing_key, self.engine.resolver.known())
+        if route is None:
+            return await self._generate(req, epoch, low, arrived)
+        outcome = "500"
+        try:
+            out = await self._generate(dataclasses.replace(req, model=route.name), epoch, low, arrived)
+            outcome = str(out["error"]["status"]) if "error" in out else "ok"
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            raise
+        finally:
+            if self.canary.record(route, outcome, time.monotonic() - arrived):  # a 5xx spike stopped the challenger
+                self._bg.submit(self._sync_canary)  # recorded in the registry now, for the other replicas
+        return out if "error" in out else out | {"model": asked, "arm": route.arm}
+
+    async def _generate(self, req: ImageRequest, epoch: int, low: bool, arrived: float) -> dict:
         model = req.model or self.args.default_model
         if epoch > self._epoch:  # an admin reload reached another replica first
             self._epoch = epoch
@@ -244,9 +271,32 @@ class Generator:
         versions = self.engine.resolver.refresh()
         moved = [n for n, v in versions.items() if not v.startswith("error")]
         if moved:
-            self._torch.submit(self.engine.preload, moved).result()
-            self.metrics.cache_state(self.engine.stats())
+            self._preload(moved)
+        self._sync_canary()
         return versions
+
+    def _preload(self, names: list[str]) -> None:
+        """Load the adapters of resolved ``names`` now (a moved champion, the challenger) before a request needs one."""
+        names = [n for n in names if n in self.engine.resolver.known()]
+        if names:
+            self._torch.submit(self.engine.preload, names).result()
+            self.metrics.cache_state(self.engine.stats())
+
+    def _sync_canary(self) -> None:
+        """Write this replica's canary stops to the registry and read the challenger's (``Canary.sync``); while the
+        registry does not answer, the challenger's share is 0 here."""
+        uri = self.args.resolved_tracking_uri()
+        if not self.canary.enabled or not uri:
+            return
+        try:
+            self.engine.resolver.watch.call(self.canary.sync, client_for(uri))
+        except Exception as exc:  # noqa: BLE001 - the canary pauses; serving goes on
+            self.canary.unsynced(f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
+            log.warning("canary paused (challenger share 0) until the registry answers: %s", exc)
+
+    def canary_state(self) -> dict:
+        """This replica's canary counts and routing state, for ``GET /admin/canary`` (serving.canary.report)."""
+        return {"pid": os.getpid(), **self.canary.snapshot(self.engine.resolver.known())}
 
     def _poll(self) -> None:
         """The background refresher: every ``champion.poll_s``, and every ``registry_retry_s`` while the registry

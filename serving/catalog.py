@@ -223,7 +223,10 @@ def model_cards(resolver, loaded: set[str], tenant: Tenant | None = None) -> lis
         card["loaded"] = bool(r and r.key in loaded) or bool(e and e.sha256 in loaded)
         card["available"] = r is not None or up or not ref.startswith(("runs:/", "models:/"))
         cards.append(card)
+    configured = resolver.configured()
     for e in resolver.catalog.entries():
+        if e.id in configured:  # listed above (the canary's <model>@challenger)
+            continue
         if tenant is not None and not tenant.sees(e.owner, e.shared):
             continue
         cards.append({"id": e.id, "kind": "registry", "ref": e.ref, **e.card(), "loaded": e.sha256 in loaded,

@@ -34,6 +34,7 @@ import itertools
 import os
 import random
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -117,7 +118,9 @@ class _Base:
         images = []
         for item in body["data"]:
             image = from_b64(item["b64_json"])
-            image.info.update(seed=item.get("seed"), model=body.get("model"), version=body.get("version"))
+            image.info.update(
+                seed=item.get("seed"), model=body.get("model"), version=body.get("version"), arm=body.get("arm")
+            )
             image.info["image_id"] = item.get("id") or image.info.get(PNG_KEY)
             images.append(image)
         return images
@@ -207,7 +210,9 @@ class Client(_Base):
         body = self._payload(
             prompt, adapter, n, seed, steps=steps, guidance=guidance, size=size, negative_prompt=negative_prompt
         )
-        return self._images(self._request("POST", "/v1/images/generations", json=body))
+        # one id for every retry of this call: the server's canary sends them all to the same arm (serving/canary.py)
+        headers = {"X-Request-Id": uuid.uuid4().hex}
+        return self._images(self._request("POST", "/v1/images/generations", json=body, headers=headers))
 
     def models(self) -> list[dict]:
         return self._request("GET", "/v1/models").json()["data"]
@@ -357,7 +362,8 @@ class AsyncClient(_Base):
         body = self._payload(
             prompt, adapter, n, seed, steps=steps, guidance=guidance, size=size, negative_prompt=negative_prompt
         )
-        return self._images(await self._request("POST", "/v1/images/generations", json=body))
+        headers = {"X-Request-Id": uuid.uuid4().hex}  # one id for every retry: the same canary arm
+        return self._images(await self._request("POST", "/v1/images/generations", json=body, headers=headers))
 
     async def models(self) -> list[dict]:
         return (await self._request("GET", "/v1/models")).json()["data"]

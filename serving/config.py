@@ -62,6 +62,42 @@ class ChampionArgs(_Section):
     )
 
 
+class CanaryRollbackArgs(_Section):
+    """When a replica stops the challenger on its own (serving/canary.py): a 5xx spike in its recent requests."""
+
+    window: int = Field(50, ge=1, description="the challenger's (and the champion's) last this many requests")
+    min_requests: int = Field(20, ge=1, description="no stop before the window holds this many requests")
+    max_error_rate: float = Field(0.2, ge=0, le=1, description="stop when the challenger's 5xx rate is above this ...")
+    margin: float = Field(0.1, ge=0, le=1, description="... and above the champion's 5xx rate plus this")
+
+
+class CanaryDecisionArgs(_Section):
+    """The test `lorafleet canary status` states (serving/canary.py decide): Wilson intervals and p95 latency."""
+
+    confidence: float = Field(0.95, gt=0, lt=1, description="confidence of the Wilson score intervals")
+    min_requests: int = Field(100, ge=1, description="requests per arm before error rate and latency are compared")
+    min_ratings: int = Field(30, ge=1, description="ratings per arm before the positive-rating rates are compared")
+    latency_tolerance: float = Field(
+        0.2, ge=0, description="the challenger's p95 latency may exceed the champion's by this fraction"
+    )
+
+
+class CanaryArgs(_Section):
+    """A share of the champion's traffic for the registry's challenger alias (serving/canary.py)."""
+
+    share: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="fraction of requests for the champion that go to champion.model's `alias` version while it "
+        "exists (chosen by a hash of the client's X-Request-Id, so a retry lands on the same arm); 0 = no canary",
+    )
+    alias: str = Field("challenger", pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$", description="the challenger alias")
+    latency_samples: int = Field(1000, ge=10, description="latency samples kept per arm and version in a replica")
+    rollback: CanaryRollbackArgs = Field(default_factory=CanaryRollbackArgs)
+    decision: CanaryDecisionArgs = Field(default_factory=CanaryDecisionArgs)
+
+
 class GenerationDefaults(_Section):
     steps: int = Field(20, ge=1, description="denoising steps when a request gives none")
     guidance: float = Field(4.0, ge=0, description="classifier-free guidance scale when a request gives none")
@@ -442,6 +478,7 @@ class ServeArgs(_Section):
         "versions",
     )
     champion: ChampionArgs = Field(default_factory=ChampionArgs)
+    canary: CanaryArgs = Field(default_factory=CanaryArgs)
     default_model: str = Field("champion", description="served when a request names no model ('base' for none)")
     tracking_uri: str | None = Field(None, description="MLflow tracking/registry URI; null = $MLFLOW_TRACKING_URI")
     registry_retries: int = Field(
@@ -542,6 +579,9 @@ class ServeArgs(_Section):
         for name, ref in self.adapters.items():
             if is_folder_ref(ref) and (why := self.outside_roots(Path(project_path(ref)))):
                 problems.append(f"adapters.{name}: {why}")
+        if self.canary.alias == self.champion.alias:
+            problems.append(f"canary.alias {self.canary.alias!r} is champion.alias too: name the challenger's alias "
+                            "differently (challenger)")  # fmt: skip
         known = {BASE, *self.adapters, *([self.champion.name] if self.champion.model else [])}
         if self.default_model not in known:
             problems.append(f"default_model {self.default_model!r} is none of {sorted(known)}")

@@ -67,6 +67,12 @@ class ImageRequest:
     height: int | None = None
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     tenant: Tenant | None = None  # who asks: only its own, shared and unowned adapters resolve; None: no check
+    client_request_id: str | None = None  # the client's X-Request-Id / Idempotency-Key: a retry's canary arm
+
+    @property
+    def routing_key(self) -> str:
+        """What picks the canary arm (serving.canary): the client's id when it gave one, else this attempt's."""
+        return self.client_request_id or self.request_id
 
 
 @dataclass

@@ -96,6 +96,18 @@ class FeedbackRoutes:
             return _error(e["status"], e["message"], e.get("param"), e.get("retry_after"))
         return JSONResponse(out)
 
+    async def ratings(self) -> dict | None:
+        """The store's summary (``{model: {version: {"count", "positive", "mean"}}}``) for the canary's verdict
+        (``GET /admin/canary``); None when feedback is off or the store does not answer (the verdict then goes
+        without ratings, and says so)."""
+        if not self.on:
+            return None
+        try:
+            return await self._ask("summary")
+        except _GONE as exc:
+            log.warning("feedback store did not answer for the canary's ratings: %s", type(exc).__name__)
+            return None
+
     async def summary(self) -> JSONResponse:
         """``GET /v1/feedback/summary`` (the caller checked admin)."""
         if not self.on:

@@ -43,6 +43,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from serving import canary
 from serving.batches import routes as batches
 from serving.batches.store import CreateBatchBody
 from serving.catalog import configured_cards
@@ -489,6 +490,17 @@ class Api:
                 "or a key of an admin tenant (lorafleet keys add NAME --admin)",
             )  # fmt: skip
 
+    @staticmethod
+    def _request_id(request: Request, req: ImageRequest) -> ImageRequest:
+        """``req`` with the client's ``X-Request-Id`` / ``Idempotency-Key`` (its canary arm's key; serving.canary)."""
+        try:
+            req.client_request_id = canary.client_request_id(
+                {h: request.headers.getlist(h) for h in canary.REQUEST_ID_HEADERS}
+            )
+        except canary.BadRequestId as exc:
+            raise ApiError(400, str(exc), exc.header) from exc
+        return req
+
     async def _call(self, req: ImageRequest) -> dict:
         d = self.args.deployment
         response = self.gen.generate.remote(req, self.epoch)
@@ -564,7 +576,7 @@ class Api:
     @web.post("/v1/images/generations", response_model=ImagesResponse, summary="OpenAI-compatible image generation")
     async def generations(self, body: GenerationBody, request: Request, response: Response) -> ImagesResponse:
         tenant = tenant_of(request)
-        out = await self._call(body.to_request(tenant))
+        out = await self._call(self._request_id(request, body.to_request(tenant)))
         self.feedback.notice(tenant.name, out)  # in the background: the answer never waits for the store
         ids = out.get("image_ids") or [None] * len(out["images"])
         response.headers["X-Cache"] = "hit" if out.get("cached") else "miss"  # the replica's response cache
@@ -588,8 +600,9 @@ class Api:
                 for png, seed, i in zip(out["images"], out["seeds"], ids)
             ]
         return ImagesResponse(
-            created=int(time.time()), data=data, model=out["model"], version=out["version"], size=out["size"]
-        )
+            created=int(time.time()), data=data, model=out["model"], version=out["version"], size=out["size"],
+            arm=out.get("arm"),
+        )  # fmt: skip
 
     @web.get(
         "/v1/images/{image_id}.png",
@@ -623,11 +636,13 @@ class Api:
             key, times = next(iter(repeated.items()))
             raise ApiError(400, f"{key}: given {times} times in the query string; give it once", key)
         tenant = tenant_of(request)
-        out = await self._call(query.to_request(tenant))
+        out = await self._call(self._request_id(request, query.to_request(tenant)))
         self.feedback.notice(tenant.name, out)
         headers = {"X-Seed": str(out["seeds"][0]), "X-Model": out["model"], "X-Version": str(out["version"])}
         if out.get("image_ids"):
             headers["X-Image-Id"] = out["image_ids"][0]  # the id POST /v1/feedback takes (also in the PNG)
+        if out.get("arm"):
+            headers["X-Lorafleet-Arm"] = out["arm"]
         headers["X-Cache"] = "hit" if out.get("cached") else "miss"
         headers |= png_headers(out["images"][0], query.seed is not None, self.args.response_cache.http_max_age_s)
         if not_modified(_if_none_match(request), headers.get("ETag")):  # RFC 9110 §15.4.5: 304 keeps the headers
@@ -659,6 +674,28 @@ class Api:
     async def feedback_summary(self, request: Request) -> Response:
         self._admin(request)
         return await self.feedback.summary()
+
+    @web.get("/admin/canary", summary="the canary: each arm's version, counts, ratings and the verdict")
+    async def canary_report(self, request: Request) -> dict:
+        """``serving.canary.report`` over the generator replicas that answered: a handle reaches one replica per
+        call and cannot broadcast, so it asks twice as many times as there are replicas (concurrently) and sums the
+        distinct replicas' counts (``replicas`` lists their pids; fewer than ``replicas_expected`` means some
+        replica's counts are missing from this answer)."""
+        self._admin(request)
+        d = self.args.deployment
+        expected = d.num_replicas if isinstance(d.num_replicas, int) else None
+        calls = [self.gen.canary_state.remote() for _ in range(2 * (expected or 2))]
+        try:
+            answers = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), timeout=5)
+        except asyncio.TimeoutError as exc:
+            raise ApiError(503, f"no generator replica answered within 5 s; retry after {d.retry_after_s} s", None,
+                           d.retry_after_s) from exc  # fmt: skip
+        snapshots = list({a["pid"]: a for a in answers if isinstance(a, dict)}.values())
+        if not snapshots:
+            retry = d.retry_after_s
+            raise ApiError(503, f"no generator replica answered; retry after {retry} s", None, retry)
+        summary = await self.feedback.ratings()  # None: feedback off or its store not answering
+        return canary.report(snapshots, summary, self.args, expected)
 
     # ---- files: OpenAI's files API over serving/uploads (the handlers and their errors live there) ----------
     @web.post(

@@ -261,6 +261,9 @@ class ImagesResponse(BaseModel):
     data: list[ImageData]
     model: str
     version: str | None = Field(None, description="registry version of the adapter that drew the images")
+    arm: Literal["champion", "challenger"] | None = Field(
+        None, description="for a request for the champion: the canary arm that drew it (serving/canary.py)"
+    )
     output_format: Literal["png"] = "png"
     size: str
 

@@ -415,12 +415,12 @@ def test_a_replica_refuses_batch_requests_past_its_bound_at_once_and_never_inter
     assert batch_room(tight) == 1  # at most half the slots, but never none
     held: list[tuple[bool, asyncio.Event]] = []
 
-    async def generate(req, epoch, low):  # stands for the real path: prepare, pass queue, engine
+    async def generate(req, epoch, low):  # stands for the real path: canary arm, prepare, pass queue, engine
         held.append((low, asyncio.Event()))
         await held[-1][1].wait()
         return {"images": [], "low": low}
 
-    replica._generate = generate
+    replica._routed = generate
 
     async def main():
         batch = [asyncio.create_task(replica.generate(object(), 0, "batch")) for _ in range(2)]

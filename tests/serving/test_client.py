@@ -116,3 +116,16 @@ def test_an_unreachable_server_is_server_busy_after_retries(monkeypatch):
     with pytest.raises(ServerBusy, match="cannot reach"):
         client.generate("p")
     assert client.health() == {"live": False, "ready": False}
+
+
+def test_every_retry_of_a_call_sends_the_same_request_id(monkeypatch):
+    """The server's canary picks the arm by X-Request-Id (serving/canary.py): a retried call stays on one arm."""
+    monkeypatch.setattr("serving.client.time.sleep", lambda s: None)
+    handle, seen = scripted(busy(), busy(), (200, OK | {"arm": "challenger"}), (200, OK))
+    client = Client("http://x", transport=httpx.MockTransport(handle), retries=4)
+    [image] = client.generate("p")
+    assert image.info["arm"] == "challenger"
+    ids = [r.headers["x-request-id"] for r in seen[:3]]
+    assert len(set(ids)) == 1 and len(ids[0]) == 32
+    client.generate("p")  # a new call: a new id
+    assert seen[3].headers["x-request-id"] != ids[0]
