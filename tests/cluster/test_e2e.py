@@ -173,7 +173,7 @@ def test_pipeline_through_ray_job_submit_serves_the_champion(
         apps = dash.get("/api/serve/applications/").json()["applications"]
     assert listed["e2e-pipeline"] == "SUCCEEDED"
     assert apps["lorafleet"]["status"] == "RUNNING"
-    assert set(apps["lorafleet"]["deployments"]) == {"Api", "Generator", "ImageUrls"}
+    assert set(apps["lorafleet"]["deployments"]) == {"Api", "Generator", "ImageUrls", "Feedback", "BatchWorker"}
 
     # MLflow: pipeline run → study (child) → trial (grandchild); the registry's champion alias
     from mlflow import MlflowClient
