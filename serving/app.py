@@ -439,7 +439,7 @@ def build_app(args: ServeArgs) -> Application:
     )
     images = ImageUrls.bind(args.image_urls.model_dump())
     feedback = Feedback.bind(args.feedback.model_dump()) if args.feedback.enabled else None
-    runner = BatchWorker.bind(generator, args.model_dump()) if args.batches.enabled else None  # serving/batches
+    runner = BatchWorker.bind(generator, args.model_dump(), feedback) if args.batches.enabled else None  # batches
     return Api.options(max_ongoing_requests=room, max_queued_requests=room, ray_actor_options={"num_cpus": 0}).bind(
         generator, args.model_dump(), images, feedback, runner
     )

@@ -20,6 +20,8 @@ from ray.serve.handle import DeploymentHandle
 from serving.batches.runner import BatchRunner, batch_room, send_with
 from serving.batches.store import BatchStore
 from serving.config import ServeArgs
+from serving.engine import ImageRequest
+from serving.feedback_routes import FeedbackRoutes
 from serving.uploads.store import FileStore
 
 GONE = (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError, BackPressureError)
@@ -39,12 +41,22 @@ def runner_concurrency(args: ServeArgs) -> int:
 class BatchWorker:
     """Runs ``BatchRunner.run_forever`` on the replica's event loop, sending through the generator's handle."""
 
-    def __init__(self, generator: DeploymentHandle, args: ServeArgs | dict):
+    def __init__(self, generator: DeploymentHandle, args: ServeArgs | dict, feedback: DeploymentHandle | None = None):
         self.args = ServeArgs.model_validate(args)
         cfg = self.args.batches
         files = FileStore(self.args.files)
         store = BatchStore(files.root / "batches", cfg.completion_window_s)
-        send = send_with(lambda request: generator.generate.remote(request, 0, "batch"), GONE)
+        # the images' ids go to the Feedback store as the ingress sends them (in the background), so a batch's
+        # images can be rated with POST /v1/feedback like interactive ones
+        self.notices = FeedbackRoutes(self.args.feedback, feedback, self.args.deployment.retry_after_s)
+
+        async def generate(request: ImageRequest) -> dict:
+            out = await generator.generate.remote(request, 0, "batch")
+            if isinstance(out, dict) and "error" not in out and request.tenant is not None:
+                self.notices.notice(request.tenant.name, out)
+            return out
+
+        send = send_with(generate, GONE)
         self.runner = BatchRunner(
             store, files, cfg, send, runner_concurrency(self.args), base_model=self.args.base_model
         )

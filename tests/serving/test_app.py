@@ -568,6 +568,12 @@ def test_a_batch_runs_next_to_interactive_traffic(serve_instance, module_args, t
             ]
             assert decode(data[0]).shape == (64, 64, 3)
         assert http.get("/admin/stats").json()["batch_requests"] == {"held": 0, "room": 8}  # all answered, none held
+        image_id = out[0]["response"]["body"]["data"][0]["id"]  # a batch's images can be rated like live ones
+        until = time.monotonic() + 30
+        while (rated := http.post("/v1/feedback", json={"image_id": image_id, "rating": 1})).status_code == 404:
+            assert time.monotonic() < until, "a batch image never became ratable (BatchWorker's notice)"
+            time.sleep(0.2)
+        assert rated.status_code == 200 and rated.json()["image_id"] == image_id, rated.text
     with_batch = np.array(during)
     p = {
         name: (np.percentile(v, 50), np.percentile(v, 99)) for name, v in (("alone", alone), ("with batch", with_batch))
