@@ -29,6 +29,7 @@ from serving.http import Api
 from serving.image_store import ImageStore, ImageStoreFull
 from serving.images import png_bytes
 from serving.passes import PassQueue
+from serving.records import generation_record, recorder_for
 from serving.telemetry import GeneratorMetrics
 from serving.tenants import Tenant
 from training.adapter import AdapterError
@@ -41,6 +42,8 @@ log = logging.getLogger("ray.serve")
 class _Queued:
     prepared: Prepared
     arrived: float  # time.monotonic() when the replica got it
+    started: float | None = None  # time.monotonic() when its UNet pass began (records' queue wait)
+    batch_images: int | None = None  # images in that pass
 
 
 def error_result(exc: Exception) -> dict:
@@ -85,6 +88,7 @@ class Generator:
         if self.args.resolved_tracking_uri():  # the champion and the listing, each waited for registry_deadline_s
             log.info("registry %s: %s", self.args.resolved_tracking_uri(), self.engine.resolver.refresh())
         self.metrics = GeneratorMetrics()
+        self.records = recorder_for(self.args, on_drop=self.metrics.records_dropped)  # serving/records.py
         self._gone: dict[str, float] = {}  # request id whose caller went away -> when
         self._epoch = 0
         b = self.args.batching
@@ -130,7 +134,32 @@ class Generator:
             self._batched.set_batch_wait_timeout_s(float(user_config["batch_wait_timeout_s"]))
 
     async def generate(self, req: ImageRequest, epoch: int = 0) -> dict:
-        arrived = time.monotonic()
+        """One request's answer; every answer (and a caller that went away) becomes a generation record."""
+        arrived, wall, seen, out, outcome = time.monotonic(), time.time(), {}, None, "500"
+        try:
+            out = await self._generate(req, epoch, arrived, seen)
+            outcome = str(out["error"]["status"]) if "error" in out else "ok"
+            return out
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            raise
+        finally:
+            self._record_generation(req, seen, out, outcome, wall, time.monotonic() - arrived)
+
+    def _record_generation(self, req, seen: dict, out, outcome: str, wall: float, latency_s: float) -> None:
+        try:
+            q, prepared = seen.get("queued"), seen.get("prepared")
+            model = req.model or self.args.default_model
+            label = prepared.model if prepared else model if model in self.engine.resolver.served() else "invalid"
+            waited = q.started - q.arrived if q is not None and q.started is not None else None
+            self.records.record(generation_record(
+                req, label, prepared, out, outcome, arrived=wall, latency_s=latency_s, queue_wait_s=waited,
+                batch_images=q.batch_images if q else None, redact_prompts=self.args.records.redact_prompts,
+            ))  # fmt: skip
+        except Exception as exc:  # noqa: BLE001 - recording never fails a request
+            self.records.failed("generate", exc)
+
+    async def _generate(self, req: ImageRequest, epoch: int, arrived: float, seen: dict) -> dict:
         model = req.model or self.args.default_model
         if epoch > self._epoch:  # an admin reload reached another replica first
             self._epoch = epoch
@@ -139,7 +168,7 @@ class Generator:
         # registry_deadline_s; base, folders and names resolved before never wait (resolve answers from its cache)
         await self._wait_registry(self.engine.resolver.pending(model, req.tenant))
         try:
-            prepared = await asyncio.to_thread(self.engine.prepare, req, 0.0)
+            prepared = seen["prepared"] = await asyncio.to_thread(self.engine.prepare, req, 0.0)
         except Exception as exc:  # noqa: BLE001 - every failure becomes a typed error result
             out = error_result(exc)
             # a metric label is never the client's raw text (unbounded label values, bytes Prometheus refuses)
@@ -147,7 +176,7 @@ class Generator:
             self.metrics.request(label, str(out["error"]["status"]))
             return out
         try:
-            result = await self._batched(_Queued(prepared, arrived))
+            result = await self._batched(seen.setdefault("queued", _Queued(prepared, arrived)))
         except asyncio.CancelledError:
             self._gone[req.request_id] = time.monotonic()
             self.metrics.request(prepared.model, "cancelled")
@@ -183,6 +212,7 @@ class Generator:
         for q, r in zip(items, results):
             if isinstance(r, ImageResult):
                 passes.setdefault(r.pass_id, []).append((q, r))
+                q.started, q.batch_images = started, r.batch_images
         for members in passes.values():
             per_model: dict[str, int] = {}
             for _, r in members:
@@ -250,6 +280,7 @@ class Generator:
             **self.metrics.snapshot(),
             "adapter_cache": self.engine.stats(),
             "registry": self.engine.resolver.state(),
+            "records": self.records.stats(),
         }
 
     def ready(self) -> dict:
@@ -264,6 +295,9 @@ class Generator:
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.resolver.close()
+        records = getattr(self, "records", None)
+        if records is not None:
+            records.close()
 
 
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0})

@@ -14,6 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, field_validator, model_validator
 
+from serving.records import RecordsArgs
 from training.config import _Section
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -390,6 +391,7 @@ class ServeArgs(_Section):
     speed: SpeedArgs = Field(default_factory=SpeedArgs)
     files: FilesArgs = Field(default_factory=FilesArgs)
     finetune: FineTuneArgs = Field(default_factory=FineTuneArgs)
+    records: RecordsArgs = Field(default_factory=RecordsArgs)
 
     @field_validator("adapters")
     @classmethod

@@ -30,6 +30,9 @@ class GeneratorMetrics:
             "lorafleet_adapter_cache", "adapter cache events: hit, miss, eviction", tag_keys=("event",)
         )
         self.loaded = metrics.Gauge("lorafleet_adapters_loaded", "adapters held in the replica's memory")
+        self.records_lost = metrics.Counter(
+            "lorafleet_records_dropped", "generation records not written (serving/records.py)", tag_keys=("reason",)
+        )
         self.local = {
             "requests": Tally(),
             "batch_images": Tally(),
@@ -56,6 +59,10 @@ class GeneratorMetrics:
         self.local["pass_seconds"] += seconds
         self.local["queue_wait_seconds"] += sum(waits)
         self.local["waited"] += len(waits)
+
+    def records_dropped(self, count: int, reason: str) -> None:
+        """``count`` generation records dropped for ``reason`` (buffer_full, sink_failed, sink_busy, closed)."""
+        self.records_lost.inc(count, tags={"reason": reason})
 
     def cache_state(self, stats: dict) -> None:
         """Export the engine's cumulative cache counters as increments."""
