@@ -55,9 +55,9 @@ def _quote(value: str) -> str:
 
 
 def search(uri: str, experiment: str, model: str, version: str | None, since: int | None, limit: int) -> list | None:
-    """The ``TraceInfo`` of the generation traces of ``model`` (and ``version``) since ``since`` (unix ms), newest first, at most
-    ``limit``; None when the experiment does not exist. Uses ``MlflowClient(uri).search_traces`` (MLflow's trace
-    search, filtering on the trace tags the replicas set) page by page, without spans."""
+    """The ``TraceInfo`` of ``model``'s generation traces (of ``version`` when given) since ``since`` (unix ms),
+    newest first, at most ``limit``; None when the experiment does not exist. Uses ``MlflowClient(uri).search_traces``
+    (MLflow's trace search, filtering on the trace tags the replicas set) page by page, without spans."""
     from mlflow import MlflowClient
 
     client = MlflowClient(uri)
