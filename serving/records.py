@@ -304,7 +304,7 @@ class Recorder:
 
     def summarize(self) -> bool:
         """Send the per-version summary now (also called every ``summary_every_s``). Returns whether it was written."""
-        rows = self.summary()
+        rows = self.summary() if self.sink is not None else []
         if not rows or time.monotonic() < self._down_until:
             return False
         self._summary_step += 1
@@ -319,6 +319,7 @@ class Recorder:
         """``fn(*args)`` on the sink thread within ``deadline_s``; None when it returned, else the drop reason."""
         if self._inflight is not None and not self._inflight.done():
             self.failed("sink", SinkBusy(f"an MLflow call has been running for over {self.args.deadline_s:g} s"))
+            self._down_until = time.monotonic() + self.args.retry_s  # the rest wait in the buffer meanwhile
             return "sink_busy"
         self._inflight = self._pool.submit(fn, *args)
         try:
@@ -412,6 +413,7 @@ class NullRecorder:
         """Nothing (records are off)."""
 
     def stats(self) -> dict:
+        """``{"enabled": False}``."""
         return {"enabled": False}
 
     def close(self, flush_s: float = 0.0) -> None:

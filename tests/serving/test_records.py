@@ -304,3 +304,24 @@ def test_generations_cli_errors(sqlite_uri, capsys, monkeypatch):
     assert "--since 'yesterday'" in capsys.readouterr().err
     assert main(["generations", "--model", "m", "--tracking-uri", sqlite_uri]) == 1
     assert "experiment 'lorafleet-generations' does not exist" in capsys.readouterr().err
+
+
+def test_traces_through_a_tracking_server(mlflow_server, capsys):
+    """The replicas' path: an http:// tracking server (spans over OTLP into its database, then the trace info)."""
+    from mlflow import MlflowClient
+
+    from cluster.cli import main
+
+    r = Recorder(args(deadline_s=30), MlflowSink(mlflow_server, "gens-http"), start=False)
+    for i, latency in enumerate([1.0, 2.0, 3.0]):
+        r.record(rec(i, version="7", latency=latency))
+    r.flush_once()
+    assert r.stats()["written"] == 3 and r.summarize(), r.stats()
+    args_ = ["generations", "--model", "m", "--version", "7", "--tracking-uri", mlflow_server, "--experiment"]
+    assert main([*args_, "gens-http", "--json"]) == 0
+    v7 = json.loads(capsys.readouterr().out)["versions"]["7"]
+    assert v7["requests"] == 3 and v7["latency_p50_s"] == pytest.approx(2.0) and v7["error_rate"] == 0
+    client = MlflowClient(mlflow_server)
+    eid = client.get_experiment_by_name("gens-http").experiment_id
+    (t,) = client.search_traces(locations=[eid], filter_string="tag.model = 'm' AND tag.tenant = 'acme'", max_results=1)
+    assert t.data.spans and t.data.spans[0].outputs["image_ids"] and t.info.execution_duration in (1000, 2000, 3000)
