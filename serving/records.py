@@ -197,9 +197,11 @@ class Aggregate:
 class Sink(Protocol):
     """Where records go. Each method may raise or hang; the recorder bounds and counts both."""
 
-    def write(self, rec: GenerationRecord) -> None: ...
+    def write(self, rec: GenerationRecord) -> None:
+        """Store one record (``MlflowSink``: one trace)."""
 
-    def summarize(self, rows: list[tuple[str, str, dict[str, float]]], step: int) -> None: ...
+    def summarize(self, rows: list[tuple[str, str, dict[str, float]]], step: int) -> None:
+        """Store ``(model, version, Aggregate.figures)`` rows as summary number ``step`` (1, 2, ...)."""
 
 
 class SinkBusy(RuntimeError):
