@@ -281,9 +281,12 @@ class Recorder:
             self.flush_once()
 
     def flush_once(self) -> None:
-        """One round of the writer: every buffered record to the sink (or dropped), then the summary when due."""
+        """One round of the writer: the records buffered when it starts to the sink (or dropped), then the summary when
+        due."""
         try:
-            while True:
+            with self._lock:
+                due = len(self._buffer)  # what arrives meanwhile waits for the next round (the summary is not starved)
+            for _ in range(due):
                 with self._lock:
                     if not self._buffer:
                         break

@@ -156,6 +156,22 @@ def test_aggregates_are_exact_per_version_with_ratings():
     assert r.summarize() and sink.summaries[0][1] == 1 and r.summarize() and sink.summaries[1][1] == 2
 
 
+def test_the_writer_thread_writes_records_and_a_summary_every_summary_every_s():
+    sink = FakeSink()
+    r = Recorder(args(flush_every_s=0.05, summary_every_s=0.2), sink)
+    try:
+        for i in range(5):
+            r.record(rec(i))
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and len(sink.summaries) < 2:
+            time.sleep(0.05)
+        assert len(sink.written) == 5 and [step for _, step in sink.summaries[:2]] == [1, 2]
+        (model, version, figures) = sink.summaries[0][0][0]
+        assert (model, version, figures["generations"]) == ("m", "1", 5)
+    finally:
+        r.close()
+
+
 def test_helpers():
     assert redact("a cat") == "sha256:" + __import__("hashlib").sha256(b"a cat").hexdigest()[:16] + "/5"
     assert redact("") == ""
@@ -199,13 +215,16 @@ def test_with_the_mlflow_server_down_recording_returns_at_once_and_drops_are_cou
 
 def test_generator_answers_at_once_with_mlflow_down_and_records_every_request(serve_args, monkeypatch):
     """The real Generator class in-process (no Ray Serve): generate's answers are as fast as without records."""
-    from ray.serve.batching import _BatchQueue
+    from types import SimpleNamespace
+
+    from ray import serve
 
     from serving.app import Generator
     from serving.engine import ImageRequest
 
-    # outside a replica, @serve.batch's one check of the deployment's max_ongoing_requests has no replica to ask
-    monkeypatch.setattr(_BatchQueue, "_warn_if_max_batch_size_exceeds_max_ongoing_requests", lambda self: None)
+    # outside a replica, what serve.batch asks the replica context (as tests/serving/test_registry_down.py does)
+    context = SimpleNamespace(_deployment_config=SimpleNamespace(max_ongoing_requests=32))
+    monkeypatch.setattr(serve, "get_replica_context", lambda: context)
 
     uri = f"http://127.0.0.1:{closed_port()}"
     g = Generator.func_or_class(
