@@ -23,6 +23,7 @@
     lorafleet export-onnx my-style@champion onnx/my-style     # fused into the base model: ONNX for onnxruntime
     lorafleet quality --grid docs/toy_sd_samples.png
     lorafleet keys add acme | list | revoke acme [--key ID]   # tenants' API keys for the Serve app (hashed at rest)
+    lorafleet generations --model toy-sks-lora --since 1h     # what serving did: requests, errors, p50/p95, prompts
 
 Each sub-command hands its arguments to the module that owns the job, so
 ``lorafleet X ...`` and ``python -m <module> ...`` behave the same — except that while ``lorafleet up``'s cluster
@@ -169,6 +170,12 @@ def _keys(args: list[str]) -> int:
     return main(args)
 
 
+def _generations(args: list[str]) -> int:
+    from cluster.generations import main
+
+    return main(args)
+
+
 def _quality(args: list[str]) -> int:
     from evaluation.toy_quality import main
 
@@ -212,6 +219,10 @@ COMMANDS = {
         "fuse an adapter into its base model and export it to ONNX: `export-onnx REF OUT_DIR`",
     ),
     "quality": (_quality, "measure the toy world's quality bar (python -m evaluation.toy_quality)"),
+    "generations": (
+        _generations,
+        "what a served model did (requests, errors, p50/p95, top prompts): `generations --model NAME --since 1h`",
+    ),
     "keys": (_keys, "tenants' API keys: `keys add TENANT` (printed once, stored hashed) | list | revoke TENANT"),
 }
 
@@ -219,7 +230,7 @@ COMMANDS = {
 # the sub-commands that read $MLFLOW_TRACKING_URI when neither --tracking-uri nor their config names a server
 MLFLOW_COMMANDS = (
     "train", "tune", "evaluate", "registry", "promote", "rollback", "canary", "publish", "import-adapter",
-    "export-adapter", "export-onnx",
+    "export-adapter", "export-onnx", "generations",
 )  # fmt: skip
 
 

@@ -35,6 +35,7 @@ from serving.http import Api
 from serving.image_store import ImageStore, ImageStoreFull
 from serving.images import png_bytes
 from serving.passes import PassQueue
+from serving.records import generation_record, recorder_for
 from serving.response_cache import ResponseCache
 from serving.telemetry import GeneratorMetrics
 from serving.tenants import Tenant
@@ -49,6 +50,8 @@ class _Queued:
     prepared: Prepared
     arrived: float  # time.monotonic() when the replica got it
     low: bool = False  # a batch request (serving/batches): fills the room interactive requests leave in a pass
+    started: float | None = None  # time.monotonic() when its UNet pass began (records' queue wait)
+    batch_images: int | None = None  # images in that pass
 
 
 def error_result(exc: Exception) -> dict:
@@ -98,6 +101,7 @@ class Generator:
             log.info("registry %s: %s", self.args.resolved_tracking_uri(), self.engine.resolver.refresh())
         self.metrics = GeneratorMetrics()
         self.responses = ResponseCache.from_args(self.args.response_cache)  # seeded repeats, after prepare
+        self.records = recorder_for(self.args, on_drop=self.metrics.records_dropped)  # serving/records.py
         self._gone: dict[str, float] = {}  # request id whose caller went away -> when
         self._epoch = 0
         b = self.args.batching
@@ -154,7 +158,8 @@ class Generator:
         may be drawn by the challenger (``serving.canary``): its answer then says ``arm`` and the challenger's
         ``version``. ``priority="batch"`` (the batch runner, serving/batches): the request skips ``@serve.batch`` and
         waits in the pass queue behind every interactive one; past ``batch_room`` of them
-        (batches.max_in_flight_per_replica) it is refused at once, 429."""
+        (batches.max_in_flight_per_replica) it is refused at once, 429. Every answer (and a caller that went away)
+        becomes a generation record (serving/records.py)."""
         if priority != "batch":
             return await self._routed(req, epoch, False)
         if self._batch_requests >= self._batch_room:
@@ -166,25 +171,42 @@ class Generator:
             self._batch_requests -= 1
 
     async def _routed(self, req: ImageRequest, epoch: int, low: bool) -> dict:
-        """``_generate`` on the canary's arm for this request (the champion's name asked for, or as asked)."""
-        arrived = time.monotonic()
+        """``_generate`` on the canary's arm for this request (the champion's name asked for, or as asked), counted
+        for the canary and recorded."""
+        arrived, wall, seen, out, outcome = time.monotonic(), time.time(), {}, None, "500"
         asked = req.model or self.args.default_model
         route = self.canary.pick(asked, req.routing_key, self.engine.resolver.known())
-        if route is None:
-            return await self._generate(req, epoch, low, arrived)
-        outcome = "500"
+        if route is not None:
+            req = dataclasses.replace(req, model=route.name)
         try:
-            out = await self._generate(dataclasses.replace(req, model=route.name), epoch, low, arrived)
+            out = await self._generate(req, epoch, low, arrived, seen)
             outcome = str(out["error"]["status"]) if "error" in out else "ok"
+            if route is not None and "error" not in out:
+                out = out | {"model": asked, "arm": route.arm}
+            return out
         except asyncio.CancelledError:
             outcome = "cancelled"
             raise
         finally:
-            if self.canary.record(route, outcome, time.monotonic() - arrived):  # a 5xx spike stopped the challenger
+            latency = time.monotonic() - arrived
+            if route is not None and self.canary.record(route, outcome, latency):  # a 5xx spike stopped it
                 self._bg.submit(self._sync_canary)  # recorded in the registry now, for the other replicas
-        return out if "error" in out else out | {"model": asked, "arm": route.arm}
+            self._record_generation(req, seen, out, outcome, wall, latency)
 
-    async def _generate(self, req: ImageRequest, epoch: int, low: bool, arrived: float) -> dict:
+    def _record_generation(self, req, seen: dict, out, outcome: str, wall: float, latency_s: float) -> None:
+        try:
+            q, prepared = seen.get("queued"), seen.get("prepared")
+            model = req.model or self.args.default_model
+            label = prepared.model if prepared else model if model in self.engine.resolver.served() else "invalid"
+            waited = q.started - q.arrived if q is not None and q.started is not None else None
+            self.records.record(generation_record(
+                req, label, prepared, out, outcome, arrived=wall, latency_s=latency_s, queue_wait_s=waited,
+                batch_images=q.batch_images if q else None, redact_prompts=self.args.records.redact_prompts,
+            ))  # fmt: skip
+        except Exception as exc:  # noqa: BLE001 - recording never fails a request
+            self.records.failed("generate", exc)
+
+    async def _generate(self, req: ImageRequest, epoch: int, low: bool, arrived: float, seen: dict) -> dict:
         model = req.model or self.args.default_model
         if epoch > self._epoch:  # an admin reload reached another replica first
             self._epoch = epoch
@@ -193,7 +215,7 @@ class Generator:
         # registry_deadline_s; base, folders and names resolved before never wait (resolve answers from its cache)
         await self._wait_registry(self.engine.resolver.pending(model, req.tenant))
         try:
-            prepared = await asyncio.to_thread(self.engine.prepare, req, 0.0)
+            prepared = seen["prepared"] = await asyncio.to_thread(self.engine.prepare, req, 0.0)
         except Exception as exc:  # noqa: BLE001 - every failure becomes a typed error result
             out = error_result(exc)
             # a metric label is never the client's raw text (unbounded label values, bytes Prometheus refuses)
@@ -208,7 +230,7 @@ class Generator:
             self.metrics.request(prepared.model, "ok")
             return hit
         try:
-            queued = _Queued(prepared, arrived, low)
+            queued = seen.setdefault("queued", _Queued(prepared, arrived, low))
             result = (await self._passes.submit([queued]))[0] if low else await self._batched(queued)
         except asyncio.CancelledError:
             self._gone[req.request_id] = time.monotonic()
@@ -248,6 +270,7 @@ class Generator:
         for q, r in zip(items, results):
             if isinstance(r, ImageResult):
                 passes.setdefault(r.pass_id, []).append((q, r))
+                q.started, q.batch_images = started, r.batch_images
         for members in passes.values():
             per_model: dict[str, int] = {}
             for _, r in members:
@@ -341,6 +364,7 @@ class Generator:
             "response_cache": self.responses.stats(),
             "registry": self.engine.resolver.state(),
             "batch_requests": {"held": self._batch_requests, "room": self._batch_room},  # serving/batches
+            "records": self.records.stats(),
         }
 
     def ready(self) -> dict:
@@ -355,6 +379,9 @@ class Generator:
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.resolver.close()
+        records = getattr(self, "records", None)
+        if records is not None:
+            records.close()
 
 
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0})

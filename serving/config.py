@@ -14,6 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, field_validator, model_validator
 
+from serving.records import RecordsArgs
 from training.config import _Section
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -524,6 +525,7 @@ class ServeArgs(_Section):
     feedback: FeedbackArgs = Field(default_factory=FeedbackArgs)
     batches: BatchesArgs = Field(default_factory=BatchesArgs)
     response_cache: ResponseCacheArgs = Field(default_factory=ResponseCacheArgs)
+    records: RecordsArgs = Field(default_factory=RecordsArgs)
 
     @field_validator("adapters")
     @classmethod

@@ -37,6 +37,9 @@ class GeneratorMetrics:
         )
         self.responses_bytes = metrics.Gauge("lorafleet_response_cache_bytes", "PNG bytes the response cache holds")
         self._responses_seen = {"hits": 0, "misses": 0, "bypassed": 0, "evictions": 0}
+        self.records_lost = metrics.Counter(
+            "lorafleet_records_dropped", "generation records not written (serving/records.py)", tag_keys=("reason",)
+        )
         self.local = {
             "requests": Tally(),
             "batch_images": Tally(),
@@ -63,6 +66,10 @@ class GeneratorMetrics:
         self.local["pass_seconds"] += seconds
         self.local["queue_wait_seconds"] += sum(waits)
         self.local["waited"] += len(waits)
+
+    def records_dropped(self, count: int, reason: str) -> None:
+        """``count`` generation records dropped for ``reason`` (buffer_full, sink_failed, sink_busy, closed)."""
+        self.records_lost.inc(count, tags={"reason": reason})
 
     def cache_state(self, stats: dict) -> None:
         """Export the engine's cumulative cache counters as increments."""

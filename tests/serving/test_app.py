@@ -230,6 +230,8 @@ def test_concurrent_requests_share_batches_and_the_metrics_show_it(main_app, ser
     stats = httpx.get(f"{main_app}/admin/stats", timeout=10).json()
     assert stats["mean_batch_images"] > 1, stats
     assert max(int(k) for k in stats["batch_images"]) >= 4, stats
+    records = stats["records"]["versions"]  # every answer became a generation record, per model
+    assert sum(records[f"{m}/-"]["ok"] for m in ("ad0", "ad1", "base", "ad2")) >= 32, stats["records"]
     deadline, mean = time.time() + 60, 0.0  # Ray's agent exports every few seconds
     while time.time() < deadline and mean <= 1:
         text = httpx.get(serve_instance["metrics"], timeout=10).text
@@ -464,7 +466,10 @@ def test_a_client_that_goes_away_stops_its_generation(serve_instance, module_arg
     start = time.time()  # the abandoned pass stops at its next step, so the replica is free again
     assert httpx.post(f"{url}/v1/images/generations", json={"prompt": PROMPT, "steps": 4}, timeout=120).is_success
     assert time.time() - start < 0.3 * full, (time.time() - start, full)
-    assert httpx.get(f"{url}/admin/stats", timeout=10).json()["requests"].get("cancelled") == 1
+    stats = httpx.get(f"{url}/admin/stats", timeout=10).json()
+    assert stats["requests"].get("cancelled") == 1
+    base = stats["records"]["versions"]["base/-"]  # generation records (serving/records.py) saw the same
+    assert (base["cancelled"], base["ok"], stats["records"]["errors"]) == (1, 2, 0), stats["records"]
 
 
 def _fuzz(op, mode, url: str, examples: int, tried, statuses, failures: list[str]) -> None:
