@@ -3,7 +3,7 @@
     python benchmarks/serve_throughput.py                     # toy model, 20 steps, 64x64, ~8 min (make bench-serve)
     python benchmarks/serve_throughput.py --seconds 5         # quicker, noisier
     python benchmarks/serve_throughput.py --engine-only       # only (e), the engine's fast paths, ~2 min
-    python benchmarks/serve_throughput.py --cache-only --seconds 4 --concurrency 8   # only (f), ~3 min
+    python benchmarks/serve_throughput.py --cache-only --seconds 4 --concurrency 8   # only (f), ~5 min
 
 (a) the Serve app with batching on (max_batch_size 8);
 (b) the same app with max_batch_size 1;
@@ -14,10 +14,12 @@
 (e) the raw engine's LoRA fast paths, 8 images per call: base only, one adapter (merged weights), the same
     unmerged (PEFT's active adapter), 4 adapters mixed (batched LoRA),
     4 adapters mixed through PEFT's per-sample routing (the old path), and the same 4 as one-adapter passes;
-(f) the serving-throughput cost and benefit of the response cache (serving/response_cache.py), one app per arm,
-    each the benchmark app plus one config override (``OVERRIDE_ARMS``): cache off; cache on with all-miss traffic
-    (every seed unique: the pure overhead of key + store); cache on with a repeat-heavy mix (3 requests in 4 from a
-    pool of 16 seeds: the hit benefit). The same load generator drives every arm, at ``--concurrency``.
+(f) the serving-throughput cost of generation records (serving/records.py: every request a trace, written to a
+    sqlite store by the replica's writer thread) and of the response cache (serving/response_cache.py), one app per
+    arm, each the benchmark app plus its config overrides (``OVERRIDE_ARMS``): baseline (both off); records on;
+    cache on with all-miss traffic (every seed unique: the pure overhead of key + store); records and cache on, all
+    miss; both on with a repeat-heavy mix (3 requests in 4 from a pool of 16 seeds: the hit benefit). The same load
+    generator drives every arm, at ``--concurrency``.
 (a)/(c) alternate round by round, as do the arms of (e) and of (f) (order rotated per round); (b) and (d) run their
 ``--rounds`` rounds back to back per deployment. Every arm is the median of ``--rounds`` rounds. A closed-loop
 load generator (``concurrency`` clients, each sending its next request when the last returns) runs each HTTP
@@ -69,12 +71,17 @@ def repeat_heavy_seed(i: int) -> int:
     return i % REPEAT_POOL if i % 4 else next(_SEEDS)
 
 
-# (f): one app per arm = the benchmark app + one list of dotted overrides, driven with the arm's seeds. Another
-# on/off comparison (e.g. generation records) is one more entry here: {"records_on": (["records.enabled=true"], ...)}
+# (f): one app per arm = the benchmark app + one list of dotted overrides, driven with the arm's seeds. "{records}"
+# stands for the arm's own records store (sqlite under the run's temp folder: traces really written, by the replica's
+# writer thread, while it generates). Ratios are against "baseline" (neither records nor cache).
+_OFF = ["records.enabled=false", "response_cache.enabled=false"]
+_RECORDS = ["records.enabled=true", "records.tracking_uri={records}", "records.sample_rate=1.0"]
 OVERRIDE_ARMS: dict[str, tuple[list[str], Callable[[int], int]]] = {
-    "cache_off": (["response_cache.enabled=false"], unique_seed),
-    "cache_on_all_miss": (["response_cache.enabled=true"], unique_seed),
-    "cache_on_repeats": (["response_cache.enabled=true"], repeat_heavy_seed),
+    "baseline": (_OFF, unique_seed),
+    "records_on": ([*_RECORDS, "response_cache.enabled=false"], unique_seed),
+    "cache_on_all_miss": (["records.enabled=false", "response_cache.enabled=true"], unique_seed),
+    "records_and_cache": ([*_RECORDS, "response_cache.enabled=true"], unique_seed),
+    "both_on_repeats": ([*_RECORDS, "response_cache.enabled=true"], repeat_heavy_seed),
 }
 
 
@@ -308,9 +315,12 @@ def override_arms(
     per round); the median round of each arm is kept."""
     from ray import serve
 
+    def concrete(name: str, overrides: list[str]) -> list[str]:
+        return [o.replace("{records}", f"sqlite:///{cache / f'records-{name}.db'}") for o in overrides]
+
     urls = {
-        name: served(serve_args(adapters, cache, wait_s=a.batch_wait, cpus=a.cpus, overrides=overrides), name, port,
-                     f"/{name}")
+        name: served(serve_args(adapters, cache, wait_s=a.batch_wait, cpus=a.cpus, overrides=concrete(name, overrides)),
+                     name, port, f"/{name}")
         for name, (overrides, _) in arms.items()
     }  # fmt: skip
     names, out = list(arms), {name: {} for name in arms}
@@ -330,8 +340,8 @@ def override_arms(
 
 
 def report_arms(f: dict, levels: list[int]) -> dict[str, float]:
-    """Print (f)'s table and its ratios against cache off; returns the ratios."""
-    print("\n(f) response cache: images/s (p50 / p99 latency s) [hit ratio], median of the rounds")
+    """Print (f)'s table and its ratios against the baseline (records and cache off); returns the ratios."""
+    print("\n(f) generation records and response cache: images/s (p50 / p99 latency s) [hit ratio], median of rounds")
     print(f"{'arm':<20}" + "".join(f"{'c=' + str(c):>32}" for c in levels))
     for name, by_level in f.items():
         cells = []
@@ -342,9 +352,10 @@ def report_arms(f: dict, levels: list[int]) -> dict[str, float]:
         print(f"{name:<20}" + "".join(f"{cell:>32}" for cell in cells))
     ratios = {}
     for c in levels:
-        off = f["cache_off"][c]["images_per_s"]
-        ratios[f"f cache on, all miss / off at c={c}"] = f["cache_on_all_miss"][c]["images_per_s"] / off
-        ratios[f"f cache on, repeats / off at c={c}"] = f["cache_on_repeats"][c]["images_per_s"] / off
+        off = f["baseline"][c]["images_per_s"]
+        for name in f:
+            if name != "baseline":
+                ratios[f"f {name} / baseline at c={c}"] = f[name][c]["images_per_s"] / off
     for name, value in ratios.items():
         print(f"  {name:<42} {value:5.3f}")
     return ratios
@@ -358,7 +369,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--passes", type=int, default=3, help="(e): generate calls of 8 images per arm and round")
     only = p.add_mutually_exclusive_group()
     only.add_argument("--engine-only", action="store_true", help="run (e) only: no Ray, no HTTP")
-    only.add_argument("--cache-only", action="store_true", help="run (f) only: the response cache's arms")
+    only.add_argument("--cache-only", action="store_true", help="run (f) only: records and response cache arms")
     p.add_argument("--cpus", type=int, default=1, help="CPUs (torch threads) of the replica and of the raw engine")
     p.add_argument("--batch-wait", type=float, default=0.02, help="batching.batch_wait_timeout_s of (a), (d), (f)")
     p.add_argument("--out", default=str(REPO / "runs" / "benchmarks" / "serve_throughput.json"))

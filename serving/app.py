@@ -35,7 +35,7 @@ from serving.http import Api
 from serving.image_store import ImageStore, ImageStoreFull
 from serving.images import png_bytes
 from serving.passes import PassQueue
-from serving.records import generation_record, recorder_for
+from serving.records import MlflowSink, generation_record, rating_rows, recorder_for
 from serving.response_cache import ResponseCache
 from serving.telemetry import GeneratorMetrics
 from serving.tenants import Tenant
@@ -101,6 +101,7 @@ class Generator:
             log.info("registry %s: %s", self.args.resolved_tracking_uri(), self.engine.resolver.refresh())
         self.metrics = GeneratorMetrics()
         self.responses = ResponseCache.from_args(self.args.response_cache)  # seeded repeats, after prepare
+        self._started = time.time()
         self.records = recorder_for(self.args, on_drop=self.metrics.records_dropped)  # serving/records.py
         self._gone: dict[str, float] = {}  # request id whose caller went away -> when
         self._epoch = 0
@@ -367,6 +368,10 @@ class Generator:
             "records": self.records.stats(),
         }
 
+    def production(self) -> dict:
+        """This replica's production figures for ``GET /admin/production`` (``serving.production.report``)."""
+        return {**self.records.production(), "pid": os.getpid(), "uptime_s": round(time.time() - self._started, 1)}
+
     def ready(self) -> dict:
         """Readiness details (``GET /readyz``, public): whether the registry answers and the age of the champion's
         version (``serving.adapters.public_state``; the full state is in ``/admin/stats``)."""
@@ -412,12 +417,44 @@ class Feedback:
     """The ratings of generated images for every ingress replica (one replica, as ``ImageUrls``; the logic and
     its rules are serving/feedback.py's ``FeedbackStore``)."""
 
-    def __init__(self, feedback: dict):
+    def __init__(self, feedback: dict, serve_args: dict | None = None):
         from serving.config import FeedbackArgs, workdir_path
 
         a = FeedbackArgs.model_validate(feedback)
         self.store = FeedbackStore(workdir_path(a.root), a.scale, a.ttl_s, a.max_images, a.max_comment_chars,
                                    a.max_per_minute)  # fmt: skip
+        # the ratings per model version go to MLflow next to the replicas' production summaries (serving/records.py):
+        # this one store writes them, every records.summary_every_s, on a thread of its own (never on a request)
+        self._stop, self.sink, self._step = threading.Event(), None, 0
+        args = ServeArgs.model_validate(serve_args) if serve_args is not None else None
+        uri = args and args.records.enabled and (args.records.tracking_uri or args.resolved_tracking_uri())
+        if uri:
+            self.sink = MlflowSink(uri, args.records.experiment)
+            every = args.records.summary_every_s
+            threading.Thread(target=self._summaries, args=(every,), daemon=True, name="rating-summaries").start()
+
+    def summarize_ratings(self) -> int:
+        """Log the current ratings as summary metrics (``records.rating_rows``); returns the rows written.
+        Raises whatever MLflow raises."""
+        rows = rating_rows(self.store.summary())
+        if rows and self.sink is not None:
+            self.sink.summarize(rows, self._step)
+            self._step += 1
+        return len(rows)
+
+    def _summaries(self, every_s: float) -> None:
+        while not self._stop.wait(every_s):
+            try:
+                self.summarize_ratings()
+            except Exception as exc:  # noqa: BLE001 - the next period tries again; ratings stay on disk
+                log.warning(
+                    "rating summaries to MLflow failed: %s", str(exc).splitlines()[0][:300] if str(exc) else exc
+                )
+
+    def __del__(self):
+        stop = getattr(self, "_stop", None)
+        if stop is not None:
+            stop.set()
 
     def register(self, tenant: str, model: str, version: str | None, image_ids: list[str]) -> int:
         return self.store.register(tenant, model, version, image_ids)
@@ -465,7 +502,7 @@ def build_app(args: ServeArgs) -> Application:
         * (d.num_replicas if isinstance(d.num_replicas, int) else 4),
     )
     images = ImageUrls.bind(args.image_urls.model_dump())
-    feedback = Feedback.bind(args.feedback.model_dump()) if args.feedback.enabled else None
+    feedback = Feedback.bind(args.feedback.model_dump(), args.model_dump()) if args.feedback.enabled else None
     runner = BatchWorker.bind(generator, args.model_dump(), feedback) if args.batches.enabled else None  # batches
     return Api.options(max_ongoing_requests=room, max_queued_requests=room, ray_actor_options={"num_cpus": 0}).bind(
         generator, args.model_dump(), images, feedback, runner

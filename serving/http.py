@@ -43,7 +43,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serving import canary
+from serving import canary, production
 from serving.batches import routes as batches
 from serving.batches.store import CreateBatchBody
 from serving.catalog import configured_cards
@@ -62,8 +62,9 @@ from serving.uploads.store import FileStore
 
 log = logging.getLogger("ray.serve")
 MODELS_WAIT_S = 1.0  # GET /v1/models answers within this (issue 22: it once waited for a registry that was down)
-PUBLIC = {"/healthz", "/readyz", "/", "/docs", "/openapi.json", "/docs/oauth2-redirect"}  # hold no data
+PUBLIC = {"/healthz", "/readyz", "/", "/stats", "/docs", "/openapi.json", "/docs/oauth2-redirect"}  # hold no data
 PAGE = (Path(__file__).parent / "static" / "index.html").read_text()
+STATS_PAGE = (Path(__file__).parent / "static" / "stats.html").read_text()
 
 web = FastAPI(
     title="lorafleet",
@@ -675,16 +676,18 @@ class Api:
         self._admin(request)
         return await self.feedback.summary()
 
-    @web.get("/admin/canary", summary="the canary: each arm's version, counts, ratings and the verdict")
-    async def canary_report(self, request: Request) -> dict:
-        """``serving.canary.report`` over the generator replicas that answered: a handle reaches one replica per
-        call and cannot broadcast, so it asks twice as many times as there are replicas (concurrently) and sums the
-        distinct replicas' counts (``replicas`` lists their pids; fewer than ``replicas_expected`` means some
-        replica's counts are missing from this answer)."""
-        self._admin(request)
+    async def _each_replica(self, method: str) -> tuple[list[dict], int | None]:
+        """``method``'s answer from each generator replica that answers within 5 s, and the replicas configured (None:
+        autoscaling). A handle reaches one replica per call and cannot broadcast, so this asks twice as many times as
+        there are replicas (concurrently) and keeps one answer per pid: fewer answers than replicas means some
+        replica is missing from a report (reports list the pids).
+
+        Raises:
+            ApiError: 503 when no replica answers.
+        """
         d = self.args.deployment
         expected = d.num_replicas if isinstance(d.num_replicas, int) else None
-        calls = [self.gen.canary_state.remote() for _ in range(2 * (expected or 2))]
+        calls = [getattr(self.gen, method).remote() for _ in range(2 * (expected or 2))]
         try:
             answers = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), timeout=5)
         except asyncio.TimeoutError as exc:
@@ -694,8 +697,33 @@ class Api:
         if not snapshots:
             retry = d.retry_after_s
             raise ApiError(503, f"no generator replica answered; retry after {retry} s", None, retry)
+        return snapshots, expected
+
+    @web.get("/admin/canary", summary="the canary: each arm's version, counts, ratings and the verdict")
+    async def canary_report(self, request: Request) -> dict:
+        """``serving.canary.report`` over the generator replicas that answered (``_each_replica``), their counts
+        summed."""
+        self._admin(request)
+        snapshots, expected = await self._each_replica("canary_state")
         summary = await self.feedback.ratings()  # None: feedback off or its store not answering
         return canary.report(snapshots, summary, self.args, expected)
+
+    @web.get("/admin/production", summary="production figures: generations, latency, errors, ratings, versions")
+    async def production_report(self, request: Request) -> dict:
+        """``serving.production.report``: the generator replicas' records merged (``_each_replica``), the feedback
+        store's ratings and the registry's versions with their gate status — what ``GET /stats`` draws."""
+        self._admin(request)
+        snapshots, expected = await self._each_replica("production")
+        ratings = await self.feedback.ratings()
+        listing = await self.models(request)  # the registry's versions as a replica knows them (never waits on it)
+        return production.report(snapshots, ratings, listing.get("data", []), expected)
+
+    @web.get("/stats", response_class=HTMLResponse, include_in_schema=False)
+    @web.head("/stats", include_in_schema=False)
+    async def stats_page(self) -> HTMLResponse:
+        """The production figures as a page with plots (no data in it: it asks ``/admin/production`` with the key
+        typed into it)."""
+        return HTMLResponse(STATS_PAGE)
 
     # ---- files: OpenAI's files API over serving/uploads (the handlers and their errors live there) ----------
     @web.post(

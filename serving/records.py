@@ -55,6 +55,7 @@ from typing import Any, Protocol
 
 from pydantic import Field
 
+from serving.production import Timeline, TopPrompts
 from training.config import _Section
 
 log = logging.getLogger(__name__)
@@ -232,6 +233,9 @@ class Recorder:
         self._lock = threading.Lock()
         self._buffer: deque[GenerationRecord] = deque()
         self._aggregates: dict[tuple[str, str], Aggregate] = {}
+        self.timeline = Timeline()  # the /stats page's minute buckets (serving/production.py)
+        self.prompts = TopPrompts()
+        self.started = time.time()
         self.counts: Counter[str] = Counter()  # recorded, sampled_out, written, summaries, errors
         self.dropped: Counter[str] = Counter()  # by reason: buffer_full, sink_failed, sink_busy, closed
         self._logged: set[str] = set()  # kinds of failure already logged once
@@ -259,6 +263,9 @@ class Recorder:
                 if agg is None:
                     agg = self._aggregates[key] = Aggregate(self.args.latency_window)
                 agg.add(rec)
+                self.timeline.add(rec.time, rec.model, rec.outcome, rec.latency_s)
+                if rec.prompt:
+                    self.prompts.add(rec.prompt)
                 self.counts["recorded"] += 1
                 if self.sink is None:
                     return
@@ -375,6 +382,20 @@ class Recorder:
                 for (m, v), agg in items
             ]
 
+    def production(self, latencies: int = 512) -> dict:
+        """This replica's part of ``GET /admin/production`` (``serving.production.report`` merges the replicas):
+        exact counts per model version with its last ``latencies`` successful latencies (s), the minute buckets and
+        the prompt counts (redacted ones when ``records.redact_prompts``)."""
+        with self._lock:
+            versions = [
+                {"model": m, "version": v, "counts": dict(agg.outcomes), "cache_hits": agg.cached,
+                 "latencies": list(agg.latencies)[-latencies:]}
+                for (m, v), agg in self._aggregates.items()
+            ]  # fmt: skip
+            return {"enabled": True, "uptime_s": round(time.time() - self.started, 1), "versions": versions,
+                    "timeline": self.timeline.snapshot(), "prompts": self.prompts.top(100),
+                    "redacted": self.args.redact_prompts}  # fmt: skip
+
     def stats(self) -> dict:
         """For ``/admin/stats``: counts, drops by reason, buffer fill, the last error and the per-version figures."""
         with self._lock:
@@ -420,6 +441,10 @@ class NullRecorder:
     def stats(self) -> dict:
         """``{"enabled": False}``."""
         return {"enabled": False}
+
+    def production(self) -> dict:
+        """No figures: ``/stats`` says records are off."""
+        return {"enabled": False, "versions": [], "timeline": [], "prompts": [], "redacted": False}
 
     def close(self, flush_s: float = 0.0) -> None:
         """Nothing."""
@@ -564,6 +589,21 @@ class MlflowSink:
                 run_id = client.create_run(self.experiment_id(), tags=tags, run_name=name).info.run_id
                 self._runs[(model, version)] = run_id
             client.log_batch(run_id, metrics=[Metric(k, v, now, step) for k, v in figures.items()])
+
+
+def rating_rows(ratings: Ratings) -> list[tuple[str, str, dict[str, float]]]:
+    """The feedback summary as summary rows (``MlflowSink.summarize``): per (model, version — "" for the feedback's
+    "none") the metrics ``ratings``, ``ratings_positive`` and ``rating_mean`` (on the feedback scale)."""
+    rows = []
+    for model, versions in sorted(ratings.items()):
+        for version, r in sorted(versions.items()):
+            if not r.get("count"):
+                continue
+            figures = {"ratings": float(r["count"]), "ratings_positive": float(r.get("positive") or 0)}
+            if r.get("mean") is not None:
+                figures["rating_mean"] = float(r["mean"])
+            rows.append((model, "" if version == "none" else version, figures))
+    return rows
 
 
 def recorder_for(
