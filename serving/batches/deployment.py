@@ -11,6 +11,7 @@ writes batch records and cancel markers and calls ``wake`` so a new batch starts
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 from ray import serve
 from ray.exceptions import RayActorError
@@ -72,3 +73,12 @@ class BatchWorker:
             raise RuntimeError(
                 f"the batch runner stopped: {self.task.exception() if not self.task.cancelled() else 'cancelled'}"
             )
+
+    def __del__(self):
+        """Serve's graceful shutdown: stop the runner before the event loop's executor goes (its next look at the
+        disk would fail with "cannot schedule new futures after shutdown"); what ran is on disk, a new replica
+        resumes."""
+        task = getattr(self, "task", None)
+        if task is not None and not task.done():
+            with contextlib.suppress(RuntimeError):  # the loop is already closed: nothing runs any more
+                task.get_loop().call_soon_threadsafe(task.cancel)
