@@ -17,6 +17,7 @@
 (f) the serving-throughput cost of generation records (serving/records.py: every request a trace, written to a
     sqlite store by the replica's writer thread) and of the response cache (serving/response_cache.py), one app per
     arm, each the benchmark app plus its config overrides (``OVERRIDE_ARMS``): baseline (both off); records on;
+    records on with 1 request in 10 written as a trace (``records.sample_rate`` 0.1: the rest only counted);
     cache on with all-miss traffic (every seed unique: the pure overhead of key + store); records and cache on, all
     miss; both on with a repeat-heavy mix (3 requests in 4 from a pool of 16 seeds: the hit benefit). The same load
     generator drives every arm, at ``--concurrency``.
@@ -79,6 +80,7 @@ _RECORDS = ["records.enabled=true", "records.tracking_uri={records}", "records.s
 OVERRIDE_ARMS: dict[str, tuple[list[str], Callable[[int], int]]] = {
     "baseline": (_OFF, unique_seed),
     "records_on": ([*_RECORDS, "response_cache.enabled=false"], unique_seed),
+    "records_sampled": ([*_RECORDS[:2], "records.sample_rate=0.1", "response_cache.enabled=false"], unique_seed),
     "cache_on_all_miss": (["records.enabled=false", "response_cache.enabled=true"], unique_seed),
     "records_and_cache": ([*_RECORDS, "response_cache.enabled=true"], unique_seed),
     "both_on_repeats": ([*_RECORDS, "response_cache.enabled=true"], repeat_heavy_seed),
