@@ -111,9 +111,14 @@ class AdapterResolver:
         ch = self.args.champion
         if ch.model:
             refs[ch.name] = f"models:/{ch.model}@{ch.alias}"
-            if self.args.canary.share > 0:  # the challenger: followed and preloaded like the champion (serving.canary)
-                refs[f"{ch.model}@{self.args.canary.alias}"] = f"models:/{ch.model}@{self.args.canary.alias}"
+            if self.challenger_key():  # the challenger: followed and preloaded like the champion (serving.canary)
+                refs[self.challenger_key()] = f"models:/{self.challenger_key()}"
         return refs
+
+    def challenger_key(self) -> str | None:
+        """The name the challenger is followed under (``<model>@challenger``), or None without a canary."""
+        ch = self.args.champion
+        return f"{ch.model}@{self.args.canary.alias}" if ch.model and self.args.canary.share > 0 else None
 
     def served(self) -> set[str]:
         """Names this server answers to without a registry lookup: base, configured adapters, the champion."""
@@ -326,6 +331,11 @@ class AdapterResolver:
                 r = self.watch.wait(futures[name])
                 out[name] = r.version or r.ref
             except Exception as exc:  # noqa: BLE001 - reported per name; the cache keeps what it had
+                if name == self.challenger_key() and isinstance(exc, (NotInRegistry, UnknownModel)):
+                    with self._lock:  # no challenger alias (none set, or promoted / cleared): the canary has no arm
+                        self._cache.pop(name, None)
+                    out[name] = "none: no challenger alias"
+                    continue
                 hit = self._cache.get(name)
                 kept = f" (still serving version {hit.adapter.version})" if hit else ""
                 out[name] = f"error: {str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__}{kept}"

@@ -242,7 +242,8 @@ class Generator:
             self.metrics.request(prepared.model, str(out["error"]["status"]))
             return out
         self.metrics.request(prepared.model, "ok")
-        out = encode(result)
+        # records, feedback and summaries file the answer under the registered model (whatever name asked for it)
+        out = encode(result) | {"registered_model": prepared.adapter.registered if prepared.adapter else None}
         if self.responses.put(key, out, owner):
             self.metrics.response_cache(self.responses.stats())
         return {**out, "cached": False}
@@ -293,7 +294,7 @@ class Generator:
 
     def _refresh(self) -> dict:
         versions = self.engine.resolver.refresh()
-        moved = [n for n, v in versions.items() if not v.startswith("error")]
+        moved = [n for n, v in versions.items() if not v.startswith(("error", "none"))]
         if moved:
             self._preload(moved)
         self._sync_canary()

@@ -506,8 +506,9 @@ def merge(snapshots: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def ratings_for(summary: Mapping[str, Any] | None, names: Iterable[str], version: str | None) -> dict | None:
     """One version's ratings from the feedback summary ``{model: {version: {count, positive, mean}}}``, summed over
-    the model ``names`` it may be filed under (the served name ``champion`` and the registered model's name: each
-    image is rated once, under the name it was asked by). None when there is no summary."""
+    the model ``names`` it may be filed under (the registered model's name, under which the ingress files an image
+    of a registry version, and the served name ``champion``, which older feedback logs may hold). None when there
+    is no summary."""
     if summary is None:
         return None
     count = positive = 0

@@ -137,7 +137,8 @@ class _Base:
             if not image_id:
                 raise ValueError(
                     f"this image carries no id (image.info has no 'image_id' or {PNG_KEY!r}): rate an image "
-                    "generate() returned, or one saved as PNG from it; or pass the id"
+                    "generate() returned, or pass its id; Pillow's image.save() drops the id unless given "
+                    "pnginfo=serving.images.png_text({'lorafleet:image_id': image.info['image_id']})"
                 )
         else:
             image_id = image

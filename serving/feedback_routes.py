@@ -60,7 +60,7 @@ class FeedbackRoutes:
         """Tell the store (in the background) that ``tenant`` got ``out["image_ids"]`` (a generation's answer)."""
         ids = out.get("image_ids")
         if self.on and ids:
-            model, version = out.get("model"), out.get("version")
+            model, version = out.get("registered_model") or out.get("model"), out.get("version")
             self.notices.send(lambda: self.store.register.remote(tenant, model, version, list(ids)))
 
     def _off(self) -> JSONResponse:

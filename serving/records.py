@@ -103,7 +103,7 @@ class GenerationRecord:
     time: float  # arrival at the replica (unix s)
     request_id: str
     tenant: str | None
-    model: str
+    model: str  # the registered model when the adapter came from the registry, else the name served (base, a folder)
     version: str
     prompt: str  # the text, or redact(prompt) when records.redact_prompts
     negative_prompt: str
@@ -119,6 +119,7 @@ class GenerationRecord:
     seeds: list[int] = field(default_factory=list)
     image_ids: list[str] = field(default_factory=list)
     cached: bool = False
+    served_as: str = ""  # the name the request was answered under (champion, toy-sks-lora/3, a canary arm's name)
 
 
 def redact(text: str) -> str:
@@ -495,6 +496,7 @@ def trace_parts(rec: GenerationRecord, experiment_id: str):
         TraceTagKey.TRACE_NAME: TRACE_NAME,
         "model": rec.model,
         "version": rec.version,
+        "served_as": rec.served_as or rec.model,
         "tenant": rec.tenant or "",
         "outcome": rec.outcome,
         "cached": str(rec.cached).lower(),
@@ -653,7 +655,8 @@ def generation_record(
         time=arrived,
         request_id=req.request_id,
         tenant=getattr(req.tenant, "name", None),
-        model=out.get("model") or model,
+        model=out.get("registered_model") or getattr(adapter, "registered", None) or out.get("model") or model,
+        served_as=out.get("model") or model,
         version=str(version),
         prompt=prompt,
         negative_prompt=negative,

@@ -155,6 +155,11 @@ def test_an_engine_follows_the_challenger_and_serves_its_version(registry, serve
     assert result.version == "2" == challenger.version
     [champ] = engine.generate([engine.prepare(ImageRequest("a red circle", model="champion", steps=2, seed=1))])
     assert champ.version == "1"
+    # the alias cleared (canary promote, or by hand): no error, no arm — every champion request stays the champion's
+    client.delete_registered_model_alias(NAME, "challenger")
+    assert engine.resolver.refresh() == {"champion": "1", f"{NAME}@challenger": "none: no challenger alias"}
+    picks = {canary.pick("champion", f"id-{i}", engine.resolver.known()) for i in range(40)}
+    assert {p.arm for p in picks if p is not None} <= {CHAMPION}
     engine.resolver.close()
 
 

@@ -344,3 +344,23 @@ def test_traces_through_a_tracking_server(mlflow_server, capsys):
     eid = client.get_experiment_by_name("gens-http").experiment_id
     (t,) = client.search_traces(locations=[eid], filter_string="tag.model = 'm' AND tag.tenant = 'acme'", max_results=1)
     assert t.data.spans and t.data.spans[0].outputs["image_ids"] and t.info.execution_duration in (1000, 2000, 3000)
+
+
+def test_a_record_is_filed_under_the_registered_model_whatever_name_asked_for_it():
+    """``champion``, ``toy-lora/3`` and a canary arm are one registered model: records (and so ``lorafleet
+    generations --model toy-lora``, the summaries, /admin/production) file them under it; ``served_as`` keeps the
+    name."""
+    from types import SimpleNamespace
+
+    from serving.engine import ImageRequest
+    from serving.records import generation_record
+
+    adapter = SimpleNamespace(registered="toy-lora", version="3")
+    prepared = SimpleNamespace(adapter=adapter, seed=1, steps=4, guidance=4.0, width=64, height=64)
+    out = {"model": "champion", "version": "3", "registered_model": "toy-lora", "seeds": [1], "size": "64x64"}
+    r = generation_record(ImageRequest(prompt="p", request_id="x"), "champion", prepared, out, "ok", arrived=0.0,
+                          latency_s=1.0)  # fmt: skip
+    assert (r.model, r.served_as, r.version) == ("toy-lora", "champion", "3")
+    folder = generation_record(ImageRequest(prompt="p", request_id="y"), "ad1", None, {"model": "ad1"}, "ok",
+                               arrived=0.0, latency_s=1.0)  # fmt: skip
+    assert (folder.model, folder.served_as, folder.version) == ("ad1", "ad1", "")
