@@ -125,8 +125,9 @@ def render(model: str, summary: dict[str, dict], since: str | None) -> str:
     """The summary as the text ``lorafleet generations`` prints."""
     lines = [f"generations of {model}" + (f" since {since}" if since else "") + " (sampled traces)"]
     for version, s in summary.items():
+        plural = "" if s["requests"] == 1 else "s"
         lines.append(
-            f"  version {version}: {s['requests']} request{'' if s['requests'] == 1 else 's'}, {s['ok']} ok, {s['rejected']} rejected (4xx), "
+            f"  version {version}: {s['requests']} request{plural}, {s['ok']} ok, {s['rejected']} rejected (4xx), "
             f"{s['errors']} errors (5xx), {s['cancelled']} cancelled; error rate {s['error_rate']:.1%}; "
             f"latency p50 {_seconds(s['latency_p50_s'])} p95 {_seconds(s['latency_p95_s'])}; "
             f"cache hits {s['cache_hit_rate']:.1%}"
