@@ -123,6 +123,9 @@ def serve_args(
             "request_timeout_s": 120,
         },
         "api_key_env": "LORAFLEET_BENCH_UNSET",
+        # not measured here: their two one-replica deployments would only add processes (and memory) to every arm
+        "feedback": {"enabled": False},
+        "batches": {"enabled": False},
     }
     return validate_values(ServeArgs, values, overrides)
 
@@ -249,9 +252,9 @@ def measure(
     url: str, concurrency: int, seconds: float, models: list[str], seeds: Callable[[int], int] = unique_seed
 ) -> dict:
     """One closed-loop run against the app at ``url``, with the replica's pass and response-cache figures for it."""
-    before = httpx.get(f"{url}/admin/stats", timeout=30).json()
+    before = httpx.get(f"{url}/admin/stats", timeout=30).raise_for_status().json()
     result = asyncio.run(load(url, concurrency, seconds, models, seeds))
-    after = httpx.get(f"{url}/admin/stats", timeout=30).json()
+    after = httpx.get(f"{url}/admin/stats", timeout=30).raise_for_status().json()
     return result | pass_stats(before, after) | cache_stats(before, after)
 
 
