@@ -135,8 +135,14 @@ def main(argv: list[str] | None = None) -> int:
     api_key = os.environ.get(args.api_key_env) if args.api_key_env else None
     from mlflow.exceptions import MlflowException
 
-    client = client_for(uri) if uri else None
+    from training.tracking_rest import tracking_problem
+
+    problem = tracking_problem(uri) if uri else None  # within seconds, not MlflowClient's minutes of retries
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return 1
     try:
+        client = client_for(uri) if uri else None
         reg = registry_view(client, args.name) if client is not None else None
         if args.command == "status":
             return _status(args, reg, api_key)

@@ -172,11 +172,21 @@ def validate_jsonl(path: Path, cfg: BatchesArgs, lim: RequestLimits) -> int:
 
 
 def read_lines(path: Path) -> Iterator[BatchLine]:
-    """The requests of a validated input file, in file order (the runner's source)."""
+    """The requests of a validated input file, in file order (the runner's source), each line read as
+    ``check_line`` read it at upload (``serving.http.read_json``: a UTF-8 byte-order mark skipped, as a body's).
+
+    Raises:
+        ValueError: a line that no longer parses (the file changed on disk since it was checked)."""
+    from serving.http import ApiError, read_json
+
     with open(path, "rb") as f:
-        for raw in f:
+        for number, raw in enumerate(f, start=1):
             if raw.strip():
-                yield BatchLine.model_validate_json(raw)
+                try:
+                    value = read_json(raw.rstrip(b"\r\n"), "application/json")
+                except ApiError as exc:
+                    raise ValueError(f"line {number}: {exc.message}") from exc
+                yield BatchLine.model_validate(value)
 
 
 class BatchFiles:

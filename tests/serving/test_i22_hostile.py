@@ -1,0 +1,107 @@
+"""Hostile input against issue 22's serving parts (feedback, response cache, canary, batches, records, production):
+each test is a defect found by throwing malformed input at them, kept so it stays fixed. In process, no Ray."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+
+import pytest
+
+from tests.serving.test_batches import jsonl, line, make_files, upload
+
+
+# ---- CLIs against a tracking server that is not there ----------------------------------------------------------
+def closed_port() -> int:
+    """A local port nothing listens on (connection refused)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def silent_server():
+    """``http://127.0.0.1:<port>``: a server that accepts connections and never answers (a hung MLflow)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    held, stop = [], threading.Event()
+
+    def accept() -> None:
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(listener.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    stop.set()
+    thread.join()
+    for conn in held:
+        conn.close()
+    listener.close()
+
+
+def run_cli(main, argv: list[str]) -> tuple[int, float]:
+    start = time.monotonic()
+    rc = main(argv)
+    return rc, time.monotonic() - start
+
+
+@pytest.mark.parametrize("which", ["generations", "canary"])
+def test_a_cli_fails_within_seconds_naming_an_unreachable_or_hung_tracking_server(which, silent_server, capsys,
+                                                                                 monkeypatch):  # fmt: skip
+    from cluster.generations import main as generations
+    from serving.canary_cli import main as canary
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "1")  # the hung server: each attempt waits this long
+    monkeypatch.setenv("LORAFLEET_URL", f"http://127.0.0.1:{closed_port()}")
+    for uri in (f"http://127.0.0.1:{closed_port()}", silent_server):
+        argv = ["--model", "toy", "--since", "1h"] if which == "generations" else ["status", "toy"]
+        rc, took = run_cli(generations if which == "generations" else canary, [*argv, "--tracking-uri", uri])
+        err = capsys.readouterr().err
+        assert rc == 1 and took < 15, (rc, took, err)  # MLflow's own retries would hold it for minutes
+        assert f"MLflow tracking server at {uri} did not answer" in err and "--tracking-uri" in err, err
+
+
+@pytest.mark.parametrize("which", ["generations", "canary"])
+def test_a_cli_given_a_tracking_uri_mlflow_has_no_store_for_says_so_without_a_traceback(which, capsys, monkeypatch):
+    from cluster.generations import main as generations
+    from serving.canary_cli import main as canary
+
+    monkeypatch.setenv("LORAFLEET_URL", f"http://127.0.0.1:{closed_port()}")
+    argv = ["--model", "toy"] if which == "generations" else ["status", "toy"]
+    rc = (generations if which == "generations" else canary)([*argv, "--tracking-uri", "foo://bar"])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.startswith("error: ") and "foo://bar" in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("since", ["1" * 400 + "d", "99999999999w", "0001-01-01T00:00+14:00", "1969-12-31"])
+def test_generations_since_before_1970_or_past_a_float_is_a_bad_argument(since, capsys):
+    from cluster.generations import main, since_ms
+
+    with pytest.raises(ValueError, match="before 1970"):
+        since_ms(since)
+    assert main(["--model", "toy", "--since", since, "--tracking-uri", "http://127.0.0.1:1"]) == 2
+    assert "--since" in capsys.readouterr().err
+    assert since_ms("2h", now=10_000.0) == 2_800_000 and since_ms("1970-01-01T00:00:01Z") == 1000
+
+
+# ---- batch input files -----------------------------------------------------------------------------------------
+def test_a_batch_file_with_a_byte_order_mark_is_read_by_the_runner_as_it_was_checked(tmp_path):
+    """The upload check reads lines as the live route reads a body (a UTF-8 BOM skipped); the runner must read
+    them the same way, not fail the accepted batch with 'invalid_input'."""
+    from serving.batches.inputs import read_lines
+
+    files = make_files(tmp_path / "files")
+    for data in (b"\xef\xbb\xbf" + jsonl([line("a", seed=1), line("b")]),
+                 jsonl([line("a", seed=1), line("b")]).replace(b"\n", b"\r\n")):  # fmt: skip
+        f = upload(files, data)
+        got = list(read_lines(files.root / f.id / "content.jsonl"))
+        assert [(x.custom_id, x.body.seed) for x in got] == [("a", 1), ("b", None)]
+    assert json.loads(line("a"))["custom_id"] == "a"
