@@ -23,6 +23,7 @@ import os
 import re
 import sys
 import time
+import unicodedata
 from collections import Counter
 from datetime import datetime, timezone
 
@@ -121,6 +122,17 @@ def summarize(infos: list, top: int = 5) -> dict[str, dict]:
     return out
 
 
+def printable(text: str) -> str:
+    """``text`` with every control, format (bidi overrides), separator-of-lines and unassigned character escaped
+    (``\\x1b``, ``\\u202e``): a prompt is a client's text, and printed raw it could move the cursor, retitle or
+    clear an admin's terminal, or start a forged line of the report."""
+    return "".join(
+        c if unicodedata.category(c)[0] != "C" and unicodedata.category(c) not in ("Zl", "Zp")
+        else (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}" if ord(c) < 0x10000 else f"\\U{ord(c):08x}")
+        for c in text
+    )  # fmt: skip
+
+
 def _seconds(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}s"
 
@@ -138,7 +150,7 @@ def render(model: str, summary: dict[str, dict], since: str | None) -> str:
         if s["redacted"]:
             lines.append("    prompts: redacted (records.redact_prompts)")
         for prompt, count in s["top_prompts"]:
-            lines.append(f"    {count:5d}  {prompt[:100]}")
+            lines.append(f"    {count:5d}  {printable(prompt[:100])}")
     return "\n".join(lines)
 
 

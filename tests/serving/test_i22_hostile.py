@@ -105,3 +105,24 @@ def test_a_batch_file_with_a_byte_order_mark_is_read_by_the_runner_as_it_was_che
         got = list(read_lines(files.root / f.id / "content.jsonl"))
         assert [(x.custom_id, x.body.seed) for x in got] == [("a", 1), ("b", None)]
     assert json.loads(line("a"))["custom_id"] == "a"
+
+
+# ---- records: prompts are a client's text, printed on an admin's terminal ----------------------------------------
+def test_generations_prints_a_prompts_control_characters_escaped_on_its_own_line():
+    """A prompt is whatever a client sent: terminal escapes (clear screen, set the title), a newline that forges a
+    line of the report, a bidi override must show as visible escapes, one prompt per line."""
+    from cluster.generations import render
+
+    hostile = "a\x1b[2J\x1b]0;pwned\x07 cat\n  version 9: 1000 requests, 1000 ok\r\u202eevil\x85"
+    summary = {"3": {"requests": 2, "ok": 2, "rejected": 0, "errors": 0, "cancelled": 0, "error_rate": 0.0,
+                     "cache_hit_rate": 0.0, "latency_p50_s": 1.0, "latency_p95_s": 1.0, "redacted": False,
+                     "top_prompts": [[hostile, 2], ["ünïcode prompt 🎨", 1]]}}  # fmt: skip
+    text = render("toy", summary, "1h")
+    lines = text.splitlines()
+    assert len(lines) == 4 and not any(c in text for c in "\x1b\x07\r\u202e\x85"), text
+    assert (
+        "\\x1b[2J" in lines[2]
+        and "\\x0a" in lines[2]
+        and "\\u202e" in lines[2]
+        and lines[3].endswith("ünïcode prompt 🎨")
+    )
