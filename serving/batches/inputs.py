@@ -97,6 +97,9 @@ def limit_problems(body: GenerationBody, lim: RequestLimits) -> list[tuple[str, 
         out.append(("n", f"{body.n} is outside 1..{lim.max_n} (limits.max_n)"))
     if body.steps is not None and body.steps > lim.max_steps:
         out.append(("steps", f"{body.steps} is outside 1..{lim.max_steps} (limits.max_steps)"))
+    if body.seed is not None and body.seed >= 2**63 - lim.max_n:  # Engine.prepare's bound: seed + i below 2^63
+        out.append(("seed", f"{body.seed} is outside 0..{2**63 - lim.max_n - 1}: image i uses seed + i, which stays "
+                            f"below 2^63 for every n up to limits.max_n ({lim.max_n})"))  # fmt: skip
     if body.guidance is not None and body.guidance > lim.max_guidance:
         out.append(("guidance", f"{body.guidance} is outside 0..{lim.max_guidance} (limits.max_guidance)"))
     if body.size and body.size != "auto":

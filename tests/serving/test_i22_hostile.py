@@ -126,3 +126,56 @@ def test_generations_prints_a_prompts_control_characters_escaped_on_its_own_line
         and "\\u202e" in lines[2]
         and lines[3].endswith("ünïcode prompt 🎨")
     )
+
+
+# ---- batches: server faults reach the tenant without the server's paths ----------------------------------------
+def test_a_batch_that_meets_server_faults_tells_its_tenant_what_failed_without_server_paths(tmp_path):
+    """A request the generator's handle fails on (a RayTaskError's text holds the replica's traceback and file
+    paths) and an input the runner cannot read (an OSError names the file) end as errors naming the kind of fault,
+    as the live route's 500 does — the details are in the server's log, not in the tenant's files."""
+    import asyncio
+
+    from tests.serving.test_batches import FakeGenerator, make_batch, read_file, runner_for
+
+    secret = str(tmp_path / "srv" / "replica.py")
+
+    class Broken(FakeGenerator):
+        async def generate(self, req) -> dict:
+            if "raise" in req.prompt:
+                raise RuntimeError(f'Traceback (most recent call last):\n  File "{secret}", line 1')
+            return await super().generate(req)
+
+    files, store, record = make_batch(tmp_path, [line("ok", seed=1), line("boom", prompt="raise it", seed=2)])
+
+    async def run(runner):
+        await runner.step()
+        await runner.wait_idle()
+
+    asyncio.run(run(runner_for(files, store, Broken())))
+    done = store.get(record.id, "acme")
+    assert done.status == "completed" and (done.request_counts.completed, done.request_counts.failed) == (1, 1)
+    [failed] = read_file(files, done.error_file_id)
+    text = json.dumps(failed)
+    assert failed["custom_id"] == "boom" and failed["response"]["status_code"] == 500, failed
+    assert "RuntimeError" in text and secret not in text and str(tmp_path) not in text, text
+
+    files2, store2, unreadable = make_batch(tmp_path / "u", [line("a")])
+    (store2.folder(unreadable.id) / "input.jsonl").unlink()  # the disk lost it
+    asyncio.run(run(runner_for(files2, store2, Broken())))
+    view = store2.view(store2.get(unreadable.id, "acme"))
+    assert view["status"] == "failed" and view["errors"]["data"][0]["code"] == "invalid_input", view
+    assert "FileNotFoundError" in json.dumps(view) and str(tmp_path) not in json.dumps(view), view
+
+
+def test_a_batch_line_with_a_seed_no_generator_takes_is_refused_at_upload():
+    """Every check Engine.prepare makes without a model is made on upload; a seed past 2^63 - max_n (image i uses
+    seed + i, a torch.Generator seed) otherwise passed and failed each request of the accepted batch."""
+    from serving.batches.inputs import check_line
+    from serving.config import RequestLimits
+
+    lim = RequestLimits()
+    top = 2**63 - lim.max_n - 1
+    assert not isinstance(check_line(line("ok", seed=top).encode(), 1, lim), list)
+    for seed in (top + 1, 10**30):
+        [problem] = check_line(line("big", seed=seed).encode(), 3, lim)
+        assert (problem.line, problem.param) == (3, "body.seed") and "limits.max_n" in problem.message, problem
