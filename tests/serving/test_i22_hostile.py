@@ -179,3 +179,31 @@ def test_a_batch_line_with_a_seed_no_generator_takes_is_refused_at_upload():
     for seed in (top + 1, 10**30):
         [problem] = check_line(line("big", seed=seed).encode(), 3, lim)
         assert (problem.line, problem.param) == (3, "body.seed") and "limits.max_n" in problem.message, problem
+
+
+# ---- lorafleet canary against a --url that is not the Serve app ------------------------------------------------
+def test_canary_status_given_a_malformed_url_or_another_web_server_says_so_naming_url():
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from serving.canary_cli import fetch_report
+
+    class Html(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.end_headers()
+            self.wfile.write(b"<html>a router's login page</html>")
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Html)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        for url in ("http://[::1", f"http://127.0.0.1:{server.server_address[1]}"):
+            with pytest.raises(RuntimeError, match="--url"):
+                fetch_report(url, None, 2)
+    finally:
+        server.shutdown()
+        server.server_close()
