@@ -104,6 +104,8 @@ def test_a_batch_file_with_a_byte_order_mark_is_read_by_the_runner_as_it_was_che
         f = upload(files, data)
         got = list(read_lines(files.root / f.id / "content.jsonl"))
         assert [(x.custom_id, x.body.seed) for x in got] == [("a", 1), ("b", None)]
+    utf16 = upload(files, "\ufeff".encode("utf-16-le") + line("a", seed=1).encode("utf-16-le"))  # one line: accepted
+    assert [x.custom_id for x in read_lines(files.root / utf16.id / "content.jsonl")] == ["a"]
     assert json.loads(line("a"))["custom_id"] == "a"
 
 
