@@ -11,7 +11,8 @@ the cache hit rate and the most common prompts (not when the replica redacted th
 they add up across replicas; exact per-replica counts are on the summary runs (``lorafleet.kind`` tag
 ``production-summary``) in the same experiment.
 
-Exit codes: 0 printed, 1 nothing recorded (no experiment, no traces), 2 bad arguments.
+Exit codes: 0 printed, 1 nothing recorded (no experiment, no traces) or the tracking server did not answer (found
+within seconds: ``training.tracking_rest.tracking_problem``), 2 bad arguments.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import os
 import re
 import sys
 import time
+import unicodedata
 from collections import Counter
 from datetime import datetime, timezone
 
@@ -36,18 +38,21 @@ def since_ms(value: str, now: float | None = None) -> int:
     Raises:
         ValueError: neither form (the message names ``--since`` and both forms)."""
     now = time.time() if now is None else now
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*", value)
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([smhdw])\s*", value)
     if m:
-        return int((now - float(m.group(1)) * UNITS[m.group(2)]) * 1000)
-    try:
-        t = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
-    except ValueError:
-        raise ValueError(
-            f"--since {value!r}: give an age like 30m, 1h, 7d or an ISO time like 2026-12-01T09:00 (UTC)"
-        ) from None
-    if t.tzinfo is None:
-        t = t.replace(tzinfo=timezone.utc)
-    return int(t.timestamp() * 1000)
+        start = now - float(m.group(1)) * UNITS[m.group(2)]  # inf for an age of hundreds of digits
+    else:
+        try:
+            t = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+        except ValueError:
+            raise ValueError(
+                f"--since {value!r}: give an age like 30m, 1h, 7d or an ISO time like 2026-12-01T09:00 (UTC)"
+            ) from None
+        start = (t if t.tzinfo else t.replace(tzinfo=timezone.utc)).timestamp()
+    if not 0 <= start < float("inf"):  # trace times are unix ms: nothing is older than 1970
+        raise ValueError(f"--since {value[:40]!r} reaches back before 1970-01-01: give a shorter age or a later time, "
+                         "or leave --since out for every record")  # fmt: skip
+    return int(start * 1000)
 
 
 def _quote(value: str) -> str:
@@ -117,6 +122,17 @@ def summarize(infos: list, top: int = 5) -> dict[str, dict]:
     return out
 
 
+def printable(text: str) -> str:
+    """``text`` with every control, format (bidi overrides), separator-of-lines and unassigned character escaped
+    (``\\x1b``, ``\\u202e``): a prompt is a client's text, and printed raw it could move the cursor, retitle or
+    clear an admin's terminal, or start a forged line of the report."""
+    return "".join(
+        c if unicodedata.category(c)[0] != "C" and unicodedata.category(c) not in ("Zl", "Zp")
+        else (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}" if ord(c) < 0x10000 else f"\\U{ord(c):08x}")
+        for c in text
+    )  # fmt: skip
+
+
 def _seconds(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}s"
 
@@ -135,7 +151,7 @@ def render(model: str, summary: dict[str, dict], since: str | None) -> str:
         if s["redacted"]:
             lines.append("    prompts: redacted (records.redact_prompts)")
         for prompt, count in s["top_prompts"]:
-            lines.append(f"    {count:5d}  {prompt[:100]}")
+            lines.append(f"    {count:5d}  {printable(prompt[:100])}")
     return "\n".join(lines)
 
 
@@ -163,7 +179,20 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    infos = search(uri, a.experiment, a.model, a.version, since, a.limit)
+    from mlflow.exceptions import MlflowException
+
+    from training.tracking_rest import tracking_problem
+
+    problem = tracking_problem(uri)  # within seconds, not MlflowClient's minutes of retries
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return 1
+    try:
+        infos = search(uri, a.experiment, a.model, a.version, since, a.limit)
+    except MlflowException as exc:  # e.g. a tracking URI MLflow has no store for
+        print(f"error: {(exc.message or str(exc)).strip().splitlines()[0][:300]} (--tracking-uri {uri})",
+              file=sys.stderr)  # fmt: skip
+        return 1
     if infos is None:
         print(f"no generation records: experiment {a.experiment!r} does not exist at {uri} (records.enabled and "
               "records.experiment in the serve config)", file=sys.stderr)  # fmt: skip

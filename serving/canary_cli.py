@@ -44,7 +44,7 @@ def fetch_report(url: str, api_key: str | None, timeout_s: float = 10.0) -> dict
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
         response = httpx.get(url.rstrip("/") + "/admin/canary", headers=headers, timeout=timeout_s)
-    except httpx.HTTPError as exc:
+    except (httpx.HTTPError, httpx.InvalidURL) as exc:  # InvalidURL (a malformed URL) is no HTTPError
         raise RuntimeError(f"the Serve app at {url} did not answer ({type(exc).__name__}: {exc}); pass --url") from exc
     if response.status_code != 200:
         try:
@@ -53,7 +53,14 @@ def fetch_report(url: str, api_key: str | None, timeout_s: float = 10.0) -> dict
             message = response.text[:300]
         hint = " (an admin key: --api-key-env)" if response.status_code in (401, 403) else ""
         raise RuntimeError(f"GET {url}/admin/canary answered {response.status_code}: {message}{hint}")
-    return response.json()
+    try:
+        report = response.json()
+    except ValueError:
+        report = None
+    if not isinstance(report, dict):
+        raise RuntimeError(f"GET {url}/admin/canary answered 200 with {response.headers.get('content-type')!r}, not "
+                           "the canary's JSON report: pass the lorafleet Serve app's address as --url")  # fmt: skip
+    return report
 
 
 def registry_view(client, name: str) -> dict[str, Any]:
@@ -135,8 +142,14 @@ def main(argv: list[str] | None = None) -> int:
     api_key = os.environ.get(args.api_key_env) if args.api_key_env else None
     from mlflow.exceptions import MlflowException
 
-    client = client_for(uri) if uri else None
+    from training.tracking_rest import tracking_problem
+
+    problem = tracking_problem(uri) if uri else None  # within seconds, not MlflowClient's minutes of retries
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return 1
     try:
+        client = client_for(uri) if uri else None
         reg = registry_view(client, args.name) if client is not None else None
         if args.command == "status":
             return _status(args, reg, api_key)

@@ -137,3 +137,30 @@ class ClientRun:
 def run_calls(client: Any, uri: str, run_id: str, limits: RequestLimits) -> RunRest | ClientRun:
     """``RunRest`` for an ``http(s)://`` server (limited calls), else ``ClientRun`` over ``client``."""
     return RunRest(uri, run_id, limits) if uri.startswith(("http://", "https://")) else ClientRun(client, run_id)
+
+
+def tracking_problem(uri: str, limits: RequestLimits | None = None) -> str | None:
+    """Why the MLflow server at ``uri`` cannot be used now, or None when it answers: one limited request
+    (``experiments/get-by-name``; any answer but a failing 5xx counts) before a command line tool makes
+    ``MlflowClient`` calls, whose default retries (7, backoff factor 2, 120 s timeout) hold an unreachable server for
+    minutes. ``limits``: default ``RequestLimits.from_env()`` (at most ``call_bound_s()`` seconds). URIs that are not
+    ``http(s)://`` are not checked here (None): ``MlflowClient`` fails on them at once.
+    """
+    if not uri.startswith(("http://", "https://")):
+        return None
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    lim = limits or RequestLimits.from_env()
+    try:
+        http_request(
+            get_default_host_creds(uri), f"{API}/experiments/get-by-name", "GET",
+            max_retries=lim.max_retries, backoff_factor=lim.backoff_factor, backoff_jitter=lim.backoff_jitter,
+            timeout=lim.timeout_s, respect_retry_after_header=False, params={"experiment_name": "lorafleet-probe"},
+        )  # fmt: skip
+    except (MlflowException, OSError) as exc:
+        first = (getattr(exc, "message", None) or str(exc)).splitlines()[0][:300]
+        return (f"the MLflow tracking server at {uri} did not answer ({first}): start it (lorafleet up, or "
+                "mlflow server) or pass the right --tracking-uri / $MLFLOW_TRACKING_URI")  # fmt: skip
+    return None

@@ -97,6 +97,9 @@ def limit_problems(body: GenerationBody, lim: RequestLimits) -> list[tuple[str, 
         out.append(("n", f"{body.n} is outside 1..{lim.max_n} (limits.max_n)"))
     if body.steps is not None and body.steps > lim.max_steps:
         out.append(("steps", f"{body.steps} is outside 1..{lim.max_steps} (limits.max_steps)"))
+    if body.seed is not None and body.seed >= 2**63 - lim.max_n:  # Engine.prepare's bound: seed + i below 2^63
+        out.append(("seed", f"{body.seed} is outside 0..{2**63 - lim.max_n - 1}: image i uses seed + i, which stays "
+                            f"below 2^63 for every n up to limits.max_n ({lim.max_n})"))  # fmt: skip
     if body.guidance is not None and body.guidance > lim.max_guidance:
         out.append(("guidance", f"{body.guidance} is outside 0..{lim.max_guidance} (limits.max_guidance)"))
     if body.size and body.size != "auto":
@@ -172,11 +175,21 @@ def validate_jsonl(path: Path, cfg: BatchesArgs, lim: RequestLimits) -> int:
 
 
 def read_lines(path: Path) -> Iterator[BatchLine]:
-    """The requests of a validated input file, in file order (the runner's source)."""
+    """The requests of a validated input file, in file order (the runner's source), each line read as
+    ``check_line`` read it at upload (``serving.http.read_json``: a UTF-8 byte-order mark skipped, as a body's).
+
+    Raises:
+        ValueError: a line that no longer parses (the file changed on disk since it was checked)."""
+    from serving.http import ApiError, read_json
+
     with open(path, "rb") as f:
-        for raw in f:
+        for number, raw in enumerate(f, start=1):
             if raw.strip():
-                yield BatchLine.model_validate_json(raw)
+                try:
+                    value = read_json(raw.rstrip(b"\r\n"), "application/json")
+                except ApiError as exc:
+                    raise ValueError(f"line {number}: {exc.message}") from exc
+                yield BatchLine.model_validate(value)
 
 
 class BatchFiles:

@@ -221,8 +221,10 @@ class BatchRunner:
             record.request_counts.completed, record.request_counts.failed = ok, len(done) - ok
             try:
                 lines = list(read_lines(folder / INPUT))
-            except (OSError, ValueError) as exc:
-                return await self._fail(active, "invalid_input", f"the input file could not be read: {exc}")
+            except (OSError, ValueError) as exc:  # the tenant sees the kind of fault, the log its paths and text
+                log.exception("batch %s: its input file could not be read", record.id)
+                return await self._fail(active, "invalid_input", f"the input file could not be read on the server "
+                                        f"({type(exc).__name__}); upload it again and create a new batch")  # fmt: skip
             if record.status == "validating":
                 record.status, record.in_progress_at = "in_progress", int(self.clock())
                 record.request_counts.total = len(lines)
@@ -244,7 +246,8 @@ class BatchRunner:
             await self._finalize(active)
         except Exception as exc:  # noqa: BLE001 - a batch that cannot go on fails with the reason, others go on
             log.exception("batch %s failed", record.id)
-            await self._fail(active, "runner_error", f"{type(exc).__name__}: {exc}")
+            await self._fail(active, "runner_error", f"the server failed running this batch ({type(exc).__name__}); "
+                             "create it again")  # fmt: skip
         finally:
             self.active.pop(record.id, None)
             if active.lock is not None:
@@ -258,7 +261,9 @@ class BatchRunner:
                 out = await self.send(request)
             except Exception as exc:  # noqa: BLE001 - an unexpected failure is this request's answer, not a lost line
                 log.exception("batch %s: request %s failed", record.id, line.custom_id[:64])
-                out = {"error": {"status": 500, "message": f"{type(exc).__name__}: {exc}", "param": None}}
+                # as the live route's 500: the kind of fault, not its text (a RayTaskError's holds server paths)
+                out = {"error": {"status": 500, "message": f"the server failed on this request ({type(exc).__name__}); "
+                                 "send it again in a new batch", "param": None}}  # fmt: skip
             status = out.get("error", {}).get("status")
             if status == BUSY or (status in RETRYABLE and attempts + 1 < self.cfg.max_attempts):
                 attempts += status != BUSY
