@@ -51,7 +51,8 @@ ARMS = (CHAMPION, CHALLENGER)
 SERVER_ERROR = "5"
 
 
-REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}\Z")  # uuid4, ULIDs, "retry-7:abc" fit; no spaces or controls
+# visible ASCII (RFC 9110 field value without spaces): uuid4, ULIDs, base64 ids proxies forward (+/=), W3C trace ids
+REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}\Z")
 REQUEST_ID_HEADERS = ("X-Request-Id", "Idempotency-Key")
 
 
@@ -78,7 +79,7 @@ def client_request_id(values: Mapping[str, list[str]]) -> str | None:
         if given:
             if not REQUEST_ID.match(given[0]):
                 raise BadRequestId(
-                    header, f"{header} {given[0][:40]!r}: use 1-128 characters of letters, digits and . _ : - "
+                    header, f"{header} {given[0][:40]!r}: use 1-128 visible ASCII characters (no spaces or controls) "
                     "(a UUID works); a retry sends the same value",
                 )  # fmt: skip
             found[header] = given[0]

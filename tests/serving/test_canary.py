@@ -280,6 +280,7 @@ def test_report_merges_replicas_and_attaches_ratings():
 def test_client_request_ids_are_validated():
     assert client_request_id({}) is None
     assert client_request_id({"X-Request-Id": ["abc-1"]}) == "abc-1"
+    assert client_request_id({"X-Request-Id": ["dGVzdA+/="]}) == "dGVzdA+/="  # base64 ids that proxies forward
     assert client_request_id({"Idempotency-Key": ["k:2"]}) == "k:2"
     assert client_request_id({"X-Request-Id": ["same"], "Idempotency-Key": ["same"]}) == "same"
     for headers, name in (
