@@ -295,11 +295,18 @@ def set_challenger(client, name: str, version: str, alias: str = CHALLENGER, cha
     clean); the champion and ``previous`` stay. Returns the version the alias held before, or None.
 
     Raises:
-        RegistryError: ``version`` is the champion (a canary against itself measures nothing).
+        RegistryError: ``version`` is the champion, or holds the champion's very weights (its ``adapter_sha256``):
+            a canary against itself measures nothing.
     """
     held = current(client, name, champion)
     if held is not None and str(held.version) == str(version):
         raise RegistryError(f"{name} version {version} is the {champion} already; a challenger must be another version")
+    sha = (client.get_model_version(name, str(version)).tags or {}).get(TAG_SHA)
+    if held is not None and sha and sha == (held.tags or {}).get(TAG_SHA):
+        raise RegistryError(
+            f"{name} version {version} holds the same weights as the {champion} (version {held.version}, "
+            f"{TAG_SHA} {sha[:12]}…); a challenger must be a different adapter"
+        )
     found = current(client, name, alias)
     old = None if found is None else str(found.version)
     client.set_registered_model_alias(name, alias, str(version))

@@ -246,3 +246,15 @@ def test_the_evaluation_sets_the_challenger_when_configured(registry):
     assert info["alias"] == CHALLENGER and aliases(client) == {"champion": "1", CHALLENGER: info["version"]}
     info = register_result(cfg("champion"), client, client.create_run(exp).info.run_id, result, champion)
     assert info["alias"] == "champion" and aliases(client)["champion"] == info["version"]
+
+
+def test_a_challenger_with_the_champions_very_weights_is_refused(registry, tiny_adapters, capsys):
+    """An import of the champion's adapter under a new version (same adapter_sha256): a canary would compare the
+    champion with itself."""
+    from cluster.cli import main
+
+    uri, client = registry
+    assert register_adapter(uri, NAME, tiny_adapters["ad0"], alias=None, status="passed") == "4"  # v1's weights
+    assert main(["promote", NAME, "4", "--challenger", "--tracking-uri", uri]) == 1
+    assert "holds the same weights as the champion (version 1" in capsys.readouterr().err
+    assert CHALLENGER not in aliases(client)
