@@ -4,27 +4,22 @@ up, then down (which replaces the first rating), a refusal shown as text, never 
 
 from __future__ import annotations
 
-import threading
 from types import SimpleNamespace
 
 import pytest
 
-from tests.serving.test_app import free_port
 from tests.serving.test_feedback import IdGenerator
 from tests.serving.test_http import Remote
-from tests.serving.test_page_finetune import browser, until  # noqa: F401 - the module's Chromium fixture
+from tests.serving.test_page_finetune import browser, served, until  # noqa: F401 - the Chromium fixture
 
 KEY_ENV, KEY = "LORAFLEET_TEST_PAGE_FEEDBACK_KEY", "page-feedback-key"
 
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
-    import uvicorn
-    from ray import serve
-
     from serving.app import Feedback, ImageUrls
     from serving.config import ServeArgs
-    from serving.http import Api, web
+    from serving.http import Api
 
     tmp = tmp_path_factory.mktemp("web-feedback")
     with pytest.MonkeyPatch.context() as mp:
@@ -36,17 +31,8 @@ def site(tmp_path_factory):
         store = Feedback.func_or_class(args.feedback.model_dump())
         urls = ImageUrls.func_or_class(args.image_urls.model_dump())
         api = Api.func_or_class.__mro__[1](Remote(IdGenerator()), args, Remote(urls), Remote(store))
-        mp.setattr(serve, "get_replica_context", lambda: SimpleNamespace(servable_object=api))
-        port = free_port()
-        server = uvicorn.Server(uvicorn.Config(web, host="127.0.0.1", port=port, log_level="warning"))
-        thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
-        thread.start()
-        until(lambda: server.started, 60, "uvicorn did not start")
-        try:
-            yield SimpleNamespace(url=f"http://127.0.0.1:{port}", store=store.store, api=api)
-        finally:
-            server.should_exit = True
-            thread.join(30)
+        with served(api, mp) as url:
+            yield SimpleNamespace(url=url, store=store.store, api=api)
 
 
 def test_thumbs_under_each_image_rate_it_and_a_refusal_is_shown_as_text(site, browser):  # noqa: F811

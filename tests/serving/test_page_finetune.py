@@ -8,6 +8,7 @@ again and Cancel stops it. Every request carries the API key typed into the page
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import threading
@@ -58,11 +59,9 @@ class EngineGenerator:
 @pytest.fixture(scope="module")
 def site(tmp_path_factory, tiny_pipe_dir):
     """The ingress on a free port with its fine-tuning queue polling a FakeCluster every 0.2 s."""
-    import uvicorn
-    from ray import serve
 
     from evaluation.registry import client_for
-    from serving.http import Api, web
+    from serving.http import Api
     from tests.serving.conftest import tiny_serve_args
 
     tmp = tmp_path_factory.mktemp("web-finetune")
@@ -79,18 +78,33 @@ def site(tmp_path_factory, tiny_pipe_dir):
         api = Api.func_or_class.__mro__[1](_remote(EngineGenerator(args)), args, _remote(SimpleNamespace()))
         cluster = FakeCluster()
         api.finetune._submitter = cluster  # before the poller's first tick (poll_s after the start)
-        mp.setattr(serve, "get_replica_context", lambda: SimpleNamespace(servable_object=api))
-        port = free_port()
-        server = uvicorn.Server(uvicorn.Config(web, host="127.0.0.1", port=port, log_level="warning"))
-        thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
-        thread.start()
-        until(lambda: server.started, 60, "uvicorn did not start")
         try:
-            yield SimpleNamespace(url=f"http://127.0.0.1:{port}", api=api, cluster=cluster, registry=registry, tmp=tmp)
+            with served(api, mp) as url:
+                yield SimpleNamespace(url=url, api=api, cluster=cluster, registry=registry, tmp=tmp)
         finally:
-            server.should_exit = True
             api.finetune.stop()
-            thread.join(30)
+
+
+@contextlib.contextmanager
+def served(api, mp: pytest.MonkeyPatch):
+    """``api`` (an ``Api`` instance) as the ingress of serving.http's FastAPI app under uvicorn on 127.0.0.1; yields
+    its base URL and stops the server on exit."""
+    import uvicorn
+    from ray import serve
+
+    from serving.http import web
+
+    mp.setattr(serve, "get_replica_context", lambda: SimpleNamespace(servable_object=api))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(web, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    thread.start()
+    until(lambda: server.started, 60, "uvicorn did not start")
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
 
 
 def _remote(target):

@@ -4,15 +4,13 @@ version, the versions and registry tables, prompts shown as text (never as marku
 
 from __future__ import annotations
 
-import threading
 import time
 from types import SimpleNamespace
 
 import pytest
 
-from tests.serving.test_app import free_port
 from tests.serving.test_http import Remote
-from tests.serving.test_page_finetune import browser, until  # noqa: F401 - the module's Chromium fixture
+from tests.serving.test_page_finetune import browser, served, until  # noqa: F401 - the Chromium fixture
 from tests.serving.test_production import CARDS, rec, replica
 
 KEY_ENV, KEY = "LORAFLEET_TEST_PAGE_STATS_KEY", "page-stats-key"
@@ -39,12 +37,9 @@ class StatsGenerator:
 
 @pytest.fixture(scope="module")
 def site():
-    import uvicorn
-    from ray import serve
-
     from serving.app import ImageUrls
     from serving.config import ServeArgs
-    from serving.http import Api, web
+    from serving.http import Api
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(KEY_ENV, KEY)
@@ -52,17 +47,8 @@ def site():
                          tenants={"keys_env": None}, feedback={"enabled": False})  # fmt: skip
         urls = ImageUrls.func_or_class(args.image_urls.model_dump())
         api = Api.func_or_class.__mro__[1](Remote(StatsGenerator()), args, Remote(urls))
-        mp.setattr(serve, "get_replica_context", lambda: SimpleNamespace(servable_object=api))
-        port = free_port()
-        server = uvicorn.Server(uvicorn.Config(web, host="127.0.0.1", port=port, log_level="warning"))
-        thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
-        thread.start()
-        until(lambda: server.started, 60, "uvicorn did not start")
-        try:
-            yield SimpleNamespace(url=f"http://127.0.0.1:{port}")
-        finally:
-            server.should_exit = True
-            thread.join(30)
+        with served(api, mp) as url:
+            yield SimpleNamespace(url=url)
 
 
 def test_the_stats_page_draws_the_figures_and_shows_prompts_as_text(site, browser):  # noqa: F811
