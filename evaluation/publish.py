@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from evaluation.registry import TAG_STATUS, FetchedAdapter, RegistryError, client_for, fetch_adapter, stored_metrics
-from training.adapter import META_NAME, AdapterError, base_model_id
+from training.adapter_meta import META_NAME, AdapterError, base_model_id
 
 log = logging.getLogger(__name__)
 GRID_ARTIFACT = "report/grids/trigger_base_vs_adapter.png"

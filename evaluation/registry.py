@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from training.adapter import AdapterError, AdapterMeta, base_model_id, verify_adapter
+from training.adapter_meta import AdapterError, AdapterMeta, base_model_id, verify_adapter
 
 TAG_SHA = "adapter_sha256"
 TAG_BASE = "base_model"

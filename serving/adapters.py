@@ -40,7 +40,7 @@ from serving.catalog import RegistryCatalog
 from serving.config import BASE, MODEL_NAME, ServeArgs, is_folder_ref, project_path
 from serving.registry_watch import RegistryWatch, refused_credentials
 from serving.tenants import Tenant, owner_of
-from training.adapter import AdapterError, AdapterMeta
+from training.adapter_meta import AdapterError, AdapterMeta
 
 log = logging.getLogger(__name__)
 

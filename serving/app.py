@@ -30,13 +30,13 @@ from serving.canary import Canary
 from serving.catalog import model_cards
 from serving.config import ServeArgs, project_path
 from serving.engine import Cancelled, Engine, ImageRequest, ImageResult, Prepared, RequestError
-from serving.feedback import PNG_KEY, FeedbackError, FeedbackStore, new_image_id
+from serving.feedback import PNG_KEY, new_image_id
 from serving.http import Api
-from serving.image_store import ImageStore, ImageStoreFull
 from serving.images import png_bytes
 from serving.passes import PassQueue
-from serving.records import MlflowSink, generation_record, rating_rows, recorder_for
+from serving.records import generation_record, recorder_for
 from serving.response_cache import ResponseCache
+from serving.shared_stores import Feedback, ImageUrls
 from serving.telemetry import GeneratorMetrics
 from serving.tenants import Tenant
 from training.adapter import AdapterError
@@ -388,90 +388,6 @@ class Generator:
         records = getattr(self, "records", None)
         if records is not None:
             records.close()
-
-
-@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0})
-class ImageUrls:
-    """The images of ``response_format: "url"`` for every ingress replica (one replica; why one, in
-    serving/image_store.py): ``put`` keeps one request's PNGs, ``get`` reads one back or None — also for an image
-    of another ``owner`` (tenant)."""
-
-    def __init__(self, image_urls: dict):
-        self.store = ImageStore(**image_urls)
-
-    def put(self, pngs: list[bytes], owner: str | None = None) -> dict:
-        """``{"images": [(id, expires_at unix s), ...]}``, or ``{"error": message}`` when they cannot fit."""
-        try:
-            return {"images": [(s.id, s.expires_at) for s in self.store.put(pngs, owner)]}
-        except ImageStoreFull as exc:
-            return {"error": str(exc)}
-
-    def get(self, image_id: str, owner: str | None = None) -> bytes | None:
-        return self.store.get(image_id, owner)
-
-    def stats(self) -> dict:
-        return self.store.stats()
-
-
-@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0})
-class Feedback:
-    """The ratings of generated images for every ingress replica (one replica, as ``ImageUrls``; the logic and
-    its rules are serving/feedback.py's ``FeedbackStore``)."""
-
-    def __init__(self, feedback: dict, serve_args: dict | None = None):
-        from serving.config import FeedbackArgs, workdir_path
-
-        a = FeedbackArgs.model_validate(feedback)
-        self.store = FeedbackStore(workdir_path(a.root), a.scale, a.ttl_s, a.max_images, a.max_comment_chars,
-                                   a.max_per_minute)  # fmt: skip
-        # the ratings per model version go to MLflow next to the replicas' production summaries (serving/records.py):
-        # this one store writes them, every records.summary_every_s, on a thread of its own (never on a request)
-        self._stop, self.sink, self._step = threading.Event(), None, 0
-        args = ServeArgs.model_validate(serve_args) if serve_args is not None else None
-        uri = args and args.records.enabled and (args.records.tracking_uri or args.resolved_tracking_uri())
-        if uri:
-            self.sink = MlflowSink(uri, args.records.experiment)
-            every = args.records.summary_every_s
-            threading.Thread(target=self._summaries, args=(every,), daemon=True, name="rating-summaries").start()
-
-    def summarize_ratings(self) -> int:
-        """Log the current ratings as summary metrics (``records.rating_rows``); returns the rows written.
-        Raises whatever MLflow raises."""
-        rows = rating_rows(self.store.summary())
-        if rows and self.sink is not None:
-            self.sink.summarize(rows, self._step)
-            self._step += 1
-        return len(rows)
-
-    def _summaries(self, every_s: float) -> None:
-        while not self._stop.wait(every_s):
-            try:
-                self.summarize_ratings()
-            except Exception as exc:  # noqa: BLE001 - the next period tries again; ratings stay on disk
-                log.warning(
-                    "rating summaries to MLflow failed: %s", str(exc).splitlines()[0][:300] if str(exc) else exc
-                )
-
-    def __del__(self):
-        stop = getattr(self, "_stop", None)
-        if stop is not None:
-            stop.set()
-
-    def register(self, tenant: str, model: str, version: str | None, image_ids: list[str]) -> int:
-        return self.store.register(tenant, model, version, image_ids)
-
-    def rate(self, tenant: str, image_id: str, rating: int, comment: str | None = None) -> dict:
-        """The stored rating, or ``{"error": {status, message, param, retry_after}}`` (FeedbackError's)."""
-        try:
-            return self.store.rate(tenant, image_id, rating, comment)
-        except FeedbackError as exc:
-            return exc.as_dict()
-
-    def summary(self) -> dict:
-        return self.store.summary()
-
-    def stats(self) -> dict:
-        return self.store.stats()
 
 
 def build_app(args: ServeArgs) -> Application:

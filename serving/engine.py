@@ -22,9 +22,8 @@ import logging
 import secrets
 import threading
 import time
-import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -32,47 +31,14 @@ from PIL import Image
 
 from serving.adapters import AdapterResolver, ResolvedAdapter
 from serving.config import ServeArgs, project_path
+from serving.image_request import Cancelled, ImageRequest, RequestError  # noqa: F401 - re-exported
 from serving.loaded import LoadedAdapters
 from serving.lora_batch import BASE_ROUTE, LoraRouter
 from serving.speed import apply_speed
-from serving.tenants import Tenant
 from training.adapter import AdapterError
 from training.families import family_for
 
 log = logging.getLogger(__name__)
-
-
-class RequestError(ValueError):
-    """A request outside the configured limits (HTTP 400); ``field`` names the offending field."""
-
-    def __init__(self, field: str, message: str):
-        self.field = field
-        super().__init__(f"{field}: {message}")
-
-
-class Cancelled(RuntimeError):
-    """Every request of a batch went away; the batch stopped at a denoising step."""
-
-
-@dataclass
-class ImageRequest:
-    prompt: str
-    model: str | None = None  # None: the configured default model
-    n: int = 1
-    seed: int | None = None  # image i uses seed + i; None: a random seed (returned)
-    steps: int | None = None
-    guidance: float | None = None
-    negative_prompt: str = ""
-    width: int | None = None
-    height: int | None = None
-    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    tenant: Tenant | None = None  # who asks: only its own, shared and unowned adapters resolve; None: no check
-    client_request_id: str | None = None  # the client's X-Request-Id / Idempotency-Key: a retry's canary arm
-
-    @property
-    def routing_key(self) -> str:
-        """What picks the canary arm (serving.canary): the client's id when it gave one, else this attempt's."""
-        return self.client_request_id or self.request_id
 
 
 @dataclass

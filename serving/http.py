@@ -48,11 +48,11 @@ from serving.batches import routes as batches
 from serving.batches.store import CreateBatchBody
 from serving.catalog import configured_cards
 from serving.config import ServeArgs
-from serving.engine import ImageRequest
 from serving.feedback import FeedbackBody
 from serving.feedback_routes import FeedbackRoutes
 from serving.finetune import routes as finetune
 from serving.finetune.jobs import CreateJobBody
+from serving.image_request import ImageRequest
 from serving.image_store import IMAGE_ID
 from serving.response_cache import etag, not_modified, png_headers
 from serving.schemas import GenerateQuery, GenerationBody, ImageData, ImagesResponse, ModelList, Params, error_body

@@ -205,6 +205,9 @@ class Sink(Protocol):
     def summarize(self, rows: list[tuple[str, str, dict[str, float]]], step: int) -> None:
         """Store ``(model, version, Aggregate.figures)`` rows as summary number ``step`` (1, 2, ...)."""
 
+    def finish(self) -> None:
+        """The replica stops: end what ``summarize`` keeps open (``MlflowSink``: its summary runs, FINISHED)."""
+
 
 class SinkBusy(RuntimeError):
     """The previous call to the sink has not returned yet (it hangs past its deadline)."""
@@ -247,6 +250,7 @@ class Recorder:
         self._summary_step = 0
         self._next_summary = time.monotonic() + args.summary_every_s
         self._stop = threading.Event()
+        self._closed = False
         self._thread: threading.Thread | None = None
         if start and sink is not None:
             self._thread = threading.Thread(target=self._loop, daemon=True, name="records")
@@ -416,7 +420,12 @@ class Recorder:
         return state
 
     def close(self, flush_s: float = 0.0) -> None:
-        """Stop the writer; with ``flush_s`` > 0 first give it that long to write what is buffered."""
+        """Stop the writer; with ``flush_s`` > 0 first give it that long to write what is buffered. Then, unless the
+        sink is down, the last summary and ``sink.finish`` (the summary runs end FINISHED, not left RUNNING), each
+        within ``deadline_s``. Never raises; a second call does nothing."""
+        if self._closed:
+            return
+        self._closed = True
         if flush_s > 0 and self.sink is not None:
             end = time.monotonic() + flush_s
             while self._buffer and time.monotonic() < end:
@@ -427,6 +436,15 @@ class Recorder:
             self._buffer.clear()
         if left:
             self._drop(left, "closed")
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=self.args.deadline_s + 1)  # its round ends at the empty buffer
+        finish = getattr(self.sink, "finish", None)
+        if finish is not None and not (self._thread is not None and self._thread.is_alive()):
+            try:
+                if self.summarize() or time.monotonic() >= self._down_until:
+                    self._call(finish)
+            except Exception as exc:  # noqa: BLE001 - closing never raises (it runs in __del__)
+                self.failed("close", exc)
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
@@ -591,6 +609,14 @@ class MlflowSink:
                 run_id = client.create_run(self.experiment_id(), tags=tags, run_name=name).info.run_id
                 self._runs[(model, version)] = run_id
             client.log_batch(run_id, metrics=[Metric(k, v, now, step) for k, v in figures.items()])
+
+    def finish(self) -> None:
+        """End this replica's summary runs (status FINISHED); the next ``summarize`` starts new ones. Raises whatever
+        MLflow raises (the runs not ended yet stay listed)."""
+        client, _ = self._clients()
+        for key, run_id in list(self._runs.items()):
+            client.set_terminated(run_id)
+            del self._runs[key]
 
 
 def rating_rows(ratings: Ratings) -> list[tuple[str, str, dict[str, float]]]:

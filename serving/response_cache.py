@@ -32,10 +32,13 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from serving.config import ResponseCacheArgs
-from serving.engine import Prepared
 from serving.feedback import restamp
+
+if TYPE_CHECKING:  # serving.engine imports torch; the cache only reads a Prepared request's fields
+    from serving.engine import Prepared
 
 ENTRY_OVERHEAD = 512  # bytes counted per entry besides its PNGs: the key, the dict, the seeds (a rough bound)
 

@@ -25,7 +25,7 @@ from pydantic import (
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema, PydanticCustomError
 
-from serving.engine import ImageRequest
+from serving.image_request import ImageRequest
 from serving.tenants import Tenant
 
 SIZE = re.compile(r"^([0-9]{1,5})x([0-9]{1,5})\Z")  # \Z: "$" would let a trailing newline through

@@ -17,10 +17,13 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from training.adapter import AdapterError, AdapterMeta, base_model_id, load_into_training, verify_adapter
+from training.adapter_meta import AdapterError, AdapterMeta, base_model_id, verify_adapter
 from training.config import PreflightError, TrainConfig
-from training.model import Parts
+
+if TYPE_CHECKING:  # torch: only loading needs it (the checks run in the Serve ingress, which has none)
+    from training.model import Parts
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +100,8 @@ def load_init_adapter(parts: Parts, cfg: TrainConfig) -> AdapterMeta:
     Raises:
         InitAdapterError: see ``check_init_adapter``; or its keys do not fit the injected LoRA.
     """
+    from training.adapter import load_into_training
+
     meta = check_init_adapter(cfg)
     encoders = {n: parts.raw_text_encoders[n] if n in parts.lora_text_encoders else None for n in _ENCODERS}
     try:

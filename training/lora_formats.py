@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from training.adapter_meta import PICKLE_SUFFIXES, is_pickle  # noqa: F401 - re-exported
+
 log = logging.getLogger(__name__)
 
 KOHYA_PREFIXES = ("lora_te_", "lora_unet_", "lora_te1_", "lora_te2_")  # what diffusers' lora_state_dict converts
@@ -36,7 +38,6 @@ PEFT_PREFIX = "base_model.model."  # PeftModel.save_pretrained's keys
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
 DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")  # compared lower-cased: LORA.PT is a pickle too
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")  # diffusers' LoRA key prefixes (SDXL: all three)
 SHOWN = 5  # keys named in a message
 
@@ -142,11 +143,6 @@ def weights_file(path: str | Path) -> Path:
     if path.suffix.lower() != ".safetensors" or not path.is_file():
         raise LoraFormatError(f"{path} is not a .safetensors file")
     return path
-
-
-def is_pickle(path: str | Path) -> bool:
-    """A file name with a pickle suffix (``PICKLE_SUFFIXES``, any case): such files can run code when loaded."""
-    return Path(path).suffix.lower() in PICKLE_SUFFIXES
 
 
 def read_lora(path: str | Path, unet_config=None) -> LoraFile:

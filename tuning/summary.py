@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from training.adapter import verify_adapter
+from training.adapter_meta import verify_adapter
 from training.tracking import NullTracker
 from training.worker import ADAPTER_DIR
 from tuning.config import TuneConfig

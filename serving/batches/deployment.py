@@ -21,8 +21,8 @@ from ray.serve.handle import DeploymentHandle
 from serving.batches.runner import BatchRunner, batch_room, send_with
 from serving.batches.store import BatchStore
 from serving.config import ServeArgs
-from serving.engine import ImageRequest
 from serving.feedback_routes import FeedbackRoutes
+from serving.image_request import ImageRequest
 from serving.uploads.store import FileStore
 
 GONE = (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError, BackPressureError)

@@ -37,7 +37,7 @@ from typing import IO
 from serving.batches.inputs import BatchLine, read_lines, write_output_file
 from serving.batches.store import END, ERRORS, INPUT, OUTPUT, TERMINAL, BatchRecord, BatchStore
 from serving.config import BatchesArgs, ServeArgs
-from serving.engine import ImageRequest
+from serving.image_request import ImageRequest
 from serving.schemas import error_body
 from serving.uploads.store import FileNotFound, FileStore, write_json
 

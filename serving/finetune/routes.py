@@ -40,7 +40,7 @@ from serving.finetune.queue import JobQueue
 from serving.schemas import Params, error_body
 from serving.tenants import NotFound, Tenant, owner_of, registry_name, tenant_of
 from serving.uploads.store import FileNotFound, FileStore, InvalidUpload
-from training.adapter import AdapterError
+from training.adapter_meta import AdapterError
 
 log = logging.getLogger(__name__)
 STATUS: dict[type[Exception], int] = {NotFound: 404, FileNotFound: 404, JobRequestError: 400, InvalidUpload: 400,

@@ -116,6 +116,40 @@ def test_http_round_trip(main_app):
         assert form.status_code == 415 and form.json()["error"]["param"] == "Content-Type", form.text
 
 
+def test_only_the_generator_replicas_load_torch(main_app):
+    """The ingress and the one-replica stores import neither torch nor diffusers (about 600 MB each otherwise):
+    asked inside each live replica of the app, after it served (``__ray_call__`` runs a function in the actor)."""
+    import ray
+
+    with httpx.Client(base_url=main_app, timeout=60) as http:  # every deployment has done its work once
+        out = http.post("/v1/images/generations", json={"prompt": PROMPT, "seed": 1, "size": "64x64"})
+        assert out.status_code == 200, out.text
+
+    def loaded(_replica) -> tuple[int, list[str], int]:
+        import os
+        import re
+        import sys
+
+        rss = re.search(r"VmRSS:\s+(\d+) kB", open("/proc/self/status").read())  # noqa: SIM115 - one read
+        modules = sorted(m for m in ("torch", "diffusers", "transformers", "peft") if m in sys.modules)
+        return os.getpid(), modules, int(rss.group(1)) // 1024 if rss else -1
+
+    found = {}
+    for actor in ray.util.list_named_actors(all_namespaces=True):
+        parts = actor["name"].split("#")  # SERVE_REPLICA::<app>#<deployment>#<replica id>
+        if actor["namespace"] == "serve" and len(parts) == 3 and parts[0] == "SERVE_REPLICA::main":
+            handle = ray.get_actor(actor["name"], namespace="serve")
+            found.setdefault(parts[1], []).append(ray.get(handle.__ray_call__.remote(loaded), timeout=60))
+    print("replica RSS MB:", {d: [r[2] for r in replicas] for d, replicas in sorted(found.items())})
+    assert set(found) >= {"Api", "Generator", "ImageUrls", "Feedback", "BatchWorker"}, found
+    for deployment, replicas in found.items():
+        for pid, modules, _rss in replicas:
+            if deployment == "Generator":
+                assert "torch" in modules and "diffusers" in modules, (pid, modules)
+            else:
+                assert modules == [], f"{deployment} replica (pid {pid}) imported {modules}"
+
+
 def test_images_get_ids_the_feedback_deployment_takes_ratings_for(main_app):
     """Through Ray: the Generator's image ids reach the one-replica Feedback store in the background, which takes a
     rating and sums it up per model and version (the store's rules: tests/serving/test_feedback.py)."""

@@ -256,10 +256,10 @@ def site(monkeypatch, tmp_path):
     from fastapi.testclient import TestClient
     from ray import serve
 
-    from serving.app import Feedback, ImageUrls
     from serving.config import ServeArgs
     from serving.feedback import FeedbackStore
     from serving.http import Api, web
+    from serving.shared_stores import Feedback, ImageUrls
     from serving.tenants import add_key
 
     monkeypatch.setenv(KEY_ENV, KEY)

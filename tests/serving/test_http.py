@@ -76,10 +76,10 @@ def server(monkeypatch):
     from fastapi.testclient import TestClient
     from ray import serve
 
-    from serving.app import ImageUrls
     from serving.config import ServeArgs
     from serving.http import Api, web
     from serving.image_store import ImageStore
+    from serving.shared_stores import ImageUrls
 
     monkeypatch.setenv(KEY_ENV, KEY)
     args = ServeArgs(

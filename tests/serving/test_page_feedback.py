@@ -17,9 +17,9 @@ KEY_ENV, KEY = "LORAFLEET_TEST_PAGE_FEEDBACK_KEY", "page-feedback-key"
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
-    from serving.app import Feedback, ImageUrls
     from serving.config import ServeArgs
     from serving.http import Api
+    from serving.shared_stores import Feedback, ImageUrls
 
     tmp = tmp_path_factory.mktemp("web-feedback")
     with pytest.MonkeyPatch.context() as mp:

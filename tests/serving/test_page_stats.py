@@ -37,9 +37,9 @@ class StatsGenerator:
 
 @pytest.fixture(scope="module")
 def site():
-    from serving.app import ImageUrls
     from serving.config import ServeArgs
     from serving.http import Api
+    from serving.shared_stores import ImageUrls
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(KEY_ENV, KEY)

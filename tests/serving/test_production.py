@@ -113,9 +113,9 @@ def test_the_feedback_store_logs_ratings_per_version_next_to_the_production_summ
     write generations, latency and errors to theirs), so MLflow shows the average rating next to them."""
     from mlflow import MlflowClient
 
-    from serving.app import Feedback
     from serving.config import ServeArgs
     from serving.records import SUMMARY_KIND
+    from serving.shared_stores import Feedback
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     args = ServeArgs(champion={"model": None}, default_model="base", feedback={"root": str(tmp_path / "fb")},
@@ -134,5 +134,7 @@ def test_the_feedback_store_logs_ratings_per_version_next_to_the_production_summ
         )
         assert (run.data.tags["lorafleet.model"], run.data.tags["lorafleet.version"]) == ("champion", "2")
         assert run.data.metrics == {"ratings": 3.0, "ratings_positive": 2.0, "rating_mean": pytest.approx(1 / 3)}
+        store.__del__()  # the replica stops: its last ratings are logged and the run ends FINISHED
+        assert client.get_run(run.info.run_id).info.status == "FINISHED"
     finally:
         store.__del__()

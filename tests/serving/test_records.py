@@ -53,6 +53,12 @@ class FakeSink:
             raise self.fail
         self.summaries.append((rows, step))
 
+    def finish(self) -> None:
+        self.calls += 1
+        if self.hang is not None:
+            self.hang.wait(30)
+        self.finished = True
+
 
 def args(**kw) -> RecordsArgs:
     return RecordsArgs(**({"summary_every_s": 0} | kw))
@@ -111,7 +117,23 @@ def test_a_hanging_sink_holds_the_writer_for_deadline_s_and_is_not_joined_by_a_s
     time.sleep(0.05)
     r.flush_once()  # rec 1: the first call still hangs -> dropped at once, no second thread
     assert sink.calls == 1 and r.stats()["dropped"] == {"sink_failed": 1, "sink_busy": 1}
+    started = time.monotonic()
+    r.close()  # the sink still hangs: the last summary and finish are skipped, close returns at once
+    assert time.monotonic() - started < 1.0 and sink.calls == 1 and not hasattr(sink, "finished")
     release.set()
+
+
+def test_close_sends_the_last_summary_and_finishes_the_sink_and_a_failing_one_is_counted():
+    sink = FakeSink()
+    r = Recorder(args(), sink)  # with its writer thread, as on a replica
+    r.record(rec(0))
+    r.close()
+    assert sink.finished and [step for _, step in sink.summaries] == [1] and r._thread.is_alive() is False
+    failing = FakeSink(fail=RuntimeError("mlflow down"))
+    r = Recorder(args(retry_s=0.01), failing, start=False)
+    r.record(rec(0))
+    r.close()  # the summary fails: counted, not raised, and finish is not tried on a sink that is down
+    assert r.stats()["errors"] == 1 and not hasattr(failing, "finished")
 
 
 def test_a_failing_record_or_ratings_source_is_counted_not_raised():
@@ -300,6 +322,11 @@ def test_traces_written_to_mlflow_read_back_by_lorafleet_generations(sqlite_uri,
     # the summary: one run per model version of this replica, metrics at step 1
     runs = client.search_runs([eid], "tags.`lorafleet.kind` = 'production-summary' and tags.`lorafleet.version` = '3'")
     assert len(runs) == 1 and runs[0].data.metrics["generations"] == 5 and runs[0].data.metrics["latency_p50_s"] == 1.25
+    assert runs[0].info.status == "RUNNING"
+    r.close()  # the replica stops: the last summary (step 2), then its summary runs end FINISHED, not left RUNNING
+    run = client.get_run(runs[0].info.run_id)
+    assert run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "generations")] == [1, 2]
 
 
 def test_redacted_prompts_are_not_stored_or_listed(sqlite_uri, capsys):

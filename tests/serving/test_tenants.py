@@ -237,9 +237,9 @@ def tenant_server(monkeypatch, tmp_path, serve_args, tenant_registry):
     from fastapi.testclient import TestClient
     from ray import serve
 
-    from serving.app import ImageUrls
     from serving.engine import Engine
     from serving.http import Api, web
+    from serving.shared_stores import ImageUrls
     from tests.serving.test_http import Remote
 
     path = tmp_path / "keys.json"
