@@ -167,13 +167,20 @@ class BatchRunner:
         for record in await asyncio.to_thread(self._unended):
             active = self.active.get(record.id)
             if active is None and record.status not in TERMINAL:
+                end = None
                 if None not in (self.base_model, record.base_model) and self.base_model != record.base_model:
-                    continue  # another app's batch (apps may share files.root)
+                    # another app's batch (apps may share files.root): left to it, unless it was cancelled or its
+                    # window passed while no runner held it (that app is gone) — then it ends here, nothing drawn
+                    end = self._end_of(record, now)
+                    if end is None:
+                        continue
                 lock = _claim(self.store.folder(record.id))
                 if lock is None:
                     continue  # another runner (another app on this files.root) has it
                 active = self.active[record.id] = _Active(record)
                 active.lock = lock
+                if end is not None:
+                    self._stop(active, end)  # before its task starts: every request is listed as skipped
                 active.task = asyncio.create_task(self._run(active))
             if active is None or active.stop:
                 continue
@@ -181,6 +188,12 @@ class BatchRunner:
                 self._stop(active, "cancelled")
             elif now >= active.record.expires_at:
                 self._stop(active, "expired")
+
+    def _end_of(self, record: BatchRecord, now: float) -> str | None:
+        """``cancelled`` / ``expired`` when a batch must end whether or not it ran, else None."""
+        if self.store.cancel_requested_at(record.id) is not None:
+            return "cancelled"
+        return "expired" if now >= record.expires_at else None
 
     def _unended(self) -> list[BatchRecord]:
         """The records of batches not seen ended yet, oldest first (an ended batch is not read again)."""
@@ -225,9 +238,9 @@ class BatchRunner:
                 log.exception("batch %s: its input file could not be read", record.id)
                 return await self._fail(active, "invalid_input", f"the input file could not be read on the server "
                                         f"({type(exc).__name__}); upload it again and create a new batch")  # fmt: skip
-            if record.status == "validating":
+            record.request_counts.total = len(lines)
+            if record.status == "validating" and not active.stop:
                 record.status, record.in_progress_at = "in_progress", int(self.clock())
-                record.request_counts.total = len(lines)
             self.store.save(record)
             for line in lines:
                 if active.stop:

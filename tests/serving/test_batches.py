@@ -256,6 +256,35 @@ def test_two_runners_on_one_files_root_never_run_a_batch_twice_nor_another_model
     assert store.get(record.id, "acme").status == "completed" and store.get(other.id, "acme").status == "validating"
 
 
+def test_another_models_batch_that_nobody_runs_still_ends_when_cancelled_or_past_its_window(tmp_path):
+    """No app serving its base model is left (apps share files.root): the batch is not drawn here, but a cancel or
+    its window still ends it — every request listed as skipped — instead of `validating` for ever."""
+    clock = Clock()
+    files, store, mine = make_batch(tmp_path, [line(f"r{i}", seed=i) for i in range(3)], clock=clock)
+    body = CreateBatchBody(input_file_id=mine.input_file_id, endpoint=URL, completion_window="24h")
+    cancelled = store.create(Tenant("acme"), body, store.folder(mine.id) / INPUT, 3, base_model="models/sdxl")
+    waiting = store.create(Tenant("acme"), body, store.folder(mine.id) / INPUT, 3, base_model="models/sdxl")
+    gen = FakeGenerator()
+
+    async def main():
+        runner = runner_for(files, store, gen, clock, base_model="models/toy-sd")
+        store.request_cancel(cancelled.id, "acme")
+        await runner.step()
+        await runner.wait_idle()
+        assert store.get(waiting.id, "acme").status == "validating"  # its app may still come back within the window
+        clock.now += 86400 + 1
+        await runner.step()
+        await runner.wait_idle()
+
+    asyncio.run(main())
+    assert sorted(r.seed for r in gen.seen) == [0, 1, 2]  # only this app's own batch was drawn
+    for record, end in ((cancelled, "cancelled"), (waiting, "expired")):
+        done = store.get(record.id, "acme")
+        assert done.status == end and done.output_file_id is None and done.in_progress_at is None, done
+        assert getattr(done, f"{end}_at") and done.request_counts.total == 3
+        assert {x["error"]["code"] for x in read_file(files, done.error_file_id)} == {f"batch_{end}"}
+
+
 def test_a_batch_past_its_window_expires(tmp_path):
     clock = Clock()
     files, store, record = make_batch(tmp_path, [line(f"r{i}") for i in range(3)], clock=clock)
