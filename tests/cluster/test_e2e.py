@@ -219,6 +219,9 @@ def test_pipeline_through_ray_job_submit_serves_the_champion(
     assert_nothing_ran_on(decoy)
 
 
+@pytest.mark.reliability  # a second whole pipeline (~6 min on 2 idle cores): `make reliability`; its parts run in CI
+# (trigger detection: test_pipeline_config; two datasets' models served: test_app; a checkpoint promoted by eye:
+# tests/evaluation/test_promote)
 def test_a_second_dataset_configures_itself_and_is_served_next_to_the_first(cluster, decoy, jobs, tmp_path, capsys):
     """A user's own concept — here one the toy CLIP has no word for (`framed`), behind their own trigger — through
     one command with nothing but the dataset: the trigger is detected, the suite built from its captions, the gate

@@ -47,27 +47,32 @@ def eval_config(repo, toy_world_data, tmp_path):
 
 
 @pytest.fixture(scope="session")
-def gate_adapters(repo, tmp_path_factory) -> dict[str, dict[str, Path]]:
-    """Per concept of ``GATE_CONCEPTS``: its dataset ("data") and adapters trained with ``CALIBRATION_RECIPE`` —
+def gate_adapters(repo, tmp_path_factory):
+    """``gate_adapters(concept)`` -> its dataset ("data") and adapters trained with ``CALIBRATION_RECIPE`` —
     "trained", "1 epoch", "wrong concept" (its trigger, another pattern's images), "random weights" (trained's
-    shapes, noise weights). About 50 s per concept on 2 CPU cores."""
+    shapes, noise weights) — trained on first use, once per session (about 50 s per concept on 2 CPU cores)."""
     from training.toy_world.adapters import CALIBRATION_RECIPE, randomize_adapter, train_toy_adapter
     from training.toy_world.dataset import write_finetune_dataset
 
     root = tmp_path_factory.mktemp("gate")
-    out = {}
-    for concept, trigger in GATE_CONCEPTS.items():
-        data = write_finetune_dataset(root / f"{trigger}-{concept}", trigger=trigger, concept=concept)
-        wrong = write_finetune_dataset(root / f"{trigger}-as-{WRONG_CONCEPT[concept]}", trigger=trigger,
-                                       concept=WRONG_CONCEPT[concept])  # fmt: skip
-        # configs/train.yaml names sks: the adapter's metadata records this one
-        trig = {"data.trigger": trigger} | CALIBRATION_RECIPE
-        trained = train_toy_adapter(repo, data, root / f"{concept}-trained", **trig)
-        out[concept] = {
-            "data": data,
-            "trained": trained,
-            "1 epoch": train_toy_adapter(repo, data, root / f"{concept}-1-epoch", **(trig | {"train.epochs": "1"})),
-            "wrong concept": train_toy_adapter(repo, wrong, root / f"{concept}-wrong", **trig),
-            "random weights": randomize_adapter(trained, root / f"{concept}-random"),
-        }
-    return out
+    out: dict[str, dict[str, Path]] = {}
+
+    def adapters(concept: str) -> dict[str, Path]:
+        if concept not in out:
+            trigger = GATE_CONCEPTS[concept]
+            data = write_finetune_dataset(root / f"{trigger}-{concept}", trigger=trigger, concept=concept)
+            wrong = write_finetune_dataset(root / f"{trigger}-as-{WRONG_CONCEPT[concept]}", trigger=trigger,
+                                           concept=WRONG_CONCEPT[concept])  # fmt: skip
+            # configs/train.yaml names sks: the adapter's metadata records this one
+            trig = {"data.trigger": trigger} | CALIBRATION_RECIPE
+            trained = train_toy_adapter(repo, data, root / f"{concept}-trained", **trig)
+            out[concept] = {
+                "data": data,
+                "trained": trained,
+                "1 epoch": train_toy_adapter(repo, data, root / f"{concept}-1-epoch", **(trig | {"train.epochs": "1"})),
+                "wrong concept": train_toy_adapter(repo, wrong, root / f"{concept}-wrong", **trig),
+                "random weights": randomize_adapter(trained, root / f"{concept}-random"),
+            }
+        return out[concept]
+
+    return adapters

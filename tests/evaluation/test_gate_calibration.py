@@ -21,9 +21,13 @@ pytestmark = pytest.mark.slow
 QUICK = ["auto_suite.images_per_prompt=1", "generation.steps=10", "gate.checks.latency_p95_s={max: 600}"]
 
 
-@pytest.mark.parametrize("concept", list(GATE_CONCEPTS))
+# striped in CI; framed (a word the toy CLIP lacks) under `make reliability`: each concept trains 3 adapters (~1.5 min)
+CONCEPTS = [pytest.param(c, marks=[pytest.mark.reliability] if c == "framed" else []) for c in GATE_CONCEPTS]
+
+
+@pytest.mark.parametrize("concept", CONCEPTS)
 def test_the_relative_gate_passes_the_trained_adapter_and_fails_the_broken_ones(concept, gate_adapters, repo, tmp_path):
-    found = gate_adapters[concept]
+    found = gate_adapters(concept)
     data = found["data"]
     overrides = [f"clip_model={repo / 'models' / 'toy-clip'}", f"output_dir={tmp_path}", f"data.train_path={data}",
                  f"data.heldout_path={data / 'heldout'}", "mlflow.enabled=false", "registry.enabled=false",
