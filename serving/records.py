@@ -421,8 +421,8 @@ class Recorder:
 
     def close(self, flush_s: float = 0.0) -> None:
         """Stop the writer; with ``flush_s`` > 0 first give it that long to write what is buffered. Then, unless the
-        sink is down, the last summary and ``sink.finish`` (the summary runs end FINISHED, not left RUNNING), each
-        within ``deadline_s``. Never raises; a second call does nothing."""
+        sink is down, the last summary (when ``summary_every_s`` > 0) and ``sink.finish`` (the summary runs end
+        FINISHED, not left RUNNING), each within ``deadline_s``. Never raises; a second call does nothing."""
         if self._closed:
             return
         self._closed = True
@@ -441,7 +441,9 @@ class Recorder:
         finish = getattr(self.sink, "finish", None)
         if finish is not None and not (self._thread is not None and self._thread.is_alive()):
             try:
-                if self.summarize() or time.monotonic() >= self._down_until:
+                if self.args.summary_every_s > 0:
+                    self.summarize()
+                if time.monotonic() >= self._down_until:  # not after a failed summary: the sink is down
                     self._call(finish)
             except Exception as exc:  # noqa: BLE001 - closing never raises (it runs in __del__)
                 self.failed("close", exc)

@@ -125,12 +125,19 @@ def test_a_hanging_sink_holds_the_writer_for_deadline_s_and_is_not_joined_by_a_s
 
 def test_close_sends_the_last_summary_and_finishes_the_sink_and_a_failing_one_is_counted():
     sink = FakeSink()
-    r = Recorder(args(), sink)  # with its writer thread, as on a replica
+    r = Recorder(args(summary_every_s=3600), sink)  # with its writer thread, as on a replica
     r.record(rec(0))
     r.close()
     assert sink.finished and [step for _, step in sink.summaries] == [1] and r._thread.is_alive() is False
+    r.close()  # a second close (Serve's shutdown, then garbage collection) does nothing
+    assert [step for _, step in sink.summaries] == [1]
+    quiet = FakeSink()
+    r = Recorder(args(summary_every_s=0), quiet, start=False)  # summaries off: none at close either
+    r.record(rec(0))
+    r.close()
+    assert quiet.summaries == [] and quiet.finished
     failing = FakeSink(fail=RuntimeError("mlflow down"))
-    r = Recorder(args(retry_s=0.01), failing, start=False)
+    r = Recorder(args(retry_s=0.01, summary_every_s=3600), failing, start=False)
     r.record(rec(0))
     r.close()  # the summary fails: counted, not raised, and finish is not tried on a sink that is down
     assert r.stats()["errors"] == 1 and not hasattr(failing, "finished")
@@ -284,8 +291,8 @@ def test_traces_written_to_mlflow_read_back_by_lorafleet_generations(sqlite_uri,
 
     from cluster.cli import main
 
-    r = Recorder(args(deadline_s=60), MlflowSink(sqlite_uri, "gens"), start=False)  # sqlite: first call makes tables
-    old = time.time() - 7200
+    r = Recorder(args(deadline_s=60, summary_every_s=3600), MlflowSink(sqlite_uri, "gens"), start=False)  # sqlite:
+    old = time.time() - 7200  # its first call makes the tables
     for i, latency in enumerate([0.5, 1.0, 1.5, 2.0]):  # version 3: p50 1.25 s
         r.record(rec(i, version="3", latency=latency, cached=i == 3))
     r.record(rec(4, version="3", outcome="503", latency=0.2))
