@@ -43,8 +43,8 @@ class FeedbackRoutes:
 
     Args:
         args: the ``feedback`` config section.
-        store: the ``serving.app.Feedback`` deployment's handle (anything with ``.method.remote(...)``); None when
-            ``feedback.enabled`` is false.
+        store: the ``serving.shared_stores.Feedback`` deployment's handle (anything with ``.method.remote(...)``);
+            None when ``feedback.enabled`` is false.
         retry_after_s: the ``Retry-After`` of a 503 when the store does not answer.
     """
 

@@ -452,9 +452,9 @@ class Api:
         batch_worker: DeploymentHandle | None = None,
     ):
         self.gen = generator
-        self.images = images  # serving.app.ImageUrls: the one store of response_format "url" images
+        self.images = images  # serving.shared_stores.ImageUrls: the one store of response_format "url" images
         self.args = ServeArgs.model_validate(args)
-        # serving.app.Feedback: the one store of image ids and ratings (None: feedback.enabled is false)
+        # serving.shared_stores.Feedback: the one store of image ids and ratings (None: feedback.enabled is false)
         self.feedback = FeedbackRoutes(self.args.feedback, feedback, self.args.deployment.retry_after_s)
         self.keys = KeyRing(self.args.tenants, self.args.api_key())
         self.epoch = 0

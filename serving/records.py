@@ -422,7 +422,8 @@ class Recorder:
     def close(self, flush_s: float = 0.0) -> None:
         """Stop the writer; with ``flush_s`` > 0 first give it that long to write what is buffered. Then, unless the
         sink is down, the last summary (when ``summary_every_s`` > 0) and ``sink.finish`` (the summary runs end
-        FINISHED, not left RUNNING), each within ``deadline_s``. Never raises; a second call does nothing."""
+        FINISHED, not left RUNNING), each within ``deadline_s``. Best effort: Serve's ``graceful_shutdown_timeout_s``
+        may end the replica first, and its runs then stay RUNNING. Never raises; a second call does nothing."""
         if self._closed:
             return
         self._closed = True
@@ -615,6 +616,8 @@ class MlflowSink:
     def finish(self) -> None:
         """End this replica's summary runs (status FINISHED); the next ``summarize`` starts new ones. Raises whatever
         MLflow raises (the runs not ended yet stay listed)."""
+        if not self._runs:
+            return
         client, _ = self._clients()
         for key, run_id in list(self._runs.items()):
             client.set_terminated(run_id)

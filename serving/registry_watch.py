@@ -44,7 +44,7 @@ def reached_registry(exc: BaseException) -> bool:
     from mlflow.exceptions import MlflowException
 
     from evaluation.registry import MISSING_CODES, NotInRegistry, RegistryError
-    from training.adapter import AdapterError
+    from training.adapter_meta import AdapterError
 
     if isinstance(exc, (NotInRegistry, AdapterError, LookupError)):  # LookupError: serving's UnknownModel
         return True

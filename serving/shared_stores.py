@@ -54,13 +54,14 @@ class Feedback:
                                    a.max_per_minute)  # fmt: skip
         # the ratings per model version go to MLflow next to the replicas' production summaries (serving/records.py):
         # this one store writes them, every records.summary_every_s, on a thread of its own (never on a request)
-        self._stop, self.sink, self._step = threading.Event(), None, 0
+        self._stop, self.sink, self._step, self._thread = threading.Event(), None, 0, None
         args = ServeArgs.model_validate(serve_args) if serve_args is not None else None
         uri = args and args.records.enabled and (args.records.tracking_uri or args.resolved_tracking_uri())
-        if uri:
+        if uri and args.records.summary_every_s > 0:  # 0: no summaries
             self.sink = MlflowSink(uri, args.records.experiment)
             every = args.records.summary_every_s
-            threading.Thread(target=self._summaries, args=(every,), daemon=True, name="rating-summaries").start()
+            self._thread = threading.Thread(target=self._summaries, args=(every,), daemon=True, name="rating-summaries")
+            self._thread.start()
 
     def summarize_ratings(self) -> int:
         """Log the current ratings as summary metrics (``records.rating_rows``); returns the rows written.
@@ -72,32 +73,25 @@ class Feedback:
         return len(rows)
 
     def _summaries(self, every_s: float) -> None:
+        """Every ``every_s``; once stopped, the last ratings and then ``finish`` (the summary runs end FINISHED) —
+        on this one thread, so no two calls share the sink."""
         while not self._stop.wait(every_s):
-            try:
-                self.summarize_ratings()
-            except Exception as exc:  # noqa: BLE001 - the next period tries again; ratings stay on disk
-                log.warning(
-                    "rating summaries to MLflow failed: %s", str(exc).splitlines()[0][:300] if str(exc) else exc
-                )
+            self._logged(self.summarize_ratings, "rating summaries to MLflow failed")
+        self._logged(lambda: (self.summarize_ratings(), self.sink.finish()), "last rating summary to MLflow failed")
+
+    @staticmethod
+    def _logged(fn, what: str) -> None:
+        try:
+            fn()
+        except Exception as exc:  # noqa: BLE001 - the next period tries again; the ratings stay on disk
+            log.warning("%s: %s", what, str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__)
 
     def __del__(self):
-        stop = getattr(self, "_stop", None)
+        stop, thread = getattr(self, "_stop", None), getattr(self, "_thread", None)
         if stop is not None:
             stop.set()
-        if getattr(self, "sink", None) is not None:  # the last ratings, then the summary runs end FINISHED (once)
-            last = threading.Thread(target=self._last_summary, args=(self.sink,), daemon=True, name="ratings-last")
-            self.sink = None
-            last.start()
-            last.join(timeout=5.0)  # within Serve's graceful shutdown; a hung MLflow leaves the runs RUNNING
-
-    def _last_summary(self, sink: MlflowSink) -> None:
-        try:
-            rows = rating_rows(self.store.summary())
-            if rows:
-                sink.summarize(rows, self._step)
-            sink.finish()
-        except Exception as exc:  # noqa: BLE001 - the replica is going away; the ratings stay on disk
-            log.warning("last rating summary to MLflow failed: %s", str(exc).splitlines()[0][:300] if str(exc) else exc)
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=5.0)  # within Serve's graceful shutdown; a hung MLflow leaves the runs RUNNING
 
     def register(self, tenant: str, model: str, version: str | None, image_ids: list[str]) -> int:
         return self.store.register(tenant, model, version, image_ids)

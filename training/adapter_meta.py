@@ -117,7 +117,7 @@ def read_meta(meta_path: Path) -> AdapterMeta:
             f"key {'.'.join(map(str, e['loc'])) or '(top level)'!r}: {e['msg']} (got {e.get('input')!r:.60})"
             for e in exc.errors()
         )
-        raise AdapterError(f"{meta_path}: {problems}; fix the key (see training/adapter.py AdapterMeta)") from exc
+        raise AdapterError(f"{meta_path}: {problems}; fix the key (see training/adapter_meta.py AdapterMeta)") from exc
 
 
 def file_sha256(path: Path) -> str:

@@ -167,16 +167,20 @@ class BatchRunner:
         for record in await asyncio.to_thread(self._unended):
             active = self.active.get(record.id)
             if active is None and record.status not in TERMINAL:
-                end = None
-                if None not in (self.base_model, record.base_model) and self.base_model != record.base_model:
-                    # another app's batch (apps may share files.root): left to it, unless it was cancelled or its
-                    # window passed while no runner held it (that app is gone) — then it ends here, nothing drawn
-                    end = self._end_of(record, now)
-                    if end is None:
-                        continue
+                # another app's batch (apps may share files.root) is left to it, unless it was cancelled or its window
+                # passed while no runner held it (that app is gone): then it ends here, nothing drawn
+                foreign = None not in (self.base_model, record.base_model) and self.base_model != record.base_model
+                if foreign and self._end_of(record, now) is None:
+                    continue
                 lock = _claim(self.store.folder(record.id))
                 if lock is None:
                     continue  # another runner (another app on this files.root) has it
+                # read again under the lock: the runner that held it may have ended it since the list was read
+                record = await asyncio.to_thread(self.store.load, record.id)
+                end = self._end_of(record, now) if foreign and record is not None else None
+                if record is None or record.status in TERMINAL or (foreign and end is None):
+                    lock.close()
+                    continue
                 active = self.active[record.id] = _Active(record)
                 active.lock = lock
                 if end is not None:

@@ -285,6 +285,30 @@ def test_another_models_batch_that_nobody_runs_still_ends_when_cancelled_or_past
         assert {x["error"]["code"] for x in read_file(files, done.error_file_id)} == {f"batch_{end}"}
 
 
+def test_a_runner_that_read_a_batch_before_its_owner_finished_it_leaves_it_finished(tmp_path):
+    """The list of batches is read before the lock is taken: the lock holder may end the batch in between. The record
+    is read again under the lock, so a completed batch is never ended a second time (here: as expired)."""
+    clock = Clock()
+    files, store, mine = make_batch(tmp_path, [line(f"r{i}", seed=i) for i in range(3)], clock=clock)
+    body = CreateBatchBody(input_file_id=mine.input_file_id, endpoint=URL, completion_window="24h")
+    foreign = store.create(Tenant("acme"), body, store.folder(mine.id) / INPUT, 3, base_model="models/sdxl")
+
+    async def main():
+        owner = runner_for(files, store, FakeGenerator(), clock, base_model="models/sdxl")
+        other = runner_for(files, store, FakeGenerator(), clock, base_model="models/toy-sd")
+        await owner.step()
+        stale = store.load(foreign.id)  # what `other` read ...
+        clock.now += 86400 + 1  # ... then the window passed, and the owner finished the batch first
+        await owner.wait_idle()
+        other._unended = lambda: [stale]
+        await other.step()
+        await other.wait_idle()
+
+    asyncio.run(main())
+    done = store.load(foreign.id)
+    assert done.status == "completed" and done.completed_at and done.expired_at is None, done
+
+
 def test_a_batch_past_its_window_expires(tmp_path):
     clock = Clock()
     files, store, record = make_batch(tmp_path, [line(f"r{i}") for i in range(3)], clock=clock)

@@ -116,6 +116,7 @@ def test_an_adapter_names_its_base_model_portably(repo, tmp_path, monkeypatch):
     """The JSON's base_model pointed into the job's temporary /tmp/ray/session_… upload: it names the model as the
     project does (hub id, or the project-relative folder)."""
     import training.adapter as worker
+    import training.adapter_meta as names
 
     assert worker.portable_model_name(str(repo / "models" / "toy-sd")) == "models/toy-sd"
     assert worker.portable_model_name("models/toy-sd") == "models/toy-sd"
@@ -128,7 +129,7 @@ def test_an_adapter_names_its_base_model_portably(repo, tmp_path, monkeypatch):
     # inside a job, the code runs from the uploaded copy of the project: its models are named relative to it
     upload = tmp_path / "ray" / "session_1" / "runtime_resources" / "working_dir_files" / "_ray_pkg_1"
     (upload / "models" / "toy-sd").mkdir(parents=True)
-    monkeypatch.setattr(worker, "PROJECT_ROOT", upload)
+    monkeypatch.setattr(names, "PROJECT_ROOT", upload)  # where the names are made (training/adapter_meta.py)
     assert worker.portable_model_name(str(upload / "models" / "toy-sd")) == "models/toy-sd"
     # and a project-relative name compares as the same base model from any working directory
     monkeypatch.chdir(tmp_path)
