@@ -5,11 +5,11 @@ when asked: ``POST /v1/images/generations`` with ``"response_format": "url"`` pu
 ``GET /v1/images/{id}.png`` links on the request's own host, which ask for the same API key as the rest of the API.
 
 Where the images live: in ONE Ray Serve deployment (``serving.shared_stores.ImageUrls``, one replica, no CPU
-reserved) that holds this store, reached through its handle from every HTTP ingress replica on every node. An in-
-process map per ingress replica would 404 whenever the GET lands on another replica than the POST did; a folder on
-the local disk would do the same once replicas sit on two nodes. The cost is that the PNG bytes cross Ray's object
-store twice (a 64² PNG is ~10 KB, a 512² one ~0.4 MB) and that a restarted store replica forgets its images — they
-then 404, the same answer as an expired link, and the client asks again. This class knows nothing of Ray and is
+reserved) that holds this store, reached through its handle from every HTTP ingress replica on every node. An
+in-process map per ingress replica would 404 whenever the GET lands on another replica than the POST did; a folder
+on the local disk would do the same once replicas sit on two nodes. The cost is that the PNG bytes cross Ray's
+object store twice (a 64² PNG is ~10 KB, a 512² one ~0.4 MB) and that a restarted store replica forgets its images —
+they then 404, the same answer as an expired link, and the client asks again. This class knows nothing of Ray and is
 tested alone.
 
 Bounds (``ServeArgs.image_urls``): each image lives ``ttl_s`` seconds; beyond ``max_images`` images or
