@@ -222,16 +222,24 @@ def test_pipeline_through_ray_job_submit_serves_the_champion(
 @pytest.mark.reliability  # a second whole pipeline (~6 min on 2 idle cores): `make reliability`; its parts run in CI
 # (trigger detection: test_pipeline_config; two datasets' models served: test_app; a checkpoint promoted by eye:
 # tests/evaluation/test_promote)
-def test_a_second_dataset_configures_itself_and_is_served_next_to_the_first(cluster, decoy, jobs, tmp_path, capsys):
+def test_a_second_dataset_configures_itself_and_is_served_next_to_the_first(
+    cluster, decoy, jobs, tmp_path, capsys, toy_good_adapter
+):
     """A user's own concept — here one the toy CLIP has no word for (`framed`), behind their own trigger — through
     one command with nothing but the dataset: the trigger is detected, the suite built from its captions, the gate
     judges it against the base model, and `qpv-lora` is registered and served beside the first model. Then a
     checkpoint picked from the trial's sample grids is promoted by hand."""
     from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
 
     from serving.client import Client
+    from tests.serving.conftest import register_adapter
     from training.toy_world.dataset import write_finetune_dataset
 
+    try:
+        MlflowClient(cluster.mlflow_uri).get_registered_model("e2e-lora")
+    except MlflowException:  # run alone (`make reliability`): the first dataset's model, as its pipeline registers it
+        register_adapter(cluster.mlflow_uri, "e2e-lora", toy_good_adapter, status="passed")
     data = write_finetune_dataset(tmp_path / "qpv", trigger="qpv", concept="framed")
     plumbing = [
         f"output_dir={tmp_path / 'runs'}",
@@ -259,7 +267,7 @@ def test_a_second_dataset_configures_itself_and_is_served_next_to_the_first(clus
     assert stages["register"]["model"] == "qpv-lora" and stages["smoke"]["model"] == "champion"
     ml = MlflowClient(cluster.mlflow_uri)
     assert ml.get_experiment_by_name("lorafleet-qpv") is not None
-    first = ml.get_registered_model("e2e-lora")  # the first test's model keeps its own champion
+    first = ml.get_registered_model("e2e-lora")  # the first dataset's model keeps its own champion
     assert "champion" in first.aliases
 
     with Client(f"http://127.0.0.1:{cluster.ports.serve}", timeout=120) as client:
