@@ -96,7 +96,7 @@ bench-gpu: $(STAMP)
 test: $(STAMP) lint
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q --durations=25
 
-# Load, soak, fault and churn scenarios too long for `make test` (~25 min: churn, e2e stop/resume and a second dataset's whole pipeline,
+# Load, soak, fault and churn scenarios too long for `make test` (35+ min on 2 cores: churn, e2e stop/resume and a second dataset's whole pipeline,
 # the gate's calibration on the `framed` concept, Tune resume after a killed driver, fuzzing, soak;
 # plus the fine-tuning API's gate failure and Serve restart, and the queue burst of 20 jobs from 4 tenants: LORAFLEET_QUEUE_JOBS/LORAFLEET_QUEUE_TENANTS
 # for fewer, tests/cluster/test_finetune_queue.py); figures go into docs/reliability.md.
